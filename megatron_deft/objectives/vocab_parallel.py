@@ -170,12 +170,15 @@ class _VocabParallelObjective(torch.autograd.Function):
         else:
             row_max = _global_max(logits, group, compute_dtype)  # [N]
 
-        if inplace and logits.dtype == compute_dtype:
+        if logits.dtype != compute_dtype:
+            # bf16/fp16: the fp32 copy is the only new shard-sized buffer. (A promoting torch.sub would
+            # first materialise an fp32 copy of the input on CPU and then a second buffer.)
+            work = logits.to(compute_dtype).sub_(row_max.unsqueeze(-1))
+        elif inplace:
             # The caller gave us their buffer: z - m in place, no new shard-sized tensor.
             work = logits.sub_(row_max.unsqueeze(-1))
         else:
-            # One pass writes z - m into the only new shard-sized buffer; type promotion against the
-            # fp32 max makes it fp32 for bf16/fp16 input.
+            # One pass writes z - m into the only new shard-sized buffer.
             work = torch.sub(logits, row_max.unsqueeze(-1))
         target_shifted = work.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
         target_shifted = torch.where(owns_target, target_shifted, torch.zeros_like(target_shifted))
