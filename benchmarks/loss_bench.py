@@ -12,7 +12,6 @@ allocated before the call (CUDA allocator stats on GPU; the profiler's allocatio
 """
 
 import argparse
-import contextlib
 import datetime
 import os
 import platform
@@ -23,6 +22,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from megatron_deft.utils.memory import peak_extra_bytes
 
 OBJECTIVES = ["nll", "p", "dft", "tsallis:q=0.5", "deft", "cayley", "eaft"]
 
@@ -44,41 +45,6 @@ def _sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
     dist.barrier()
-
-
-@contextlib.contextmanager
-def _stderr_silenced():
-    """The CPU profiler's native code prints start/stop lines on fd 2; keep the table readable."""
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def _peak_extra_bytes(fn, device):
-    """High-water mark of allocations during fn() above the memory allocated before it."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
 
 
 def _candidates(objectives, group):
@@ -127,11 +93,9 @@ def _worker(rank, world, args, init_file, out_file):
             step()
         times = [step() for _ in range(args.repeats)]
 
-        def one_call():
-            x = master.clone().requires_grad_(True)
-            fn(x, target).sum().backward()
-
-        peak = _peak_extra_bytes(one_call, device)
+        x = master.clone().requires_grad_(True)  # allocated before the measured region
+        peak = peak_extra_bytes(lambda: fn(x, target).sum().backward(), device)
+        del x
         rows.append((name, statistics.median(times), peak))
     if rank == 0:
         torch.save(rows, out_file)

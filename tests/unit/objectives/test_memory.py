@@ -4,35 +4,14 @@ Peak bytes above the starting point are read from the CPU profiler's allocation 
 is a deterministic property of the code, not of the machine's load.
 """
 
-import os
-
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from megatron_deft.objectives import vocab_parallel_loss
+from megatron_deft.utils.memory import peak_extra_bytes
 
 TOKENS, VOCAB = 256, 4096
 SHARD_FP32_BYTES = TOKENS * VOCAB * 4
-
-
-def peak_extra_bytes(fn):
-    saved = os.dup(2)  # the profiler's native code prints start/stop lines on fd 2
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                fn()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
 
 
 @pytest.mark.parametrize("objective", ["nll", "deft", "cayley", "eaft"])
