@@ -1,0 +1,42 @@
+"""SFT data pipeline: JSONL -> conversations -> tokens + loss flags -> (packed) rows -> batches.
+
+Modules, in pipeline order:
+    config       DataConfig (one field per --flag)
+    jsonl        reading, format detection, file:line errors (DataError)
+    tokenizer    Tokenizer protocol, SentencePiece / local Hugging Face, build_tokenizer
+    chat_format  conversation -> ids + loss flags (HF chat template or the built-in one)
+    sft_dataset  all samples tokenized, over-long policy applied and counted
+    cache        optional on-disk cache of tokenized splits (DataConfig.data_cache_dir)
+    packing      samples -> rows of seq_length (best-fit decreasing), row layout
+    batch        rows -> micro-batch dict (attention mask, cu_seqlens); unpack_batch
+    loader       seeded, resumable global-batch order; DP slicing; state_dict
+    builder      build_sft_data(config, ...) -> SFTData, the trainer's entry point
+    synthetic_tasks  seeded self-checking SFT tasks (addition, reverse, sort) for quickstarts
+"""
+
+from megatron_deft.data.batch import collate_rows, unpack_batch
+from megatron_deft.data.builder import SFTData, SplitReport, build_sft_data
+from megatron_deft.data.chat_format import encode_prompt, tokenize_conversation
+from megatron_deft.data.config import DataConfig
+from megatron_deft.data.jsonl import DataError, read_samples
+from megatron_deft.data.loader import GlobalBatch, SFTDataLoader
+from megatron_deft.data.packing import IGNORE_INDEX
+from megatron_deft.data.tokenizer import Tokenizer, build_tokenizer
+
+__all__ = [
+    "DataConfig",
+    "DataError",
+    "GlobalBatch",
+    "IGNORE_INDEX",
+    "SFTData",
+    "SFTDataLoader",
+    "SplitReport",
+    "Tokenizer",
+    "build_sft_data",
+    "build_tokenizer",
+    "collate_rows",
+    "encode_prompt",
+    "read_samples",
+    "tokenize_conversation",
+    "unpack_batch",
+]

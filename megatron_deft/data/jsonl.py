@@ -1,0 +1,229 @@
+"""Reading SFT samples from JSONL files: format detection, validation, per-line errors.
+
+Every accepted line becomes a :class:`Sample`, a conversation of ``(role, content)`` messages:
+
+- ``prompt_response``: ``{"<prompt_key>": str, "<response_key>": str}`` becomes
+  ``[("user", prompt), ("assistant", response)]`` (GSM8K: ``--prompt-key question
+  --response-key answer``).
+- ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``.
+
+A bad line raises :class:`DataError` naming ``file:line``; with ``skip_bad_samples`` it is
+counted per reason in a :class:`ReadReport` instead. Blank lines are not samples and are ignored.
+"""
+
+import collections
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+ROLES = ("system", "user", "assistant")
+MAX_REPORTED_EXAMPLES = 5
+
+
+class DataError(ValueError):
+    """Bad input data; the message starts with ``file:line:`` (``file:`` for whole-file errors)."""
+
+    def __init__(self, path: str, line: Optional[int], message: str, reason: str = "invalid"):
+        location = f"{path}:{line}" if line is not None else f"{path}"
+        super().__init__(f"{location}: {message}")
+        self.path, self.line, self.reason = path, line, reason
+
+
+class _BadRecord(ValueError):
+    """A record-level problem, located by the caller; ``reason`` is the report bucket."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One conversation and where it came from (for error messages further down the pipeline)."""
+
+    messages: Tuple[Tuple[str, str], ...]
+    path: str
+    line: int
+
+
+@dataclass
+class ReadReport:
+    """What reading kept and what it skipped (only non-empty with ``skip_bad_samples``)."""
+
+    num_samples: int = 0
+    skipped: Dict[str, int] = field(default_factory=collections.Counter)
+    examples: List[str] = field(default_factory=list)
+    """The first few skipped lines as ``file:line: message``."""
+
+    def record_skip(self, error: DataError) -> None:
+        self.skipped[error.reason] += 1
+        if len(self.examples) < MAX_REPORTED_EXAMPLES:
+            self.examples.append(str(error))
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+
+def read_samples(
+    paths: Sequence[str],
+    data_format: str = "auto",
+    prompt_key: str = "prompt",
+    response_key: str = "response",
+    skip_bad_samples: bool = False,
+) -> Tuple[List[Sample], ReadReport]:
+    """Reads and validates all files in order; returns the samples and a report of skips.
+
+    Raises:
+        DataError: a missing/empty file (always), or the first bad line unless
+            ``skip_bad_samples``.
+    """
+    report = ReadReport()
+    samples = list(
+        iter_samples(paths, data_format, prompt_key, response_key, skip_bad_samples, report)
+    )
+    return samples, report
+
+
+def iter_samples(
+    paths: Sequence[str],
+    data_format: str,
+    prompt_key: str,
+    response_key: str,
+    skip_bad_samples: bool,
+    report: ReadReport,
+) -> Iterator[Sample]:
+    """Streams :func:`read_samples` (so raw text need not be held for the whole data set),
+    counting kept and skipped samples in ``report``. All files are checked up front."""
+    if not paths:
+        raise ValueError("no data files given")
+    for path in paths:
+        _check_file(path)
+    for path in paths:
+        file_format = None if data_format == "auto" else data_format
+        kept = 0
+        for line, record in _iter_records(path, report, skip_bad_samples):
+            try:
+                if file_format is None:
+                    file_format = detect_format(record, prompt_key, response_key)
+                messages = parse_record(record, file_format, prompt_key, response_key)
+            except _BadRecord as error:
+                _fail_or_skip(
+                    DataError(path, line, str(error), error.reason), report, skip_bad_samples
+                )
+                continue
+            kept += 1
+            report.num_samples += 1
+            yield Sample(messages, path, line)
+        if not kept:
+            raise DataError(path, None, "contains no usable samples", reason="empty_file")
+
+
+def detect_format(record: dict, prompt_key: str, response_key: str) -> str:
+    """``messages`` if the record has a ``messages`` key, ``prompt_response`` if it has either
+    configured pair key; otherwise there is nothing to go on and the record is rejected."""
+    if "messages" in record:
+        return "messages"
+    if prompt_key in record or response_key in record:
+        return "prompt_response"
+    raise _BadRecord(
+        "unknown_format",
+        f"cannot detect the data format: expected a 'messages' key or the keys "
+        f"'{prompt_key}'/'{response_key}' (see --data-format, --prompt-key, --response-key); "
+        f"found keys {sorted(record)}",
+    )
+
+
+def parse_record(record: dict, data_format: str, prompt_key: str, response_key: str):
+    """Validates one JSON object and returns its ``(role, content)`` messages."""
+    if data_format == "prompt_response":
+        prompt = _string_field(record, prompt_key, allow_empty=True)
+        response = _string_field(record, response_key, allow_empty=False)
+        return (("user", prompt), ("assistant", response))
+    if data_format == "messages":
+        return _parse_messages(record)
+    raise ValueError(f"unknown data_format {data_format!r}")
+
+
+def _parse_messages(record: dict):
+    if "messages" not in record:
+        raise _BadRecord("missing_key", f"missing key 'messages' (found keys {sorted(record)})")
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise _BadRecord(
+            "invalid", "'messages' must be a non-empty list of {role, content} objects"
+        )
+    parsed = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise _BadRecord("invalid", f"{where} must be an object, got {type(message).__name__}")
+        role = message.get("role")
+        if "role" not in message or "content" not in message:
+            missing = "role" if "role" not in message else "content"
+            raise _BadRecord("missing_key", f"{where} is missing key '{missing}'")
+        if role not in ROLES:
+            raise _BadRecord(
+                "unknown_role",
+                f"{where} has unknown role {role!r} (expected one of {', '.join(ROLES)})",
+            )
+        content = _string_field(message, "content", allow_empty=role != "assistant", where=where)
+        parsed.append((role, content))
+    if not any(role == "assistant" for role, _ in parsed):
+        raise _BadRecord("empty_response", "no assistant message, so nothing would carry loss")
+    return tuple(parsed)
+
+
+def _string_field(record: dict, key: str, allow_empty: bool, where: str = "record"):
+    if key not in record:
+        raise _BadRecord("missing_key", f"missing key '{key}' (found keys {sorted(record)})")
+    value = record[key]
+    if not isinstance(value, str):
+        raise _BadRecord(
+            "invalid", f"{where} key '{key}' must be a string, got {type(value).__name__}"
+        )
+    if not allow_empty and not value.strip():
+        raise _BadRecord(
+            "empty_response", f"{where} key '{key}' is empty (a response must have text)"
+        )
+    return value
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise DataError(path, None, "file does not exist", reason="missing_file")
+    if not os.path.isfile(path):
+        raise DataError(path, None, "is not a regular file", reason="missing_file")
+
+
+def _iter_records(path: str, report: ReadReport, skip: bool) -> Iterator[Tuple[int, dict]]:
+    """Yields ``(line_number, json_object)``; undecodable lines fail or are skipped here."""
+    # Binary read + per-line decode so that a bad byte is reported at its line, not for the file.
+    with open(path, "rb") as handle:
+        for line, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+                if not text.strip():
+                    continue
+                record = json.loads(text)
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                _fail_or_skip(
+                    DataError(path, line, f"malformed JSON: {error}", "malformed_json"),
+                    report,
+                    skip,
+                )
+                continue
+            if not isinstance(record, dict):
+                error = DataError(
+                    path, line, f"expected a JSON object, got {type(record).__name__}", "invalid"
+                )
+                _fail_or_skip(error, report, skip)
+                continue
+            yield line, record
+
+
+def _fail_or_skip(error: DataError, report: ReadReport, skip: bool) -> None:
+    if not skip:
+        raise error
+    report.record_skip(error)

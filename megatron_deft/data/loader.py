@@ -1,0 +1,154 @@
+"""Deterministic, resumable order of rows -> global batches -> this rank's micro-batches.
+
+The row stream is the concatenation of per-epoch permutations: epoch ``e`` visits all ``N``
+rows in the order ``default_rng([seed, e]).permutation(N)``. Global batch ``i`` is stream
+positions ``[i*G, (i+1)*G)`` (it may straddle an epoch boundary); data-parallel rank ``d``
+takes the contiguous slice ``[d*G/DP, (d+1)*G/DP)`` of it and cuts it into micro-batches of
+``b`` rows, in order. The order therefore depends only on (data, seed, G), never on DP, and
+``rows_consumed`` in :meth:`SFTDataLoader.state_dict` is all a checkpoint needs to resume it.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Sequence
+
+import numpy as np
+
+from megatron_deft.data.batch import collate_rows
+from megatron_deft.data.packing import Row, build_row, empty_row
+from megatron_deft.data.sft_dataset import TokenizedSamples
+
+
+@dataclass
+class GlobalBatch:
+    """This rank's share of one global batch."""
+
+    microbatches: List[Dict]
+    """``G / (DP * b)`` micro-batch dicts (see ``megatron_deft.data.batch``)."""
+    num_loss_tokens: int
+    """Loss-carrying tokens in the whole global batch, over all DP ranks (for normalising)."""
+
+
+class SFTDataLoader:
+    """Yields :class:`GlobalBatch` es for one data-parallel rank; checkpointable."""
+
+    def __init__(
+        self,
+        samples: TokenizedSamples,
+        rows: Sequence[Row],
+        seq_length: int,
+        pad_id: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 1234,
+        packed: bool = False,
+        with_attention_mask: bool = True,
+    ):
+        _check_layout(global_batch_size, micro_batch_size, dp_rank, dp_size)
+        if not rows:
+            raise ValueError("the data set has no rows (every sample was skipped or dropped)")
+        self.samples, self.rows = samples, list(rows)
+        self.seq_length, self.pad_id, self.seed = seq_length, pad_id, seed
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.packed, self.with_attention_mask = packed, with_attention_mask
+        self.num_microbatches = global_batch_size // (micro_batch_size * dp_size)
+        self.rows_consumed = 0
+        row_starts = np.cumsum([0] + [len(row) for row in self.rows[:-1]])
+        flat_samples = np.fromiter((k for row in self.rows for k in row), dtype=np.int64)
+        # [num_rows] loss-carrying targets per row; rows are never empty.
+        self._row_loss_tokens = np.add.reduceat(samples.loss_token_counts[flat_samples], row_starts)
+        self._num_tokens = int(samples.lengths.sum())
+        self._cached_epoch, self._cached_permutation = -1, None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next row to be read (0-based)."""
+        return self.rows_consumed // self.num_rows
+
+    def stream_rows(self, start: int, count: int) -> np.ndarray:
+        """Row indices at stream positions ``[start, start + count)``."""
+        positions = np.arange(start, start + count)
+        out = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(positions // self.num_rows):
+            in_epoch = positions // self.num_rows == epoch
+            out[in_epoch] = self._permutation(int(epoch))[positions[in_epoch] % self.num_rows]
+        return out
+
+    def next_global_batch(self) -> GlobalBatch:
+        """This rank's micro-batches of the next global batch; advances ``rows_consumed`` by G."""
+        global_rows = self.stream_rows(self.rows_consumed, self.global_batch_size)
+        self.rows_consumed += self.global_batch_size
+        return self._share(global_rows, [self.rows[r] for r in global_rows])
+
+    def __iter__(self) -> Iterator[GlobalBatch]:
+        while True:
+            yield self.next_global_batch()
+
+    def eval_batches(self) -> Iterator[GlobalBatch]:
+        """One pass over all rows in plan order (no shuffle; ``rows_consumed`` untouched). The
+        last global batch is filled with all-padding rows so every rank runs the same steps."""
+        for start in range(0, self.num_rows, self.global_batch_size):
+            indices = np.arange(start, min(start + self.global_batch_size, self.num_rows))
+            rows = [self.rows[r] for r in indices] + [()] * (self.global_batch_size - len(indices))
+            yield self._share(indices, rows)
+
+    def state_dict(self) -> Dict[str, int]:
+        return {
+            "rows_consumed": self.rows_consumed,
+            "seed": self.seed,
+            "num_rows": self.num_rows,
+            "num_tokens": self._num_tokens,
+        }
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        """Resumes at ``state["rows_consumed"]``; refuses a different seed or data set."""
+        mine = self.state_dict()
+        for key in ("seed", "num_rows", "num_tokens"):
+            if int(state[key]) != mine[key]:
+                raise ValueError(
+                    f"data loader checkpoint has {key}={state[key]} but this run has {mine[key]}: "
+                    "the data, tokenizer, seq_length, packing or seed changed, so the saved "
+                    "position does not identify the same rows"
+                )
+        self.rows_consumed = int(state["rows_consumed"])
+
+    def _share(self, global_indices: np.ndarray, global_rows: List[Row]) -> GlobalBatch:
+        per_rank = self.global_batch_size // self.dp_size
+        mine = global_rows[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+        microbatches = []
+        for start in range(0, per_rank, self.micro_batch_size):
+            layouts = [self._layout(row) for row in mine[start : start + self.micro_batch_size]]
+            microbatches.append(collate_rows(layouts, self.packed, self.with_attention_mask))
+        return GlobalBatch(microbatches, int(self._row_loss_tokens[global_indices].sum()))
+
+    def _layout(self, row: Row):
+        if not row:
+            return empty_row(self.seq_length, self.pad_id)
+        return build_row(self.samples, row, self.seq_length, self.pad_id)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._cached_epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._cached_epoch, self._cached_permutation = epoch, rng.permutation(self.num_rows)
+        return self._cached_permutation
+
+
+def _check_layout(
+    global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int
+) -> None:
+    if min(global_batch_size, micro_batch_size, dp_size) < 1 or not 0 <= dp_rank < dp_size:
+        raise ValueError(
+            f"invalid batch layout: global_batch_size={global_batch_size}, "
+            f"micro_batch_size={micro_batch_size}, dp_rank={dp_rank}, dp_size={dp_size}"
+        )
+    if global_batch_size % (micro_batch_size * dp_size):
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be divisible by "
+            f"micro_batch_size * data_parallel_size = {micro_batch_size} * {dp_size}"
+        )

@@ -1,0 +1,81 @@
+"""Helpers shared by the data-pipeline tests (fixtures are in conftest.py)."""
+
+import importlib.util
+import json
+import os
+import random
+
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+
+WORDS = (
+    "the cat sat on a mat and then it ran to the big red house where many dogs live "
+    "how much money does she earn if he sells 12 apples for 3 dollars each answer is "
+    "first we add the numbers then we divide by two so the total comes out to seven"
+).split()
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def make_sentence(rng: random.Random, min_words: int = 3, max_words: int = 20) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words)))
+
+
+def write_jsonl(path, records) -> str:
+    """Writes dicts as JSON lines; str items are written verbatim (for malformed-line tests)."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+    return str(path)
+
+
+def load_train_tokenizer_tool():
+    """Imports tools/train_tokenizer.py (a script, not a package module) by path."""
+    path = os.path.join(REPO_ROOT, "tools", "train_tokenizer.py")
+    spec = importlib.util.spec_from_file_location("train_tokenizer_tool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class CharTokenizer:
+    """One token per character (id = code point + 10): makes expected ids computable by hand."""
+
+    vocab_size = 300
+    pad_id, bos_id, eos_id = 0, 1, 2
+    chat_template = None
+
+    def encode(self, text):
+        return [ord(c) + 10 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i - 10) for i in ids if i >= 10)
+
+
+def save_hf_tokenizer(directory, chat_template):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    rng = random.Random(1)
+    texts = [make_sentence(rng) for _ in range(300)] + ["user assistant system\n"] * 5
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>"
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(str(directory))
+    return str(directory)
