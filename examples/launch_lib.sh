@@ -1,0 +1,155 @@
+# Shared by train_single_node.sh, train_multi_node.sh and train_slurm.sbatch (sourced, not run).
+#
+# Resolves PRESET (a file in presets/) and the env knobs below into TRAIN_CMD, the part of the
+# torchrun command line after torchrun's own options:
+#     -m megatron_deft.train <preset architecture> <knobs> "$@"
+# The caller's "$@" comes last, so a flag given on the command line overrides the preset's
+# (argparse keeps the last value of a repeated flag).
+#
+# Env knobs; unset or empty takes the default in brackets (DEFAULT_* are set by the preset):
+#   PRESET           a file name in presets/ without .sh                             [tiny]
+#   OBJECTIVE        --sft-objective: nll, deft, cayley, tsallis:q=0.5, ...          [nll]
+#   DEVICE           cpu (gloo, fp32) or cuda (nccl, bf16, distributed optimizer) [DEFAULT_DEVICE]
+#   TP, PP           tensor / pipeline model-parallel sizes                          [DEFAULT_TP/PP]
+#   NPROC_PER_NODE   processes per node                      [cuda: gpu (all visible); cpu: TP*PP]
+#   SEQ_LENGTH MICRO_BATCH_SIZE GLOBAL_BATCH_SIZE TRAIN_ITERS LR MIN_LR LR_WARMUP_ITERS [DEFAULT_*]
+#   WEIGHT_DECAY [0.0]   CLIP_GRAD [1.0]   LOG_INTERVAL [1]
+#   DATA             --train-data: JSONL file(s), comma separated                    [none]
+#   VALID_DATA       --valid-data, run every EVAL_INTERVAL [200] iterations for EVAL_ITERS [10]
+#   MOCK_DATA        1: synthetic rows (--mock-data)               [DEFAULT_MOCK_DATA; 0 if DATA]
+#   TOKENIZER_MODEL  --tokenizer-model, with --tokenizer-type TOKENIZER_TYPE
+#                                                              [DEFAULT_TOKENIZER_TYPE]
+#   SAVE  SAVE_INTERVAL [0: at the end only]  LOAD  TENSORBOARD_DIR                  [none]
+#   QKV_BIAS         1 adds --add-qkv-bias                                        [DEFAULT_QKV_BIAS]
+#   TORCHRUN         the launcher executable                                         [torchrun]
+#   DRY_RUN          1: print the resolved command and exit 0 instead of running it  [0]
+
+DEFT_EXAMPLES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+deft_die() {
+    echo "$(basename "$0"): error: $*" >&2
+    exit 2
+}
+
+deft_presets() {  # "a, b, c": the preset names
+    local names=("$DEFT_EXAMPLES_DIR"/presets/*.sh)
+    names=("${names[@]##*/}")
+    names=("${names[@]%.sh}")
+    local joined
+    printf -v joined '%s, ' "${names[@]}"
+    echo "${joined%, }"
+}
+
+deft_require_int() {  # NAME... : each variable holds a positive integer
+    local name
+    for name in "$@"; do
+        [[ ${!name} =~ ^[1-9][0-9]*$ ]] ||
+            deft_die "$name must be a positive integer, got '${!name}'"
+    done
+}
+
+deft_load_preset() {
+    PRESET=${PRESET:-tiny}
+    # A name, never a path: PRESET=../x must not source an arbitrary file.
+    local file=$DEFT_EXAMPLES_DIR/presets/$PRESET.sh
+    if [[ ! $PRESET =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ || ! -f $file ]]; then
+        deft_die "unknown PRESET '$PRESET'; valid presets: $(deft_presets)"
+    fi
+    # shellcheck source=/dev/null
+    source "$file"
+}
+
+deft_resolve_knobs() {
+    OBJECTIVE=${OBJECTIVE:-nll}
+    DEVICE=${DEVICE:-$DEFAULT_DEVICE}
+    [[ $DEVICE == cpu || $DEVICE == cuda ]] || deft_die "DEVICE must be cpu or cuda, got '$DEVICE'"
+    TP=${TP:-$DEFAULT_TP}
+    PP=${PP:-$DEFAULT_PP}
+    deft_require_int TP PP
+    # On CPU one process per model-parallel rank is the smallest world that fits the layout.
+    if [[ $DEVICE == cuda ]]; then
+        NPROC_PER_NODE=${NPROC_PER_NODE:-gpu}
+    else
+        NPROC_PER_NODE=${NPROC_PER_NODE:-$((TP * PP))}
+    fi
+    SEQ_LENGTH=${SEQ_LENGTH:-$DEFAULT_SEQ_LENGTH}
+    MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-$DEFAULT_MICRO_BATCH_SIZE}
+    GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-$DEFAULT_GLOBAL_BATCH_SIZE}
+    TRAIN_ITERS=${TRAIN_ITERS:-$DEFAULT_TRAIN_ITERS}
+    LR=${LR:-$DEFAULT_LR}
+    MIN_LR=${MIN_LR:-$DEFAULT_MIN_LR}
+    LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-$DEFAULT_LR_WARMUP_ITERS}
+    WEIGHT_DECAY=${WEIGHT_DECAY:-0.0}
+    CLIP_GRAD=${CLIP_GRAD:-1.0}
+    LOG_INTERVAL=${LOG_INTERVAL:-1}
+    DATA=${DATA:-}
+    VALID_DATA=${VALID_DATA:-}
+    # Real data given: synthetic rows only when asked for.
+    if [[ -n $DATA ]]; then DEFAULT_MOCK_DATA=0; fi
+    MOCK_DATA=${MOCK_DATA:-$DEFAULT_MOCK_DATA}
+    TOKENIZER_MODEL=${TOKENIZER_MODEL:-}
+    TOKENIZER_TYPE=${TOKENIZER_TYPE:-$DEFAULT_TOKENIZER_TYPE}
+    QKV_BIAS=${QKV_BIAS:-$DEFAULT_QKV_BIAS}
+    TORCHRUN=${TORCHRUN:-torchrun}
+}
+
+deft_optional_args() {  # data, tokenizer, checkpoint and logging flags, only for knobs that are set
+    if [[ -n $DATA ]]; then TRAIN_CMD+=(--train-data "$DATA"); fi
+    if [[ -n $VALID_DATA ]]; then
+        TRAIN_CMD+=(--valid-data "$VALID_DATA" --eval-interval "${EVAL_INTERVAL:-200}"
+                    --eval-iters "${EVAL_ITERS:-10}")
+    fi
+    if [[ $MOCK_DATA == 1 ]]; then TRAIN_CMD+=(--mock-data); fi
+    if [[ -n $TOKENIZER_MODEL ]]; then
+        [[ -n $TOKENIZER_TYPE ]] || deft_die "TOKENIZER_MODEL is set but TOKENIZER_TYPE is empty"
+        TRAIN_CMD+=(--tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER_MODEL")
+    fi
+    if [[ -n ${SAVE:-} ]]; then
+        TRAIN_CMD+=(--save "$SAVE" --save-interval "${SAVE_INTERVAL:-0}")
+    fi
+    if [[ -n ${LOAD:-} ]]; then TRAIN_CMD+=(--load "$LOAD"); fi
+    if [[ -n ${TENSORBOARD_DIR:-} ]]; then TRAIN_CMD+=(--tensorboard-dir "$TENSORBOARD_DIR"); fi
+}
+
+# PRESET + knobs + the script's "$@" -> TRAIN_CMD (also sets NPROC_PER_NODE, TORCHRUN, ...).
+deft_resolve() {
+    deft_load_preset
+    deft_resolve_knobs
+    TRAIN_CMD=(-m megatron_deft.train "${MODEL_ARGS[@]}")
+    if [[ $QKV_BIAS == 1 ]]; then TRAIN_CMD+=(--add-qkv-bias); fi
+    TRAIN_CMD+=(
+        --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+        --seq-length "$SEQ_LENGTH"
+        --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
+        --train-iters "$TRAIN_ITERS"
+        --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$LR_WARMUP_ITERS" --lr-decay-style cosine
+        --weight-decay "$WEIGHT_DECAY" --clip-grad "$CLIP_GRAD"
+        --sft-objective "$OBJECTIVE"
+        --device "$DEVICE" --log-interval "$LOG_INTERVAL"
+    )
+    if [[ $DEVICE == cuda ]]; then
+        TRAIN_CMD+=(--bf16 --use-distributed-optimizer)
+        # megatron-core overlaps the TP gradient all-reduce with the weight-gradient GEMM and
+        # relies on one hardware work queue to launch the collective first (it warns otherwise).
+        export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+    fi
+    deft_optional_args
+    TRAIN_CMD+=("$@")
+}
+
+deft_quote() {  # one argument, shell-quoted only when it needs it (copy-pasteable output)
+    if [[ $1 =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then
+        printf '%s' "$1"
+    else
+        printf "'%s'" "${1//\'/\'\\\'\'}"
+    fi
+}
+
+# Print the command on one line of stdout; DRY_RUN=1 stops there, otherwise exec it.
+deft_run() {
+    local arg line=""
+    for arg in "$@"; do line+="$(deft_quote "$arg") "; done
+    echo "${line% }"
+    if [[ ${DRY_RUN:-0} == 1 ]]; then exit 0; fi
+    exec "$@"
+}
