@@ -55,3 +55,11 @@ def test_field_mapped_input_and_errors(tmp_path, capsys):
         == 1
     )
     assert f"{path}:1: missing key 'prompt'" in capsys.readouterr().err
+
+
+def test_vocabulary_below_the_alphabet_is_a_one_line_error(tmp_path, capsys):
+    tool = load_train_tokenizer_tool()
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(50)])
+    assert tool.main(["--input", path, "--vocab-size", "20", "--model-prefix", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: sentencepiece could not train a 20-piece model:") and "Traceback" not in err
