@@ -11,16 +11,22 @@ Modules, in pipeline order:
     batch        rows -> micro-batch dict (attention mask, cu_seqlens); unpack_batch
     loader       seeded, resumable global-batch order; DP slicing; state_dict
     builder      build_sft_data(config, ...) -> SFTData, the trainer's entry point
+    indexed      preprocessed sets on disk (megatron-core .bin/.idx + sidecar), mmap samples
+    preprocess   JSONL -> preprocessed set with worker processes (tools/preprocess_sft_data.py)
+    blend        --data-path syntax: one set, a union, or a weighted blend of preprocessed sets
     synthetic_tasks  seeded self-checking SFT tasks (addition, reverse, sort) for quickstarts
 """
 
 from megatron_deft.data.batch import collate_rows, unpack_batch
+from megatron_deft.data.blend import parse_data_path
 from megatron_deft.data.builder import SFTData, SplitReport, build_sft_data
 from megatron_deft.data.chat_format import encode_prompt, tokenize_conversation
 from megatron_deft.data.config import DataConfig
 from megatron_deft.data.jsonl import DataError, read_samples
 from megatron_deft.data.loader import GlobalBatch, SFTDataLoader
+from megatron_deft.data.indexed import IndexedSamples
 from megatron_deft.data.packing import IGNORE_INDEX
+from megatron_deft.data.preprocess import ReadSettings, preprocess_sft_data
 from megatron_deft.data.tokenizer import Tokenizer, build_tokenizer
 
 __all__ = [
@@ -28,6 +34,8 @@ __all__ = [
     "DataError",
     "GlobalBatch",
     "IGNORE_INDEX",
+    "IndexedSamples",
+    "ReadSettings",
     "SFTData",
     "SFTDataLoader",
     "SplitReport",
@@ -36,6 +44,8 @@ __all__ = [
     "build_tokenizer",
     "collate_rows",
     "encode_prompt",
+    "parse_data_path",
+    "preprocess_sft_data",
     "read_samples",
     "tokenize_conversation",
     "unpack_batch",

@@ -4,6 +4,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from megatron_deft.data.blend import build_indexed_split
 from megatron_deft.data.cache import cache_key, load_cached, save_cached
 from megatron_deft.data.config import DataConfig
 from megatron_deft.data.jsonl import ReadReport, iter_samples
@@ -78,6 +79,11 @@ def build_sft_data(
     """Builds tokenizer and loaders; every rank builds the same rows (deterministic), then reads
     only its slice. Counts of skipped/truncated/dropped samples are logged and returned.
 
+    A split comes from JSONL files (``train_data_path`` / ``valid_data_path``) or from sets
+    preprocessed by ``tools/preprocess_sft_data.py`` (``data_path`` / ``valid_data_prefix``,
+    Megatron ``--data-path`` syntax, memory-mapped; see ``megatron_deft.data.blend``). Both
+    give the same rows for the same samples.
+
     Args:
         global_batch_size: rows per optimizer step over all DP ranks (``G``).
         micro_batch_size: rows per forward pass (``b``); ``G % (b * dp_size) == 0``.
@@ -97,16 +103,24 @@ def build_sft_data(
     )
     reports = []
     loaders = []
-    for name, paths in (("train", config.train_data_path), ("valid", config.valid_data_path)):
-        if not paths:
+    splits = (
+        ("train", config.train_data_path, config.data_path),
+        ("valid", config.valid_data_path, config.valid_data_prefix),
+    )
+    for name, paths, prefixes in splits:
+        if prefixes:
+            samples, rows, counts = build_indexed_split(prefixes, config, tokenizer)
+            report = SplitReport(name=name, **counts)
+        elif paths:
+            samples, rows, report = _build_split(name, paths, config, tokenizer)
+        else:
             loaders.append(None)
             continue
-        samples, rows, report = _build_split(name, paths, config, tokenizer)
         logger.info("%s", report.summary())
         reports.append(report)
         loaders.append(SFTDataLoader(samples, rows, **loader_args))
     if loaders[0] is None:
-        raise ValueError("no training data: set --train-data-path")
+        raise ValueError("no training data: set --train-data-path or --data-path")
     return SFTData(tokenizer, loaders[0], loaders[1], reports)
 
 

@@ -3,6 +3,8 @@
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from megatron_deft.data.blend import data_path_items, parse_data_path
+
 DATA_FORMATS = ("auto", "prompt_response", "messages")
 OVERLONG_POLICIES = ("truncate", "drop")
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
@@ -18,6 +20,17 @@ class DataConfig:
 
     valid_data_path: List[str] = field(default_factory=list)
     """JSONL files of validation samples; empty means no validation set (``--valid-data-path``)."""
+
+    data_path: List[str] = field(default_factory=list)
+    """Preprocessed training data (``--data-path``, Megatron syntax) used instead of
+    ``train_data_path``: the ``--output-prefix`` of ``tools/preprocess_sft_data.py``; several
+    prefixes (their union, like several JSONL files); or weight/prefix pairs
+    ``0.7 set_a 0.3 set_b`` (a blend: that share of rows from each set, see
+    ``megatron_deft.data.blend``). Memory-mapped. A string is split on whitespace and commas."""
+
+    valid_data_prefix: List[str] = field(default_factory=list)
+    """Preprocessed validation data in the ``data_path`` syntax, used instead of
+    ``valid_data_path`` (``--valid-data-prefix``)."""
 
     data_format: str = "auto"
     """Sample shape (``--data-format``): ``prompt_response`` (one pair per line under
@@ -62,6 +75,15 @@ class DataConfig:
     def __post_init__(self):
         self.train_data_path = _path_list(self.train_data_path)
         self.valid_data_path = _path_list(self.valid_data_path)
+        for name, jsonl_name in (
+            ("data_path", "train_data_path"),
+            ("valid_data_prefix", "valid_data_path"),
+        ):
+            setattr(self, name, data_path_items(getattr(self, name)))
+            if getattr(self, name):
+                parse_data_path(getattr(self, name))  # syntax errors surface at startup
+                if getattr(self, jsonl_name):
+                    raise ValueError(f"set {name} (preprocessed) or {jsonl_name} (JSONL), not both")
         _check_choice("data_format", self.data_format, DATA_FORMATS)
         _check_choice("overlong", self.overlong, OVERLONG_POLICIES)
         _check_choice("tokenizer_type", self.tokenizer_type, TOKENIZER_TYPES)
