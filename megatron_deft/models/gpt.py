@@ -1,0 +1,134 @@
+"""Llama/Qwen-style GPT on megatron-core: RMSNorm, SwiGLU, RoPE, GQA, no biases but optional q/k/v.
+
+The model is megatron-core's ``GPTModel`` with the Transformer Engine layer spec when TE is
+importable on CUDA, the local (pure PyTorch) spec otherwise. It is always called without labels
+so the last stage returns vocab-parallel logits [b, s, V/tp]; the loss is ours (objectives).
+
+Weight init is layout-invariant (see :mod:`megatron_deft.models.init`): the same seed gives the
+same full weights for every TP/PP/VP layout.
+"""
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnMaskType
+
+from megatron_deft.config import Config
+from megatron_deft.models.layout import virtual_pipeline_size
+from megatron_deft.models.init import init_weights_layout_invariant
+
+try:  # optional GPU dependency
+    import transformer_engine  # noqa: F401
+
+    HAVE_TE = True
+except ImportError:  # CPU machines and plain-PyTorch GPU installs
+    HAVE_TE = False
+
+
+def transformer_config(config: Config) -> TransformerConfig:
+    """megatron-core TransformerConfig for our architecture and layout."""
+    model, parallel, training = config.model, config.parallel, config.training
+    on_cpu = training.device == "cpu"
+    dtype = torch.bfloat16 if training.bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups or model.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size(config),
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=training.bf16,
+        attention_softmax_in_fp32=True,
+        # Kept on although our own layout-invariant init overwrites every weight afterwards:
+        # megatron-core 0.16.1 sets the tensor-parallel attributes (tensor_model_parallel,
+        # partition_dim, partition_stride) of a weight only inside its init routine, and the
+        # grad-norm de-duplication and our init need them.
+        perform_initialization=True,
+        use_cpu_initialization=on_cpu,
+        # Global per-token mean: loss_func returns (sum, count); DDP scales grads by 1/count.
+        calculate_per_token_loss=True,
+        # Fused kernels are CUDA-only (or torch.compile'd, costing seconds on CPU).
+        bias_activation_fusion=not on_cpu,
+        masked_softmax_fusion=not on_cpu,
+        bias_dropout_fusion=not on_cpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=True,
+        # gloo matches point-to-point messages between two ranks by posting order only. A
+        # batched send-to-prev + send-to-next pair (interleaved schedule, PP=2: prev == next)
+        # then lands in the wrong receive buffers (same shape: silently wrong activations).
+        # The unbatched path sends the two directions over different groups.
+        batch_p2p_comm=not on_cpu,
+    )
+
+
+def layer_spec(config: Config):
+    """TE spec when TE is importable on CUDA, megatron-core's local spec otherwise.
+
+    Packed rows need the block-diagonal [b, 1, s, s] mask; the TE spec's causal attention
+    ignores it (THD / cu_seqlens is not wired yet), so packing uses the local spec.
+    """
+    if HAVE_TE and config.training.device == "cuda" and not config.data.pack_sequences:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    # The trainer always passes an explicit [b, 1, s, s] mask (block-diagonal when packing);
+    # "arbitrary" makes every softmax path honour it instead of assuming plain causal.
+    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    return spec
+
+
+def build_gpt_chunks(config: Config, vocab_size: int) -> list:
+    """This rank's model chunks (one per virtual stage) on the device, weights initialised
+    layout-invariantly unless --load will overwrite them.
+
+    Args:
+        vocab_size: padded vocabulary size V (divisible by TP).
+    """
+    tf_config = transformer_config(config)
+    spec = layer_spec(config)
+    vp_size = tf_config.virtual_pipeline_model_parallel_size or 1
+    untied = config.model.untie_embeddings_and_output_weights
+    chunks = []
+    for vp_stage in range(vp_size):
+        stage = None if vp_size == 1 else vp_stage
+        first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        chunk = GPTModel(
+            config=tf_config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab_size,
+            max_sequence_length=config.model.max_position_embeddings or config.model.seq_length,
+            pre_process=first,
+            post_process=last,
+            parallel_output=True,
+            share_embeddings_and_output_weights=not untied,
+            position_embedding_type="rope",
+            rotary_base=config.model.rotary_base,
+            vp_stage=stage,
+        )
+        chunk.to(torch.device(config.training.device))
+        chunks.append(chunk)
+    if config.checkpoint.load is None:  # a loaded checkpoint overwrites every weight anyway
+        for chunk in chunks:
+            init_weights_layout_invariant(chunk, tf_config, seed=config.training.seed)
+    return chunks

@@ -1,0 +1,202 @@
+"""Command line and YAML -> :class:`megatron_deft.config.Config`, validated before any work.
+
+Flags are generated from the config dataclasses (one flag per field, Megatron-LM's names) so the
+flag list cannot drift from the config. ``--config FILE.yaml`` supplies defaults with the same
+keys; explicit flags override it. Any unknown or inconsistent setting raises
+:class:`ConfigError` with one line; :func:`parse_config` turns that into ``error: ...`` and exit 2.
+"""
+
+import argparse
+import dataclasses
+import sys
+import typing
+from typing import Optional
+
+import yaml
+
+from megatron_deft.config import SECTIONS, Config, ConfigError, field_docs
+from megatron_deft.models.layout import padded_vocab_size
+
+CHOICES = {
+    "device": ("cpu", "cuda"),
+    "lr_decay_style": ("cosine", "linear", "constant"),
+}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (no usage dump)."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def _flag_type(annotation):
+    """The scalar type behind Optional[X]."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per config field; dest is 'section.field'."""
+    parser = _OneLineParser(prog="megatron-deft-train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with the same keys.")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section, cls.__doc__)
+        docs = field_docs(cls)
+        for item in dataclasses.fields(cls):
+            flag = "--" + item.name.replace("_", "-")
+            dest = f"{section}.{item.name}"
+            kind = _flag_type(item.type)
+            if kind is bool:
+                group.add_argument(flag, dest=dest, action="store_true", help=docs[item.name])
+            else:
+                group.add_argument(
+                    flag, dest=dest, type=kind, choices=CHOICES.get(item.name),
+                    help=docs[item.name], default=argparse.SUPPRESS, metavar=item.name.upper(),
+                )
+    return parser
+
+
+def accepted_flags() -> list:
+    """Every flag the trainer accepts (pinned by a test)."""
+    return sorted(
+        option for action in build_parser()._actions for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    )
+
+
+def _yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+    """{dest: value} from a YAML mapping whose keys are flag names (dashes or underscores)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"--config {path}: {error}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    by_flag = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    values = {}
+    for key, value in raw.items():
+        action = by_flag.get("--" + str(key).replace("_", "-"))
+        if action is None or action.dest == "config":
+            raise ConfigError(f"--config {path}: unknown key {key!r}")
+        if value is not None and action.type is not None:
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"--config {path}: {key}={value!r} is not {action.type.__name__}")
+        values[action.dest] = value
+    return values
+
+
+def _to_config(namespace: argparse.Namespace) -> Config:
+    config = Config()
+    for dest, value in vars(namespace).items():
+        if dest == "config":
+            continue
+        section, name = dest.split(".")
+        setattr(getattr(config, section), name, value)
+    return config
+
+
+def parse_config(argv: Optional[list] = None, world_size: int = 1) -> Config:
+    """Parse flags (+ YAML) and validate; on a bad setting print one line and exit 2."""
+    parser = build_parser()
+    try:
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config")
+        known, _ = pre.parse_known_args(argv)
+        if known.config:
+            parser.set_defaults(**_yaml_defaults(known.config, parser))
+        config = _to_config(parser.parse_args(argv))
+        validate(config, world_size)
+    except ConfigError as error:
+        print(f"megatron-deft-train: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return config
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def data_parallel_size(config: Config, world_size: int) -> int:
+    """DP = world / (TP x PP)."""
+    return world_size // (
+        config.parallel.tensor_model_parallel_size * config.parallel.pipeline_model_parallel_size
+    )
+
+
+def _validate_layout(config: Config, world_size: int) -> None:
+    model, par, train = config.model, config.parallel, config.training
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    _require(tp >= 1 and pp >= 1, "--tensor/pipeline-model-parallel-size must be >= 1")
+    _require(world_size % (tp * pp) == 0,
+             f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
+    dp = data_parallel_size(config, world_size)
+    per_step = train.micro_batch_size * dp
+    _require(train.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
+    _require(train.global_batch_size % per_step == 0,
+             f"--global-batch-size {train.global_batch_size} is not divisible by "
+             f"--micro-batch-size x DP = {train.micro_batch_size} x {dp}")
+    heads, groups = model.num_attention_heads, model.num_query_groups or model.num_attention_heads
+    _require(heads % tp == 0, f"--num-attention-heads {heads} is not divisible by TP {tp}")
+    _require(groups % tp == 0, f"--num-query-groups {groups} is not divisible by TP {tp}")
+    _require(heads % groups == 0,
+             f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}")
+    _require(model.hidden_size % heads == 0,
+             f"--hidden-size {model.hidden_size} is not divisible by --num-attention-heads {heads}")
+    _require(model.num_layers % pp == 0,
+             f"--num-layers {model.num_layers} is not divisible by PP {pp}")
+    if model.vocab_size is not None:
+        padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
+        _require(padded % tp == 0, f"TP {tp} does not divide the padded vocabulary {padded}")
+    per_vstage = par.num_layers_per_virtual_pipeline_stage
+    if per_vstage is not None:
+        _require(pp > 1, "--num-layers-per-virtual-pipeline-stage needs PP > 1")
+        _require((model.num_layers // pp) % per_vstage == 0,
+                 f"layers per pipeline stage {model.num_layers // pp} is not divisible by "
+                 f"--num-layers-per-virtual-pipeline-stage {per_vstage}")
+        microbatches = train.global_batch_size // per_step
+        _require(microbatches % pp == 0,
+                 f"the interleaved schedule needs micro-batches per step ({microbatches}) "
+                 f"divisible by PP {pp}")
+
+
+def _validate_run(config: Config) -> None:
+    model, par, train, data, ckpt = (config.model, config.parallel, config.training,
+                                     config.data, config.checkpoint)
+    _require(train.train_iters >= 1, "--train-iters must be >= 1")
+    _require(not (train.bf16 and train.device == "cpu"), "--bf16 needs --device cuda")
+    _require(not par.overlap_param_gather or par.use_distributed_optimizer,
+             "--overlap-param-gather needs --use-distributed-optimizer")
+    max_pos = model.max_position_embeddings or model.seq_length
+    _require(model.seq_length <= max_pos,
+             f"--seq-length {model.seq_length} exceeds --max-position-embeddings {max_pos}")
+    _require(data.mock_data or data.train_data is not None, "give --train-data or --mock-data")
+    _require(not data.mock_data or model.vocab_size is not None, "--mock-data needs --vocab-size")
+    _require(train.eval_interval == 0 or data.mock_data or data.valid_data is not None,
+             "--eval-interval needs --valid-data (or --mock-data)")
+    _require(ckpt.save_interval == 0 or ckpt.save is not None, "--save-interval needs --save")
+    _require(not ckpt.finetune or ckpt.load is not None, "--finetune needs --load")
+    try:
+        objective_of(config)
+    except ValueError as error:
+        raise ConfigError(f"--sft-objective: {error}") from None
+
+
+def objective_of(config: Config):
+    """The parsed Objective of --sft-objective with --tsallis-q/--eaft-k/--eaft-alpha applied."""
+    from megatron_deft.objectives import parse_objective
+
+    train = config.training
+    params = {"q": train.tsallis_q, "k": train.eaft_k, "alpha": train.eaft_alpha}
+    given = {key: value for key, value in params.items() if value is not None}
+    return parse_objective(train.sft_objective, **given)
+
+
+def validate(config: Config, world_size: int) -> None:
+    """Raise ConfigError (one line) on the first inconsistent setting."""
+    _validate_layout(config, world_size)
+    _validate_run(config)

@@ -1,0 +1,229 @@
+"""Checkpoints with megatron-core ``dist_checkpointing`` (torch_dist format).
+
+Layout (Megatron-LM's)::
+
+    SAVE/iter_0000006/                  one complete checkpoint (sharded tensors + common.pt)
+    SAVE/latest_checkpointed_iteration.txt   the `latest` tracker: "6"
+
+Contents: model (sharded, reshardable across TP/PP), optimizer (plain: per-parameter sharded
+state; distributed: ``dp_reshardable``), LR scheduler, iteration, data position (rows consumed),
+RNG states (per TP/PP rank) and the run's config.
+
+Atomicity: a checkpoint is written to ``iter_N.partial/`` and renamed to ``iter_N/`` by rank 0
+only after every rank finished; the tracker is then replaced atomically (write temp, rename).
+An interrupted save leaves at most a ``.partial`` directory that nothing reads, so the previous
+checkpoint and tracker stay valid. A checkpoint is never written from non-finite weights.
+"""
+
+import dataclasses
+import logging
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megatron_deft.config import Config
+from megatron_deft.training.setup import finish_param_sync
+
+logger = logging.getLogger(__name__)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+_DIST_OPT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message says which and why."""
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str):
+    """Iteration named by the tracker, or None when ``root`` holds no complete checkpoint."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path, encoding="utf-8").read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def _layout(config: Config) -> dict:
+    par = config.parallel
+    return {"tp": par.tensor_model_parallel_size, "pp": par.pipeline_model_parallel_size}
+
+
+def _inner_optimizers(optimizer) -> list:
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def _rng_state():
+    """RNG states of this rank as a ShardedObject (one per TP x PP position, DP replicas)."""
+    state = {
+        "random": random.getstate(),
+        "np": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    return ShardedObject(
+        "rng_state", state,
+        (parallel_state.get_pipeline_model_parallel_world_size(),
+         parallel_state.get_tensor_model_parallel_world_size()),
+        (parallel_state.get_pipeline_model_parallel_rank(),
+         parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(model, optimizer, config: Config, is_loading: bool, with_optimizer: bool,
+                   with_rng: bool):
+    """The sharded state dict both save and load use (loading fills it in place)."""
+    if len(model) == 1:
+        model_state = {"model": model[0].module.sharded_state_dict()}
+    else:
+        model_state = {f"model{i}": chunk.module.sharded_state_dict()
+                       for i, chunk in enumerate(model)}
+    state = dict(model_state)
+    if with_optimizer:
+        if is_loading and config.parallel.use_distributed_optimizer:
+            # dp_reshardable loading needs allocated Adam states to load into (measured).
+            for inner in _inner_optimizers(optimizer):
+                inner._init_optimizer_states_with_dummy_values()
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading, metadata=dict(_DIST_OPT_FORMAT)
+        )
+    if with_rng:  # one object per (PP, TP) position: only loadable into the same layout
+        state["rng_state"] = _rng_state()
+    return state
+
+
+def _all_finite(model) -> bool:
+    finite = torch.tensor([1], dtype=torch.int32, device=next(model[0].parameters()).device)
+    for chunk in model:
+        for param in chunk.parameters():
+            if not torch.isfinite(param).all():
+                finite.zero_()
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def save_checkpoint(root, iteration, model, optimizer, scheduler, loader, config: Config) -> str:
+    """Write ``root/iter_N`` atomically and point the tracker at it. Returns the directory."""
+    finish_param_sync(model, config)
+    if not _all_finite(model):
+        raise CheckpointError(f"refusing to save iteration {iteration}: weights are not finite")
+    final = checkpoint_dir(root, iteration)
+    partial = final + ".partial"
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    dist.barrier()
+    finish_param_sync(model, config)
+    state = _sharded_state(model, optimizer, config, is_loading=False, with_optimizer=True,
+                           with_rng=True)
+    state.update(
+        iteration=iteration,
+        opt_param_scheduler=scheduler.state_dict(),
+        data=loader.state_dict(),
+        layout=_layout(config),
+        config=dataclasses.asdict(config),
+    )
+    dist_checkpointing.save(state, partial)
+    dist.barrier()
+    if rank0:
+        _publish(partial, final, root, iteration)
+    dist.barrier()
+    return final
+
+
+def _publish(partial: str, final: str, root: str, iteration: int) -> None:
+    """Rename the finished checkpoint into place, then replace the tracker atomically."""
+    if os.path.exists(final):  # re-saving an iteration: move the old copy aside first
+        stale = final + ".stale"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.rename(final, stale)
+        os.rename(partial, final)
+        shutil.rmtree(stale)
+    else:
+        os.rename(partial, final)
+    temp = os.path.join(root, TRACKER + ".tmp")
+    with open(temp, "w", encoding="utf-8") as handle:
+        handle.write(f"{iteration}\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, os.path.join(root, TRACKER))
+
+
+def _restore_adam_steps(optimizer, loaded_state) -> None:
+    """Give every parameter its own, correct Adam ``step`` after a dp_reshardable load.
+
+    megatron-core 0.16.1 (no Apex/TE) hands all parameters one shared ``step`` tensor and then
+    overwrites it with the per-parameter value of the *dummy* state it loaded into (1), not the
+    saved step; AdamW would then also add 1 per parameter per update. The saved step survives in
+    the param groups of the loaded state.
+    """
+    inners = _inner_optimizers(optimizer)
+    per_inner = [loaded_state] if len(inners) == 1 else list(loaded_state.values())
+    for inner, state in zip(inners, per_inner):
+        steps = {group["step"] for group in state["optimizer"]["param_groups"]}
+        if len(steps) != 1:
+            raise CheckpointError(f"inconsistent optimizer steps in the checkpoint: {steps}")
+        step = float(steps.pop())
+        for param_state in inner.optimizer.state.values():
+            param_state["step"] = torch.tensor(step, dtype=torch.float32)
+
+
+def load_checkpoint(root, model, optimizer, scheduler, loader, config: Config) -> int:
+    """Restore from the tracker's checkpoint; returns the iteration to continue from (0 when
+    fine-tuning: weights only). Another TP/PP layout reshards the model weights and the plain
+    optimizer's state; the distributed optimizer's state only loads into the same layout."""
+    iteration = read_tracker(root)
+    if iteration is None:
+        raise CheckpointError(f"--load {root}: no {TRACKER} (no complete checkpoint there)")
+    directory = checkpoint_dir(root, iteration)
+    common = dist_checkpointing.load_common_state_dict(directory)
+    full = not config.checkpoint.finetune
+    same_layout = common["layout"] == _layout(config)
+    if full and not same_layout and config.parallel.use_distributed_optimizer:
+        raise CheckpointError(
+            f"--load {directory} was saved with {common['layout']}, this run is "
+            f"{_layout(config)}: distributed-optimizer state (dp_reshardable) cannot be resharded "
+            "across TP/PP; add --finetune to load the (resharded) model weights only"
+        )
+    state = _sharded_state(model, optimizer, config, is_loading=True, with_optimizer=full,
+                           with_rng=full and same_layout)
+    loaded = dist_checkpointing.load(state, directory)
+    for i, chunk in enumerate(model):
+        chunk.module.load_state_dict(loaded["model" if len(model) == 1 else f"model{i}"])
+    if not full:
+        return 0
+    with torch.no_grad():  # the distributed optimizer copies into leaf views
+        optimizer.load_state_dict(loaded["optimizer"])
+    if config.parallel.use_distributed_optimizer:
+        _restore_adam_steps(optimizer, loaded["optimizer"])
+    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    loader.load_state_dict(loaded["data"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    else:
+        logger.warning(f"resumed {directory} saved with {common['layout']} as {_layout(config)}: "
+                       "model and optimizer state resharded, RNG states reseeded")
+    return int(loaded["iteration"])

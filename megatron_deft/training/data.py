@@ -1,0 +1,83 @@
+"""The trainer's one data seam: config -> (train loader, valid loader, vocab size).
+
+Loaders are :class:`megatron_deft.data.SFTDataLoader`: ``next_global_batch()`` gives this DP
+rank's micro-batches of the next global batch (order independent of the layout),
+``eval_batches()`` one pass over the validation rows, ``state_dict()`` the position saved in
+checkpoints. ``--mock-data`` feeds the same loader from :func:`synthetic_samples`, a
+deterministic in-code source, so tests and smoke runs exercise the real batch path.
+"""
+
+import numpy as np
+
+from megatron_deft.config import Config
+from megatron_deft.data.loader import SFTDataLoader
+from megatron_deft.data.packing import plan_rows
+from megatron_deft.data.sft_dataset import TokenizedSamples
+
+SYNTHETIC_TRAIN_SAMPLES = 512
+SYNTHETIC_VALID_SAMPLES = 32
+
+
+def synthetic_samples(vocab_size: int, seq_length: int, num_samples: int, seed: int):
+    """Deterministic SFT-like samples: random ids, a prompt without loss, then a response.
+
+    Lengths vary in [2, seq_length] and one sample in eight is prompt-only (no loss tokens), so
+    micro-batches carry very different loss-token counts (exercises the global per-token mean).
+    Sample k depends only on (seed, k).
+    """
+    ids, flags, offsets = [], [], [0]
+    for k in range(num_samples):
+        rng = np.random.default_rng([seed, k])
+        length = int(rng.integers(2, seq_length + 1))
+        prompt = length if k % 8 == 7 else int(rng.integers(1, length))
+        ids.append(rng.integers(0, vocab_size, size=length, dtype=np.int64))
+        flags.append(np.arange(length) >= prompt)
+        offsets.append(offsets[-1] + length)
+    return TokenizedSamples(np.concatenate(ids), np.concatenate(flags), np.array(offsets))
+
+
+def _synthetic_loader(config: Config, num_samples: int, seed: int, dp_rank: int, dp_size: int):
+    seq_length = config.model.seq_length
+    samples = synthetic_samples(config.model.vocab_size, seq_length, num_samples, seed)
+    rows = plan_rows(samples.lengths, seq_length, config.data.pack_sequences)
+    return SFTDataLoader(
+        samples, rows, seq_length=seq_length, pad_id=0,
+        global_batch_size=config.training.global_batch_size,
+        micro_batch_size=config.training.micro_batch_size,
+        dp_rank=dp_rank, dp_size=dp_size, seed=seed, packed=config.data.pack_sequences,
+    )
+
+
+def _file_loaders(config: Config, dp_rank: int, dp_size: int):
+    from megatron_deft.data import DataConfig, build_sft_data
+
+    data = config.data
+    split = lambda paths: [p for p in (paths or "").split(",") if p]  # noqa: E731
+    data_config = DataConfig(
+        train_data_path=split(data.train_data),
+        valid_data_path=split(data.valid_data),
+        data_format=data.data_format,
+        prompt_key=data.prompt_key,
+        response_key=data.response_key,
+        seq_length=config.model.seq_length,
+        pack_sequences=data.pack_sequences,
+        seed=config.training.seed,
+        tokenizer_type=data.tokenizer_type or "SentencePieceTokenizer",
+        tokenizer_model=data.tokenizer_model,
+    )
+    built = build_sft_data(
+        data_config, config.training.global_batch_size, config.training.micro_batch_size,
+        dp_rank=dp_rank, dp_size=dp_size,
+    )
+    return built.train, built.valid, built.tokenizer.vocab_size
+
+
+def build_train_valid_loaders(config: Config, dp_rank: int, dp_size: int):
+    """(train loader, valid loader or None, unpadded vocab size) for this data-parallel rank."""
+    if config.data.mock_data:
+        seed = config.training.seed
+        train = _synthetic_loader(config, SYNTHETIC_TRAIN_SAMPLES, seed, dp_rank, dp_size)
+        valid = _synthetic_loader(config, SYNTHETIC_VALID_SAMPLES, seed + 1, dp_rank, dp_size)
+        return train, valid, config.model.vocab_size
+    train, valid, vocab_size = _file_loaders(config, dp_rank, dp_size)
+    return train, valid, config.model.vocab_size or vocab_size

@@ -1,0 +1,161 @@
+"""One training / evaluation step through megatron-core's pipeline schedule.
+
+Loss normalisation (Megatron's ``calculate_per_token_loss`` semantics): for every micro-batch the
+last pipeline stage returns ``(sum of per-token losses, number of loss tokens, report)``. The
+schedule backpropagates the *sum*, adds up the token counts, and ``finalize_model_grads`` sums the
+gradients over data-parallel ranks and scales them by 1 / (global token count). The optimizer thus
+sees the gradient of
+
+    L = sum_{tokens t in the global batch} loss_t / #loss tokens in the global batch,
+
+independent of how the global batch is split into micro-batches and DP ranks.
+
+The logged statistics are sums over valid tokens of the objective's per-token stats, reduced the
+same way and divided by the same count.
+"""
+
+import math
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer import clip_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_deft.objectives import vocab_parallel_loss
+
+# Order of the per-micro-batch report vector (sums over valid tokens, except "tokens").
+REPORT_KEYS = ("loss", "tokens", "nll", "gate", "alpha", "p_target", "renyi2_entropy",
+               "confident_conflict")
+_LN2 = math.log(2.0)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+def loss_func(labels, loss_mask, objective, logits):
+    """Per-micro-batch loss on the last stage: (sum loss, #tokens, {"report": sums}).
+
+    Args:
+        labels: [b, s] global token ids, -100 where no loss.
+        loss_mask: [b, s] 1.0 where the token carries loss.
+        logits: [b, s, V/tp] this rank's vocab shard (never gathered).
+    """
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    loss, stats = vocab_parallel_loss(
+        logits, labels, objective=objective, loss_mask=loss_mask, group=tp_group
+    )
+    valid = stats["valid"]
+    # Confident conflict: the model puts < 10% on the target while being peaked (sum p^2 > 0.5,
+    # i.e. Renyi-2 entropy < ln 2).
+    conflict = valid & (stats["p_target"] < 0.1) & (stats["renyi2_entropy"] < _LN2)
+    # NLL = -log p_target for every objective (comparable across objectives); the clamp only
+    # matters where p underflows fp32 (log p < -87).
+    nll = -torch.log(stats["p_target"].clamp_min(torch.finfo(torch.float32).tiny)) * valid
+    num_tokens = valid.sum().to(torch.int)
+    loss_sum = loss.sum()
+    zeros = torch.zeros_like(loss)
+    report = torch.stack([
+        loss_sum.detach(),
+        num_tokens.to(loss_sum.dtype),
+        nll.sum(),
+        stats["gate"].sum(),
+        stats.get("alpha", zeros).sum(),
+        stats["p_target"].sum(),
+        stats["renyi2_entropy"].sum(),
+        conflict.sum().to(loss_sum.dtype),
+    ]).double()
+    return loss_sum, num_tokens, {"report": report}
+
+
+def forward_step(objective, data_iterator, model):
+    """megatron-core forward_step_func: run one micro-batch through this model chunk."""
+    device = next(model.parameters()).device
+    batch = _to_device(next(data_iterator), device)
+    output = model(
+        input_ids=batch["tokens"],
+        position_ids=batch["position_ids"],
+        attention_mask=batch["attention_mask"],
+    )  # last stage: logits [b, s, V/tp]; other stages: hidden states [s, b, h]
+    return output, partial(loss_func, batch["labels"], batch["loss_mask"], objective)
+
+
+def _reduce_reports(outputs: list, device) -> torch.Tensor:
+    """Sum the micro-batch reports over DP on the last stage and share them with every rank."""
+    sums = torch.zeros(len(REPORT_KEYS), dtype=torch.float64, device=device)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        for output in outputs:
+            sums += output["report"].to(device)
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    # Every rank needs the loss (non-finite -> all skip the update together).
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast(sums, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+    return sums
+
+
+def metrics_from_sums(sums: torch.Tensor) -> dict:
+    """Token means of the reported sums: loss, nll, gate, alpha, p_target, renyi2_entropy and
+    the confident-conflict fraction; ``tokens`` is the global loss-token count."""
+    values = dict(zip(REPORT_KEYS, sums.tolist()))
+    count = max(values["tokens"], 1.0)
+    metrics = {key: value / count for key, value in values.items() if key != "tokens"}
+    metrics["tokens"] = int(values["tokens"])
+    return metrics
+
+
+def run_microbatches(model, microbatches: list, config, objective, forward_only: bool) -> dict:
+    """Forward (and backward) every micro-batch of this rank's share of one global batch."""
+    forward_backward = get_forward_backward_func()
+    # Each model chunk (virtual stage) walks the same micro-batches.
+    iterators = [iter(microbatches) for _ in model]
+    outputs = forward_backward(
+        forward_step_func=partial(forward_step, objective),
+        data_iterator=iterators if len(model) > 1 else iterators[0],
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=len(microbatches),
+        seq_length=config.model.seq_length,
+        micro_batch_size=config.training.micro_batch_size,
+        forward_only=forward_only,
+    )
+    device = next(model[0].parameters()).device
+    return metrics_from_sums(_reduce_reports(outputs, device))
+
+
+def _guarded_update(optimizer, loss_is_finite: bool):
+    """megatron optimizer step split open so a non-finite loss or grad norm skips the update.
+
+    Returns (updated, grad_norm). The grad norm is all-reduced over model/DP ranks inside
+    megatron, so every rank takes the same decision.
+    """
+    optimizer.prepare_grads()
+    grad_norm = optimizer.get_grad_norm()
+    if not (loss_is_finite and math.isfinite(grad_norm)):
+        return False, grad_norm
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = inner.get_parameters()
+        if inner.config.clip_grad > 0.0 and params:
+            # Looked up at call time: the CPU compat layer may have wrapped it.
+            clip_grads.clip_grad_by_total_norm_fp32(params, inner.config.clip_grad, grad_norm)
+    return optimizer.step_with_ready_grads(), grad_norm
+
+
+def train_step(model, optimizer, scheduler, microbatches, config, objective) -> dict:
+    """Zero grads, forward+backward all micro-batches, then a guarded optimizer step."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    metrics = run_microbatches(model, microbatches, config, objective, forward_only=False)
+    updated, grad_norm = _guarded_update(optimizer, math.isfinite(metrics["loss"]))
+    if updated:
+        scheduler.step(increment=1)
+    metrics.update(grad_norm=grad_norm, updated=updated)
+    return metrics
+
+
+@torch.no_grad()
+def eval_step(model, microbatches, config, objective) -> dict:
+    """Forward-only pass over one global batch; returns the token-mean metrics."""
+    return run_microbatches(model, microbatches, config, objective, forward_only=True)

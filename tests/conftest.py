@@ -1,0 +1,43 @@
+"""Shared fixture: launch a multi-process test worker under torchrun (gloo, CPU)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+# Worker scripts import their helpers (common.py) from here.
+WORKER_HELPERS = os.path.join(os.path.dirname(__file__), "unit", "training", "workers")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_torchrun(script: str, nproc: int, out_dir, *args, timeout: int = 300) -> dict:
+    """Run the worker `script` (a path) on `nproc` ranks; returns the results.json it wrote to
+    out_dir. A failing rank fails the calling test with the workers' output."""
+    path = os.pathsep.join([REPO_ROOT, WORKER_HELPERS, os.path.dirname(os.path.abspath(script))])
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_port", str(_free_port()), script, str(out_dir),
+        *map(str, args),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        name = os.path.basename(script)
+        raise AssertionError(f"{name} on {nproc} ranks failed:\n{done.stdout[-4000:]}\n"
+                             f"{done.stderr[-8000:]}")
+    with open(os.path.join(out_dir, "results.json")) as handle:
+        return json.load(handle)
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    return run_torchrun

@@ -1,0 +1,116 @@
+"""Command line / YAML parsing and validation: every bad setting stops with one clear line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_deft.training.arguments import accepted_flags, parse_config
+
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+BASE = ["--mock-data", "--vocab-size", "500", "--device", "cpu"]
+
+# Adding or renaming a flag is a user-visible change: update this list deliberately.
+EXPECTED_FLAGS = [
+    "--adam-beta1", "--adam-beta2", "--adam-eps", "--add-qkv-bias", "--attention-dropout",
+    "--bf16", "--clip-grad", "--config", "--data-format", "--device",
+    "--distributed-timeout-minutes", "--eaft-alpha", "--eaft-k", "--eval-interval",
+    "--eval-iters", "--ffn-hidden-size", "--finetune", "--global-batch-size",
+    "--hidden-dropout", "--hidden-size", "--init-method-std", "--load", "--log-interval",
+    "--lr", "--lr-decay-iters", "--lr-decay-style", "--lr-warmup-iters",
+    "--make-vocab-size-divisible-by", "--max-position-embeddings", "--max-skipped-iters",
+    "--micro-batch-size", "--min-lr", "--mock-data", "--norm-epsilon", "--num-attention-heads",
+    "--num-layers", "--num-layers-per-virtual-pipeline-stage", "--num-query-groups",
+    "--overlap-grad-reduce", "--overlap-param-gather", "--pack-sequences",
+    "--pipeline-model-parallel-size", "--prompt-key", "--response-key", "--rotary-base",
+    "--save", "--save-interval", "--seed", "--seq-length", "--sft-objective",
+    "--tensor-model-parallel-size", "--tensorboard-dir", "--tokenizer-model",
+    "--tokenizer-type", "--train-data", "--train-iters", "--tsallis-q",
+    "--untie-embeddings-and-output-weights", "--use-distributed-optimizer", "--valid-data",
+    "--vocab-size", "--weight-decay",
+]
+
+
+def test_accepted_flags_are_pinned():
+    assert accepted_flags() == EXPECTED_FLAGS
+
+
+def test_flags_map_onto_config_fields():
+    config = parse_config(BASE + [
+        "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+        "--num-layers", "4", "--micro-batch-size", "2", "--global-batch-size", "8",
+        "--lr", "2e-5", "--use-distributed-optimizer", "--sft-objective", "tsallis",
+        "--tsallis-q", "0.5", "--lr-decay-style", "linear"], world_size=8)
+    assert config.parallel.tensor_model_parallel_size == 2
+    assert config.parallel.pipeline_model_parallel_size == 2
+    assert config.parallel.use_distributed_optimizer is True
+    assert config.optimizer.lr == 2e-5 and config.optimizer.lr_decay_style == "linear"
+    assert config.training.global_batch_size == 8 and config.training.tsallis_q == 0.5
+    assert config.data.mock_data is True and config.model.vocab_size == 500
+
+
+@pytest.mark.parametrize("argv, world, message", [
+    (["--global-batch-size", "6", "--micro-batch-size", "2"], 2,
+     "--global-batch-size 6 is not divisible by --micro-batch-size x DP = 2 x 2"),
+    (["--num-attention-heads", "3", "--tensor-model-parallel-size", "2"], 2,
+     "--num-attention-heads 3 is not divisible by TP 2"),
+    (["--num-query-groups", "1", "--tensor-model-parallel-size", "2"], 2,
+     "--num-query-groups 1 is not divisible by TP 2"),
+    (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], 2,
+     "--num-layers 3 is not divisible by PP 2"),
+    (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not divisible by TP x PP = 2 x 1"),
+    (["--num-layers-per-virtual-pipeline-stage", "1"], 1,
+     "--num-layers-per-virtual-pipeline-stage needs PP > 1"),
+    (["--sft-objective", "tsallis"], 1, "tsallis needs parameter q"),
+    (["--sft-objective", "bogus"], 1, "unknown name 'bogus'"),
+    (["--bf16"], 1, "--bf16 needs --device cuda"),
+    (["--save-interval", "5"], 1, "--save-interval needs --save"),
+    (["--overlap-param-gather"], 1, "--overlap-param-gather needs --use-distributed-optimizer"),
+    (["--lr-decay-style", "step"], 1, "argument --lr-decay-style: invalid choice: 'step'"),
+    (["--lr", "fast"], 1, "argument --lr: invalid float value: 'fast'"),
+    (["--no-such-flag"], 1, "unrecognized arguments: --no-such-flag"),
+])
+def test_inconsistent_settings_stop_with_one_line(capsys, argv, world, message):
+    with pytest.raises(SystemExit) as stop:
+        parse_config(BASE + argv, world_size=world)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("megatron-deft-train: error: ")
+    assert message in err
+
+
+def test_training_data_is_required(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--device", "cpu"], world_size=1)
+    assert "give --train-data or --mock-data" in capsys.readouterr().err
+
+
+def test_yaml_config_with_dashes_or_underscores_and_flag_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("mock-data: true\nvocab_size: 500\ndevice: cpu\nlr: 3.0e-4\n"
+                    "global-batch-size: 16\nsft_objective: deft\n")
+    config = parse_config(["--config", str(path), "--lr", "1e-3"], world_size=1)
+    assert config.optimizer.lr == 1e-3  # the flag wins
+    assert config.training.global_batch_size == 16 and config.training.sft_objective == "deft"
+    assert config.data.mock_data is True and config.model.vocab_size == 500
+
+
+def test_yaml_unknown_key_names_file_and_key(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("mock-data: true\nlearning-rate: 0.1\n")
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(path)], world_size=1)
+    assert f"--config {path}: unknown key 'learning-rate'" in capsys.readouterr().err
+
+
+def test_entry_point_rejects_bad_flags_before_any_work():
+    done = subprocess.run(
+        [sys.executable, "-m", "megatron_deft.train", "--mock-data", "--vocab-size", "500",
+         "--device", "cpu", "--num-layers", "3", "--pipeline-model-parallel-size", "2"],
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT, WORLD_SIZE="2"), capture_output=True,
+        text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "megatron-deft-train: error: --num-layers 3 is not divisible by PP 2")

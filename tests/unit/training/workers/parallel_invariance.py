@@ -1,0 +1,57 @@
+"""torchrun worker: train the same global batches under every layout this world size allows.
+
+Usage: torchrun --nproc_per_node N parallel_invariance.py OUT_DIR
+Writes OUT_DIR/results.json ({case: per-iteration metrics}) and OUT_DIR/<case>.stage<k>.pt
+(full weights after training; `<case>-init` before). The pytest side compares layouts.
+"""
+
+import os
+import sys
+
+from common import config_for, history_summary, save_weights, write_results
+
+from megatron_deft.training.setup import finish_param_sync
+from megatron_deft.training.trainer import Trainer
+
+ITERATIONS = 3
+LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2), (1, 1)], 4: [(2, 2)]}
+
+
+def run_case(out_dir, results, name, tp, pp, extra, save_init=False):
+    trainer = Trainer(config_for(tp, pp, extra))
+    if save_init:
+        save_weights(trainer.model, out_dir, f"{name}-init")
+    trainer.train()
+    finish_param_sync(trainer.model, trainer.config)  # overlap-param-gather defers the last one
+    save_weights(trainer.model, out_dir, name)
+    results[name] = history_summary(trainer.history)
+    trainer.close(keep_process_group=True)
+
+
+def main(out_dir):
+    world = int(os.environ["WORLD_SIZE"])
+    results = {}
+    for tp, pp in LAYOUTS[world]:
+        dp = world // (tp * pp)
+        for objective in ("deft", "nll"):
+            for distributed in (False, True):
+                name = f"tp{tp}pp{pp}dp{dp}-{objective}-{'distopt' if distributed else 'plain'}"
+                extra = ["--sft-objective", objective, "--train-iters", ITERATIONS]
+                extra += ["--use-distributed-optimizer"] if distributed else []
+                run_case(out_dir, results, name, tp, pp, extra,
+                         save_init=objective == "deft" and not distributed)
+    if world == 2:
+        interleaved = ["--sft-objective", "deft", "--train-iters", ITERATIONS,
+                       "--num-layers-per-virtual-pipeline-stage", 1]
+        run_case(out_dir, results, "tp1pp2dp1-deft-plain-interleaved", 1, 2, interleaved)
+        overlap = ["--sft-objective", "deft", "--train-iters", ITERATIONS,
+                   "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
+        run_case(out_dir, results, "tp1pp1dp2-deft-distopt-overlap", 1, 1, overlap)
+    write_results(out_dir, results)
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    main(sys.argv[1])
+    dist.destroy_process_group()

@@ -1,0 +1,181 @@
+"""torchrun worker (1 rank): global per-token normalisation, packed rows, non-finite handling,
+logging and TensorBoard.
+
+Writes OUT_DIR/results.json; the pytest side asserts on it.
+"""
+
+import logging
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from common import config_for, full_weights, write_results
+
+from megatron_deft.training import checkpointing, step
+from megatron_deft.training.trainer import Trainer, TrainingStopped
+
+
+def _main_grads(model) -> dict:
+    return {name: p.main_grad.detach().clone() for name, p in model[0].module.named_parameters()}
+
+
+def per_token_normalisation(result: dict) -> None:
+    """Megatron schedule over 4 uneven micro-batches vs one autograd pass over the whole batch
+    with loss = sum(token CE) / global token count (F.cross_entropy on full logits)."""
+    trainer = Trainer(config_for(1, 1, ["--micro-batch-size", 1, "--global-batch-size", 4,
+                                        "--sft-objective", "nll"]))
+    model = trainer.model
+    microbatches = trainer.train_loader.next_global_batch().microbatches
+    counts = [int(mb["loss_mask"].sum()) for mb in microbatches]
+
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    metrics = step.run_microbatches(model, microbatches, trainer.config, trainer.objective,
+                                    forward_only=False)
+    schedule_grads = _main_grads(model)
+
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    whole = {key: torch.cat([mb[key] for mb in microbatches]) for key in
+             ("tokens", "position_ids", "attention_mask", "labels")}
+    logits = model[0].module(whole["tokens"], whole["position_ids"], whole["attention_mask"])
+    token_losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(),
+                                   whole["labels"].reshape(-1), ignore_index=-100,
+                                   reduction="none")
+    loss = token_losses.sum() / sum(counts)
+    loss.backward()
+    reference_grads = _main_grads(model)
+
+    per_micro = token_losses.reshape(len(counts), -1).sum(-1)
+    result.update(
+        counts=counts,
+        schedule_loss=metrics["loss"],
+        schedule_nll=metrics["nll"],
+        schedule_tokens=metrics["tokens"],
+        reference_loss=loss.item(),
+        mean_of_microbatch_means=sum(
+            (s / c).item() for s, c in zip(per_micro, counts) if c) / sum(1 for c in counts if c),
+        max_grad_relative_error=max(
+            ((schedule_grads[k] - reference_grads[k]).abs().max()
+             / reference_grads[k].abs().max().clamp_min(1e-30)).item()
+            for k in reference_grads),
+        grad_norm=sum(g.double().pow(2).sum() for g in reference_grads.values()).sqrt().item(),
+    )
+    trainer.close(keep_process_group=True)
+
+
+class _NaNInjector:
+    """Forward hook on the final norm: makes the loss NaN while `active`."""
+
+    def __init__(self):
+        self.active = False
+
+    def __call__(self, module, inputs, output):
+        return output * float("nan") if self.active else output
+
+
+def non_finite_handling(result: dict, out_dir: str) -> None:
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("megatron_deft").addHandler(handler)
+    logging.getLogger("megatron_deft").setLevel(logging.INFO)
+    tensorboard = os.path.join(out_dir, "tensorboard")
+    ckpt = os.path.join(out_dir, "nan-ckpt")
+    trainer = Trainer(config_for(1, 1, [
+        "--train-iters", 10, "--max-skipped-iters", 2, "--log-interval", 1,
+        "--tensorboard-dir", tensorboard, "--sft-objective", "deft", "--save", ckpt,
+        "--eval-interval", 3, "--eval-iters", 1]))
+    injector = _NaNInjector()
+    trainer.model[0].module.decoder.final_layernorm.register_forward_hook(injector)
+
+    trainer.train(stop_after=1)
+    before = full_weights(trainer.model)
+    lr_steps_before = trainer.scheduler.num_steps
+    injector.active = True
+    trainer.train(stop_after=2)
+    after_skip = full_weights(trainer.model)
+    result["skipped_updated_flag"] = trainer.history[-1]["updated"]
+    result["weights_changed_by_skipped_iteration"] = any(
+        not torch.equal(before[k], after_skip[k]) for k in before)
+    result["scheduler_advanced_on_skip"] = trainer.scheduler.num_steps != lr_steps_before
+    injector.active = False
+    trainer.train(stop_after=3)
+    result["recovered_updated_flag"] = trainer.history[-1]["updated"]
+    result["recovered_loss"] = trainer.history[-1]["loss"]
+
+    injector.active = True
+    try:
+        trainer.train()
+        result["stop_message"] = None
+    except TrainingStopped as error:
+        result["stop_message"] = str(error)
+    result["stopped_at_iteration"] = trainer.iteration
+    injector.active = False
+
+    with torch.no_grad():
+        next(trainer.model[0].module.parameters()).view(-1)[0] = float("nan")
+    try:
+        trainer.save()
+        result["nan_save"] = "saved"
+    except checkpointing.CheckpointError as error:
+        result["nan_save"] = str(error)
+    result["nan_save_left_tracker"] = checkpointing.read_tracker(ckpt)
+    trainer.close(keep_process_group=True)
+    logging.getLogger("megatron_deft").removeHandler(handler)
+    result["log_lines"] = records
+    result["tensorboard_dir"] = tensorboard
+
+
+def _token_losses(model, tokens, position_ids, attention_mask, labels) -> torch.Tensor:
+    logits = model(tokens, position_ids, attention_mask)  # [b, s, V]
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                             ignore_index=-100, reduction="none")
+    return losses[labels.reshape(-1) != -100]
+
+
+def packing_matches_separate_samples(result: dict) -> None:
+    """A packed row (block-diagonal mask, restarting positions) gives every token the loss the
+    model gives it when its sample runs alone; the plain causal mask would not."""
+    from megatron_deft.data import unpack_batch
+
+    trainer = Trainer(config_for(1, 1, ["--pack-sequences", "--micro-batch-size", 1,
+                                        "--global-batch-size", 4, "--seq-length", 64]))
+    model = trainer.model[0].module
+    batch = next(mb for mb in trainer.train_loader.next_global_batch().microbatches
+                 if mb["segment_ids"].max() >= 2)
+    with torch.no_grad():
+        packed = _token_losses(model, batch["tokens"], batch["position_ids"],
+                               batch["attention_mask"], batch["labels"])
+        causal_only = torch.ones(64, 64, dtype=torch.bool).triu(1)[None, None]
+        leaky = _token_losses(model, batch["tokens"], batch["position_ids"], causal_only,
+                              batch["labels"])
+        alone = []
+        for sample in unpack_batch(batch)[0]:
+            n = len(sample["tokens"])
+            alone.append(_token_losses(
+                model, sample["tokens"][None], torch.arange(n)[None],
+                torch.ones(n, n, dtype=torch.bool).triu(1)[None, None], sample["labels"][None]))
+        alone = torch.cat(alone)
+    result.update(
+        segments=int(batch["segment_ids"].max()) + 1,
+        loss_tokens=int(packed.numel()),
+        max_abs_difference=(packed - alone).abs().max().item(),
+        causal_only_difference=(leaky - alone).abs().max().item(),
+    )
+    trainer.close(keep_process_group=True)
+
+
+def main(out_dir):
+    results = {"normalisation": {}, "non_finite": {}, "packing": {}}
+    per_token_normalisation(results["normalisation"])
+    packing_matches_separate_samples(results["packing"])
+    non_finite_handling(results["non_finite"], out_dir)
+    write_results(out_dir, results)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
+    dist.destroy_process_group()
