@@ -7,7 +7,7 @@ and tensor-parallel size, printed as ratios against megatron's cross entropy mea
     python benchmarks/loss_bench.py --device cuda --tokens 16384 --vocab 128256 --tp 1 2 4 8
 
 Every call gets a fresh copy of the same logits (megatron's CE and `inplace=True` overwrite their
-input); the copy is outside the timed region. Peak memory is the high-water mark above what was
+input); the copy is outside the timed region. Candidates are timed round-robin within each repeat. Peak memory is the high-water mark above what was
 allocated before the call (CUDA allocator stats on GPU; the profiler's allocation events on CPU).
 """
 
@@ -79,24 +79,31 @@ def _worker(rank, world, args, init_file, out_file):
     master = (torch.randn(args.tokens, args.vocab // world, generator=g) * 4).to(device=device, dtype=dtype)
     target = torch.randint(0, args.vocab, (args.tokens,), generator=torch.Generator().manual_seed(7)).to(device)
 
+    candidates = _candidates(args.objectives, group)
+
+    def timed_call(fn):
+        x = master.clone().requires_grad_(True)  # fresh input: some candidates overwrite it
+        _sync(device)
+        start = time.perf_counter()
+        fn(x, target).sum().backward()
+        _sync(device)
+        return time.perf_counter() - start
+
+    # Round-robin over the candidates within each repeat, so a change in machine load during
+    # the run affects every candidate alike instead of whichever happened to be running.
+    times = {name: [] for name in candidates}
+    for repeat in range(args.warmup + args.repeats):
+        for name, fn in candidates.items():
+            seconds = timed_call(fn)
+            if repeat >= args.warmup:
+                times[name].append(seconds)
+
     rows = []
-    for name, fn in _candidates(args.objectives, group).items():
-        def step():
-            x = master.clone().requires_grad_(True)
-            _sync(device)
-            start = time.perf_counter()
-            fn(x, target).sum().backward()
-            _sync(device)
-            return time.perf_counter() - start
-
-        for _ in range(args.warmup):
-            step()
-        times = [step() for _ in range(args.repeats)]
-
+    for name, fn in candidates.items():
         x = master.clone().requires_grad_(True)  # allocated before the measured region
         peak = peak_extra_bytes(lambda: fn(x, target).sum().backward(), device)
         del x
-        rows.append((name, statistics.median(times), peak))
+        rows.append((name, statistics.median(times[name]), peak))
     if rank == 0:
         torch.save(rows, out_file)
     parallel_state.destroy_model_parallel()

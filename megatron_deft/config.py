@@ -162,6 +162,17 @@ class DataConfig:
     """Tokenizer model file or directory."""
     mock_data: bool = False
     """Train on the built-in deterministic synthetic rows (needs --vocab-size)."""
+    data_path: Optional[list] = None
+    """Preprocessed training data (tools/preprocess_sft_data.py --output-prefix), instead of
+    --train-data: one prefix, several prefixes, or weight/prefix pairs (--data-path 0.7 a 0.3 b)."""
+    valid_data_prefix: Optional[list] = None
+    """Preprocessed validation data in the --data-path syntax, instead of --valid-data."""
+    overlong: str = "truncate"
+    """Samples longer than --seq-length: truncate (keep the first seq_length tokens) or drop."""
+    skip_bad_samples: bool = False
+    """Skip (count and report) malformed or invalid JSONL lines instead of stopping at the first."""
+    data_cache_dir: Optional[str] = None
+    """Cache tokenized JSONL here so restarts skip tokenization."""
 
 
 @dataclass

@@ -37,6 +37,9 @@ def _configure_logging() -> None:
     # megatron-core logs its full configs and bucket layouts at INFO; keep our lines readable.
     for name in ("megatron", "megatron_fsdp"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Every rank reads the data and reports the same counts; rank 0 says it once.
+    if rank != "0":
+        logging.getLogger("megatron_deft.data").setLevel(logging.WARNING)
 
 
 def main(argv=None) -> int:
@@ -47,6 +50,7 @@ def main(argv=None) -> int:
     config = parse_config(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     _configure_logging()
 
+    from megatron_deft.data import DataError
     from megatron_deft.training.checkpointing import CheckpointError
     from megatron_deft.training.trainer import Trainer, TrainingStopped
 
@@ -54,7 +58,7 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(config)
         trainer.train()
-    except (TrainingStopped, CheckpointError) as error:
+    except (TrainingStopped, CheckpointError, DataError) as error:
         logging.getLogger("megatron_deft").error(str(error))
         return 1
     finally:

@@ -20,6 +20,7 @@ from megatron_deft.models.layout import padded_vocab_size
 CHOICES = {
     "device": ("cpu", "cuda"),
     "lr_decay_style": ("cosine", "linear", "constant"),
+    "overlong": ("truncate", "drop"),
 }
 
 
@@ -49,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
             kind = _flag_type(item.type)
             if kind is bool:
                 group.add_argument(flag, dest=dest, action="store_true", help=docs[item.name])
+            elif kind is list:  # Megatron-style multi-value flags, e.g. --data-path 0.7 a 0.3 b
+                group.add_argument(
+                    flag, dest=dest, nargs="+", help=docs[item.name], default=argparse.SUPPRESS,
+                    metavar=item.name.upper(),
+                )
             else:
                 group.add_argument(
                     flag, dest=dest, type=kind, choices=CHOICES.get(item.name),
@@ -80,7 +86,9 @@ def _yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
         action = by_flag.get("--" + str(key).replace("_", "-"))
         if action is None or action.dest == "config":
             raise ConfigError(f"--config {path}: unknown key {key!r}")
-        if value is not None and action.type is not None:
+        if value is not None and action.nargs == "+":
+            value = [str(v) for v in value] if isinstance(value, list) else str(value).split()
+        elif value is not None and action.type is not None:
             try:
                 value = action.type(value)
             except (TypeError, ValueError):
@@ -174,16 +182,41 @@ def _validate_run(config: Config) -> None:
     max_pos = model.max_position_embeddings or model.seq_length
     _require(model.seq_length <= max_pos,
              f"--seq-length {model.seq_length} exceeds --max-position-embeddings {max_pos}")
-    _require(data.mock_data or data.train_data is not None, "give --train-data or --mock-data")
+    sources = [name for name, given in [("--train-data", data.train_data is not None),
+                                        ("--data-path", bool(data.data_path)),
+                                        ("--mock-data", data.mock_data)] if given]
+    _require(len(sources) == 1, "give exactly one of --train-data, --data-path, --mock-data"
+             + (f" (got {' and '.join(sources)})" if sources else ""))
+    _require(not (data.valid_data and data.valid_data_prefix),
+             "give --valid-data or --valid-data-prefix, not both")
     _require(not data.mock_data or model.vocab_size is not None, "--mock-data needs --vocab-size")
-    _require(train.eval_interval == 0 or data.mock_data or data.valid_data is not None,
-             "--eval-interval needs --valid-data (or --mock-data)")
+    has_valid = data.mock_data or data.valid_data is not None or bool(data.valid_data_prefix)
+    _require(train.eval_interval == 0 or has_valid,
+             "--eval-interval needs --valid-data or --valid-data-prefix (or --mock-data)")
+    _validate_data_sources(data)
     _require(ckpt.save_interval == 0 or ckpt.save is not None, "--save-interval needs --save")
     _require(not ckpt.finetune or ckpt.load is not None, "--finetune needs --load")
     try:
         objective_of(config)
     except ValueError as error:
         raise ConfigError(f"--sft-objective: {error}") from None
+
+
+def _validate_data_sources(data) -> None:
+    """--data-path syntax and the tokenizer family, checked before any data is read."""
+    from megatron_deft.data.blend import parse_data_path
+    from megatron_deft.data.config import TOKENIZER_TYPES
+
+    for flag, value in (("--data-path", data.data_path), ("--valid-data-prefix", data.valid_data_prefix)):
+        if value:
+            try:
+                parse_data_path(value)
+            except ValueError as error:
+                raise ConfigError(f"{flag}: {error}") from None
+    _require(data.tokenizer_type is None or data.tokenizer_type in TOKENIZER_TYPES,
+             f"--tokenizer-type {data.tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}")
+    _require(data.mock_data or data.tokenizer_model is not None,
+             "--train-data/--data-path need --tokenizer-model")
 
 
 def objective_of(config: Config):

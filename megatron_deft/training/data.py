@@ -10,6 +10,7 @@ deterministic in-code source, so tests and smoke runs exercise the real batch pa
 import numpy as np
 
 from megatron_deft.config import Config
+from megatron_deft.data import DataError
 from megatron_deft.data.loader import SFTDataLoader
 from megatron_deft.data.packing import plan_rows
 from megatron_deft.data.sft_dataset import TokenizedSamples
@@ -56,14 +57,19 @@ def _file_loaders(config: Config, dp_rank: int, dp_size: int):
     data_config = DataConfig(
         train_data_path=split(data.train_data),
         valid_data_path=split(data.valid_data),
+        data_path=data.data_path or [],
+        valid_data_prefix=data.valid_data_prefix or [],
         data_format=data.data_format,
         prompt_key=data.prompt_key,
         response_key=data.response_key,
         seq_length=config.model.seq_length,
         pack_sequences=data.pack_sequences,
+        overlong=data.overlong,
+        skip_bad_samples=data.skip_bad_samples,
         seed=config.training.seed,
         tokenizer_type=data.tokenizer_type or "SentencePieceTokenizer",
         tokenizer_model=data.tokenizer_model,
+        data_cache_dir=data.data_cache_dir,
     )
     built = build_sft_data(
         data_config, config.training.global_batch_size, config.training.micro_batch_size,
@@ -79,5 +85,11 @@ def build_train_valid_loaders(config: Config, dp_rank: int, dp_size: int):
         train = _synthetic_loader(config, SYNTHETIC_TRAIN_SAMPLES, seed, dp_rank, dp_size)
         valid = _synthetic_loader(config, SYNTHETIC_VALID_SAMPLES, seed + 1, dp_rank, dp_size)
         return train, valid, config.model.vocab_size
-    train, valid, vocab_size = _file_loaders(config, dp_rank, dp_size)
-    return train, valid, config.model.vocab_size or vocab_size
+    train, valid, tokenizer_vocab = _file_loaders(config, dp_rank, dp_size)
+    if config.model.vocab_size is not None and config.model.vocab_size < tokenizer_vocab:
+        raise DataError(
+            config.data.tokenizer_model, None,
+            f"the tokenizer has {tokenizer_vocab} tokens but --vocab-size is "
+            f"{config.model.vocab_size}; drop --vocab-size or raise it", reason="vocab_size",
+        )
+    return train, valid, config.model.vocab_size or tokenizer_vocab

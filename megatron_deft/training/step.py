@@ -45,8 +45,10 @@ def loss_func(labels, loss_mask, objective, logits):
         logits: [b, s, V/tp] this rank's vocab shard (never gathered).
     """
     tp_group = parallel_state.get_tensor_model_parallel_group()
+    # inplace: the logits are not used after the loss, so their buffer holds exp(z - max) and then
+    # the gradient (megatron's own cross entropy does the same); saves one [b, s, V/tp] fp32 buffer.
     loss, stats = vocab_parallel_loss(
-        logits, labels, objective=objective, loss_mask=loss_mask, group=tp_group
+        logits, labels, objective=objective, loss_mask=loss_mask, group=tp_group, inplace=True
     )
     valid = stats["valid"]
     # Confident conflict: the model puts < 10% on the target while being peaked (sum p^2 > 0.5,

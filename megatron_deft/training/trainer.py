@@ -44,6 +44,8 @@ class Trainer:
                 config.checkpoint.load, self.model, self.optimizer, self.scheduler,
                 self.train_loader, config,
             )
+            logger.info(f"loaded {config.checkpoint.load} at iteration {self.iteration}"
+                        + (" (weights only: --finetune)" if config.checkpoint.finetune else ""))
         train = config.training
         self.metrics = MetricsLogger(
             is_writer=dist.get_rank() == dist.get_world_size() - 1,

@@ -14,7 +14,8 @@ BASE = ["--mock-data", "--vocab-size", "500", "--device", "cpu"]
 # Adding or renaming a flag is a user-visible change: update this list deliberately.
 EXPECTED_FLAGS = [
     "--adam-beta1", "--adam-beta2", "--adam-eps", "--add-qkv-bias", "--attention-dropout",
-    "--bf16", "--clip-grad", "--config", "--data-format", "--device",
+    "--bf16", "--clip-grad", "--config", "--data-cache-dir", "--data-format", "--data-path",
+    "--device",
     "--distributed-timeout-minutes", "--eaft-alpha", "--eaft-k", "--eval-interval",
     "--eval-iters", "--ffn-hidden-size", "--finetune", "--global-batch-size",
     "--hidden-dropout", "--hidden-size", "--init-method-std", "--load", "--log-interval",
@@ -22,13 +23,13 @@ EXPECTED_FLAGS = [
     "--make-vocab-size-divisible-by", "--max-position-embeddings", "--max-skipped-iters",
     "--micro-batch-size", "--min-lr", "--mock-data", "--norm-epsilon", "--num-attention-heads",
     "--num-layers", "--num-layers-per-virtual-pipeline-stage", "--num-query-groups",
-    "--overlap-grad-reduce", "--overlap-param-gather", "--pack-sequences",
+    "--overlap-grad-reduce", "--overlap-param-gather", "--overlong", "--pack-sequences",
     "--pipeline-model-parallel-size", "--prompt-key", "--response-key", "--rotary-base",
-    "--save", "--save-interval", "--seed", "--seq-length", "--sft-objective",
+    "--save", "--save-interval", "--seed", "--seq-length", "--sft-objective", "--skip-bad-samples",
     "--tensor-model-parallel-size", "--tensorboard-dir", "--tokenizer-model",
     "--tokenizer-type", "--train-data", "--train-iters", "--tsallis-q",
     "--untie-embeddings-and-output-weights", "--use-distributed-optimizer", "--valid-data",
-    "--vocab-size", "--weight-decay",
+    "--valid-data-prefix", "--vocab-size", "--weight-decay",
 ]
 
 
@@ -70,6 +71,12 @@ def test_flags_map_onto_config_fields():
     (["--lr-decay-style", "step"], 1, "argument --lr-decay-style: invalid choice: 'step'"),
     (["--lr", "fast"], 1, "argument --lr: invalid float value: 'fast'"),
     (["--no-such-flag"], 1, "unrecognized arguments: --no-such-flag"),
+    (["--data-path", "p"], 1, "give exactly one of --train-data, --data-path, --mock-data "
+                              "(got --data-path and --mock-data)"),
+    (["--overlong", "wrap"], 1, "argument --overlong: invalid choice: 'wrap'"),
+    (["--tokenizer-type", "GPT2BPETokenizer"], 1, "--tokenizer-type 'GPT2BPETokenizer' is not one of"),
+    (["--valid-data", "v.jsonl", "--valid-data-prefix", "v"], 1,
+     "give --valid-data or --valid-data-prefix, not both"),
 ])
 def test_inconsistent_settings_stop_with_one_line(capsys, argv, world, message):
     with pytest.raises(SystemExit) as stop:
@@ -83,7 +90,30 @@ def test_inconsistent_settings_stop_with_one_line(capsys, argv, world, message):
 def test_training_data_is_required(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--device", "cpu"], world_size=1)
-    assert "give --train-data or --mock-data" in capsys.readouterr().err
+    assert "give exactly one of --train-data, --data-path, --mock-data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data-path", "0.7", "a", "0.3"], "--data-path: "),
+    (["--data-path", "-1", "a"], "--data-path: "),
+    (["--data-path", "a"], "--train-data/--data-path need --tokenizer-model"),
+])
+def test_preprocessed_data_flags_are_checked_at_startup(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        parse_config(["--device", "cpu"] + argv, world_size=1)
+    assert message in capsys.readouterr().err
+
+
+def test_data_path_takes_megatron_weight_prefix_pairs_from_flags_and_yaml(tmp_path):
+    base = ["--device", "cpu", "--tokenizer-model", "tok.model"]
+    config = parse_config(base + ["--data-path", "0.7", "a", "0.3", "b", "--skip-bad-samples",
+                                  "--overlong", "drop"], world_size=1)
+    assert config.data.data_path == ["0.7", "a", "0.3", "b"]
+    assert config.data.skip_bad_samples is True and config.data.overlong == "drop"
+    path = tmp_path / "run.yaml"
+    path.write_text("data-path: [0.5, x, 0.5, y]\nvalid_data_prefix: v\n")
+    config = parse_config(base + ["--config", str(path)], world_size=1)
+    assert config.data.data_path == ["0.5", "x", "0.5", "y"] and config.data.valid_data_prefix == ["v"]
 
 
 def test_yaml_config_with_dashes_or_underscores_and_flag_override(tmp_path):
