@@ -26,7 +26,7 @@ from typing import List, Optional
 # Runnable from a checkout without `pip install -e .`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_deft.data.config import DATA_FORMATS, TOKENIZER_TYPES  # noqa: E402
+from megatron_deft.data.config import TOKENIZER_TYPES, add_jsonl_input_arguments  # noqa: E402
 from megatron_deft.data.jsonl import DataError  # noqa: E402
 from megatron_deft.data.preprocess import (  # noqa: E402
     CHUNK_LINES,
@@ -39,14 +39,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--input", nargs="+", required=True, help="JSONL files, read in order")
+    add_jsonl_input_arguments(parser, "JSONL files, read in order")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX_* and PREFIX.json")
-    parser.add_argument("--data-format", default="auto", choices=DATA_FORMATS)
-    parser.add_argument("--prompt-key", default="prompt")
-    parser.add_argument("--response-key", default="response")
-    parser.add_argument(
-        "--skip-bad-samples", action="store_true", help="count bad lines instead of failing"
-    )
     parser.add_argument(
         "--tokenizer-type", default="SentencePieceTokenizer", choices=TOKENIZER_TYPES
     )

@@ -22,7 +22,7 @@ from typing import Iterator, List, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_deft.data.chat_format import ROLE_MARKERS  # noqa: E402
-from megatron_deft.data.config import DATA_FORMATS  # noqa: E402
+from megatron_deft.data.config import add_jsonl_input_arguments  # noqa: E402
 from megatron_deft.data.jsonl import DataError, Sample, read_samples  # noqa: E402
 
 
@@ -30,13 +30,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--input", nargs="+", required=True, help="JSONL files to learn from")
-    parser.add_argument("--data-format", default="auto", choices=DATA_FORMATS)
-    parser.add_argument("--prompt-key", default="prompt")
-    parser.add_argument("--response-key", default="response")
-    parser.add_argument(
-        "--skip-bad-samples", action="store_true", help="count bad lines instead of failing"
-    )
+    add_jsonl_input_arguments(parser, "JSONL files to learn from")
     parser.add_argument(
         "--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab"
     )

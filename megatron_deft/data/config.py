@@ -105,3 +105,14 @@ def _path_list(paths) -> List[str]:
 def _check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def add_jsonl_input_arguments(parser, input_help: str) -> None:
+    """The JSONL-reading flags shared by the data tools (same names as the trainer's)."""
+    parser.add_argument("--input", nargs="+", required=True, help=input_help)
+    parser.add_argument("--data-format", default="auto", choices=DATA_FORMATS)
+    parser.add_argument("--prompt-key", default="prompt")
+    parser.add_argument("--response-key", default="response")
+    parser.add_argument(
+        "--skip-bad-samples", action="store_true", help="count bad lines instead of failing"
+    )
