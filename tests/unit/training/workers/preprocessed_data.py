@@ -1,0 +1,40 @@
+"""Worker: the trainer on preprocessed (.bin/.idx) data vs on the JSONL it was made from.
+
+argv: out_dir, jsonl path, preprocessed prefix, tokenizer model. Both runs use the same seed,
+model and layout (DP = world size), with packing; results.json holds both loss histories.
+"""
+
+import os
+import sys
+
+import torch.distributed as dist
+from common import TINY_MODEL, history_summary, write_results
+
+from megatron_deft.training.arguments import parse_config
+from megatron_deft.training.trainer import Trainer
+
+MODEL = [a for a in TINY_MODEL if a not in ("--mock-data", "--vocab-size", "500")]
+
+
+def train(data_args, tokenizer) -> list:
+    argv = MODEL + ["--tokenizer-model", tokenizer, "--pack-sequences", "--train-iters", "4",
+                    "--sft-objective", "deft", *data_args]
+    trainer = Trainer(parse_config(argv, world_size=int(os.environ["WORLD_SIZE"])))
+    trainer.train()
+    history = history_summary(trainer.history)
+    trainer.close(keep_process_group=True)
+    return history
+
+
+def main(out_dir, jsonl, prefix, tokenizer):
+    results = {
+        "jsonl": train(["--train-data", jsonl], tokenizer),
+        "indexed": train(["--data-path", prefix], tokenizer),
+        "blend_of_one": train(["--data-path", "1.0", prefix], tokenizer),
+    }
+    write_results(out_dir, results)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
+    dist.destroy_process_group()
