@@ -187,6 +187,10 @@ class CheckpointConfig:
     """Save every this many iterations (0: only at the end)."""
     finetune: bool = False
     """Load only the model weights from --load (fresh optimizer, iteration 0)."""
+    pretrained_checkpoint: Optional[str] = None
+    """Start from the model weights of this checkpoint (e.g. a Hugging Face model converted by
+    tools/convert_checkpoint.py) with a fresh optimizer at iteration 0, unless --load already
+    holds a checkpoint: then the run resumes from --load (so a restarted job continues)."""
 
 
 @dataclass

@@ -97,14 +97,18 @@ def layer_spec(config: Config):
     return spec
 
 
-def build_gpt_chunks(config: Config, vocab_size: int) -> list:
+def build_gpt_chunks(config: Config, vocab_size: int, initialize: bool = True) -> list:
     """This rank's model chunks (one per virtual stage) on the device, weights initialised
     layout-invariantly unless --load will overwrite them.
 
     Args:
         vocab_size: padded vocabulary size V (divisible by TP).
+        initialize: False leaves the weights uninitialised (``torch.empty``: no pages touched
+            until written), for callers that fill every weight themselves (the converter, at
+            TP=1: megatron-core then also skips setting the tensor-parallel attributes).
     """
     tf_config = transformer_config(config)
+    tf_config.perform_initialization = initialize
     spec = layer_spec(config)
     vp_size = tf_config.virtual_pipeline_model_parallel_size or 1
     untied = config.model.untie_embeddings_and_output_weights
@@ -128,7 +132,7 @@ def build_gpt_chunks(config: Config, vocab_size: int) -> list:
         )
         chunk.to(torch.device(config.training.device))
         chunks.append(chunk)
-    if config.checkpoint.load is None:  # a loaded checkpoint overwrites every weight anyway
+    if initialize and config.checkpoint.load is None:  # a loaded checkpoint overwrites them
         for chunk in chunks:
             init_weights_layout_invariant(chunk, tf_config, seed=config.training.seed)
     return chunks

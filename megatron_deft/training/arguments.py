@@ -8,6 +8,7 @@ keys; explicit flags override it. Any unknown or inconsistent setting raises
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from typing import Optional
@@ -118,6 +119,7 @@ def parse_config(argv: Optional[list] = None, world_size: int = 1) -> Config:
             parser.set_defaults(**_yaml_defaults(known.config, parser))
         config = _to_config(parser.parse_args(argv))
         validate(config, world_size)
+        _resolve_pretrained_checkpoint(config)
     except ConfigError as error:
         print(f"megatron-deft-train: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -195,7 +197,8 @@ def _validate_run(config: Config) -> None:
              "--eval-interval needs --valid-data or --valid-data-prefix (or --mock-data)")
     _validate_data_sources(data)
     _require(ckpt.save_interval == 0 or ckpt.save is not None, "--save-interval needs --save")
-    _require(not ckpt.finetune or ckpt.load is not None, "--finetune needs --load")
+    _require(not ckpt.finetune or ckpt.load is not None or ckpt.pretrained_checkpoint,
+             "--finetune needs --load or --pretrained-checkpoint")
     try:
         objective_of(config)
     except ValueError as error:
@@ -233,3 +236,21 @@ def validate(config: Config, world_size: int) -> None:
     """Raise ConfigError (one line) on the first inconsistent setting."""
     _validate_layout(config, world_size)
     _validate_run(config)
+
+
+# = checkpointing.TRACKER (not imported from there: that module imports megatron-core)
+_TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def _resolve_pretrained_checkpoint(config: Config) -> None:
+    """--pretrained-checkpoint P: load P's weights only (as --load P --finetune) unless --load
+    holds a checkpoint already (a restarted run), which then resumes in full."""
+    ckpt = config.checkpoint
+    if ckpt.pretrained_checkpoint is None:
+        return
+    if ckpt.load is not None and os.path.isfile(os.path.join(ckpt.load, _TRACKER)):
+        ckpt.finetune = False  # --finetune referred to the pretrained weights
+        return
+    _require(os.path.isfile(os.path.join(ckpt.pretrained_checkpoint, _TRACKER)),
+             f"--pretrained-checkpoint {ckpt.pretrained_checkpoint}: no {_TRACKER} there")
+    ckpt.load, ckpt.finetune = ckpt.pretrained_checkpoint, True

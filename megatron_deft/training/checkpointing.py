@@ -7,7 +7,10 @@ Layout (Megatron-LM's)::
 
 Contents: model (sharded, reshardable across TP/PP), optimizer (plain: per-parameter sharded
 state; distributed: ``dp_reshardable``), LR scheduler, iteration, data position (rows consumed),
-RNG states (per TP/PP rank) and the run's config.
+RNG states (per TP/PP rank), the run's config and the model's architecture (checked on load:
+a mismatch with the run's flags is one line naming the flag). Checkpoints marked
+``weights_only`` (converted from Hugging Face by tools/convert_checkpoint.py) load like
+--finetune: weights only, iteration 0.
 
 Atomicity: a checkpoint is written to ``iter_N.partial/`` and renamed to ``iter_N/`` by rank 0
 only after every rank finished; the tracker is then replaced atomically (write temp, rename).
@@ -28,6 +31,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_deft.config import Config
+from megatron_deft.models.architecture import architecture_mismatch, architecture_of
 from megatron_deft.training.setup import finish_param_sync
 
 logger = logging.getLogger(__name__)
@@ -92,14 +96,26 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _model_state(modules) -> dict:
+    """Sharded state of the unwrapped model chunks, keyed "model" (one chunk) or "model<i>"."""
+    if len(modules) == 1:
+        return {"model": modules[0].sharded_state_dict()}
+    return {f"model{i}": module.sharded_state_dict() for i, module in enumerate(modules)}
+
+
+def load_model_weights(directory: str, modules) -> None:
+    """Only the model weights of one checkpoint (an ``iter_N`` directory) into the unwrapped GPT
+    chunks ``modules``, resharded to this process's TP/PP layout (evaluation, export)."""
+    state = _model_state(modules)
+    loaded = dist_checkpointing.load(state, directory)
+    for key, module in zip(state, modules):
+        module.load_state_dict(loaded[key])
+
+
 def _sharded_state(model, optimizer, config: Config, is_loading: bool, with_optimizer: bool,
                    with_rng: bool):
     """The sharded state dict both save and load use (loading fills it in place)."""
-    if len(model) == 1:
-        model_state = {"model": model[0].module.sharded_state_dict()}
-    else:
-        model_state = {f"model{i}": chunk.module.sharded_state_dict()
-                       for i, chunk in enumerate(model)}
+    model_state = _model_state([chunk.module for chunk in model])
     state = dict(model_state)
     if with_optimizer:
         if is_loading and config.parallel.use_distributed_optimizer:
@@ -145,6 +161,7 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, loader, config
         data=loader.state_dict(),
         layout=_layout(config),
         config=dataclasses.asdict(config),
+        architecture=architecture_of(config.model, model[0].module.vocab_size),
     )
     dist_checkpointing.save(state, partial)
     dist.barrier()
@@ -191,6 +208,18 @@ def _restore_adam_steps(optimizer, loaded_state) -> None:
             param_state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
+def _check_architecture(common: dict, directory: str, config: Config, padded_vocab: int):
+    """One line naming the flag when the run's architecture differs from the checkpoint's
+    (checkpoints written before the architecture was recorded are not checked)."""
+    saved = common.get("architecture")
+    if saved is None:
+        return
+    mismatch = architecture_mismatch(saved, architecture_of(config.model, padded_vocab),
+                                     config.parallel.tensor_model_parallel_size)
+    if mismatch:
+        raise CheckpointError(f"--load {directory}: architecture mismatch: {mismatch}")
+
+
 def load_checkpoint(root, model, optimizer, scheduler, loader, config: Config) -> int:
     """Restore from the tracker's checkpoint; returns the iteration to continue from (0 when
     fine-tuning: weights only). Another TP/PP layout reshards the model weights and the plain
@@ -200,7 +229,9 @@ def load_checkpoint(root, model, optimizer, scheduler, loader, config: Config) -
         raise CheckpointError(f"--load {root}: no {TRACKER} (no complete checkpoint there)")
     directory = checkpoint_dir(root, iteration)
     common = dist_checkpointing.load_common_state_dict(directory)
-    full = not config.checkpoint.finetune
+    _check_architecture(common, directory, config, model[0].module.vocab_size)
+    # Converted (e.g. Hugging Face) checkpoints hold weights only: start them like --finetune.
+    full = not (config.checkpoint.finetune or common.get("weights_only", False))
     same_layout = common["layout"] == _layout(config)
     if full and not same_layout and config.parallel.use_distributed_optimizer:
         raise CheckpointError(

@@ -1,0 +1,121 @@
+"""Hugging Face ``config.json`` (Llama 2/3, Qwen2/2.5) <-> our :class:`ModelConfig`.
+
+Read as plain JSON (no transformers import). Both config generations are understood: RoPE theta
+at the top level (``rope_theta``, transformers 4.x) or in ``rope_parameters`` (5.x). Anything
+our GPT cannot represent exactly (RoPE scaling, sliding windows, biases other than Qwen2's q/k/v,
+a head size other than hidden / heads, another activation) is refused with one line naming
+the field, never converted approximately.
+"""
+
+import json
+import os
+
+from megatron_deft.config import ModelConfig
+
+# HF class -> whether its q/k/v projections carry a bias
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": False, "Qwen2ForCausalLM": True}
+
+
+class ConversionError(ValueError):
+    """Input the converter cannot handle; one line naming the file and the field or tensor."""
+
+
+def _load_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: not found") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{path}: {error}") from None
+
+
+def _rope_theta(hf: dict, path: str) -> int:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type != "default":
+        raise ConversionError(f"{path}: rope type {rope_type!r} (RoPE scaling) is not supported; "
+                              "only plain RoPE ('default') converts exactly")
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if float(theta) != int(theta):
+        raise ConversionError(f"{path}: rope_theta {theta} is not an integer (--rotary-base is)")
+    return int(theta)
+
+
+def _require(condition: bool, path: str, message: str) -> None:
+    if not condition:
+        raise ConversionError(f"{path}: {message}")
+
+
+def read_hf_config(hf_dir: str):
+    """(ModelConfig, HF architecture name, HF config dict) of a Llama / Qwen2 checkpoint dir."""
+    path = os.path.join(hf_dir, "config.json")
+    hf = _load_json(path)
+    names = hf.get("architectures") or []
+    _require(len(names) == 1 and names[0] in SUPPORTED_ARCHITECTURES, path,
+             f"architectures {names} is not supported; supported: "
+             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    arch = names[0]
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "vocab_size"):
+        _require(key in hf, path, f"missing field {key!r}")
+    heads = hf["num_attention_heads"]
+    groups = hf.get("num_key_value_heads") or heads
+    _require(hf["hidden_size"] % heads == 0, path,
+             f"hidden_size {hf['hidden_size']} is not divisible by num_attention_heads {heads}")
+    _require(heads % groups == 0, path,
+             f"num_attention_heads {heads} is not divisible by num_key_value_heads {groups}")
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    _require(head_dim == hf["hidden_size"] // heads, path,
+             f"head_dim {head_dim} != hidden_size / num_attention_heads (not supported)")
+    _require(hf.get("hidden_act", "silu") == "silu", path,
+             f"hidden_act {hf.get('hidden_act')!r} is not supported (SwiGLU needs 'silu')")
+    _require(not hf.get("mlp_bias", False), path, "mlp_bias true is not supported")
+    _require(not hf.get("attention_bias", False), path,
+             "attention_bias true is not supported (Qwen2's q/k/v bias is implied by the class)")
+    _require(not hf.get("use_sliding_window", False), path,
+             "use_sliding_window true is not supported")
+    model = ModelConfig(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        max_position_embeddings=hf.get("max_position_embeddings"),
+        vocab_size=hf["vocab_size"],
+        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
+        add_qkv_bias=SUPPORTED_ARCHITECTURES[arch],
+        rotary_base=_rope_theta(hf, path),
+        norm_epsilon=hf.get("rms_norm_eps", 1e-6),
+    )
+    return model, arch, hf
+
+
+def hf_config_dict(model: ModelConfig, arch: str, dtype: str, base: dict = None) -> dict:
+    """config.json for ``model`` as HF ``arch``; ``base`` (e.g. the source model's config)
+    supplies the fields we do not own (token ids, ...); ours always win."""
+    config = dict(base or {})
+    for replaced in ("rope_scaling", "dtype"):  # ours: rope_parameters / torch_dtype
+        config.pop(replaced, None)
+    config.update(
+        architectures=[arch],
+        model_type={"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}[arch],
+        hidden_size=model.hidden_size,
+        intermediate_size=model.ffn_hidden_size,
+        num_hidden_layers=model.num_layers,
+        num_attention_heads=model.num_attention_heads,
+        num_key_value_heads=model.num_query_groups,
+        head_dim=model.hidden_size // model.num_attention_heads,
+        hidden_act="silu",
+        rms_norm_eps=model.norm_epsilon,
+        rope_theta=float(model.rotary_base),
+        rope_parameters={"rope_type": "default", "rope_theta": float(model.rotary_base)},
+        vocab_size=model.vocab_size,
+        tie_word_embeddings=not model.untie_embeddings_and_output_weights,
+        max_position_embeddings=model.max_position_embeddings,
+        torch_dtype=dtype,
+    )
+    if arch == "LlamaForCausalLM":
+        config.update(attention_bias=False, mlp_bias=False)
+    return config

@@ -1,0 +1,67 @@
+"""The architecture a checkpoint's weights imply, and the trainer flags that reproduce it.
+
+A checkpoint records ``architecture_of(config.model, padded_vocab)``; loading it into a run whose
+flags give another architecture would fail deep inside dist_checkpointing (or, for RoPE theta and
+the norm epsilon, load silently and compute something else). :func:`architecture_mismatch`
+turns that into one line naming the flag. No megatron import (used by the CLI validation and the
+checkpoint converter).
+"""
+
+from megatron_deft.config import ModelConfig
+
+# architecture field -> the trainer flag that sets it (bool fields are store_true flags)
+ARCHITECTURE_FLAGS = {
+    "num_layers": "--num-layers",
+    "hidden_size": "--hidden-size",
+    "ffn_hidden_size": "--ffn-hidden-size",
+    "num_attention_heads": "--num-attention-heads",
+    "num_query_groups": "--num-query-groups",
+    "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
+    "add_qkv_bias": "--add-qkv-bias",
+    "rotary_base": "--rotary-base",
+    "norm_epsilon": "--norm-epsilon",
+}
+
+
+def architecture_of(model: ModelConfig, padded_vocab_size: int) -> dict:
+    """{field: value} with the defaults resolved (ffn 4h, groups = heads); ``vocab_size`` is
+    the unpadded size when known (None when the run took it from the tokenizer)."""
+    arch = {name: getattr(model, name) for name in ARCHITECTURE_FLAGS}
+    arch["ffn_hidden_size"] = model.ffn_hidden_size or 4 * model.hidden_size
+    arch["num_query_groups"] = model.num_query_groups or model.num_attention_heads
+    arch["padded_vocab_size"] = padded_vocab_size
+    arch["vocab_size"] = model.vocab_size
+    return arch
+
+
+def architecture_mismatch(saved: dict, run: dict, tensor_parallel_size: int) -> str:
+    """One line naming the first differing flag ('' when the architectures agree)."""
+    for name, flag in ARCHITECTURE_FLAGS.items():
+        if saved[name] != run[name]:
+            return f"{flag}: the checkpoint has {saved[name]}, this run has {run[name]}"
+    padded, ours = saved["padded_vocab_size"], run["padded_vocab_size"]
+    if padded != ours:
+        # divisible_by x TP == padded rounds any vocabulary <= padded up to exactly padded
+        fix = (f"--make-vocab-size-divisible-by {padded // tensor_parallel_size}"
+               if padded % tensor_parallel_size == 0 else "a TP that divides it")
+        return (f"padded vocabulary: the checkpoint has {padded} rows, this run pads to {ours} "
+                "(--vocab-size rounded up to a multiple of --make-vocab-size-divisible-by x "
+                f"TP); use {fix}")
+    return ""
+
+
+def trainer_flags(arch: dict, max_position_embeddings: int, make_vocab_size_divisible_by: int,
+                  bf16: bool) -> list:
+    """The trainer flags that build a model matching ``arch`` (e.g. for a converted model)."""
+    flags = []
+    for name, flag in ARCHITECTURE_FLAGS.items():
+        value = arch[name]
+        if isinstance(value, bool):
+            flags += [flag] if value else []
+        else:
+            flags += [flag, str(value)]
+    flags += ["--vocab-size", str(arch["vocab_size"]),
+              "--make-vocab-size-divisible-by", str(make_vocab_size_divisible_by)]
+    if max_position_embeddings is not None:
+        flags += ["--max-position-embeddings", str(max_position_embeddings)]
+    return flags + (["--bf16"] if bf16 else [])

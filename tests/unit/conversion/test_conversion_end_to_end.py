@@ -1,0 +1,171 @@
+"""Hugging Face <-> Megatron conversion end to end, on tiny random models built here.
+
+Models: LlamaForCausalLM (untied embeddings, GQA 4 heads / 2 groups, rope_theta 5e5, eps 1e-6)
+and Qwen2ForCausalLM (tied embeddings, q/k/v bias, GQA), vocabulary 300 (padded to 384), fp32;
+plus a bf16 Qwen2 for the round trip in the training dtype.
+Launches: one process converting HF -> Megatron (tools/convert_checkpoint.py's main), one
+torchrun (2 ranks) running the trainer from the converted dirs, one process exporting
+Megatron -> HF. The references are the HF models themselves, run in float64.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKERS = os.path.join(HERE, "workers")
+SEQ, BATCH, VOCAB = 16, 2, 300
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)
+
+
+def _save_hf(directory, arch, dtype=torch.float32, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**COMMON, rope_theta=500000.0, rms_norm_eps=1e-6,
+                                             tie_word_embeddings=False))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**COMMON, rope_theta=1000000.0, rms_norm_eps=1e-5,
+                                             tie_word_embeddings=True))
+    with torch.no_grad():  # HF inits norms to 1 and biases to 0: make every tensor distinctive
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.copy_(1.0 + 0.1 * torch.randn_like(param) if "norm" in name
+                            else 0.1 * torch.randn_like(param))
+    model.to(dtype).save_pretrained(directory)
+
+
+def _hf_logits(directory, tokens):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64).eval()
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+def _convert(work, commands):
+    results = os.path.join(work, "convert_results.json")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, os.path.join(WORKERS, "convert_batch.py"), results,
+                           json.dumps(commands)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    with open(results) as handle:
+        outcome = json.load(handle)
+    for result in outcome:
+        assert result["exit_code"] == 0, result
+    return outcome
+
+
+@pytest.fixture(scope="module")
+def run(torchrun, tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("conversion"))
+    path = lambda *parts: os.path.join(work, *parts)  # noqa: E731
+    for arch in ("llama", "qwen2"):
+        _save_hf(path(f"hf-{arch}"), arch)
+    _save_hf(path("hf-qwen2-bf16"), "qwen2", dtype=torch.bfloat16, seed=1)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
+    torch.save(tokens, path("tokens.pt"))
+    to_megatron = ["hf-to-megatron", "--dtype", "fp32"]
+    imported = _convert(work, [
+        to_megatron + ["--hf-dir", path("hf-llama"), "--output-dir", path("llama")],
+        to_megatron + ["--hf-dir", path("hf-qwen2"), "--output-dir", path("qwen2")],
+        ["hf-to-megatron", "--hf-dir", path("hf-qwen2-bf16"), "--output-dir",
+         path("qwen2-bf16")],
+    ])
+    os.makedirs(path("out"))
+    results = torchrun(os.path.join(WORKERS, "trainer_from_converted.py"), 2, path("out"), work)
+    exported = _convert(work, [
+        ["megatron-to-hf", "--megatron-dir", path(name), "--output-dir", path(f"back-{name}")]
+        for name in ("llama", "qwen2", "qwen2-bf16")
+    ] + [["megatron-to-hf", "--megatron-dir", path("sft"), "--output-dir", path("back-sft"),
+          "--max-shard-size-gb", "0.0001"]])
+    return {"work": work, "tokens": tokens, "results": results, "imported": imported,
+            "exported": exported}
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
+def test_converted_model_gives_the_hf_logits_at_every_layout(run, model, layout):
+    reference = _hf_logits(os.path.join(run["work"], f"hf-{model}"), run["tokens"])
+    got = torch.load(os.path.join(run["work"], "out", f"{model}-{layout}.logits.pt"))
+    assert got.shape == (BATCH, SEQ, VOCAB)
+    assert (got.double() - reference).abs().max().item() < 1e-4
+    assert reference.std() > 0.1  # random weights: logits that differ if any tensor were wrong
+    assert run["results"][f"{model}-{layout}-iteration"] == 0
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen2-bf16"])
+def test_round_trip_is_bit_identical(run, name):
+    original = load_file(os.path.join(run["work"], f"hf-{name}", "model.safetensors"))
+    back = load_file(os.path.join(run["work"], f"back-{name}", "model.safetensors"))
+    original.pop("lm_head.weight", None) if name.startswith("qwen2") else None
+    assert sorted(back) == sorted(original)
+    for key, tensor in original.items():
+        assert back[key].dtype == tensor.dtype and back[key].shape == tensor.shape, key
+        assert torch.equal(back[key], tensor), key
+
+
+def test_exported_config_matches_the_source(run):
+    for name in ("llama", "qwen2"):
+        with open(os.path.join(run["work"], f"hf-{name}", "config.json")) as handle:
+            source = json.load(handle)
+        with open(os.path.join(run["work"], f"back-{name}", "config.json")) as handle:
+            back = json.load(handle)
+        for key in ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "vocab_size",
+                    "tie_word_embeddings", "max_position_embeddings", "rope_parameters"):
+            assert back[key] == source[key], (name, key)
+
+
+def test_conversion_prints_the_trainer_flags(run):
+    stdout = run["imported"][0]["stdout"]
+    for flag in ("--num-layers 2", "--hidden-size 64", "--ffn-hidden-size 128",
+                 "--num-query-groups 2", "--untie-embeddings-and-output-weights",
+                 "--rotary-base 500000", "--norm-epsilon 1e-06", "--vocab-size 300"):
+        assert flag in stdout
+    qwen = run["imported"][1]["stdout"]
+    assert "--add-qkv-bias" in qwen and "--untie-embeddings" not in qwen
+    assert "--bf16" in run["imported"][2]["stdout"]
+
+
+def test_architecture_mismatch_is_one_line_naming_the_flag(run):
+    results = run["results"]
+    assert "--rotary-base: the checkpoint has 500000, this run has 10000" in (
+        results["mismatch_rotary"])
+    vocab = results["mismatch_vocab"]
+    assert "padded vocabulary: the checkpoint has 384 rows, this run pads to 512" in vocab
+    assert "use --make-vocab-size-divisible-by 192" in vocab
+    assert "\n" not in vocab and "\n" not in results["mismatch_rotary"]
+
+
+def test_sft_from_converted_checkpoint_exports_to_a_working_hf_model(run):
+    from transformers import AutoModelForCausalLM
+
+    results = run["results"]
+    assert results["sft_start_iteration"] == 0
+    assert len(results["sft_losses"]) == 3 and len(set(results["sft_losses"])) == 3
+    assert results["restart_iteration"] == 3  # --load wins over --pretrained-checkpoint
+    back = os.path.join(run["work"], "back-sft")
+    assert os.path.isfile(os.path.join(back, "model.safetensors.index.json"))  # tiny shards
+    # The exported model computes what the trained Megatron model (TP=2) computes ...
+    trained = torch.load(os.path.join(run["work"], "out", "sft-trained.logits.pt"))
+    exported = _hf_logits(back, run["tokens"])
+    assert (trained.double() - exported).abs().max().item() < 1e-4
+    # ... which is no longer the pretrained model.
+    pretrained = _hf_logits(os.path.join(run["work"], "hf-llama"), run["tokens"])
+    assert (exported - pretrained).abs().max().item() > 1e-3
+    model = AutoModelForCausalLM.from_pretrained(back).eval()
+    prompt = run["tokens"][:1, :5]
+    generated = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert generated.shape == (1, 9) and torch.equal(generated[:, :5], prompt)
+    with torch.no_grad():
+        first = model(input_ids=prompt).logits[0, -1].argmax()
+    assert generated[0, 5] == first

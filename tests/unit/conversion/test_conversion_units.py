@@ -1,0 +1,188 @@
+"""Conversion pieces without megatron-core: fused layouts against hand-built references,
+safetensors sharding, and every bad input failing with one line naming the field or tensor."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_deft.config import ModelConfig
+from megatron_deft.conversion import ConversionError, convert_hf_to_megatron
+from megatron_deft.conversion.hf_config import read_hf_config
+from megatron_deft.conversion.safetensors_io import HFTensorReader, ShardWriter
+from megatron_deft.conversion.weights import hf_parts, weight_maps
+
+MODEL = ModelConfig(num_layers=1, hidden_size=12, ffn_hidden_size=10, num_attention_heads=6,
+                    num_query_groups=2, vocab_size=7, add_qkv_bias=True)
+HEAD_DIM = 2
+
+
+def _weight(name):
+    return next(w for w in weight_maps(MODEL) if w.megatron == name)
+
+
+@pytest.mark.parametrize("suffix", ["weight", "bias"])
+def test_fused_qkv_is_megatrons_per_group_layout(suffix):
+    rest = (12,) if suffix == "weight" else ()
+    q, k, v = (torch.randn(rows, *rest) for rows in (6 * HEAD_DIM, 2 * HEAD_DIM, 2 * HEAD_DIM))
+    fused = torch.empty((6 + 2 * 2) * HEAD_DIM, *rest)
+    weight = _weight(f"decoder.layers.0.self_attention.linear_qkv.{suffix}")
+    for view, tensor in zip(hf_parts(fused, weight, MODEL), (q, k, v)):
+        view.copy_(tensor.view(view.shape))
+    # Reference, row by row: group g = [its 3 query heads, key head g, value head g].
+    expected = []
+    for g in range(2):
+        expected += [q[(3 * g + j) * HEAD_DIM:(3 * g + j + 1) * HEAD_DIM] for j in range(3)]
+        expected += [k[g * HEAD_DIM:(g + 1) * HEAD_DIM], v[g * HEAD_DIM:(g + 1) * HEAD_DIM]]
+    assert torch.equal(fused, torch.cat(expected))
+    back = [view.reshape(t.shape) for view, t in zip(hf_parts(fused, weight, MODEL), (q, k, v))]
+    assert all(torch.equal(a, b) for a, b in zip(back, (q, k, v)))
+
+
+def test_swiglu_fc1_is_gate_then_up_and_vocab_rows_are_the_prefix():
+    gate, up = torch.randn(10, 12), torch.randn(10, 12)
+    fc1 = torch.empty(20, 12)
+    for view, tensor in zip(hf_parts(fc1, _weight("decoder.layers.0.mlp.linear_fc1.weight"),
+                                     MODEL), (gate, up)):
+        view.copy_(tensor)
+    assert torch.equal(fc1[:10], gate) and torch.equal(fc1[10:], up)
+    embedding = torch.zeros(16, 12)
+    [rows] = hf_parts(embedding, _weight("embedding.word_embeddings.weight"), MODEL)
+    assert rows.shape == (7, 12) and rows.data_ptr() == embedding.data_ptr()
+
+
+def test_shard_writer_splits_and_indexes_and_reader_reads_back(tmp_path):
+    tensors = {f"t{i}": torch.randn(100 + i) for i in range(5)}  # ~400 bytes each
+    writer = ShardWriter(str(tmp_path), max_shard_bytes=900)
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    files = writer.close()
+    assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert sorted(os.listdir(tmp_path)) == sorted(files + ["model.safetensors.index.json"])
+    reader = HFTensorReader(str(tmp_path))
+    for name, tensor in tensors.items():
+        assert torch.equal(reader.read(name, tensor.shape), tensor)
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = str(tmp_path_factory.mktemp("hf") / "llama")
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def _variant(source, target, config_update=None, tensors=None):
+    shutil.copytree(source, target)
+    config_path = os.path.join(target, "config.json")
+    with open(config_path) as handle:
+        config = json.load(handle)
+    config.update(config_update or {})
+    with open(config_path, "w") as handle:
+        json.dump(config, handle)
+    if tensors is not None:
+        state = load_file(os.path.join(target, "model.safetensors"))
+        tensors(state)
+        save_file(state, os.path.join(target, "model.safetensors"))
+    return str(target)
+
+
+def test_reads_the_architecture_from_config_json(hf_llama):
+    model, arch, _ = read_hf_config(hf_llama)
+    assert arch == "LlamaForCausalLM"
+    assert (model.num_layers, model.hidden_size, model.ffn_hidden_size) == (1, 16, 32)
+    assert (model.num_attention_heads, model.num_query_groups, model.vocab_size) == (4, 2, 50)
+    assert model.untie_embeddings_and_output_weights and not model.add_qkv_bias
+
+
+def _drop(name):
+    return lambda state: state.pop(name)
+
+
+def _reshape(name):
+    return lambda state: state.__setitem__(name, state[name][:-1])
+
+
+def _add(name):
+    return lambda state: state.__setitem__(name, torch.zeros(3))
+
+
+@pytest.mark.parametrize("config_update, tensors, message", [
+    ({"architectures": ["MistralForCausalLM"]}, None,
+     "architectures ['MistralForCausalLM'] is not supported"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, None,
+     "rope type 'llama3' (RoPE scaling) is not supported"),
+    ({"head_dim": 8}, None, "head_dim 8 != hidden_size / num_attention_heads"),
+    ({"hidden_act": "gelu"}, None, "hidden_act 'gelu' is not supported"),
+    ({"num_key_value_heads": 3}, None,
+     "num_attention_heads 4 is not divisible by num_key_value_heads 3"),
+    (None, _drop("model.layers.0.mlp.up_proj.weight"),
+     "missing tensor model.layers.0.mlp.up_proj.weight"),
+    (None, _reshape("model.layers.0.self_attn.k_proj.weight"),
+     "tensor model.layers.0.self_attn.k_proj.weight has shape [7, 16], config.json implies "
+     "[8, 16]"),
+    (None, _add("model.layers.0.self_attn.q_norm.weight"),
+     "tensors this architecture does not have (not supported): "
+     "model.layers.0.self_attn.q_norm.weight"),
+])
+def test_bad_input_fails_with_one_line(hf_llama, tmp_path, config_update, tensors, message):
+    source = _variant(hf_llama, tmp_path / "bad", config_update, tensors)
+    with pytest.raises(ConversionError) as error:
+        convert_hf_to_megatron(source, str(tmp_path / "out"), dtype="fp32")
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not os.path.exists(tmp_path / "out")  # nothing written
+
+
+def test_tensor_parallel_size_must_divide_the_heads(hf_llama, tmp_path):
+    with pytest.raises(ConversionError, match="num_key_value_heads 2 is not divisible by "
+                                              "--target-tensor-parallel-size 4"):
+        convert_hf_to_megatron(hf_llama, str(tmp_path / "out"), target_tensor_parallel_size=4)
+
+
+def test_command_line_error_is_one_line_with_exit_code_2(hf_llama, tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools"))
+    import convert_checkpoint
+
+    bad = _variant(hf_llama, tmp_path / "bad", {"architectures": ["GPT2LMHeadModel"]})
+    code = convert_checkpoint.main(["hf-to-megatron", "--hf-dir", bad, "--output-dir",
+                                    str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("convert_checkpoint: error: ") and err.count("\n") == 1
+    assert "GPT2LMHeadModel" in err
+
+
+def _parse(argv):
+    from megatron_deft.training.arguments import parse_config
+
+    return parse_config(["--mock-data", "--vocab-size", "300", "--device", "cpu"] + argv)
+
+
+def test_pretrained_checkpoint_loads_weights_only_until_load_holds_a_checkpoint(tmp_path):
+    pretrained, resume = tmp_path / "converted", tmp_path / "run"
+    pretrained.mkdir()
+    (pretrained / "latest_checkpointed_iteration.txt").write_text("0\n")
+    fresh = _parse(["--pretrained-checkpoint", str(pretrained), "--load", str(resume)])
+    assert fresh.checkpoint.load == str(pretrained) and fresh.checkpoint.finetune
+    resume.mkdir()
+    (resume / "latest_checkpointed_iteration.txt").write_text("3\n")
+    restarted = _parse(["--pretrained-checkpoint", str(pretrained), "--load", str(resume),
+                        "--finetune"])
+    assert restarted.checkpoint.load == str(resume) and not restarted.checkpoint.finetune
+
+
+def test_pretrained_checkpoint_without_a_checkpoint_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        _parse(["--pretrained-checkpoint", str(tmp_path)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"--pretrained-checkpoint {tmp_path}: no latest_checkpointed_iteration.txt" in err
