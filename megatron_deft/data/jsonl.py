@@ -197,30 +197,33 @@ def _check_file(path: str) -> None:
         raise DataError(path, None, "is not a regular file", reason="missing_file")
 
 
+def decode_record(raw: bytes, path: str, line: int) -> Optional[dict]:
+    """One JSONL line -> its JSON object; None for a blank line; DataError(path:line) otherwise."""
+    try:
+        text = raw.decode("utf-8")
+        if not text.strip():
+            return None
+        record = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(path, line, f"malformed JSON: {error}", "malformed_json") from None
+    if not isinstance(record, dict):
+        kind = type(record).__name__
+        raise DataError(path, line, f"expected a JSON object, got {kind}", "invalid")
+    return record
+
+
 def _iter_records(path: str, report: ReadReport, skip: bool) -> Iterator[Tuple[int, dict]]:
     """Yields ``(line_number, json_object)``; undecodable lines fail or are skipped here."""
     # Binary read + per-line decode so that a bad byte is reported at its line, not for the file.
     with open(path, "rb") as handle:
         for line, raw in enumerate(handle, start=1):
             try:
-                text = raw.decode("utf-8")
-                if not text.strip():
-                    continue
-                record = json.loads(text)
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                _fail_or_skip(
-                    DataError(path, line, f"malformed JSON: {error}", "malformed_json"),
-                    report,
-                    skip,
-                )
-                continue
-            if not isinstance(record, dict):
-                error = DataError(
-                    path, line, f"expected a JSON object, got {type(record).__name__}", "invalid"
-                )
+                record = decode_record(raw, path, line)
+            except DataError as error:
                 _fail_or_skip(error, report, skip)
                 continue
-            yield line, record
+            if record is not None:
+                yield line, record
 
 
 def _fail_or_skip(error: DataError, report: ReadReport, skip: bool) -> None:

@@ -36,6 +36,7 @@ from megatron_deft.data.jsonl import (
     _BadRecord,
     _check_file,
     _fail_or_skip,
+    decode_record,
     detect_format,
     parse_record,
 )
@@ -245,16 +246,9 @@ def _tokenize_chunk(chunk: _Chunk, settings: ReadSettings, tokenizer=None) -> _C
 def _parse_line(raw: bytes, number: int, chunk: _Chunk, settings: ReadSettings):
     """The conversation of one line, None for a blank line; DataError as ``jsonl`` words it."""
     path = chunk.path
-    try:
-        text = raw.decode("utf-8")
-        if not text.strip():
-            return None
-        record = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(path, number, f"malformed JSON: {error}", "malformed_json") from error
-    if not isinstance(record, dict):
-        kind = type(record).__name__
-        raise DataError(path, number, f"expected a JSON object, got {kind}", "invalid")
+    record = decode_record(raw, path, number)
+    if record is None:
+        return None
     file_format = chunk.file_format if number >= chunk.detected_at else None
     try:
         if file_format is None:
