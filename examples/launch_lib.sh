@@ -20,6 +20,8 @@
 #   TOKENIZER_MODEL  --tokenizer-model, with --tokenizer-type TOKENIZER_TYPE
 #                                                              [DEFAULT_TOKENIZER_TYPE]
 #   SAVE  SAVE_INTERVAL [0: at the end only]  LOAD  TENSORBOARD_DIR                  [none]
+#   PRETRAINED_CHECKPOINT  --pretrained-checkpoint: weights to start from (e.g. converted from
+#                    Hugging Face by tools/convert_checkpoint.py); LOAD still resumes a restart [none]
 #   QKV_BIAS         1 adds --add-qkv-bias                                        [DEFAULT_QKV_BIAS]
 #   TORCHRUN         the launcher executable                                         [torchrun]
 #   DRY_RUN          1: print the resolved command and exit 0 instead of running it  [0]
@@ -108,6 +110,9 @@ deft_optional_args() {  # data, tokenizer, checkpoint and logging flags, only fo
         TRAIN_CMD+=(--save "$SAVE" --save-interval "${SAVE_INTERVAL:-0}")
     fi
     if [[ -n ${LOAD:-} ]]; then TRAIN_CMD+=(--load "$LOAD"); fi
+    if [[ -n ${PRETRAINED_CHECKPOINT:-} ]]; then
+        TRAIN_CMD+=(--pretrained-checkpoint "$PRETRAINED_CHECKPOINT")
+    fi
     if [[ -n ${TENSORBOARD_DIR:-} ]]; then TRAIN_CMD+=(--tensorboard-dir "$TENSORBOARD_DIR"); fi
 }
 

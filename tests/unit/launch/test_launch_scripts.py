@@ -206,7 +206,7 @@ def test_single_node_resolves_knobs_and_appends_passthrough_last():
     env = {"PRESET": "llama3-8b", "OBJECTIVE": "deft", "NPROC_PER_NODE": "8", "TP": "4",
            "SEQ_LENGTH": "8192", "DATA": "/data/sft a.jsonl", "VALID_DATA": "/data/val.jsonl",
            "TOKENIZER_MODEL": "/models/llama3", "SAVE": "/ckpt/run1", "SAVE_INTERVAL": "100",
-           "LOAD": "/ckpt/run0", "TENSORBOARD_DIR": "/tb"}
+           "LOAD": "/ckpt/run0", "TENSORBOARD_DIR": "/tb", "PRETRAINED_CHECKPOINT": "/ckpt/hf"}
     passthrough = ["--num-layers", "4", "--seed", "7", "--train-data", "it's.jsonl"]
     argv = dry_run("train_single_node.sh", env, passthrough)
     options, flags = split_torchrun(argv)
@@ -220,6 +220,7 @@ def test_single_node_resolves_knobs_and_appends_passthrough_last():
         "--valid-data": "/data/val.jsonl", "--tokenizer-type": "HuggingFaceTokenizer",
         "--tokenizer-model": "/models/llama3", "--save": "/ckpt/run1", "--save-interval": "100",
         "--load": "/ckpt/run0", "--tensorboard-dir": "/tb", "--seed": "7",
+        "--pretrained-checkpoint": "/ckpt/hf",
     }
     assert {k: values.get(k) for k in expected} == expected
     assert flags[flags.index("--num-layers") + 1] == "32"  # the preset's value is still there
