@@ -33,13 +33,17 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
-def load_train_tokenizer_tool():
-    """Imports tools/train_tokenizer.py (a script, not a package module) by path."""
-    path = os.path.join(REPO_ROOT, "tools", "train_tokenizer.py")
-    spec = importlib.util.spec_from_file_location("train_tokenizer_tool", path)
+def load_tool(name: str):
+    """Imports tools/<name>.py (a script, not a package module) by path."""
+    path = os.path.join(REPO_ROOT, "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_train_tokenizer_tool():
+    return load_tool("train_tokenizer")
 
 
 class CharTokenizer:

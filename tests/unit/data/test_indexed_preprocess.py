@@ -2,7 +2,6 @@
 exactly the micro-batches of the JSONL path; identical files for any worker count; the same
 bad-line handling; tokenizer mismatches and damaged sets fail clearly; opening memory-maps."""
 
-import importlib.util
 import json
 import os
 import random
@@ -14,7 +13,7 @@ import torch
 
 from megatron_deft.data import DataConfig, DataError, build_sft_data
 from megatron_deft.data.indexed import IndexedSamples, payload_paths
-from tests.unit.data.helpers import REPO_ROOT, load_train_tokenizer_tool, make_sentence, write_jsonl
+from tests.unit.data.helpers import load_tool, load_train_tokenizer_tool, make_sentence, write_jsonl
 
 SEQ = 48
 
@@ -22,11 +21,7 @@ SEQ = 48
 @pytest.fixture(scope="module")
 def tool():
     """tools/preprocess_sft_data.py, imported by path (it loads megatron.core when writing)."""
-    path = os.path.join(REPO_ROOT, "tools", "preprocess_sft_data.py")
-    spec = importlib.util.spec_from_file_location("preprocess_sft_data_tool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("preprocess_sft_data")
 
 
 def _preprocess(tool, inputs, prefix, sp_model, *extra):
