@@ -28,13 +28,14 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "matplotlib>=3.8"],
         "plots": ["matplotlib>=3.8"],
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
     },
     entry_points={
         "console_scripts": [
             "megatron-deft-train=megatron_deft.train:main",
+            "megatron-deft-eval=megatron_deft.eval:main",
         ],
     },
 )

@@ -1,0 +1,161 @@
+"""results.json -> report.md (tables) + PNG plots in the run directory."""
+
+import dataclasses
+import json
+import os
+
+from benchmarks.objectives_regimes import plots
+from benchmarks.objectives_regimes.results import (
+    CLASSES, MEASURES, curve, fmt, over_seeds, trajectories,
+)
+
+VARIANT_TEXT = {
+    "mix": "B + task-A samples whose answer is corrupted with probability r (from the prior)",
+    "clean": "B + clean task-A samples (r = 0, from the prior)",
+    "forget": "B only, no task A in the mix (from the prior): A retention",
+    "scratch": "B only from random init (no prior): the truly model-weak regime",
+}
+DIAGNOSTICS = (("p_target", "mean p_target"), ("sum_p2", "mean Σp²"), ("alpha", "mean a"),
+               ("gate", "mean gate"))
+
+
+def _by_objective(results: dict, variant: str) -> dict:
+    """{objective: [per-seed trajectories]} of one variant."""
+    out = {}
+    for key, summaries in results["runs"].items():
+        run_variant, objective, _ = key.split("/")
+        if run_variant == variant:
+            out.setdefault(objective, []).append(trajectories(summaries))
+    return {o: out[o] for o in results["config"]["objectives"] if o in out}
+
+
+def _accuracy_table(by_objective: dict) -> list:
+    labels = list(CLASSES.values())
+    lines = ["| objective | " + " | ".join(f"EM {label}" for label in labels)
+             + " | NLL B (per token) |", "|---" * (len(labels) + 2) + "|"]
+    for objective, runs in by_objective.items():
+        cells = [fmt(*over_seeds(runs, label, "exact_match")) for label in labels]
+        cells.append(fmt(*over_seeds(runs, "B", "nll")))
+        lines.append(f"| {objective} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _trajectory_table(by_objective: dict, label: str) -> list:
+    steps = sorted({step for runs in by_objective.values()
+                    for step in curve(runs, label, "exact_match")[0]})
+    lines = ["| objective | " + " | ".join(f"step {s}" for s in steps) + " |",
+             "|---" * (len(steps) + 1) + "|"]
+    for objective, runs in by_objective.items():
+        xs, means, _ = curve(runs, label, "exact_match")
+        row = dict(zip(xs, means))
+        lines.append(f"| {objective} | " + " | ".join(
+            f"{row[s]:.3f}" if s in row else "" for s in steps) + " |")
+    return lines
+
+
+def _diagnostics_table(by_objective: dict) -> list:
+    lines = ["| objective | class | " + " | ".join(t for _, t in DIAGNOSTICS) + " |",
+             "|---" * (len(DIAGNOSTICS) + 2) + "|"]
+    for objective, runs in by_objective.items():
+        for label in CLASSES.values():
+            cells = [fmt(*over_seeds(runs, label, key)) for key, _ in DIAGNOSTICS]
+            lines.append(f"| {objective} | {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _nll_horizon(by_objective: dict, total_steps: int) -> str:
+    """Where NLL's held-out B exact-match peaks, against the run length (want >= 3x)."""
+    runs = by_objective.get("nll")
+    if not runs:
+        return "NLL was not run; no horizon check."
+    steps, means, _ = curve(runs, "B", "exact_match")
+    if not steps:
+        return "no NLL checkpoints."
+    if max(means) == 0.0:
+        return (f"NLL never produced an exact held-out-B answer in {total_steps} steps, so the "
+                "3x-the-best-step horizon cannot be assessed (B is not learned at this budget).")
+    best = steps[max(range(len(means)), key=means.__getitem__)]
+    ratio = total_steps / best if best else float("inf")
+    verdict = "meets" if ratio >= 3 else "does NOT meet"
+    return (f"NLL reaches its best held-out-B exact-match ({max(means):.3f}) at step {best}; "
+            f"runs are {total_steps} steps = {ratio:.1f}x that, which {verdict} the 3x target.")
+
+
+def _prior_section(results: dict, threshold: float = 0.95) -> tuple:
+    prior = trajectories(results["prior"])
+    em = {label: points[max(points)]["exact_match"] for label, points in prior.items() if points}
+    a_em = em.get("clean A", float("nan"))
+    status = "reached" if a_em >= threshold else "NOT reached"
+    lines = [f"Phase 1 (NLL on task A, {results['config']['prior_iters']} steps): held-out A "
+             f"exact-match **{a_em:.3f}** (target ≥ {threshold:.2f}: {status}); "
+             f"B {em.get('B', float('nan')):.3f} (B is new to the prior by construction)."]
+    return lines, em
+
+
+def write_report(results: dict, run_dir: str) -> str:
+    config = results["config"]
+    lines = [f"# Objectives under regimes: `{config['name']}` configuration", "",
+             f"Machine: {results['machine']}. Wall time: {results['wall_seconds'] / 60:.1f} min. "
+             f"Seeds: {list(config['seeds'])}. Phase-2 steps: {config['phase2_iters']} "
+             f"(checkpoint + evaluation every {config['save_interval']}), LR "
+             f"{config['phase2_lr']}, global batch {config['global_batch_size']}, "
+             f"TP {config['tensor_model_parallel_size']}, noise rate r = {config['noise_rate']}. "
+             "Numbers are mean ± sd over seeds at the last checkpoint; EM = greedy exact-match.",
+             "", "What each column measures: " + "; ".join(f"**{k}**: {v}" for k, v in
+                                                          MEASURES.items()) + ".", ""]
+    prior_lines, prior_em = _prior_section(results)
+    lines += ["## Phase 1: the prior", ""] + prior_lines + [""]
+    figures = []
+    for variant in config["variants"]:
+        by_objective = _by_objective(results, variant)
+        if not by_objective:
+            continue
+        lines += [f"## Variant `{variant}`: {VARIANT_TEXT[variant]}", ""]
+        lines += _accuracy_table(by_objective) + [""]
+        lines += [_nll_horizon(by_objective, config["phase2_iters"]), ""]
+        for label in CLASSES.values():
+            lines += [f"Trajectory of EM {label} (mean over seeds):", ""]
+            lines += _trajectory_table(by_objective, label) + [""]
+        lines += ["Diagnostics per token class at the last checkpoint (each objective's own "
+                  "gate/exponent on the evaluation files' response tokens; a only for q-log "
+                  "objectives):", ""] + _diagnostics_table(by_objective) + [""]
+        if plots.HAVE_MATPLOTLIB:
+            start = prior_em if variant != "scratch" else {}
+            figures += [plots.accuracy_curves(by_objective, variant, run_dir, start),
+                        plots.gate_vs_p(by_objective, variant, run_dir),
+                        plots.alpha_curves(by_objective, variant, run_dir)]
+            names = [os.path.basename(f) for f in figures[-3:]]
+            lines += [f"![{name}]({name})" for name in names] + [""]
+    if not plots.HAVE_MATPLOTLIB:
+        lines += ["(plots skipped: matplotlib is not installed)", ""]
+    path = os.path.join(run_dir, "report.md")
+    temp = path + ".tmp"
+    with open(temp, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines))
+    os.replace(temp, path)
+    return path
+
+
+def publish(run_dir: str, target: str, command: str) -> str:
+    """Copy report.md to ``target`` (e.g. docs/evidence.md) with its PNGs next to it in
+    ``<target stem>/``, links rewritten, and the command that produced it on top."""
+    import re
+    import shutil
+
+    stem = os.path.splitext(os.path.basename(target))[0]
+    figures = os.path.join(os.path.dirname(os.path.abspath(target)), stem)
+    os.makedirs(figures, exist_ok=True)
+    with open(os.path.join(run_dir, "report.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    for name in re.findall(r"!\[[^\]]*\]\(([^)/]+\.png)\)", text):
+        shutil.copyfile(os.path.join(run_dir, name), os.path.join(figures, name))
+        text = text.replace(f"]({name})", f"]({stem}/{name})")
+    header = (f"<!-- generated by `{command}`; do not edit by hand -->\n\n")
+    with open(target + ".tmp", "w", encoding="utf-8") as handle:
+        handle.write(header + text)
+    os.replace(target + ".tmp", target)
+    return target
+
+
+def config_dict(config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))

@@ -1,0 +1,98 @@
+"""Subprocess launches of the project's own commands: tokenizer training, megatron-deft-train
+(torchrun) and megatron-deft-eval (torchrun). Every launch logs to ``RUN/logs/<name>.log``; a
+failure stops the experiment with the log's tail."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class LaunchFailed(RuntimeError):
+    """A launched command exited non-zero."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_logged(command: list, log_path: str, nproc: int = 1) -> None:
+    """Run ``command`` from the repository root, output to ``log_path``; raise on failure."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS=str(threads))
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write(" ".join(map(str, command)) + "\n")
+        log.flush()
+        done = subprocess.run(list(map(str, command)), cwd=REPO_ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = open(log_path, encoding="utf-8").read()[-3000:]
+        raise LaunchFailed(f"{command[0]} ... failed (exit {done.returncode}); {log_path}:\n{tail}")
+
+
+def torchrun(module: str, args: list, nproc: int) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc,
+            "--master_port", _free_port(), "-m", module, *args]
+
+
+def train_tokenizer(inputs: list, prefix: str, log_path: str) -> str:
+    """Character-level SentencePiece model over every text of ``inputs``: digits are single
+    tokens, so arithmetic is not hidden behind arbitrary merges."""
+    run_logged([sys.executable, os.path.join(REPO_ROOT, "tools", "train_tokenizer.py"),
+                "--input", *inputs, "--model-type", "char", "--no-byte-fallback",
+                "--vocab-size", 64, "--model-prefix", prefix, "--num-threads", 1], log_path)
+    return prefix + ".model"
+
+
+def model_args(config, tokenizer_model: str) -> list:
+    """Flags shared by every training run (architecture, batch, data format, device)."""
+    return [
+        "--device", config.device, "--tensor-model-parallel-size",
+        config.tensor_model_parallel_size, "--num-layers", config.num_layers,
+        "--hidden-size", config.hidden_size, "--num-attention-heads",
+        config.num_attention_heads, "--seq-length", config.seq_length,
+        "--micro-batch-size", config.micro_batch_size,
+        "--global-batch-size", config.global_batch_size,
+        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer_model,
+        "--make-vocab-size-divisible-by", 16, "--lr-warmup-iters", 10, "--weight-decay", 0.0,
+        "--log-interval", 10, *config.extra_train_args,
+    ]
+
+
+def train(config, name: str, run_dir: str, args: list) -> None:
+    """One megatron-deft-train run; ``args`` adds data, objective, schedule and checkpoints."""
+    command = torchrun("megatron_deft.train", args, config.nproc)
+    run_logged(command, os.path.join(run_dir, "logs", f"{name}.log"), config.nproc)
+
+
+def evaluate(config, run_dir: str, loads: list, data: list, tokenizer_model: str) -> list:
+    """One megatron-deft-eval launch over every checkpoint of every root in ``loads`` (each
+    with its own training objective's statistics); returns the summaries."""
+    os.makedirs(os.path.join(run_dir, "evals"), exist_ok=True)
+    index = len(os.listdir(os.path.join(run_dir, "evals")))
+    summary_path = os.path.join(run_dir, "evals", f"batch{index:03d}.jsonl")
+    args = ["--load", ",".join(loads), "--iteration", "all", "--eval-data", ",".join(data),
+            "--tokenizer-model", tokenizer_model, "--device", config.device,
+            "--tensor-model-parallel-size", config.tensor_model_parallel_size,
+            "--max-new-tokens", config.max_new_tokens, "--micro-batch-size", 64,
+            "--summary-output", summary_path]
+    command = torchrun("megatron_deft.eval", args, config.nproc)
+    run_logged(command, os.path.join(run_dir, "logs", f"eval{index:03d}.log"), config.nproc)
+    return read_jsonl(summary_path)
+
+
+def read_jsonl(path: str) -> list:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def finished(save: str, iterations: int) -> bool:
+    """True when ``save`` holds the final checkpoint of a run of ``iterations`` steps."""
+    tracker = os.path.join(save, "latest_checkpointed_iteration.txt")
+    return os.path.isfile(tracker) and open(tracker).read().strip() == str(iterations)

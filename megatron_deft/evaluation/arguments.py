@@ -1,0 +1,110 @@
+"""``megatron-deft-eval`` command line -> :class:`EvalConfig`, validated before any work.
+
+The model architecture is not on the command line: it is read from the checkpoint's saved run
+config. Only the layout (TP) and the device are chosen here; the weights are resharded to it.
+"""
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass
+from typing import List, Optional
+
+from megatron_deft.config import ConfigError, field_docs
+from megatron_deft.data.config import DATA_FORMATS
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation (every field is one ``--flag``)."""
+
+    load: str = ""
+    """Checkpoint directory written by megatron-deft-train (its --save); comma separated for
+    several runs evaluated in one launch."""
+    iteration: str = "latest"
+    """Which checkpoint(s) under --load: latest (the tracker's), all, or comma-separated numbers."""
+    eval_data: str = ""
+    """JSONL file(s), comma separated; each is scored and reported separately."""
+    data_format: str = "auto"
+    """Record format: auto, prompt_response or messages (the last assistant turn is the
+    reference)."""
+    prompt_key: str = "prompt"
+    """JSON key of the prompt in prompt_response records."""
+    response_key: str = "response"
+    """JSON key of the reference response in prompt_response records."""
+    tokenizer_type: str = "SentencePieceTokenizer"
+    """Tokenizer family, as for training."""
+    tokenizer_model: Optional[str] = None
+    """Tokenizer model file or directory, as for training."""
+    tensor_model_parallel_size: int = 1
+    """TP of this evaluation (any TP dividing the checkpoint's padded vocabulary and heads)."""
+    device: str = "cuda"
+    """cpu (gloo) or cuda (nccl)."""
+    max_new_tokens: int = 64
+    """Greedy decoding stops at EOS or after this many tokens."""
+    num_samples: int = 0
+    """Evaluate only the first this many samples of each file (0: all)."""
+    micro_batch_size: int = 32
+    """Samples per forward pass on one data-parallel rank."""
+    sft_objective: Optional[str] = None
+    """Objective whose gate/exponent statistics are reported (default: the checkpoint's)."""
+    output: Optional[str] = None
+    """Write one JSON line per sample (prompt, reference, generated, exact) here."""
+    summary_output: Optional[str] = None
+    """Also write the summary JSON lines (one per checkpoint and file) to this file."""
+    distributed_timeout_minutes: float = 10.0
+    """Timeout of collective operations."""
+
+    def data_paths(self) -> List[str]:
+        return [path for path in self.eval_data.split(",") if path]
+
+    def load_paths(self) -> List[str]:
+        return [path for path in self.load.split(",") if path]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-deft-eval",
+                                     description="Held-out loss and greedy exact-match of a "
+                                                 "megatron-deft checkpoint.")
+    docs = field_docs(EvalConfig)
+    for item in dataclasses.fields(EvalConfig):
+        kind = item.type.__args__[0] if hasattr(item.type, "__args__") else item.type
+        parser.add_argument("--" + item.name.replace("_", "-"), dest=item.name, type=kind,
+                            default=item.default, help=docs[item.name],
+                            required=item.name in ("load", "eval_data"))
+    return parser
+
+
+def validate(config: EvalConfig) -> None:
+    """Raise ConfigError (one line) on the first bad setting."""
+    checks = [
+        (config.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1"),
+        (config.device in ("cpu", "cuda"), f"--device {config.device!r}: use cpu or cuda"),
+        (config.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (config.num_samples >= 0, "--num-samples must be >= 0"),
+        (config.micro_batch_size >= 1, "--micro-batch-size must be >= 1"),
+        (config.data_format in DATA_FORMATS, f"--data-format must be one of {DATA_FORMATS}"),
+        (bool(config.data_paths()), "--eval-data names no file"),
+        (bool(config.load_paths()), "--load names no directory"),
+        (bool(config.tokenizer_model), "--tokenizer-model is required"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    spec = config.iteration
+    if spec not in ("latest", "all") and not all(p.strip().isdigit() for p in spec.split(",")):
+        raise ConfigError(f"--iteration {spec!r}: use latest, all or numbers like 100,200")
+
+
+def parse_eval_config(argv=None, world_size: int = 1) -> EvalConfig:
+    """Parse and validate; on a bad setting print one line and exit 2."""
+    try:
+        config = EvalConfig(**vars(build_parser().parse_args(argv)))
+        validate(config)
+        if world_size % config.tensor_model_parallel_size:
+            raise ConfigError(f"world size {world_size} is not divisible by "
+                              f"--tensor-model-parallel-size {config.tensor_model_parallel_size}")
+    except ConfigError as error:
+        print(f"megatron-deft-eval: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return config

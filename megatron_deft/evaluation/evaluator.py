@@ -1,0 +1,197 @@
+"""Checkpoint -> model -> per-file summaries (held-out NLL, objective statistics, exact-match).
+
+The run's architecture comes from the config saved in the checkpoint; the model is built with
+the trainer's own code (:func:`megatron_deft.training.setup.initialize_distributed`,
+:func:`megatron_deft.models.gpt.build_gpt_chunks`) and its weights loaded with
+:func:`megatron_deft.training.checkpointing.load_model_weights` (resharded to this TP).
+Layout: world = TP x DP, no pipeline parallelism; DP ranks take interleaved shares of the
+samples and their results are reduced / gathered at the end.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+
+from megatron_deft.config import Config, ConfigError
+from megatron_deft.data import build_tokenizer, encode_prompt, read_samples, tokenize_conversation
+from megatron_deft.evaluation.arguments import EvalConfig
+from megatron_deft.evaluation.generation import greedy_generate
+from megatron_deft.evaluation.scoring import all_reduce_sums, empty_sums, score_batch, summarize
+from megatron_deft.models.layout import padded_vocab_size
+from megatron_deft.objectives import parse_objective
+from megatron_deft.training import checkpointing, setup
+
+
+def checkpoint_iterations(root: str, spec: str) -> List[int]:
+    """The iterations named by --iteration (latest / all / 100,200) that exist under ``root``."""
+    if spec == "latest":
+        latest = checkpointing.read_tracker(root)
+        if latest is None:
+            raise ConfigError(f"--load {root}: no {checkpointing.TRACKER} (no complete checkpoint)")
+        return [latest]
+    if spec == "all":
+        names = os.listdir(root) if os.path.isdir(root) else []
+        found = sorted(int(n[5:]) for n in names if n.startswith("iter_") and n[5:].isdigit())
+        if not found:
+            raise ConfigError(f"--load {root}: no iter_N checkpoint directories")
+        return found
+    wanted = [int(part) for part in spec.split(",")]
+    for iteration in wanted:
+        if not os.path.isdir(checkpointing.checkpoint_dir(root, iteration)):
+            raise ConfigError(f"--load {root}: no checkpoint for iteration {iteration}")
+    return wanted
+
+
+def run_config(saved: dict, evaluation: EvalConfig, root: str) -> Config:
+    """The training Config the checkpoint was saved with, re-laid out for this evaluation."""
+    config = Config()
+    for section, values in saved.items():
+        target = getattr(config, section, None)
+        for key, value in (values or {}).items() if target is not None else ():
+            if hasattr(target, key):
+                setattr(target, key, value)
+    par = config.parallel
+    par.tensor_model_parallel_size = evaluation.tensor_model_parallel_size
+    par.pipeline_model_parallel_size = 1
+    par.num_layers_per_virtual_pipeline_stage = None
+    par.distributed_timeout_minutes = evaluation.distributed_timeout_minutes
+    config.training.device = evaluation.device
+    config.training.bf16 = config.training.bf16 and evaluation.device == "cuda"
+    config.checkpoint.load = root  # skips the random init: the weights get loaded
+    return config
+
+
+def _padded_vocab(saved: dict, vocab_size: int, tp: int) -> int:
+    """The checkpoint's padded vocabulary (padding depends on the TP it was trained with)."""
+    padded = padded_vocab_size(vocab_size, saved["model"]["make_vocab_size_divisible_by"],
+                               saved["parallel"]["tensor_model_parallel_size"])
+    if padded % tp:
+        raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the checkpoint's "
+                          f"padded vocabulary {padded}")
+    return padded
+
+
+def _split(samples: list, config: EvalConfig, tokenizer) -> list:
+    """(index, prompt ids, reference text, (ids, loss flags)) of this DP rank's samples."""
+    if config.num_samples:
+        samples = samples[: config.num_samples]
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    out = []
+    for index in range(dp_rank, len(samples), dp_size):
+        messages = samples[index].messages
+        if messages[-1][0] != "assistant":
+            sample = samples[index]
+            raise ConfigError(f"{sample.path}:{sample.line}: the last message must be the "
+                              "assistant's reference answer")
+        out.append((index, encode_prompt(messages[:-1], tokenizer), messages[-1][1],
+                    tokenize_conversation(messages, tokenizer)))
+    return out
+
+
+def evaluate_file(model, tokenizer, path: str, config: EvalConfig, objective,
+                  vocab_size: int) -> tuple:
+    """(summary, predictions) of one JSONL file; predictions only on global rank 0."""
+    samples, _ = read_samples([path], config.data_format, config.prompt_key, config.response_key)
+    mine = _split(samples, config, tokenizer)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    device = next(model.parameters()).device
+    sums = empty_sums(device)
+    predictions = []
+    for start in range(0, len(mine), config.micro_batch_size):
+        batch = mine[start: start + config.micro_batch_size]
+        sums += score_batch(model, [item[3] for item in batch], tokenizer.pad_id, objective,
+                            tp_group)
+        generated = greedy_generate(model, [item[1] for item in batch], tokenizer.eos_id,
+                                    tokenizer.pad_id, config.max_new_tokens, vocab_size, tp_group)
+        for (index, _, reference, _), ids in zip(batch, generated):
+            text = tokenizer.decode(ids)
+            predictions.append({"index": index, "reference": reference, "generated": text,
+                                "exact": text.strip() == reference.strip()})
+    dp_group = parallel_state.get_data_parallel_group()
+    all_reduce_sums(sums, dp_group)
+    gathered = [None] * parallel_state.get_data_parallel_world_size()
+    dist.all_gather_object(gathered, predictions, group=dp_group)
+    predictions = sorted((p for part in gathered for p in part), key=lambda p: p["index"])
+    summary = {"data": path, "num_samples": len(predictions),
+               "exact_match": sum(p["exact"] for p in predictions) / max(len(predictions), 1),
+               "objective": str(objective), **summarize(sums, objective.family == "qlog")}
+    return summary, predictions
+
+
+def _write_jsonl(path: str, records: List[Dict]) -> None:
+    """Atomic write: temp file, then rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    temp = f"{path}.tmp.{os.getpid()}"
+    with open(temp, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    os.replace(temp, path)
+
+
+def _prepare(config: EvalConfig, root: str, iterations: List[int], tokenizer) -> dict:
+    """What evaluating the checkpoints under ``root`` needs: iterations, run config, vocab."""
+    first = checkpointing.checkpoint_dir(root, iterations[0])
+    saved = dist_checkpointing.load_common_state_dict(first)["config"]
+    run = run_config(saved, config, root)
+    vocab_size = run.model.vocab_size or tokenizer.vocab_size
+    return dict(root=root, iterations=iterations, run=run, vocab_size=vocab_size,
+                padded=_padded_vocab(saved, vocab_size, config.tensor_model_parallel_size),
+                objective=parse_objective(config.sft_objective or run.training.sft_objective))
+
+
+def _evaluate_root(job: dict, model, tokenizer, config: EvalConfig, is_rank0: bool) -> tuple:
+    summaries, predictions = [], []
+    for iteration in job["iterations"]:
+        checkpointing.load_model_weights(
+            checkpointing.checkpoint_dir(job["root"], iteration), [model])
+        for path in config.data_paths():
+            summary, preds = evaluate_file(model, tokenizer, path, config, job["objective"],
+                                           job["vocab_size"])
+            summaries.append({"load": job["root"], "iteration": iteration, **summary})
+            predictions += [{"load": job["root"], "iteration": iteration, "data": path, **p}
+                            for p in preds]
+            if is_rank0:
+                print(json.dumps(summaries[-1]), flush=True)
+    return summaries, predictions
+
+
+def evaluate(config: EvalConfig, keep_process_group: bool = False) -> List[Dict]:
+    """Every requested checkpoint of every --load root x every file; returns the summaries (on
+    every rank) and writes --output / --summary-output and the summary lines on stdout from
+    global rank 0. The model is rebuilt only when the architecture changes between roots."""
+    from megatron_deft.models.gpt import build_gpt_chunks
+
+    # Cheap checks first: every checkpoint and file exists before anything is built.
+    iterations = {root: checkpoint_iterations(root, config.iteration)
+                  for root in config.load_paths()}
+    for path in config.data_paths():
+        if not os.path.isfile(path):
+            raise ConfigError(f"--eval-data {path}: no such file")
+    tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)
+    jobs = [_prepare(config, root, its, tokenizer) for root, its in iterations.items()]
+    setup.initialize_distributed(jobs[0]["run"])
+    is_rank0 = dist.get_rank() == 0
+    summaries, predictions, built, model = [], [], None, None
+    try:
+        for job in jobs:
+            architecture = (dataclasses.asdict(job["run"].model), job["padded"])
+            if architecture != built:
+                model, built = build_gpt_chunks(job["run"], job["padded"])[0], architecture
+                model.eval()
+            done = _evaluate_root(job, model, tokenizer, config, is_rank0)
+            summaries += done[0]
+            predictions += done[1]
+    finally:
+        setup.destroy_distributed(keep_process_group)
+    if is_rank0:
+        if config.output:
+            _write_jsonl(config.output, predictions)
+        if config.summary_output:
+            _write_jsonl(config.summary_output, summaries)
+    return summaries

@@ -1,0 +1,93 @@
+"""Held-out scoring of response tokens: NLL and the objective's per-token statistics.
+
+For a batch of tokenized conversations (ids + loss flags from the data pipeline's chat format)
+the model predicts token t+1 from tokens <= t; a target carries a score where its loss flag is
+set (the response and its closing EOS, exactly the tokens training puts loss on). The objective
+machinery (:func:`megatron_deft.objectives.vocab_parallel_loss`) gives, per target, p_target,
+the Renyi-2 entropy H2 = -log sum_v p_v^2, the gate and (q-log objectives) the exponent a. All
+sums are over targets; :func:`summarize` turns them into token means.
+"""
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_deft.data.packing import IGNORE_INDEX
+from megatron_deft.evaluation.generation import causal_forward
+from megatron_deft.objectives import vocab_parallel_loss
+
+# Token sums of one split; "tokens" counts the scored targets.
+SUM_KEYS = ("tokens", "nll", "gate", "alpha", "p_target", "sum_p2", "renyi2_entropy")
+# Bins of p_target for the gate-vs-p_target curve: [i/10, (i+1)/10), the last one closed.
+P_BINS = 10
+
+
+def empty_sums(device) -> torch.Tensor:
+    """float64 [len(SUM_KEYS) + 2 * P_BINS]: token sums, then per-bin counts and gate sums."""
+    return torch.zeros(len(SUM_KEYS) + 2 * P_BINS, dtype=torch.float64, device=device)
+
+
+@torch.no_grad()
+def score_batch(model, samples: Sequence[Tuple[List[int], List[bool]]], pad_id: int, objective,
+                group=None) -> torch.Tensor:
+    """Sums (see :func:`empty_sums`) over the response targets of ``samples``.
+
+    Args:
+        samples: (ids, loss_flags) per conversation, right-padded here into [b, s].
+    """
+    device = next(model.parameters()).device
+    width = max(len(ids) for ids, _ in samples)
+    tokens = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, flags) in enumerate(samples):
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        tokens[row, : len(ids)] = ids_t
+        # labels[t] = ids[t + 1] where that token carries loss
+        targets = torch.where(torch.tensor(flags[1:], dtype=torch.bool), ids_t[1:], IGNORE_INDEX)
+        labels[row, : len(ids) - 1] = targets
+    tokens, labels = tokens.to(device), labels.to(device)
+    logits = causal_forward(model, tokens)  # [b, s, V/tp]
+    _, stats = vocab_parallel_loss(logits, labels, objective=objective, group=group)
+    valid = stats["valid"]
+    p = stats["p_target"]
+    nll = -torch.log(p.clamp_min(torch.finfo(torch.float32).tiny)) * valid
+    per_token = {
+        "tokens": valid.double(), "nll": nll, "gate": stats["gate"],
+        "alpha": stats.get("alpha", torch.zeros_like(p)), "p_target": p,
+        "sum_p2": torch.exp(-stats["renyi2_entropy"]) * valid,
+        "renyi2_entropy": stats["renyi2_entropy"],
+    }
+    sums = empty_sums(device)
+    for index, key in enumerate(SUM_KEYS):
+        sums[index] = per_token[key].double().sum()
+    bins = (p[valid].double() * P_BINS).long().clamp(max=P_BINS - 1)
+    base = len(SUM_KEYS)
+    sums[base: base + P_BINS] += torch.bincount(bins, minlength=P_BINS).double()
+    sums[base + P_BINS:] += torch.bincount(bins, weights=stats["gate"][valid].double(),
+                                           minlength=P_BINS)
+    return sums
+
+
+def summarize(sums: torch.Tensor, has_alpha: bool) -> Dict[str, object]:
+    """Token means of the sums, plus ``gate_by_p_target``: [[p_lo, p_hi, tokens, mean gate]]."""
+    values = sums.tolist()
+    count = max(values[0], 1.0)
+    out = {"tokens": int(values[0])}
+    for index, key in enumerate(SUM_KEYS[1:], start=1):
+        if key != "alpha" or has_alpha:
+            out[key] = values[index] / count
+    base = len(SUM_KEYS)
+    out["gate_by_p_target"] = [
+        [i / P_BINS, (i + 1) / P_BINS, int(values[base + i]),
+         values[base + P_BINS + i] / values[base + i] if values[base + i] else None]
+        for i in range(P_BINS)
+    ]
+    return out
+
+
+def all_reduce_sums(sums: torch.Tensor, group) -> torch.Tensor:
+    """Sum over data-parallel ranks (each scored different samples)."""
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(sums, group=group)
+    return sums

@@ -1,0 +1,114 @@
+"""megatron-deft-eval on a model whose outputs are known by construction.
+
+The checkpoint holds a 1-layer GPT whose attention and MLP output projections are zero, so the
+last hidden state is the current token's embedding; embeddings are one-hot (E[t] = e_t) and the
+untied output layer has W[next(t), t] = 1. After the final RMSNorm (weight 1) the logits at a
+token t are s = (1/h + eps)^(-1/2) for next(t) and 0 for all other V_p (padded) ids, so:
+
+- greedy decoding from any prompt ending in L produces X, Y, then EOS;
+- the NLL of a target y after token t is log(e^s + V_p - 1) - s [y == next(t)].
+
+Exact-match and NLL are computed here by hand from the fixture and compared with the command's
+summaries at TP=1 (DP=2: samples split over ranks) and TP=2 (vocab-parallel argmax).
+"""
+
+import json
+import math
+import os
+
+import pytest
+
+from megatron_deft.data import build_tokenizer, encode_prompt, tokenize_conversation
+from tests.unit.data.helpers import load_train_tokenizer_tool, write_jsonl
+
+WORKER = os.path.join(os.path.dirname(__file__), "workers", "forced_model_eval.py")
+HIDDEN, EPS, DIVISIBLE_BY = 64, 1e-5, 8
+
+
+def _tokenizer(tmp_path):
+    corpus = [{"prompt": "abcdefghijklmnopqrstuvwxyz " * 3, "response": "0123456789" * 3}]
+    path = write_jsonl(tmp_path / "corpus.jsonl", corpus)
+    prefix = str(tmp_path / "char")
+    assert load_train_tokenizer_tool().main([
+        "--input", str(path), "--model-type", "char", "--no-byte-fallback", "--vocab-size", "48",
+        "--model-prefix", prefix]) == 0
+    return prefix + ".model"
+
+
+def _pick_chars(tokenizer, padded):
+    """Characters X (id in the upper half of the padded vocab: TP rank 1) and Y (lower half)."""
+    ids = {c: tokenizer.encode(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789"}
+    single = {c: i[0] for c, i in ids.items() if len(i) == 1}
+    upper = [c for c, i in single.items() if i >= padded // 2]
+    lower = [c for c, i in single.items() if i < padded // 2]
+    assert upper and lower, f"need characters on both TP ranks: {single} (padded vocab {padded})"
+    return upper[0], lower[0]
+
+
+@pytest.fixture(scope="module")
+def forced(torchrun, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    model_path = _tokenizer(tmp)
+    tokenizer = build_tokenizer("SentencePieceTokenizer", model_path)
+    padded = -(-tokenizer.vocab_size // DIVISIBLE_BY) * DIVISIBLE_BY
+    x, y = _pick_chars(tokenizer, padded)
+    prompts = ["add one and two", "dcba", "zz", "q", "hello world"]
+    responses = [x + y, x + y, x, y + x, x + y + x]
+    records = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
+    data = str(write_jsonl(tmp / "eval.jsonl", records))
+    last = {encode_prompt([("user", p)], tokenizer)[-1] for p in prompts}
+    assert len(last) == 1, "every prompt must end in the same template token"
+    ids = (last.pop(), tokenizer.encode(x)[0], tokenizer.encode(y)[0])
+    assert len(set(ids)) == 3 and tokenizer.eos_id not in ids
+    results = torchrun(WORKER, 2, tmp, model_path, data, *ids)
+    return dict(results=results, tokenizer=tokenizer, records=records, ids=ids, padded=padded,
+                tmp=tmp, forced_text=x + y, first_text=x)
+
+
+def _hand_nll(forced) -> float:
+    """Mean NLL over response targets, from the closed form in the module docstring."""
+    last, x, y = forced["ids"]
+    successor = {last: x, x: y}
+    eos, padded = forced["tokenizer"].eos_id, forced["padded"]
+    s = (1.0 / HIDDEN + EPS) ** -0.5
+    log_z = math.log(math.exp(s) + padded - 1)
+    total, count = 0.0, 0
+    for record in forced["records"]:
+        messages = [("user", record["prompt"]), ("assistant", record["response"])]
+        ids, flags = tokenize_conversation(messages, forced["tokenizer"])
+        for t in range(len(ids) - 1):
+            if flags[t + 1]:
+                total += log_z - s * (ids[t + 1] == successor.get(ids[t], eos))
+                count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("tag", ["tp1", "tp2"])
+def test_exact_match_and_nll_equal_hand_computed_values(forced, tag):
+    (summary,) = forced["results"][tag]
+    references = [r["response"] for r in forced["records"]]
+    expected_em = sum(r == forced["forced_text"] for r in references) / len(references)
+    assert expected_em == pytest.approx(0.4)
+    assert summary["num_samples"] == 5
+    assert summary["exact_match"] == pytest.approx(expected_em)
+    assert summary["nll"] == pytest.approx(_hand_nll(forced), rel=1e-5)
+    assert summary["iteration"] == 0
+
+
+def test_generation_stops_at_max_new_tokens(forced):
+    (summary,) = forced["results"]["tp2_one_token"]
+    assert summary["exact_match"] == pytest.approx(1 / 5)  # only the reference "X" matches
+
+
+def test_predictions_file_holds_each_sample_in_order(forced):
+    with open(forced["tmp"] / "tp2.jsonl") as handle:
+        rows = [json.loads(line) for line in handle]
+    assert [r["index"] for r in rows] == list(range(5))
+    assert {r["generated"] for r in rows} == {forced["forced_text"]}
+    assert [r["exact"] for r in rows] == [r["response"] == forced["forced_text"]
+                                          for r in forced["records"]]
+
+
+def test_vocab_parallel_argmax_matches_full_argmax(forced):
+    assert forced["results"]["argmax_rows_in_rank1"] > 0
+    assert forced["results"]["argmax_mismatches"] == 0

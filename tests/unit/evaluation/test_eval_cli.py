@@ -1,0 +1,40 @@
+"""megatron-deft-eval's bad-input paths: one line naming the flag or file, exit 2 (flags) or 1."""
+
+import pytest
+
+from megatron_deft import eval as eval_cli
+
+
+@pytest.fixture(autouse=True)
+def _one_process(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--tokenizer-model is required"),
+    (["--tokenizer-model", "t.model", "--iteration", "last"], "--iteration 'last'"),
+    (["--tokenizer-model", "t.model", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--tokenizer-model", "t.model", "--tensor-model-parallel-size", "2"],
+     "world size 1 is not divisible by --tensor-model-parallel-size 2"),
+])
+def test_bad_flags_exit_2_with_one_line(extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main(["--load", "ckpt", "--eval-data", "x.jsonl", *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+
+
+def test_missing_checkpoint_names_the_directory(tmp_path, capsys):
+    code = eval_cli.main(["--load", str(tmp_path), "--eval-data", "x.jsonl",
+                          "--tokenizer-model", "t.model", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and str(tmp_path) in err and "latest_checkpointed_iteration" in err, err
+
+
+def test_missing_iteration_is_reported(tmp_path, capsys):
+    (tmp_path / "iter_0000005").mkdir()
+    code = eval_cli.main(["--load", str(tmp_path), "--iteration", "5,7", "--eval-data", "x",
+                          "--tokenizer-model", "t.model", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "no checkpoint for iteration 7" in err, err
