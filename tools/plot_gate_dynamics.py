@@ -15,6 +15,9 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
+# Runnable from a checkout without `pip install -e .`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 STATS = (("gate", "mean gate"), ("alpha", "mean exponent a"), ("p_target", "mean p_target"),
          ("renyi2_entropy", "mean Renyi-2 entropy H2"),
          ("confident_conflict", "confident-conflict fraction"), ("nll", "NLL"))
@@ -44,6 +47,8 @@ def plot(runs: Dict[str, Dict[str, Series]], out: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from megatron_deft.utils.figures import save_figure
+
     present = [(key, title) for key, title in STATS if any(key in r for r in runs.values())]
     if not present:
         raise ValueError("none of the runs logged " + ", ".join(k for k, _ in STATS))
@@ -58,12 +63,7 @@ def plot(runs: Dict[str, Dict[str, Series]], out: str) -> str:
     for axis in list(axes.flat)[len(present):]:
         axis.set_visible(False)
     axes.flat[0].legend(fontsize=7)
-    figure.tight_layout()
-    temp = out + ".tmp.png"
-    figure.savefig(temp, dpi=90)
-    plt.close(figure)
-    os.replace(temp, out)
-    return out
+    return save_figure(figure, out)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -8,6 +8,7 @@
 import os
 
 from benchmarks.objectives_regimes.results import CLASSES, curve, over_seeds
+from megatron_deft.utils.figures import save_figure
 
 try:
     import matplotlib
@@ -26,15 +27,6 @@ def _panels(title: str):
     return figure, axes[0]
 
 
-def _save(figure, path: str) -> str:
-    figure.tight_layout()
-    temp = path + ".tmp.png"
-    figure.savefig(temp, dpi=90)
-    plt.close(figure)
-    os.replace(temp, path)
-    return path
-
-
 def accuracy_curves(by_objective: dict, variant: str, out_dir: str, prior_em: dict) -> str:
     figure, axes = _panels(f"exact-match during phase 2 ({variant}); mean ± sd over seeds")
     for axis, label in zip(axes, CLASSES.values()):
@@ -45,7 +37,7 @@ def accuracy_curves(by_objective: dict, variant: str, out_dir: str, prior_em: di
             axis.errorbar(steps, means, yerr=sds, label=objective, marker="o", ms=3, capsize=2)
         axis.set(title=label, xlabel="phase-2 step", ylabel="exact-match", ylim=(-0.02, 1.02))
     axes[0].legend(fontsize=8)
-    return _save(figure, os.path.join(out_dir, f"accuracy_{variant}.png"))
+    return save_figure(figure, os.path.join(out_dir, f"accuracy_{variant}.png"))
 
 
 def gate_vs_p(by_objective: dict, variant: str, out_dir: str) -> str:
@@ -58,7 +50,7 @@ def gate_vs_p(by_objective: dict, variant: str, out_dir: str) -> str:
             axis.plot(xs, ys, marker="o", ms=3, label=objective)
         axis.set(title=label, xlabel="p_target (bin centre)", ylabel="mean gate")
     axes[0].legend(fontsize=8)
-    return _save(figure, os.path.join(out_dir, f"gate_vs_p_{variant}.png"))
+    return save_figure(figure, os.path.join(out_dir, f"gate_vs_p_{variant}.png"))
 
 
 def _pooled_bins(runs, label):
@@ -87,4 +79,4 @@ def alpha_curves(by_objective: dict, variant: str, out_dir: str) -> str:
             axis.plot(steps, means, marker="o", ms=3, label=objective)
         axis.set(title=label, xlabel="phase-2 step", ylabel="mean a")
     axes[0].legend(fontsize=8)
-    return _save(figure, os.path.join(out_dir, f"alpha_{variant}.png"))
+    return save_figure(figure, os.path.join(out_dir, f"alpha_{variant}.png"))
