@@ -51,9 +51,8 @@ def score_batch(model, samples: Sequence[Tuple[List[int], List[bool]]], pad_id: 
     _, stats = vocab_parallel_loss(logits, labels, objective=objective, group=group)
     valid = stats["valid"]
     p = stats["p_target"]
-    nll = -torch.log(p.clamp_min(torch.finfo(torch.float32).tiny)) * valid
     per_token = {
-        "tokens": valid.double(), "nll": nll, "gate": stats["gate"],
+        "tokens": valid.double(), "nll": stats["nll"], "gate": stats["gate"],
         "alpha": stats.get("alpha", torch.zeros_like(p)), "p_target": p,
         "sum_p2": torch.exp(-stats["renyi2_entropy"]) * valid,
         "renyi2_entropy": stats["renyi2_entropy"],

@@ -35,7 +35,7 @@ IGNORE_INDEX = -100
 CAYLEY_EXPONENT_MIN = 1e-3
 
 # Per-token statistics returned by the autograd Function, in column order of its stats tensor.
-_STAT_NAMES = ("gate", "p_target", "renyi2_entropy", "alpha", "topk_entropy")
+_STAT_NAMES = ("gate", "p_target", "nll", "renyi2_entropy", "alpha", "topk_entropy")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ class _VocabParallelObjective(torch.autograd.Function):
 
         zero = torch.zeros_like(log_p)
         loss, gate = torch.where(valid, loss, zero), torch.where(valid, gate, zero)
-        stats = [gate, log_p.exp(), -sum_p2.log(), exponent, top_entropy]
+        stats = [gate, log_p.exp(), -log_p, -sum_p2.log(), exponent, top_entropy]
         stats = torch.stack([torch.where(valid, s, zero) if s is not None else zero for s in stats], -1)
 
         ctx.save_for_backward(work, gate / sum_exp, gate, local_target, owns_target)
@@ -292,7 +292,8 @@ def vocab_parallel_loss(
     Returns:
         loss: [...] fp32 per-token loss, 0 at ignored tokens, differentiable w.r.t. logits.
         stats: dict of detached [...] tensors, 0 at ignored tokens: `gate` (multiplies softmax - onehot
-            in the gradient), `p_target`, `renyi2_entropy` (-log sum p^2), `valid` (bool), plus `alpha`
+            in the gradient), `p_target`, `nll` (-log p_target, exact even where p underflows),
+            `renyi2_entropy` (-log sum p^2), `valid` (bool), plus `alpha`
             (the exponent a) for the q-log objectives and `topk_entropy` (normalised) for eaft.
 
     Raises:

@@ -54,16 +54,13 @@ def loss_func(labels, loss_mask, objective, logits):
     # Confident conflict: the model puts < 10% on the target while being peaked (sum p^2 > 0.5,
     # i.e. Renyi-2 entropy < ln 2).
     conflict = valid & (stats["p_target"] < 0.1) & (stats["renyi2_entropy"] < _LN2)
-    # NLL = -log p_target for every objective (comparable across objectives); the clamp only
-    # matters where p underflows fp32 (log p < -87).
-    nll = -torch.log(stats["p_target"].clamp_min(torch.finfo(torch.float32).tiny)) * valid
     num_tokens = valid.sum().to(torch.int)
     loss_sum = loss.sum()
     zeros = torch.zeros_like(loss)
     report = torch.stack([
         loss_sum.detach(),
         num_tokens.to(loss_sum.dtype),
-        nll.sum(),
+        stats["nll"].sum(),  # -log p_target for every objective: comparable across objectives
         stats["gate"].sum(),
         stats.get("alpha", zeros).sum(),
         stats["p_target"].sum(),

@@ -23,7 +23,8 @@ def reference(logits, target, objective, loss_mask=None, frozen=None):
     log_p = log_probs.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     p = log_p.exp()
     sum_p2 = (log_probs.exp() ** 2).sum(-1)
-    stats = {"p_target": p.detach(), "renyi2_entropy": -torch.log(sum_p2).detach()}
+    stats = {"p_target": p.detach(), "nll": -log_p.detach(),
+             "renyi2_entropy": -torch.log(sum_p2).detach()}
     name = objective.name
     if name in ("dft", "eaft"):
         if name == "dft":
