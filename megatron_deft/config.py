@@ -154,6 +154,9 @@ class DataConfig:
     """JSON key of the prompt in prompt_response records (e.g. question for GSM8K)."""
     response_key: str = "response"
     """JSON key of the response in prompt_response records (e.g. answer for GSM8K)."""
+    token_class_key: Optional[str] = None
+    """JSON key whose string value names the class of a sample's tokens (e.g. "noisy"): the
+    gate and exponent are then also logged per class (TensorBoard histograms). JSONL only."""
     pack_sequences: bool = False
     """Pack several samples into one row of seq_length tokens."""
     tokenizer_type: Optional[str] = None

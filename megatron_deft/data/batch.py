@@ -7,6 +7,8 @@ Micro-batch (CPU tensors, ``b`` rows of ``s`` tokens; Megatron conventions):
 - ``loss_mask``      float32 [b, s]  1.0 exactly where ``labels != -100``
 - ``position_ids``   int64   [b, s]  restart at 0 for every packed sample
 - ``segment_ids``    int64   [b, s]  sample index within its row, -1 on padding
+- ``token_class``    int64   [b, s]  the sample's class id (``--token-class-key``), -1 on
+  padding and unlabeled samples; only read by the training diagnostics
 - ``attention_mask`` bool    [b, 1, s, s]  True = masked out: query ``i`` may attend key ``j``
   iff ``j <= i`` and both are in the same sample, or ``i == j`` (a pad token sees itself only,
   so no softmax row is empty). Omitted with ``with_attention_mask=False`` (THD runs do not
@@ -22,7 +24,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-ROW_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")
+ROW_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids", "token_class")
 
 
 def collate_rows(
@@ -60,8 +62,8 @@ def cu_seqlens_from_segments(segment_ids: torch.Tensor):
 def unpack_batch(batch: Dict[str, torch.Tensor]) -> List[List[Dict[str, torch.Tensor]]]:
     """Splits every row of a micro-batch back into its samples.
 
-    Returns ``samples[row][i]``: a dict with ``tokens``, ``labels``, ``loss_mask`` and
-    ``position_ids`` ([n_i] each) of the ``i``-th sample of ``row``, padding removed. Running a
+    Returns ``samples[row][i]``: a dict with ``tokens``, ``labels``, ``loss_mask``,
+    ``position_ids`` and ``token_class`` ([n_i] each) of the ``i``-th sample of ``row``, padding removed. Running a
     model on each sample alone must give the same per-token loss as on the packed row.
     """
     out = []

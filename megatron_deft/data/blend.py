@@ -77,6 +77,9 @@ class ConcatenatedSamples:
         self.loss_token_counts = np.concatenate(
             [part.loss_token_counts for part in self.parts]
         ).astype(np.int64)
+        if any(part.class_names for part in self.parts):
+            raise ValueError("ConcatenatedSamples: parts with token classes are not supported")
+        self.classes, self.class_names = np.concatenate([p.classes for p in self.parts]), ()
 
     def __len__(self) -> int:
         return int(self.starts[-1])

@@ -20,6 +20,7 @@ _TOKENIZATION_SETTINGS = (
     "data_format",
     "prompt_key",
     "response_key",
+    "token_class_key",
     "seq_length",
     "overlong",
     "skip_bad_samples",
@@ -156,6 +157,7 @@ def _tokenize_split(paths: List[str], config: DataConfig, tokenizer: Tokenizer):
         config.response_key,
         config.skip_bad_samples,
         read_report,
+        config.token_class_key,
     )
     samples, token_report = tokenize_samples(
         conversations,

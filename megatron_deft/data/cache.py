@@ -17,7 +17,7 @@ import numpy as np
 
 from megatron_deft.data.sft_dataset import TokenizedSamples
 
-CACHE_VERSION = 1  # bump when tokenization output changes for the same inputs
+CACHE_VERSION = 2  # bump when tokenization output changes for the same inputs
 
 
 def cache_key(paths: List[str], tokenizer_model: str, settings: Dict) -> str:
@@ -37,7 +37,10 @@ def load_cached(cache_dir: str, key: str) -> Optional[Tuple[TokenizedSamples, Di
     if not os.path.isfile(path):
         return None
     with np.load(path, allow_pickle=False) as entry:
-        samples = TokenizedSamples(entry["ids"], entry["loss_flags"], entry["offsets"])
+        samples = TokenizedSamples(
+            entry["ids"], entry["loss_flags"], entry["offsets"], entry["classes"],
+            tuple(json.loads(str(entry["class_names"]))),
+        )
         report = json.loads(str(entry["report"]))
     return samples, report
 
@@ -54,6 +57,8 @@ def save_cached(cache_dir: str, key: str, samples: TokenizedSamples, report: Dic
                 ids=samples.ids,
                 loss_flags=samples.loss_flags,
                 offsets=samples.offsets,
+                classes=samples.classes,
+                class_names=np.array(json.dumps(list(samples.class_names))),
                 report=np.array(json.dumps(report)),
             )
         os.replace(tmp, path)

@@ -43,6 +43,11 @@ class DataConfig:
     response_key: str = "response"
     """JSON key of the response in ``prompt_response`` lines, e.g. ``answer`` for GSM8K."""
 
+    token_class_key: Optional[str] = None
+    """JSON key whose string value names the class of a sample's tokens (e.g. ``"noisy"``), for
+    per-class training histograms of the objective's gate and exponent (``--token-class-key``).
+    Records without the key are unlabeled. JSONL input only; training is unchanged."""
+
     seq_length: int = 2048
     """Tokens per row ``s``: every micro-batch is ``[b, s]``; a sample must fit in one row."""
 
@@ -84,6 +89,11 @@ class DataConfig:
                 parse_data_path(getattr(self, name))  # syntax errors surface at startup
                 if getattr(self, jsonl_name):
                     raise ValueError(f"set {name} (preprocessed) or {jsonl_name} (JSONL), not both")
+                if self.token_class_key:
+                    raise ValueError(
+                        f"token_class_key needs JSONL data: the preprocessed sets of {name} "
+                        "carry no per-sample fields besides the tokens"
+                    )
         _check_choice("data_format", self.data_format, DATA_FORMATS)
         _check_choice("overlong", self.overlong, OVERLONG_POLICIES)
         _check_choice("tokenizer_type", self.tokenizer_type, TOKENIZER_TYPES)

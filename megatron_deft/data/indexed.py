@@ -160,6 +160,8 @@ class IndexedSamples:
         self.kept, self.lengths, self.loss_token_counts, self.counts = self._apply_policy(
             full_lengths, np.asarray(full_loss, dtype=np.int64), overlong
         )
+        # Preprocessed sets carry no token classes (--token-class-key needs JSONL input).
+        self.classes, self.class_names = np.full(len(self.kept), -1, dtype=np.int32), ()
 
     def __len__(self) -> int:
         return len(self.kept)

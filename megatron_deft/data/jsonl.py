@@ -7,6 +7,10 @@ Every accepted line becomes a :class:`Sample`, a conversation of ``(role, conten
   --response-key answer``).
 - ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``.
 
+With a ``class_key`` (``--token-class-key``), the record's string under that key labels the
+sample's tokens with a class (e.g. ``"noisy"``) for per-class training diagnostics; a record
+without the key is unlabeled. The class never changes what is trained.
+
 A bad line raises :class:`DataError` naming ``file:line``; with ``skip_bad_samples`` it is
 counted per reason in a :class:`ReadReport` instead. Blank lines are not samples and are ignored.
 """
@@ -45,6 +49,8 @@ class Sample:
     messages: Tuple[Tuple[str, str], ...]
     path: str
     line: int
+    token_class: Optional[str] = None
+    """The record's ``class_key`` value (None: unlabeled or no ``class_key``)."""
 
 
 @dataclass
@@ -72,6 +78,7 @@ def read_samples(
     prompt_key: str = "prompt",
     response_key: str = "response",
     skip_bad_samples: bool = False,
+    class_key: Optional[str] = None,
 ) -> Tuple[List[Sample], ReadReport]:
     """Reads and validates all files in order; returns the samples and a report of skips.
 
@@ -81,7 +88,8 @@ def read_samples(
     """
     report = ReadReport()
     samples = list(
-        iter_samples(paths, data_format, prompt_key, response_key, skip_bad_samples, report)
+        iter_samples(paths, data_format, prompt_key, response_key, skip_bad_samples, report,
+                     class_key)
     )
     return samples, report
 
@@ -93,6 +101,7 @@ def iter_samples(
     response_key: str,
     skip_bad_samples: bool,
     report: ReadReport,
+    class_key: Optional[str] = None,
 ) -> Iterator[Sample]:
     """Streams :func:`read_samples` (so raw text need not be held for the whole data set),
     counting kept and skipped samples in ``report``. All files are checked up front."""
@@ -108,6 +117,7 @@ def iter_samples(
                 if file_format is None:
                     file_format = detect_format(record, prompt_key, response_key)
                 messages = parse_record(record, file_format, prompt_key, response_key)
+                token_class = _class_field(record, class_key)
             except _BadRecord as error:
                 _fail_or_skip(
                     DataError(path, line, str(error), error.reason), report, skip_bad_samples
@@ -115,7 +125,7 @@ def iter_samples(
                 continue
             kept += 1
             report.num_samples += 1
-            yield Sample(messages, path, line)
+            yield Sample(messages, path, line, token_class)
         if not kept:
             raise DataError(path, None, "contains no usable samples", reason="empty_file")
 
@@ -173,6 +183,18 @@ def _parse_messages(record: dict):
     if not any(role == "assistant" for role, _ in parsed):
         raise _BadRecord("empty_response", "no assistant message, so nothing would carry loss")
     return tuple(parsed)
+
+
+def _class_field(record: dict, class_key: Optional[str]) -> Optional[str]:
+    """The sample's class label: a non-empty string, or None when the key is absent."""
+    if class_key is None or class_key not in record:
+        return None
+    value = record[class_key]
+    if not isinstance(value, str) or not value:
+        raise _BadRecord(
+            "invalid", f"token class key '{class_key}' must be a non-empty string, got {value!r}"
+        )
+    return value
 
 
 def _string_field(record: dict, key: str, allow_empty: bool, where: str = "record"):

@@ -63,6 +63,11 @@ class SFTDataLoader:
         self._cached_epoch, self._cached_permutation = -1, None
 
     @property
+    def class_names(self):
+        """Token class labels; micro-batch ``token_class`` ids index this tuple."""
+        return self.samples.class_names
+
+    @property
     def num_rows(self) -> int:
         return len(self.rows)
 

@@ -12,6 +12,8 @@ Row layout for samples ``k_1..k_m`` of lengths ``n_1..n_m`` (sum ``<= s``), then
   a sample boundary
 - ``position_ids``: ``0..n_i-1`` per sample; 0 on padding (each pad token is its own segment)
 - ``segment_ids`` : ``i - 1`` on sample ``k_i`` (0-based within the row), -1 on padding
+- ``token_class`` : the class id of sample ``k_i`` (``samples.classes``) on its tokens, -1 on
+  padding and unlabeled samples
 """
 
 import bisect
@@ -67,11 +69,12 @@ def plan_rows(lengths: np.ndarray, seq_length: int, pack: bool) -> List[Row]:
 
 def build_row(samples: TokenizedSamples, row: Sequence[int], seq_length: int, pad_id: int):
     """Lays out one row (see module docstring). Returns numpy arrays of shape [seq_length]:
-    tokens, labels, position_ids, segment_ids (int64) and loss_mask (float32)."""
+    tokens, labels, position_ids, segment_ids, token_class (int64) and loss_mask (float32)."""
     tokens = np.full(seq_length, pad_id, dtype=np.int64)
     labels = np.full(seq_length, IGNORE_INDEX, dtype=np.int64)
     position_ids = np.zeros(seq_length, dtype=np.int64)
     segment_ids = np.full(seq_length, -1, dtype=np.int64)
+    token_class = np.full(seq_length, -1, dtype=np.int64)
     start = 0
     for segment, k in enumerate(row):
         ids, flags = samples.sample(k)
@@ -84,6 +87,7 @@ def build_row(samples: TokenizedSamples, row: Sequence[int], seq_length: int, pa
         labels[start : end - 1] = np.where(flags[1:], ids[1:], IGNORE_INDEX)
         position_ids[start:end] = np.arange(len(ids))
         segment_ids[start:end] = segment
+        token_class[start:end] = samples.classes[k]
         start = end
     loss_mask = (labels != IGNORE_INDEX).astype(np.float32)
     return {
@@ -92,6 +96,7 @@ def build_row(samples: TokenizedSamples, row: Sequence[int], seq_length: int, pa
         "loss_mask": loss_mask,
         "position_ids": position_ids,
         "segment_ids": segment_ids,
+        "token_class": token_class,
     }
 
 

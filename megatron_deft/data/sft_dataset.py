@@ -1,12 +1,13 @@
 """Samples -> tokenized samples (ids + loss flags), with the over-long policy applied and counted.
 
 Storage is flat (numpy) so that millions of samples cost two arrays, not millions of lists:
-sample ``k`` is ``ids[offsets[k]:offsets[k+1]]``. A sample of ``n`` tokens occupies ``n``
+sample ``k`` is ``ids[offsets[k]:offsets[k+1]]`` and its token class (``--token-class-key``) is
+``class_names[classes[k]]`` (-1: unlabeled). A sample of ``n`` tokens occupies ``n``
 positions of a row and yields ``n - 1`` next-token targets, so it fits when ``n <= seq_length``.
 """
 
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -25,6 +26,15 @@ class TokenizedSamples:
     """bool [total_tokens]"""
     offsets: np.ndarray
     """int64 [num_samples + 1], starts at 0"""
+    classes: Optional[np.ndarray] = None
+    """int32 [num_samples]: index into ``class_names``, -1 for unlabeled (None: all unlabeled)"""
+    class_names: Tuple[str, ...] = ()
+    """Sorted distinct class labels of the split."""
+
+    def __post_init__(self):
+        if self.classes is None:
+            self.classes = np.full(len(self), -1, dtype=np.int32)
+        self.class_names = tuple(self.class_names)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -79,6 +89,7 @@ def tokenize_samples(
     report = TokenizeReport()
     kept_ids: List[np.ndarray] = []
     kept_flags: List[np.ndarray] = []
+    kept_classes: List[Optional[str]] = []
     for sample in samples:
         try:
             ids, flags = tokenize_conversation(sample.messages, tokenizer)
@@ -102,16 +113,25 @@ def tokenize_samples(
             continue
         kept_ids.append(ids)
         kept_flags.append(flags)
-    tokenized = _concatenate(kept_ids, kept_flags)
+        kept_classes.append(sample.token_class)
+    tokenized = _concatenate(kept_ids, kept_flags, kept_classes)
     report.num_samples = len(tokenized)
     report.num_tokens = int(tokenized.lengths.sum())
     report.num_loss_tokens = int(tokenized.loss_token_counts.sum())
     return tokenized, report
 
 
-def _concatenate(ids: List[np.ndarray], flags: List[np.ndarray]) -> TokenizedSamples:
+def _concatenate(
+    ids: List[np.ndarray], flags: List[np.ndarray], classes: List[Optional[str]]
+) -> TokenizedSamples:
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum([len(x) for x in ids], out=offsets[1:])
+    names = sorted({name for name in classes if name is not None})
+    index: Dict[Optional[str], int] = {name: i for i, name in enumerate(names)}
+    index[None] = -1
+    class_ids = np.array([index[name] for name in classes], dtype=np.int32)
     if not ids:
         return TokenizedSamples(np.zeros(0, np.int32), np.zeros(0, bool), offsets)
-    return TokenizedSamples(np.concatenate(ids), np.concatenate(flags), offsets)
+    return TokenizedSamples(
+        np.concatenate(ids), np.concatenate(flags), offsets, class_ids, tuple(names)
+    )

@@ -192,6 +192,9 @@ def _validate_run(config: Config) -> None:
     _require(not (data.valid_data and data.valid_data_prefix),
              "give --valid-data or --valid-data-prefix, not both")
     _require(not data.mock_data or model.vocab_size is not None, "--mock-data needs --vocab-size")
+    _require(not data.token_class_key or data.train_data is not None,
+             "--token-class-key needs JSONL data (--train-data): preprocessed --data-path sets "
+             "carry no per-sample fields (--mock-data samples have built-in classes)")
     has_valid = data.mock_data or data.valid_data is not None or bool(data.valid_data_prefix)
     _require(train.eval_interval == 0 or has_valid,
              "--eval-interval needs --valid-data or --valid-data-prefix (or --mock-data)")

@@ -17,6 +17,7 @@ from megatron_deft.data.sft_dataset import TokenizedSamples
 
 SYNTHETIC_TRAIN_SAMPLES = 512
 SYNTHETIC_VALID_SAMPLES = 32
+SYNTHETIC_CLASSES = ("long", "short")  # token classes of the synthetic samples, by length
 
 
 def synthetic_samples(vocab_size: int, seq_length: int, num_samples: int, seed: int):
@@ -24,9 +25,10 @@ def synthetic_samples(vocab_size: int, seq_length: int, num_samples: int, seed: 
 
     Lengths vary in [2, seq_length] and one sample in eight is prompt-only (no loss tokens), so
     micro-batches carry very different loss-token counts (exercises the global per-token mean).
-    Sample k depends only on (seed, k).
+    A sample of at most seq_length / 2 tokens has token class "short", a longer one "long" (so
+    the per-class diagnostics run in every mock-data run). Sample k depends only on (seed, k).
     """
-    ids, flags, offsets = [], [], [0]
+    ids, flags, offsets, classes = [], [], [0], []
     for k in range(num_samples):
         rng = np.random.default_rng([seed, k])
         length = int(rng.integers(2, seq_length + 1))
@@ -34,7 +36,9 @@ def synthetic_samples(vocab_size: int, seq_length: int, num_samples: int, seed: 
         ids.append(rng.integers(0, vocab_size, size=length, dtype=np.int64))
         flags.append(np.arange(length) >= prompt)
         offsets.append(offsets[-1] + length)
-    return TokenizedSamples(np.concatenate(ids), np.concatenate(flags), np.array(offsets))
+        classes.append(SYNTHETIC_CLASSES.index("short" if 2 * length <= seq_length else "long"))
+    return TokenizedSamples(np.concatenate(ids), np.concatenate(flags), np.array(offsets),
+                            np.array(classes, dtype=np.int32), SYNTHETIC_CLASSES)
 
 
 def _synthetic_loader(config: Config, num_samples: int, seed: int, dp_rank: int, dp_size: int):
@@ -62,6 +66,7 @@ def _file_loaders(config: Config, dp_rank: int, dp_size: int):
         data_format=data.data_format,
         prompt_key=data.prompt_key,
         response_key=data.response_key,
+        token_class_key=data.token_class_key,
         seq_length=config.model.seq_length,
         pack_sequences=data.pack_sequences,
         overlong=data.overlong,

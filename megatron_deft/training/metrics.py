@@ -1,8 +1,22 @@
-"""Console + TensorBoard logging of training/validation metrics (one writer, last rank)."""
+"""Console + TensorBoard logging of training/validation metrics (one writer, last rank).
+
+TensorBoard tags, every ``--log-interval`` iterations (means over the iterations that updated):
+
+- ``train/<stat>`` scalars: loss, nll, lr, grad_norm, tokens_per_second, samples_consumed and the
+  objective's token means (gate, alpha for q-log objectives, p_target, renyi2_entropy,
+  confident_conflict);
+- ``train/<stat>_histogram``: histograms of gate, p_target and alpha over the window's tokens;
+- with ``--token-class-key``, per class ``<name>``: ``train_class/<name>/<stat>`` (token mean),
+  ``train_class/<name>/<stat>_histogram`` and ``train_class/<name>/token_fraction`` (its share
+  of the window's loss tokens);
+- ``valid/loss``, ``valid/nll`` at each validation.
+"""
 
 import contextlib
 import logging
 import time
+
+from megatron_deft.training.token_classes import split_histograms
 
 logger = logging.getLogger("megatron_deft")
 
@@ -24,8 +38,9 @@ class MetricsLogger:
     """
 
     def __init__(self, is_writer: bool, tensorboard_dir, objective, train_iters: int,
-                 tokens_per_iteration: int):
+                 tokens_per_iteration: int, class_names=()):
         self.is_writer = is_writer
+        self.objective, self.class_names = objective, tuple(class_names)
         self.has_alpha = objective.family == "qlog"  # the exponent exists for q-log objectives
         self.is_nll = objective.name == "nll"
         self.train_iters = train_iters
@@ -37,11 +52,16 @@ class MetricsLogger:
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
         self._window = []
         self._window_start = time.perf_counter()
+        self._window_counts = None  # summed token_class_counts of the window's updates
 
     def record(self, iteration: int, metrics: dict, lr: float, samples_consumed: int,
                log_now: bool) -> None:
         """Add one iteration; on ``log_now`` print/write the window's means and reset it."""
         self._window.append(metrics)
+        if metrics["updated"]:
+            counts = metrics["token_class_counts"]
+            self._window_counts = counts if self._window_counts is None else (
+                self._window_counts + counts)
         if not log_now:
             return
         elapsed = time.perf_counter() - self._window_start
@@ -51,7 +71,8 @@ class MetricsLogger:
         # Means over the iterations that updated (nan when every iteration was skipped).
         means = {key: sum(m[key] for m in finite) / len(finite) if finite else float("nan")
                  for key in ("loss", "nll", "grad_norm", *OBJECTIVE_STATS)}
-        self._window, self._window_start = [], time.perf_counter()
+        window_counts = self._window_counts
+        self._window, self._window_start, self._window_counts = [], time.perf_counter(), None
         if not self.is_writer:
             return
         stats = {k: v for k, v in means.items() if k in OBJECTIVE_STATS}
@@ -72,6 +93,10 @@ class MetricsLogger:
         if skipped:
             parts.append(f"skipped {skipped}")
         logger.info(" | ".join(parts))
+        histograms = {}
+        if window_counts is not None:
+            histograms = split_histograms(window_counts, self.class_names, self.objective)
+        self._log_classes(histograms)
         if self.writer:
             scalars = {"loss": means["loss"], "nll": means["nll"], "lr": lr,
                        "grad_norm": means["grad_norm"],
@@ -79,7 +104,31 @@ class MetricsLogger:
                        "samples_consumed": samples_consumed, **stats}
             for key, value in scalars.items():
                 self.writer.add_scalar(f"train/{key}", value, iteration)
+            self._write_histograms(histograms, iteration)
             self.writer.flush()
+
+    def _log_classes(self, histograms: dict) -> None:
+        """One console line per token class: its share of the loss tokens and its means."""
+        for name in self.class_names:
+            if name not in histograms:
+                logger.info(f"  class {name}: no loss tokens in this window")
+                continue
+            stats = histograms[name]
+            means = " | ".join(f"mean {stat} {h.mean:.4f}" for stat, h in stats.items())
+            logger.info(f"  class {name}: {100 * _token_fraction(histograms, name):.1f}% of "
+                        f"loss tokens | {means}")
+
+    def _write_histograms(self, histograms: dict, iteration: int) -> None:
+        for name, stats in histograms.items():
+            prefix = "train" if name is None else f"train_class/{name}"
+            for stat, histogram in stats.items():
+                self.writer.add_histogram_raw(f"{prefix}/{stat}_histogram",
+                                              global_step=iteration, **histogram.tensorboard_raw())
+                if name is not None:
+                    self.writer.add_scalar(f"{prefix}/{stat}", histogram.mean, iteration)
+            if name is not None:
+                self.writer.add_scalar(f"{prefix}/token_fraction",
+                                       _token_fraction(histograms, name), iteration)
 
     @contextlib.contextmanager
     def paused(self):
@@ -108,6 +157,11 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+def _token_fraction(histograms: dict, name: str) -> float:
+    """Share of the window's loss tokens in class ``name`` (histograms of split_histograms)."""
+    return histograms[name]["gate"].num / histograms[None]["gate"].num
 
 
 def _duration(seconds: float) -> str:

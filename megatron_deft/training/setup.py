@@ -20,7 +20,8 @@ from megatron_deft.config import Config
 def initialize_distributed(config: Config) -> None:
     """torch.distributed (gloo on CPU, nccl on CUDA) + megatron parallel_state + RNG seeds.
 
-    Launch with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+    Launch with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); without it
+    (no RANK in the environment) the run is a single process with an in-memory store.
     """
     from megatron.core import parallel_state, tensor_parallel
 
@@ -36,7 +37,12 @@ def initialize_distributed(config: Config) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     timeout = datetime.timedelta(minutes=par.distributed_timeout_minutes)
     if not dist.is_initialized():
-        dist.init_process_group("gloo" if on_cpu else "nccl", timeout=timeout)
+        backend = "gloo" if on_cpu else "nccl"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,

@@ -11,7 +11,8 @@ sees the gradient of
 independent of how the global batch is split into micro-batches and DP ranks.
 
 The logged statistics are sums over valid tokens of the objective's per-token stats, reduced the
-same way and divided by the same count.
+same way and divided by the same count; the per-token-class histograms of gate, p_target and a
+(``token_classes``) ride in the same report vector, so one all-reduce carries everything.
 """
 
 import math
@@ -24,6 +25,7 @@ from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_deft.objectives import vocab_parallel_loss
+from megatron_deft.training.token_classes import NUM_BINS, bin_token_stats, histogram_stats
 
 # Order of the per-micro-batch report vector (sums over valid tokens, except "tokens").
 REPORT_KEYS = ("loss", "tokens", "nll", "gate", "alpha", "p_target", "renyi2_entropy",
@@ -36,12 +38,17 @@ def _to_device(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}
 
 
-def loss_func(labels, loss_mask, objective, logits):
+def loss_func(labels, loss_mask, token_class, objective, num_classes, logits):
     """Per-micro-batch loss on the last stage: (sum loss, #tokens, {"report": sums}).
+
+    The report is float64 [len(REPORT_KEYS) + (num_classes + 1) * Q * (NUM_BINS + 2)]: the token
+    sums of REPORT_KEYS, then the flattened token-class histograms (``token_classes``).
 
     Args:
         labels: [b, s] global token ids, -100 where no loss.
         loss_mask: [b, s] 1.0 where the token carries loss.
+        token_class: [b, s] class id per token (-1: unlabeled).
+        num_classes: classes of the training data (0: histogram of all tokens only).
         logits: [b, s, V/tp] this rank's vocab shard (never gathered).
     """
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -67,10 +74,11 @@ def loss_func(labels, loss_mask, objective, logits):
         stats["renyi2_entropy"].sum(),
         conflict.sum().to(loss_sum.dtype),
     ]).double()
-    return loss_sum, num_tokens, {"report": report}
+    histograms = bin_token_stats(stats, token_class, num_classes, objective)
+    return loss_sum, num_tokens, {"report": torch.cat([report, histograms.reshape(-1)])}
 
 
-def forward_step(objective, data_iterator, model):
+def forward_step(objective, num_classes, data_iterator, model):
     """megatron-core forward_step_func: run one micro-batch through this model chunk."""
     device = next(model.parameters()).device
     batch = _to_device(next(data_iterator), device)
@@ -79,12 +87,18 @@ def forward_step(objective, data_iterator, model):
         position_ids=batch["position_ids"],
         attention_mask=batch["attention_mask"],
     )  # last stage: logits [b, s, V/tp]; other stages: hidden states [s, b, h]
-    return output, partial(loss_func, batch["labels"], batch["loss_mask"], objective)
+    return output, partial(loss_func, batch["labels"], batch["loss_mask"], batch["token_class"],
+                           objective, num_classes)
 
 
-def _reduce_reports(outputs: list, device) -> torch.Tensor:
+def _report_length(objective, num_classes: int) -> int:
+    histogram_size = (num_classes + 1) * len(histogram_stats(objective)) * (NUM_BINS + 2)
+    return len(REPORT_KEYS) + histogram_size
+
+
+def _reduce_reports(outputs: list, length: int, device) -> torch.Tensor:
     """Sum the micro-batch reports over DP on the last stage and share them with every rank."""
-    sums = torch.zeros(len(REPORT_KEYS), dtype=torch.float64, device=device)
+    sums = torch.zeros(length, dtype=torch.float64, device=device)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for output in outputs:
             sums += output["report"].to(device)
@@ -95,23 +109,29 @@ def _reduce_reports(outputs: list, device) -> torch.Tensor:
     return sums
 
 
-def metrics_from_sums(sums: torch.Tensor) -> dict:
+def metrics_from_sums(sums: torch.Tensor, objective, num_classes: int) -> dict:
     """Token means of the reported sums: loss, nll, gate, alpha, p_target, renyi2_entropy and
-    the confident-conflict fraction; ``tokens`` is the global loss-token count."""
-    values = dict(zip(REPORT_KEYS, sums.tolist()))
+    the confident-conflict fraction; ``tokens`` is the global loss-token count;
+    ``token_class_counts`` the summed histograms [num_classes + 1, Q, NUM_BINS + 2] (CPU)."""
+    scalars, histograms = sums[: len(REPORT_KEYS)], sums[len(REPORT_KEYS):]
+    values = dict(zip(REPORT_KEYS, scalars.tolist()))
     count = max(values["tokens"], 1.0)
     metrics = {key: value / count for key, value in values.items() if key != "tokens"}
     metrics["tokens"] = int(values["tokens"])
+    metrics["token_class_counts"] = histograms.cpu().view(
+        num_classes + 1, len(histogram_stats(objective)), NUM_BINS + 2)
     return metrics
 
 
-def run_microbatches(model, microbatches: list, config, objective, forward_only: bool) -> dict:
-    """Forward (and backward) every micro-batch of this rank's share of one global batch."""
+def run_microbatches(model, microbatches: list, config, objective, forward_only: bool,
+                     num_classes: int = 0) -> dict:
+    """Forward (and backward) every micro-batch of this rank's share of one global batch;
+    ``num_classes``: token classes of the data (``token_class`` ids of the micro-batches)."""
     forward_backward = get_forward_backward_func()
     # Each model chunk (virtual stage) walks the same micro-batches.
     iterators = [iter(microbatches) for _ in model]
     outputs = forward_backward(
-        forward_step_func=partial(forward_step, objective),
+        forward_step_func=partial(forward_step, objective, num_classes),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(microbatches),
@@ -120,7 +140,8 @@ def run_microbatches(model, microbatches: list, config, objective, forward_only:
         forward_only=forward_only,
     )
     device = next(model[0].parameters()).device
-    return metrics_from_sums(_reduce_reports(outputs, device))
+    sums = _reduce_reports(outputs, _report_length(objective, num_classes), device)
+    return metrics_from_sums(sums, objective, num_classes)
 
 
 def _guarded_update(optimizer, loss_is_finite: bool):
@@ -141,12 +162,14 @@ def _guarded_update(optimizer, loss_is_finite: bool):
     return optimizer.step_with_ready_grads(), grad_norm
 
 
-def train_step(model, optimizer, scheduler, microbatches, config, objective) -> dict:
+def train_step(model, optimizer, scheduler, microbatches, config, objective,
+               num_classes: int = 0) -> dict:
     """Zero grads, forward+backward all micro-batches, then a guarded optimizer step."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    metrics = run_microbatches(model, microbatches, config, objective, forward_only=False)
+    metrics = run_microbatches(model, microbatches, config, objective, forward_only=False,
+                               num_classes=num_classes)
     updated, grad_norm = _guarded_update(optimizer, math.isfinite(metrics["loss"]))
     if updated:
         scheduler.step(increment=1)

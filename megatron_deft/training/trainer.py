@@ -38,6 +38,7 @@ class Trainer:
         self.model = setup.build_model(config, self.padded_vocab)
         self.optimizer, self.scheduler = setup.build_optimizer(config, self.model)
         self.objective = objective_of(config)
+        self.class_names = self.train_loader.class_names  # --token-class-key labels
         self.iteration = 0
         if config.checkpoint.load:
             self.iteration = checkpointing.load_checkpoint(
@@ -51,6 +52,7 @@ class Trainer:
             is_writer=dist.get_rank() == dist.get_world_size() - 1,
             tensorboard_dir=train.tensorboard_dir,
             objective=self.objective,
+            class_names=self.class_names,
             train_iters=train.train_iters,
             tokens_per_iteration=train.global_batch_size * config.model.seq_length,
         )
@@ -78,7 +80,7 @@ class Trainer:
         batch = self.train_loader.next_global_batch()
         metrics = step.train_step(
             self.model, self.optimizer, self.scheduler, batch.microbatches, self.config,
-            self.objective,
+            self.objective, num_classes=len(self.class_names),
         )
         self.iteration += 1
         self.history.append(dict(metrics, iteration=self.iteration))

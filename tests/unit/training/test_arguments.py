@@ -27,7 +27,7 @@ EXPECTED_FLAGS = [
     "--pipeline-model-parallel-size", "--pretrained-checkpoint", "--prompt-key",
     "--response-key", "--rotary-base",
     "--save", "--save-interval", "--seed", "--seq-length", "--sft-objective", "--skip-bad-samples",
-    "--tensor-model-parallel-size", "--tensorboard-dir", "--tokenizer-model",
+    "--tensor-model-parallel-size", "--tensorboard-dir", "--token-class-key", "--tokenizer-model",
     "--tokenizer-type", "--train-data", "--train-iters", "--tsallis-q",
     "--untie-embeddings-and-output-weights", "--use-distributed-optimizer", "--valid-data",
     "--valid-data-prefix", "--vocab-size", "--weight-decay",
@@ -98,6 +98,7 @@ def test_training_data_is_required(capsys):
     (["--data-path", "0.7", "a", "0.3"], "--data-path: "),
     (["--data-path", "-1", "a"], "--data-path: "),
     (["--data-path", "a"], "--train-data/--data-path need --tokenizer-model"),
+    (["--data-path", "a", "--token-class-key", "tag"], "--token-class-key needs JSONL data"),
 ])
 def test_preprocessed_data_flags_are_checked_at_startup(capsys, argv, message):
     with pytest.raises(SystemExit):
@@ -145,3 +146,20 @@ def test_entry_point_rejects_bad_flags_before_any_work():
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "megatron-deft-train: error: --num-layers 3 is not divisible by PP 2")
+
+
+def test_entry_point_runs_as_a_single_process_without_torchrun(tmp_path):
+    """No RANK in the environment: one process, in-memory store, no torchrun needed."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run(
+        [sys.executable, "-m", "megatron_deft.train", "--mock-data", "--vocab-size", "64",
+         "--device", "cpu", "--num-layers", "1", "--hidden-size", "16",
+         "--num-attention-heads", "2", "--seq-length", "16", "--micro-batch-size", "2",
+         "--global-batch-size", "4", "--train-iters", "2", "--log-interval", "1",
+         "--save", str(tmp_path / "ckpt")],
+        env=dict(env, PYTHONPATH=REPO_ROOT), capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "iteration      2/2 | loss " in done.stderr + done.stdout
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"

@@ -34,3 +34,23 @@ def test_mock_loaders_follow_the_batch_interface_and_split_over_dp():
     assert mb["attention_mask"].shape == (2, 1, 16, 16) and mb["attention_mask"].dtype == torch.bool
     assert torch.equal(mb["loss_mask"] == 1, mb["labels"] != -100)
     assert shares[0][1] is not None  # a validation split exists
+
+
+def test_mock_samples_carry_their_length_class_to_every_token():
+    config = parse_config(["--mock-data", "--vocab-size", "100", "--device", "cpu",
+                           "--seq-length", "16", "--micro-batch-size", "4",
+                           "--global-batch-size", "8", "--pack-sequences"], world_size=1)
+    train, _, _ = build_train_valid_loaders(config, 0, 1)
+    assert train.class_names == ("long", "short")
+    seen = set()
+    for mb in train.next_global_batch().microbatches:
+        for row in range(mb["tokens"].shape[0]):
+            segments, classes = mb["segment_ids"][row], mb["token_class"][row]
+            assert (classes[segments < 0] == -1).all()
+            for segment in range(int(segments.max()) + 1):
+                where = segments == segment
+                expected = "short" if 2 * int(where.sum()) <= 16 else "long"
+                assert classes[where].tolist() == [train.class_names.index(expected)] * int(
+                    where.sum())
+                seen.add(expected)
+    assert seen == {"long", "short"}

@@ -85,11 +85,37 @@ def test_loss_curve_grad_norms_and_weights_match_single_process(runs, case):
         assert got["updated"] and want["updated"]
         for key in ("loss", "nll", "grad_norm", "gate", "p_target", "renyi2_entropy"):
             _assert_close(got[key], want[key], f"{case} iteration {it + 1} {key}")
+        _assert_histograms_close(got["token_class_counts"], want["token_class_counts"],
+                                 f"{case} iteration {it + 1}")
     final, expected = _weights(runs, case), _weights(runs, _reference_of(case))
     assert sorted(final) == sorted(expected)
     for name, tensor in expected.items():
         error = (final[name] - tensor).abs().max().item()
         assert error <= RTOL * tensor.abs().max().item(), f"{case} {name}: max error {error}"
+
+
+def _assert_histograms_close(got, want, what: str) -> None:
+    """Token-class histograms [classes + 1, stats, bins + 2]: every row has the same tokens in
+    every layout; a value within rounding of a bin edge may land in the neighbouring bin, so bin
+    counts may differ by a token or two, and the value sums agree to RTOL."""
+    got, want = torch.tensor(got), torch.tensor(want)
+    assert got.shape == want.shape, what
+    counts_got, counts_want = got[..., :-2], want[..., :-2]
+    assert torch.equal(counts_got.sum(-1), counts_want.sum(-1)), f"{what}: tokens per class"
+    assert (counts_got - counts_want).abs().sum(-1).max() <= 4, f"{what}: bin counts"
+    assert torch.allclose(got[..., -2:], want[..., -2:], rtol=RTOL, atol=1e-9), f"{what}: sums"
+
+
+def test_token_class_histograms_are_filled_per_class(runs):
+    """The mock data's two classes (short / long samples) split the tokens of every iteration."""
+    history = _all_results(runs)[f"{REFERENCE}-deft-plain"]
+    for record in history:
+        counts = torch.tensor(record["token_class_counts"])  # [3, stats, bins + 2]
+        tokens = counts[:, 0, :-2].sum(-1)
+        assert tokens[0] == record["tokens"] and tokens[1] > 0 and tokens[2] > 0
+        assert tokens[1] + tokens[2] == tokens[0]
+        # gate mean of the histogram = the logged token mean
+        assert abs(counts[0, 0, -2] / tokens[0] - record["gate"]) <= 1e-9
 
 
 def test_training_moved_the_weights_and_batches_differ_in_token_counts(runs):

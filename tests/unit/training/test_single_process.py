@@ -69,15 +69,27 @@ def test_log_lines_carry_every_required_field(results):
                   "confident-conflict fraction "):
         assert field in first, field
     assert any("iteration 2: non-finite loss nan" in line for line in lines)
+    # the mock data's token classes get one line each: share of loss tokens and means
+    after_first = lines[lines.index(first) + 1:lines.index(first) + 3]
+    for line, name in zip(after_first, ("long", "short")):
+        assert line.startswith(f"  class {name}: ") and "% of loss tokens | mean gate " in line
     assert any(line.startswith("validation at iteration 3 | loss ") for line in lines)
 
 
 def test_tensorboard_receives_training_and_validation_scalars(results):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(results["non_finite"]["tensorboard_dir"])
+    events = EventAccumulator(results["non_finite"]["tensorboard_dir"],
+                              size_guidance={"histograms": 0})
     events.Reload()
+    histograms = set(events.Tags()["histograms"])
+    for stat in ("gate", "p_target", "alpha"):  # deft has an exponent
+        for prefix in ("train", "train_class/long", "train_class/short"):
+            assert f"{prefix}/{stat}_histogram" in histograms, (prefix, stat)
     tags = set(events.Tags()["scalars"])
+    for name in ("long", "short"):
+        for stat in ("gate", "p_target", "alpha", "token_fraction"):
+            assert f"train_class/{name}/{stat}" in tags
     for tag in ("train/loss", "train/nll", "valid/nll", "train/lr", "train/grad_norm",
                 "train/gate", "train/p_target",
                 "train/renyi2_entropy", "train/confident_conflict", "valid/loss"):

@@ -73,7 +73,8 @@ def save_weights(model, out_dir: str, tag: str) -> None:
 def history_summary(history: list) -> list:
     keys = ("loss", "nll", "grad_norm", "tokens", "updated", "gate", "alpha", "p_target",
             "renyi2_entropy", "confident_conflict")
-    return [{k: h[k] for k in keys} for h in history]
+    return [{**{k: h[k] for k in keys}, "token_class_counts": h["token_class_counts"].tolist()}
+            for h in history]
 
 
 def write_results(out_dir: str, results: dict) -> None:
