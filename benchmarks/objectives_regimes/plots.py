@@ -3,10 +3,14 @@
 - ``accuracy_<variant>.png``: exact-match over phase-2 steps per objective, one panel per class.
 - ``gate_vs_p_<variant>.png``: mean gate per p_target bin at the last checkpoint, per class.
 - ``alpha_<variant>.png``: mean exponent a over steps (q-log objectives), per class.
+- ``train_classes_<variant>.png``, ``gate_histograms_<variant>.png``: the training-time dynamics
+  per token class of the training data (tools/plot_gate_dynamics.py on one seed's TensorBoard
+  logs, a row per objective).
 """
 
 import os
 
+from benchmarks.objectives_regimes import runner
 from benchmarks.objectives_regimes.results import CLASSES, curve, over_seeds
 from megatron_deft.utils.figures import save_figure
 
@@ -80,3 +84,19 @@ def alpha_curves(by_objective: dict, variant: str, out_dir: str) -> str:
         axis.set(title=label, xlabel="phase-2 step", ylabel="mean a")
     axes[0].legend(fontsize=8)
     return save_figure(figure, os.path.join(out_dir, f"alpha_{variant}.png"))
+
+
+def training_dynamics(run_dir: str, variant: str, objectives, seed: int) -> list:
+    """``train_classes_<variant>.png`` and ``gate_histograms_<variant>.png`` from the TensorBoard
+    logs of the runs of ``seed`` (a row per objective); [] when no run logged token classes
+    (runs trained before phase 2 passed ``--token-class-key``)."""
+    from tools import plot_gate_dynamics as tool
+
+    runs = {objective: tool.read_run(runner.tensorboard_dir(
+        run_dir, runner.run_name(variant, objective, seed))) for objective in objectives}
+    if not tool.class_names(runs):
+        return []
+    written = [tool.plot_classes(runs, os.path.join(run_dir, f"train_classes_{variant}.png")),
+               tool.plot_histograms(runs, "gate",
+                                    os.path.join(run_dir, f"gate_histograms_{variant}.png"))]
+    return [path for path in written if path]

@@ -15,6 +15,18 @@ VARIANT_TEXT = {
     "forget": "B only, no task A in the mix (from the prior): A retention",
     "scratch": "B only from random init (no prior): the truly model-weak regime",
 }
+DYNAMICS_TEXT = (
+    "Training-time dynamics per token class (seed {seed}, from each run's TensorBoard logs; a "
+    "row per objective; the classes are the training samples' tags: `b` = task B, `clean_a` = "
+    "task A with the true answer, `noisy_a` = task A with a corrupted answer). The first figure "
+    "gives the token-mean gate, exponent a (q-log objectives) and p_target of each class at "
+    "every log step, and each class' path in the (mean p_target, mean gate) plane (square: "
+    "first log step, star: last). An objective that ignores confident conflicts should give "
+    "`noisy_a` a lower gate than `clean_a` once the prior disagrees with the corrupted labels; "
+    "NLL's gate is 1 for every token. The second figure shows the whole gate distribution of "
+    "each class over the iterations (colour: share of the log step's tokens per bin, cyan: the "
+    "mean), which tells a class whose tokens are all down-weighted a little from one split "
+    "into ignored and fully trained tokens.")
 DIAGNOSTICS = (("p_target", "mean p_target"), ("sum_p2", "mean Σp²"), ("alpha", "mean a"),
                ("gate", "mean gate"))
 
@@ -92,6 +104,21 @@ def _prior_section(results: dict, threshold: float = 0.95) -> tuple:
     return lines, em
 
 
+def _figures(by_objective: dict, variant: str, run_dir: str, config: dict,
+             prior_em: dict) -> list:
+    """The variant's PNGs (written to ``run_dir``) as report lines."""
+    figures = [plots.accuracy_curves(by_objective, variant, run_dir, prior_em),
+               plots.gate_vs_p(by_objective, variant, run_dir),
+               plots.alpha_curves(by_objective, variant, run_dir)]
+    lines = [f"![{name}]({name})" for name in map(os.path.basename, figures)] + [""]
+    seed = config["seeds"][0]
+    dynamics = plots.training_dynamics(run_dir, variant, list(by_objective), seed)
+    if dynamics:
+        lines += [DYNAMICS_TEXT.format(seed=seed), ""]
+        lines += [f"![{name}]({name})" for name in map(os.path.basename, dynamics)] + [""]
+    return lines
+
+
 def write_report(results: dict, run_dir: str) -> str:
     config = results["config"]
     lines = [f"# Objectives under regimes: `{config['name']}` configuration", "",
@@ -105,7 +132,6 @@ def write_report(results: dict, run_dir: str) -> str:
                                                           MEASURES.items()) + ".", ""]
     prior_lines, prior_em = _prior_section(results)
     lines += ["## Phase 1: the prior", ""] + prior_lines + [""]
-    figures = []
     for variant in config["variants"]:
         by_objective = _by_objective(results, variant)
         if not by_objective:
@@ -120,12 +146,8 @@ def write_report(results: dict, run_dir: str) -> str:
                   "gate/exponent on the evaluation files' response tokens; a only for q-log "
                   "objectives):", ""] + _diagnostics_table(by_objective) + [""]
         if plots.HAVE_MATPLOTLIB:
-            start = prior_em if variant != "scratch" else {}
-            figures += [plots.accuracy_curves(by_objective, variant, run_dir, start),
-                        plots.gate_vs_p(by_objective, variant, run_dir),
-                        plots.alpha_curves(by_objective, variant, run_dir)]
-            names = [os.path.basename(f) for f in figures[-3:]]
-            lines += [f"![{name}]({name})" for name in names] + [""]
+            lines += _figures(by_objective, variant, run_dir, config,
+                              prior_em if variant != "scratch" else {})
     if not plots.HAVE_MATPLOTLIB:
         lines += ["(plots skipped: matplotlib is not installed)", ""]
     path = os.path.join(run_dir, "report.md")

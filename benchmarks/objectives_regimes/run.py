@@ -39,7 +39,7 @@ def train_prior(config, run_dir: str, data: dict, tokenizer: str) -> str:
 
 def train_phase2(config, run_dir: str, data: dict, tokenizer: str, prior: str,
                  variant: str, objective: str, seed: int) -> str:
-    name = f"{variant}-{objective}-s{seed}"
+    name = runner.run_name(variant, objective, seed)
     save = os.path.join(run_dir, "ckpt", name)
     if runner.finished(save, config.phase2_iters):
         return save
@@ -49,7 +49,8 @@ def train_phase2(config, run_dir: str, data: dict, tokenizer: str, prior: str,
         "--train-data", data[TRAIN_FILE[variant]], "--sft-objective", objective,
         "--train-iters", config.phase2_iters, "--lr", config.phase2_lr, "--seed", seed,
         "--save", save, "--save-interval", config.save_interval,
-        "--tensorboard-dir", os.path.join(run_dir, "tensorboard", name)]
+        "--tensorboard-dir", runner.tensorboard_dir(run_dir, name),
+        "--token-class-key", "tag"]  # per-class gate histograms (tasks.py tags every sample)
     if variant != "scratch":
         args += ["--load", prior, "--finetune"]
     runner.train(config, name, run_dir, args)
@@ -57,16 +58,16 @@ def train_phase2(config, run_dir: str, data: dict, tokenizer: str, prior: str,
 
 
 def evaluate_all(config, run_dir: str, loads: list, data: dict, tokenizer: str) -> dict:
-    """{checkpoint root: its summaries}; roots evaluated by an earlier launch are reused."""
-    evals = os.path.join(run_dir, "evals")
-    names = sorted(os.listdir(evals)) if os.path.isdir(evals) else []
-    known = [s for name in names if name.endswith(".jsonl")
-             for s in runner.read_jsonl(os.path.join(evals, name))]
-    missing = [root for root in loads if root not in {s["load"] for s in known}]
+    """{checkpoint root: its summaries}; a root's summaries from an earlier launch are reused
+    while it holds the same checkpoints (runner.checkpoint_fingerprint), so a retrained root
+    is evaluated again."""
+    done = runner.evaluated(run_dir, loads)
+    missing = [root for root in loads if root not in done]
     if missing:
-        known += runner.evaluate(config, run_dir, missing,
-                                 [data[name] for name in EVAL_FILES], tokenizer)
-    return {root: [s for s in known if s["load"] == root] for root in loads}
+        summaries = runner.evaluate(config, run_dir, missing,
+                                    [data[name] for name in EVAL_FILES], tokenizer)
+        done.update({root: [s for s in summaries if s["load"] == root] for root in missing})
+    return {root: done[root] for root in loads}
 
 
 def run_experiment(config, run_dir: str) -> dict:

@@ -1,6 +1,12 @@
 """Subprocess launches of the project's own commands: tokenizer training, megatron-deft-train
 (torchrun) and megatron-deft-eval (torchrun). Every launch logs to ``RUN/logs/<name>.log``; a
-failure stops the experiment with the log's tail."""
+failure stops the experiment with the log's tail.
+
+Evaluations are kept in ``RUN/evals/batchNNN.jsonl`` (one eval launch each) with
+``batchNNN.checkpoints.json`` next to it: {checkpoint root: checkpoint_fingerprint} at launch
+time. A root's summaries are reused only while its fingerprint is unchanged, so a retrained root
+(an interrupted run is deleted and trained again) is evaluated again.
+"""
 
 import json
 import os
@@ -61,8 +67,18 @@ def model_args(config, tokenizer_model: str) -> list:
         "--global-batch-size", config.global_batch_size,
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer_model,
         "--make-vocab-size-divisible-by", 16, "--lr-warmup-iters", 10, "--weight-decay", 0.0,
-        "--log-interval", 10, *config.extra_train_args,
+        # At least one log step per checkpoint: short runs (smoke) still get training dynamics.
+        "--log-interval", min(10, config.save_interval), *config.extra_train_args,
     ]
+
+
+def run_name(variant: str, objective: str, seed: int) -> str:
+    """A phase-2 run's name: its checkpoint root, TensorBoard directory and log file."""
+    return f"{variant}-{objective}-s{seed}"
+
+
+def tensorboard_dir(run_dir: str, name: str) -> str:
+    return os.path.join(run_dir, "tensorboard", name)
 
 
 def train(config, name: str, run_dir: str, args: list) -> None:
@@ -74,9 +90,12 @@ def train(config, name: str, run_dir: str, args: list) -> None:
 def evaluate(config, run_dir: str, loads: list, data: list, tokenizer_model: str) -> list:
     """One megatron-deft-eval launch over every checkpoint of every root in ``loads`` (each
     with its own training objective's statistics); returns the summaries."""
-    os.makedirs(os.path.join(run_dir, "evals"), exist_ok=True)
-    index = len(os.listdir(os.path.join(run_dir, "evals")))
-    summary_path = os.path.join(run_dir, "evals", f"batch{index:03d}.jsonl")
+    evals = os.path.join(run_dir, "evals")
+    os.makedirs(evals, exist_ok=True)
+    # A failed launch's partial batch file (no .checkpoints.json) is overwritten.
+    index = len([name for name in os.listdir(evals) if name.endswith(".jsonl")])
+    summary_path = os.path.join(evals, f"batch{index:03d}.jsonl")
+    fingerprints = {root: checkpoint_fingerprint(root) for root in loads}
     args = ["--load", ",".join(loads), "--iteration", "all", "--eval-data", ",".join(data),
             "--tokenizer-model", tokenizer_model, "--device", config.device,
             "--tensor-model-parallel-size", config.tensor_model_parallel_size,
@@ -84,7 +103,31 @@ def evaluate(config, run_dir: str, loads: list, data: list, tokenizer_model: str
             "--summary-output", summary_path]
     command = torchrun("megatron_deft.eval", args, config.nproc)
     run_logged(command, os.path.join(run_dir, "logs", f"eval{index:03d}.log"), config.nproc)
+    record = summary_path[:-len(".jsonl")] + ".checkpoints.json"
+    with open(record + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(fingerprints, handle, indent=1)
+    os.replace(record + ".tmp", record)
     return read_jsonl(summary_path)
+
+
+def evaluated(run_dir: str, loads: list) -> dict:
+    """{root: summaries} of the roots in ``loads`` that an earlier launch evaluated with the
+    checkpoints they hold now (same fingerprint); the latest such launch wins."""
+    evals = os.path.join(run_dir, "evals")
+    names = sorted(os.listdir(evals)) if os.path.isdir(evals) else []
+    current = {root: checkpoint_fingerprint(root) for root in loads}
+    out = {}
+    for name in names:
+        if not name.endswith(".checkpoints.json"):
+            continue
+        with open(os.path.join(evals, name), encoding="utf-8") as handle:
+            recorded = json.load(handle)
+        valid = [root for root, fingerprint in recorded.items()
+                 if fingerprint is not None and current.get(root) == fingerprint]
+        if valid:
+            summaries = read_jsonl(os.path.join(evals, name[:-len(".checkpoints.json")] + ".jsonl"))
+            out.update({root: [s for s in summaries if s["load"] == root] for root in valid})
+    return out
 
 
 def read_jsonl(path: str) -> list:
@@ -92,7 +135,22 @@ def read_jsonl(path: str) -> list:
         return [json.loads(line) for line in handle]
 
 
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
 def finished(save: str, iterations: int) -> bool:
     """True when ``save`` holds the final checkpoint of a run of ``iterations`` steps."""
-    tracker = os.path.join(save, "latest_checkpointed_iteration.txt")
+    tracker = os.path.join(save, TRACKER)
     return os.path.isfile(tracker) and open(tracker).read().strip() == str(iterations)
+
+
+def checkpoint_fingerprint(save: str):
+    """Identifies the run whose checkpoints ``save`` holds: the tracker's iteration and its
+    modification time in ns (rewritten at every save, so a retrained root gets a new one);
+    None without checkpoints."""
+    tracker = os.path.join(save, TRACKER)
+    if not os.path.isfile(tracker):
+        return None
+    with open(tracker, encoding="utf-8") as handle:
+        iteration = handle.read().strip()
+    return f"{iteration}@{os.stat(tracker).st_mtime_ns}"

@@ -48,7 +48,8 @@ def score_batch(model, samples: Sequence[Tuple[List[int], List[bool]]], pad_id: 
         labels[row, : len(ids) - 1] = targets
     tokens, labels = tokens.to(device), labels.to(device)
     logits = causal_forward(model, tokens)  # [b, s, V/tp]
-    _, stats = vocab_parallel_loss(logits, labels, objective=objective, group=group)
+    # inplace: the logits are not needed afterwards, so no second [b, s, V/tp] buffer.
+    _, stats = vocab_parallel_loss(logits, labels, objective=objective, group=group, inplace=True)
     valid = stats["valid"]
     p = stats["p_target"]
     per_token = {

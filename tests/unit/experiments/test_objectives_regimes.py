@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -62,6 +63,50 @@ def test_mean_and_sd_over_seeds_at_each_checkpoint():
     assert over_seeds(runs, "B", "exact_match") == pytest.approx((0.7, 2 ** 0.5 * 0.2))
 
 
+def test_evaluations_reused_until_the_checkpoint_root_is_retrained(tmp_path, monkeypatch):
+    from benchmarks.objectives_regimes import run, runner
+
+    launches = []
+
+    def fake_eval(command, log_path, nproc=1):
+        """Stands in for megatron-deft-eval: one summary per root, tagged with the launch."""
+        command = list(map(str, command))
+        roots = command[command.index("--load") + 1].split(",")
+        launches.append(roots)
+        with open(command[command.index("--summary-output") + 1], "w") as handle:
+            for root in roots:
+                handle.write(json.dumps({"load": root, "launch": len(launches)}) + "\n")
+
+    def train(root):
+        shutil.rmtree(root, ignore_errors=True)
+        os.makedirs(root)
+        with open(os.path.join(root, runner.TRACKER), "w") as handle:
+            handle.write("8")
+
+    monkeypatch.setattr(runner, "run_logged", fake_eval)
+    roots = [str(tmp_path / "ckpt" / name) for name in ("a", "b")]
+    for root in roots:
+        train(root)
+    data = {name: f"{name}.jsonl" for name in run.EVAL_FILES}
+
+    def evaluate():
+        summaries = run.evaluate_all(preset("smoke"), str(tmp_path), roots, data, "tok.model")
+        return {os.path.basename(root): [s["launch"] for s in summaries[root]] for root in roots}
+
+    assert evaluate() == {"a": [1], "b": [1]} and launches == [roots]
+    assert evaluate() == {"a": [1], "b": [1]} and len(launches) == 1  # reused
+    before = os.stat(os.path.join(roots[0], runner.TRACKER)).st_mtime_ns
+    train(roots[0])  # an interrupted run deleted and trained again
+    tracker = os.path.join(roots[0], runner.TRACKER)
+    if os.stat(tracker).st_mtime_ns == before:  # a coarse file-system clock
+        os.utime(tracker, ns=(before + 10**9, before + 10**9))
+    assert evaluate() == {"a": [2], "b": [1]} and launches[1:] == [roots[:1]]
+    assert evaluate() == {"a": [2], "b": [1]} and len(launches) == 2
+    # A launch that died before recording its checkpoints is never reused.
+    os.remove(tmp_path / "evals" / "batch001.checkpoints.json")
+    assert evaluate() == {"a": [3], "b": [1]} and launches[2:] == [roots[:1]]
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("regimes")
@@ -106,9 +151,50 @@ def test_smoke_results_cover_every_checkpoint_file_and_objective(smoke_run):
     assert [s["iteration"] for s in results["prior"]] == [config.prior_iters] * 3
 
 
-def test_smoke_plots_written(smoke_run):
+def test_smoke_plots_written_embedded_and_published(smoke_run, tmp_path):
     pytest.importorskip("matplotlib")
-    for name in ("accuracy_mix.png", "gate_vs_p_mix.png", "alpha_mix.png"):
+    from benchmarks.objectives_regimes.report import publish
+
+    names = ("accuracy_mix.png", "gate_vs_p_mix.png", "alpha_mix.png",
+             "train_classes_mix.png", "gate_histograms_mix.png")
+    report = (smoke_run / "report.md").read_text()
+    for name in names:
         path = smoke_run / name
         assert path.stat().st_size > 1000
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"![{name}]({name})" in report
+    publish(str(smoke_run), str(tmp_path / "evidence.md"), "the command")
+    assert sorted(os.listdir(tmp_path / "evidence")) == sorted(names)
+    assert "](evidence/train_classes_mix.png)" in (tmp_path / "evidence.md").read_text()
+
+
+def test_smoke_training_logs_per_token_class(smoke_run):
+    """The trainer's per-class TensorBoard data, read back by the plotting tool, is consistent:
+    the classes partition the loss tokens, and the gates are what each objective defines."""
+    from tools.gate_dynamics_logs import read_run
+
+    config = preset("smoke")
+    for objective in OBJECTIVES:
+        run = read_run(str(smoke_run / "tensorboard" / f"mix-{objective}-s1"))
+        assert sorted(run["classes"]) == ["b", "clean_a", "noisy_a"]
+        steps = run["scalars"]["gate"][0]
+        assert steps == list(range(config.save_interval, config.phase2_iters + 1,
+                                   config.save_interval))
+        shares = [run["classes"][c]["token_fraction"] for c in run["classes"]]
+        assert all(s[0] == steps for s in shares)
+        assert [sum(v) for v in zip(*(s[1] for s in shares))] == pytest.approx([1.0] * len(steps))
+        for stat, by_class in run["histograms"].items():
+            everyone = by_class[None]
+            assert list(everyone["steps"]) == steps
+            assert sum(by_class[c]["num"] for c in run["classes"]) == pytest.approx(
+                everyone["num"], abs=0)  # every training sample is tagged
+            assert (everyone["counts"].sum(axis=1) == everyone["num"]).all()
+            for name in run["classes"]:
+                assert by_class[name]["mean"] == pytest.approx(
+                    run["classes"][name][stat][1], rel=1e-5)  # float32 scalars
+        gates = run["histograms"]["gate"][None]["counts"]
+        if objective == "nll":  # gate 1: every token in the top bin
+            assert (gates[:, -1] == gates.sum(axis=1)).all()
+        if objective in ("dft", "p"):  # gate = p_target token by token
+            assert (gates == run["histograms"]["p_target"][None]["counts"]).all()
+        assert ("alpha" in run["histograms"]) == (objective in ("nll", "p", "deft", "cayley"))
