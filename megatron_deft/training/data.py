@@ -8,6 +8,7 @@ deterministic in-code source, so tests and smoke runs exercise the real batch pa
 """
 
 import numpy as np
+import torch.distributed as dist
 
 from megatron_deft.config import Config
 from megatron_deft.data import DataError
@@ -76,11 +77,30 @@ def _file_loaders(config: Config, dp_rank: int, dp_size: int):
         tokenizer_model=data.tokenizer_model,
         data_cache_dir=data.data_cache_dir,
     )
-    built = build_sft_data(
+    built = _cache_filled_by_rank0_first(lambda: build_sft_data(
         data_config, config.training.global_batch_size, config.training.micro_batch_size,
         dp_rank=dp_rank, dp_size=dp_size,
-    )
+    ), use_cache=bool(data.data_cache_dir))
     return built.train, built.valid, built.tokenizer.vocab_size
+
+
+def _cache_filled_by_rank0_first(build, use_cache: bool):
+    """With --data-cache-dir, global rank 0 tokenizes and writes the cache before the other ranks
+    start, which then read it (on a shared file system) instead of all tokenizing the same files.
+    A data error on rank 0 is raised only after the barrier: the others then hit the same error
+    themselves instead of waiting for a barrier that never comes."""
+    if not (use_cache and dist.is_initialized() and dist.get_world_size() > 1):
+        return build()
+    built = error = None
+    if dist.get_rank() == 0:
+        try:
+            built = build()
+        except (DataError, ValueError, OSError) as caught:
+            error = caught
+    dist.barrier()
+    if error is not None:
+        raise error
+    return built if built is not None else build()
 
 
 def build_train_valid_loaders(config: Config, dp_rank: int, dp_size: int):

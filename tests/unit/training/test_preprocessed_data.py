@@ -34,3 +34,8 @@ def test_preprocessed_data_trains_exactly_like_its_jsonl(histories):
     assert len(jsonl) == 4 and len({round(h["loss"], 6) for h in jsonl}) == 4  # a real curve
     assert histories["indexed"] == jsonl  # same batches, bit for bit, hence the same run
     assert histories["blend_of_one"] == jsonl
+
+
+def test_with_a_cache_dir_only_rank0_tokenizes_and_the_run_is_unchanged(histories):
+    assert histories["tokenize_calls"] == [1, 0]  # rank 1 read rank 0's cache entry
+    assert histories["cached_jsonl"] == histories["jsonl"]

@@ -26,8 +26,31 @@ def train(data_args, tokenizer) -> list:
     return history
 
 
+def _tokenizing_ranks(out_dir, jsonl, tokenizer):
+    """Train with --data-cache-dir, counting per rank how often the JSONL was tokenized."""
+    from megatron_deft.data import builder
+
+    calls = []
+    real = builder._tokenize_split
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    builder._tokenize_split = counted
+    history = train(["--train-data", jsonl, "--data-cache-dir", os.path.join(out_dir, "cache")],
+                    tokenizer)
+    builder._tokenize_split = real
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, len(calls))
+    return history, per_rank
+
+
 def main(out_dir, jsonl, prefix, tokenizer):
+    cached_history, tokenize_calls = _tokenizing_ranks(out_dir, jsonl, tokenizer)
     results = {
+        "cached_jsonl": cached_history,
+        "tokenize_calls": tokenize_calls,
         "jsonl": train(["--train-data", jsonl], tokenizer),
         "indexed": train(["--data-path", prefix], tokenizer),
         "blend_of_one": train(["--data-path", "1.0", prefix], tokenizer),
