@@ -10,7 +10,9 @@ state; distributed: ``dp_reshardable``), LR scheduler, iteration, data position 
 RNG states (per TP/PP rank), the run's config and the model's architecture (checked on load:
 a mismatch with the run's flags is one line naming the flag). Checkpoints marked
 ``weights_only`` (converted from Hugging Face by tools/convert_checkpoint.py) load like
---finetune: weights only, iteration 0.
+--finetune: weights only, iteration 0. Weights-only loads tolerate exactly one mismatch: module
+``_extra_state`` the checkpoint lacks (Transformer Engine layers keep FP8 scaling metadata there;
+a checkpoint converted or trained without TE has none, and TE starts it afresh).
 
 Atomicity: a checkpoint is written to ``iter_N.partial/`` and renamed to ``iter_N/`` by rank 0
 only after every rank finished; the tracker is then replaced atomically (write temp, rename).
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_deft.config import Config
 from megatron_deft.models.architecture import architecture_mismatch, architecture_of
@@ -105,26 +108,38 @@ def _model_state(modules) -> dict:
 
 def load_model_weights(directory: str, modules) -> None:
     """Only the model weights of one checkpoint (an ``iter_N`` directory) into the unwrapped GPT
-    chunks ``modules``, resharded to this process's TP/PP layout (evaluation, export)."""
+    chunks ``modules``, resharded to this process's TP/PP layout (evaluation, export, and
+    --finetune / converted checkpoints); see the module docstring on ``_extra_state``."""
     state = _model_state(modules)
-    loaded = dist_checkpointing.load(state, directory)
+    loaded, _, absent = dist_checkpointing.load(state, directory,
+                                                strict=StrictHandling.RETURN_UNEXPECTED)
+    _refuse_absent_weights(absent, directory)
     for key, module in zip(state, modules):
-        module.load_state_dict(loaded[key])
+        result = module.load_state_dict(loaded[key], strict=False)
+        _refuse_absent_weights(result.missing_keys, directory)
+        if result.unexpected_keys:
+            raise CheckpointError(f"{directory}: unexpected model keys {result.unexpected_keys}")
 
 
-def _sharded_state(model, optimizer, config: Config, is_loading: bool, with_optimizer: bool,
-                   with_rng: bool):
+def _refuse_absent_weights(keys, directory: str) -> None:
+    """Model keys the checkpoint lacks: only ``_extra_state`` may be missing."""
+    absent = sorted(key for key in keys if not key.endswith("_extra_state"))
+    if absent:
+        raise CheckpointError(f"{directory} lacks model weights {absent[:8]}"
+                              + (f" and {len(absent) - 8} more" if len(absent) > 8 else ""))
+
+
+def _sharded_state(model, optimizer, config: Config, is_loading: bool, with_rng: bool):
     """The sharded state dict both save and load use (loading fills it in place)."""
     model_state = _model_state([chunk.module for chunk in model])
     state = dict(model_state)
-    if with_optimizer:
-        if is_loading and config.parallel.use_distributed_optimizer:
-            # dp_reshardable loading needs allocated Adam states to load into (measured).
-            for inner in _inner_optimizers(optimizer):
-                inner._init_optimizer_states_with_dummy_values()
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_state, is_loading=is_loading, metadata=dict(_DIST_OPT_FORMAT)
-        )
+    if is_loading and config.parallel.use_distributed_optimizer:
+        # dp_reshardable loading needs allocated Adam states to load into (measured).
+        for inner in _inner_optimizers(optimizer):
+            inner._init_optimizer_states_with_dummy_values()
+    state["optimizer"] = optimizer.sharded_state_dict(
+        model_state, is_loading=is_loading, metadata=dict(_DIST_OPT_FORMAT)
+    )
     if with_rng:  # one object per (PP, TP) position: only loadable into the same layout
         state["rng_state"] = _rng_state()
     return state
@@ -153,7 +168,7 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, loader, config
         os.makedirs(partial)
     dist.barrier()
     finish_param_sync(model, config)
-    state = _sharded_state(model, optimizer, config, is_loading=False, with_optimizer=True,
+    state = _sharded_state(model, optimizer, config, is_loading=False,
                            with_rng=True)
     state.update(
         iteration=iteration,
@@ -239,13 +254,14 @@ def load_checkpoint(root, model, optimizer, scheduler, loader, config: Config) -
             f"{_layout(config)}: distributed-optimizer state (dp_reshardable) cannot be resharded "
             "across TP/PP; add --finetune to load the (resharded) model weights only"
         )
-    state = _sharded_state(model, optimizer, config, is_loading=True, with_optimizer=full,
-                           with_rng=full and same_layout)
+    if not full:
+        load_model_weights(directory, [chunk.module for chunk in model])
+        return 0
+    state = _sharded_state(model, optimizer, config, is_loading=True,
+                           with_rng=same_layout)
     loaded = dist_checkpointing.load(state, directory)
     for i, chunk in enumerate(model):
         chunk.module.load_state_dict(loaded["model" if len(model) == 1 else f"model{i}"])
-    if not full:
-        return 0
     with torch.no_grad():  # the distributed optimizer copies into leaf views
         optimizer.load_state_dict(loaded["optimizer"])
     if config.parallel.use_distributed_optimizer:

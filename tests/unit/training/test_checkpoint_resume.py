@@ -76,3 +76,13 @@ def test_distributed_optimizer_resume_across_layouts_is_refused_clearly(results)
     assert "saved with {'tp': 1, 'pp': 1}" in message
     assert "this run is {'tp': 2, 'pp': 1}" in message
     assert "--finetune" in message
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_weights_only_load_tolerates_absent_extra_state_but_not_absent_weights(results, stage):
+    """A Transformer Engine model keeps FP8 metadata in ``_extra_state``; a checkpoint converted
+    from Hugging Face (or trained with the local spec) has none. Only that may be absent."""
+    result = results["extra_state"]
+    assert result[f"extra_state_load_stage{stage}"] == "loaded, set_extra_state calls 0"
+    message = result[f"missing_weight_load_stage{stage}"]
+    assert "lacks model weights" in message and "layer_norm_bogus" in message

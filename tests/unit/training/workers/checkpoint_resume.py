@@ -110,6 +110,45 @@ def reshard_case(out_dir, ckpt, saved_weights, distopt_ckpt):
     return result
 
 
+def extra_state_case(ckpt) -> dict:
+    """A module state the checkpoint lacks: Transformer-Engine-like ``_extra_state`` loads (TE
+    restarts it), a missing weight is refused by name."""
+    import torch
+
+    trainer = Trainer(config_for(1, 2, ITERS))
+    norms = [layer.input_layernorm
+             for chunk in trainer.model for layer in chunk.module.decoder.layers]
+    calls = []
+
+    class WithExtraState(type(norms[0])):
+        def get_extra_state(self):
+            return torch.tensor([7.0])
+
+        def set_extra_state(self, state):
+            calls.append(state)
+
+    for norm in norms:  # every layer, as in a TE model (a ShardedObject spans all layers)
+        norm.__class__ = WithExtraState
+    modules = [chunk.module for chunk in trainer.model]
+    directory = checkpointing.checkpoint_dir(ckpt, 6)
+    rank = dist.get_rank()
+    result = {}
+    try:
+        checkpointing.load_model_weights(directory, modules)
+        result[f"extra_state_load_stage{rank}"] = f"loaded, set_extra_state calls {len(calls)}"
+    except Exception as error:  # reported, asserted on the pytest side
+        result[f"extra_state_load_stage{rank}"] = f"{type(error).__name__}: {error}"
+    for norm in norms:
+        norm.register_parameter("bogus", torch.nn.Parameter(torch.zeros(3)))
+    try:
+        checkpointing.load_model_weights(directory, modules)
+        result[f"missing_weight_load_stage{rank}"] = "loaded"
+    except checkpointing.CheckpointError as error:
+        result[f"missing_weight_load_stage{rank}"] = str(error)
+    trainer.close(keep_process_group=True)
+    return result
+
+
 def gather_stage_results(result: dict) -> dict:
     """Per-rank keys (stage0/stage1) collected on every rank."""
     gathered = [None] * dist.get_world_size()
@@ -126,6 +165,7 @@ def main(out_dir):
     results["dp2_distopt"], distopt_ckpt, _ = resume_case(
         out_dir, "dp2", 1, 1, ["--use-distributed-optimizer"])
     results["reshard"] = gather_stage_results(reshard_case(out_dir, ckpt, weights, distopt_ckpt))
+    results["extra_state"] = gather_stage_results(extra_state_case(ckpt))
     write_results(out_dir, results)
 
 
