@@ -6,7 +6,9 @@
 # The caller's "$@" comes last, so a flag given on the command line overrides the preset's
 # (argparse keeps the last value of a repeated flag).
 #
-# Env knobs; unset or empty takes the default in brackets (DEFAULT_* are set by the preset):
+# Env knobs; unset or empty takes the default in brackets. DEFAULT_X is the run default of knob X:
+# deft_shared_run_defaults below for every preset (GPU SFT of a pretrained model), replaced by
+# the preset file where its model needs another value.
 #   PRESET           a file name in presets/ without .sh                             [tiny]
 #   OBJECTIVE        --sft-objective: nll, deft, cayley, tsallis:q=0.5, ...          [nll]
 #   DEVICE           cpu (gloo, fp32) or cuda (nccl, bf16, distributed optimizer) [DEFAULT_DEVICE]
@@ -50,6 +52,24 @@ deft_require_int() {  # NAME... : each variable holds a positive integer
     done
 }
 
+# The one place for run defaults that every GPU preset shares: full-parameter SFT of a pretrained
+# checkpoint on real data. A preset overrides only what its model needs (e.g. TP for memory).
+deft_shared_run_defaults() {
+    DEFAULT_DEVICE=cuda
+    DEFAULT_TP=1     # pure data parallelism until the model's memory needs model parallelism
+    DEFAULT_PP=1
+    DEFAULT_SEQ_LENGTH=4096
+    DEFAULT_MICRO_BATCH_SIZE=1
+    DEFAULT_GLOBAL_BATCH_SIZE=128
+    # Fine-tuning, not pretraining: a small peak LR keeps the pretrained weights close.
+    DEFAULT_LR=1e-5
+    DEFAULT_MIN_LR=1e-6
+    DEFAULT_LR_WARMUP_ITERS=50
+    DEFAULT_TRAIN_ITERS=1000
+    DEFAULT_TOKENIZER_TYPE=HuggingFaceTokenizer  # TOKENIZER_MODEL: the checkpoint's HF folder
+    DEFAULT_MOCK_DATA=0
+}
+
 deft_load_preset() {
     PRESET=${PRESET:-tiny}
     # A name, never a path: PRESET=../x must not source an arbitrary file.
@@ -57,8 +77,14 @@ deft_load_preset() {
     if [[ ! $PRESET =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ || ! -f $file ]]; then
         deft_die "unknown PRESET '$PRESET'; valid presets: $(deft_presets)"
     fi
+    deft_shared_run_defaults
+    # The architecture comes from the preset alone, never from a variable left in the environment.
+    unset MODEL_ARGS DEFAULT_QKV_BIAS
     # shellcheck source=/dev/null
     source "$file"
+    [[ -n ${MODEL_ARGS[*]:-} ]] || deft_die "preset $file sets no MODEL_ARGS"
+    [[ ${DEFAULT_QKV_BIAS:-} == [01] ]] ||
+        deft_die "preset $file must set DEFAULT_QKV_BIAS to 0 or 1, got '${DEFAULT_QKV_BIAS:-}'"
 }
 
 deft_resolve_knobs() {

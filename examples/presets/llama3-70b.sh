@@ -15,16 +15,7 @@ MODEL_ARGS=(
 )
 DEFAULT_QKV_BIAS=0
 
-# Run defaults. TP 8 x PP 4 = 32 GPUs (4 nodes of 8): ~2.2B parameters per GPU before DP sharding.
-DEFAULT_DEVICE=cuda
+# Run defaults: launch_lib.sh's shared GPU SFT defaults, except the layout.
+# TP 8 x PP 4 = 32 GPUs (4 nodes of 8): ~2.2B parameters per GPU before DP sharding.
 DEFAULT_TP=8
 DEFAULT_PP=4
-DEFAULT_SEQ_LENGTH=4096
-DEFAULT_MICRO_BATCH_SIZE=1
-DEFAULT_GLOBAL_BATCH_SIZE=128
-DEFAULT_LR=1e-5
-DEFAULT_MIN_LR=1e-6
-DEFAULT_LR_WARMUP_ITERS=50
-DEFAULT_TRAIN_ITERS=1000
-DEFAULT_TOKENIZER_TYPE=HuggingFaceTokenizer
-DEFAULT_MOCK_DATA=0

@@ -16,17 +16,6 @@ MODEL_ARGS=(
 )
 DEFAULT_QKV_BIAS=0
 
-# Run defaults (each overridable by the env knob of the same name without DEFAULT_).
+# Run defaults: launch_lib.sh's shared GPU SFT defaults, except the layout.
 # TP 2 on one 8-GPU node: bf16 weights + fp32 grads + sharded Adam state fit 80 GB at s = 4096.
-DEFAULT_DEVICE=cuda
 DEFAULT_TP=2
-DEFAULT_PP=1
-DEFAULT_SEQ_LENGTH=4096
-DEFAULT_MICRO_BATCH_SIZE=1
-DEFAULT_GLOBAL_BATCH_SIZE=128
-DEFAULT_LR=1e-5
-DEFAULT_MIN_LR=1e-6
-DEFAULT_LR_WARMUP_ITERS=50
-DEFAULT_TRAIN_ITERS=1000
-DEFAULT_TOKENIZER_TYPE=HuggingFaceTokenizer
-DEFAULT_MOCK_DATA=0

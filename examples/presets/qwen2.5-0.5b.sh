@@ -14,16 +14,9 @@ MODEL_ARGS=(
 )
 DEFAULT_QKV_BIAS=1  # see qwen2.5-7b.sh
 
-# Run defaults. Small enough for pure data parallelism (TP must divide the 2 key-value heads).
-DEFAULT_DEVICE=cuda
-DEFAULT_TP=1
-DEFAULT_PP=1
-DEFAULT_SEQ_LENGTH=4096
+# Run defaults: launch_lib.sh's shared GPU SFT defaults (TP 1: small enough for pure data
+# parallelism), except these. The small model leaves memory for 4 sequences per micro-batch and
+# takes a higher learning rate.
 DEFAULT_MICRO_BATCH_SIZE=4
-DEFAULT_GLOBAL_BATCH_SIZE=128
 DEFAULT_LR=2e-5
 DEFAULT_MIN_LR=2e-6
-DEFAULT_LR_WARMUP_ITERS=50
-DEFAULT_TRAIN_ITERS=1000
-DEFAULT_TOKENIZER_TYPE=HuggingFaceTokenizer
-DEFAULT_MOCK_DATA=0

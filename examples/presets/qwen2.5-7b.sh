@@ -18,16 +18,6 @@ MODEL_ARGS=(
 # a from-scratch run on a trainer without that flag); the model is then not Qwen2.5-exact.
 DEFAULT_QKV_BIAS=1
 
-# Run defaults. TP must divide the 4 key-value heads: TP 2 on one 8-GPU node.
-DEFAULT_DEVICE=cuda
+# Run defaults: launch_lib.sh's shared GPU SFT defaults, except the layout.
+# TP must divide the 4 key-value heads: TP 2 on one 8-GPU node.
 DEFAULT_TP=2
-DEFAULT_PP=1
-DEFAULT_SEQ_LENGTH=4096
-DEFAULT_MICRO_BATCH_SIZE=1
-DEFAULT_GLOBAL_BATCH_SIZE=128
-DEFAULT_LR=1e-5
-DEFAULT_MIN_LR=1e-6
-DEFAULT_LR_WARMUP_ITERS=50
-DEFAULT_TRAIN_ITERS=1000
-DEFAULT_TOKENIZER_TYPE=HuggingFaceTokenizer
-DEFAULT_MOCK_DATA=0

@@ -12,9 +12,9 @@ MODEL_ARGS=(
 )
 DEFAULT_QKV_BIAS=0
 
+# Run defaults: a CPU smoke test instead of launch_lib.sh's shared GPU SFT defaults (TP 1 x PP 1
+# is kept): a seconds-long run on synthetic rows.
 DEFAULT_DEVICE=cpu
-DEFAULT_TP=1
-DEFAULT_PP=1
 DEFAULT_SEQ_LENGTH=64
 DEFAULT_MICRO_BATCH_SIZE=2
 DEFAULT_GLOBAL_BATCH_SIZE=8

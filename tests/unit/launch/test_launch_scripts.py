@@ -37,6 +37,34 @@ ARCHITECTURES = {
 }
 
 
+# Run defaults every preset shares (launch_lib.sh, the one place they are set), as trainer flags,
+# and what each preset overrides. Values are those the presets carried before they were shared.
+SHARED_RUN_DEFAULTS = {
+    "--device": "cuda", "--tensor-model-parallel-size": "1", "--pipeline-model-parallel-size": "1",
+    "--seq-length": "4096", "--micro-batch-size": "1", "--global-batch-size": "128",
+    "--lr": "1e-5", "--min-lr": "1e-6", "--lr-warmup-iters": "50", "--train-iters": "1000",
+    "--tokenizer-type": "HuggingFaceTokenizer", "--mock-data": None,
+}
+PRESET_RUN_OVERRIDES = {
+    "llama3-8b": {"--tensor-model-parallel-size": "2"},
+    "llama3-70b": {"--tensor-model-parallel-size": "8", "--pipeline-model-parallel-size": "4"},
+    "qwen2.5-7b": {"--tensor-model-parallel-size": "2"},
+    "qwen2.5-0.5b": {"--micro-batch-size": "4", "--lr": "2e-5", "--min-lr": "2e-6"},
+    "tiny": {"--device": "cpu", "--seq-length": "64", "--micro-batch-size": "2",
+             "--global-batch-size": "8", "--lr": "1e-3", "--min-lr": "1e-4",
+             "--lr-warmup-iters": "2", "--train-iters": "20",
+             "--tokenizer-type": "SentencePieceTokenizer", "--mock-data": True},
+}
+# The DEFAULT_<knob> variable behind each flag above.
+RUN_DEFAULT_VARIABLES = {
+    "--device": "DEVICE", "--tensor-model-parallel-size": "TP",
+    "--pipeline-model-parallel-size": "PP", "--seq-length": "SEQ_LENGTH",
+    "--micro-batch-size": "MICRO_BATCH_SIZE", "--global-batch-size": "GLOBAL_BATCH_SIZE",
+    "--lr": "LR", "--min-lr": "MIN_LR", "--lr-warmup-iters": "LR_WARMUP_ITERS",
+    "--train-iters": "TRAIN_ITERS", "--tokenizer-type": "TOKENIZER_TYPE", "--mock-data": "MOCK_DATA",
+}
+
+
 def run_script(script, env=None, args=(), stub_dir=None, cwd=ROOT, timeout=30):
     """Run examples/<script> with bash and a clean environment holding only `env`."""
     path = [str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")]
@@ -149,6 +177,67 @@ def test_public_presets_carry_the_published_architecture(preset):
     tp = int(values["--tensor-model-parallel-size"])
     pp = int(values["--pipeline-model-parallel-size"])
     assert spec["groups"] % tp == 0 and spec["heads"] % tp == 0 and spec["layers"] % pp == 0
+
+
+def run_defaults(values):
+    """The run-default flags among resolved trainer flags; None for an absent --mock-data."""
+    return {flag: values.get(flag) for flag in SHARED_RUN_DEFAULTS}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_resolve_to_the_shared_run_defaults_unless_they_override(preset):
+    # TOKENIZER_MODEL makes --tokenizer-type appear; it changes nothing else.
+    _, flags = split_torchrun(dry_run("train_single_node.sh",
+                                      {"PRESET": preset, "TOKENIZER_MODEL": "/tok"}))
+    expected = {**SHARED_RUN_DEFAULTS, **PRESET_RUN_OVERRIDES[preset]}
+    assert run_defaults(last_values(flags)) == expected
+
+
+def test_no_preset_file_repeats_a_shared_run_default():
+    shared = {RUN_DEFAULT_VARIABLES[flag]: value for flag, value in SHARED_RUN_DEFAULTS.items()}
+    shared["MOCK_DATA"] = "0"
+    for preset in PRESETS:
+        text = (EXAMPLES / "presets" / f"{preset}.sh").read_text()
+        assigned = dict(re.findall(r"^\s*DEFAULT_(\w+)=([^\s#]*)", text, flags=re.M))
+        repeated = {name for name, value in assigned.items() if shared.get(name) == value}
+        assert not repeated, f"{preset}.sh repeats launch_lib.sh's shared {sorted(repeated)}"
+        overridden = {RUN_DEFAULT_VARIABLES[flag] for flag in PRESET_RUN_OVERRIDES[preset]}
+        assert set(assigned) - {"QKV_BIAS"} == overridden, preset
+
+
+def test_a_preset_holding_only_its_architecture_gets_the_shared_run_defaults(tmp_path):
+    """A new preset file in a copy of examples/: what launch_lib.sh alone supplies, and the
+    one-line errors for a preset that forgets its architecture."""
+    examples = tmp_path / "examples"
+    (examples / "presets").mkdir(parents=True)
+    for name in ("launch_lib.sh", "train_single_node.sh"):
+        (examples / name).write_text((EXAMPLES / name).read_text())
+    presets = {"arch-only": "MODEL_ARGS=(--num-layers 3 --hidden-size 96)\nDEFAULT_QKV_BIAS=0\n",
+               "no-model": "DEFAULT_QKV_BIAS=0\n",
+               "no-bias": "MODEL_ARGS=(--num-layers 3)\n"}
+    for name, text in presets.items():
+        (examples / "presets" / f"{name}.sh").write_text(text)
+
+    def launch(preset):
+        env = {"PATH": os.environ["PATH"], "DRY_RUN": "1", "PRESET": preset,
+               "TOKENIZER_MODEL": "/tok", "MODEL_ARGS": "--num-layers 99", "DEFAULT_QKV_BIAS": "1"}
+        return subprocess.run(["bash", str(examples / "train_single_node.sh")], env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    result = launch("arch-only")
+    assert result.returncode == 0, result.stderr
+    _, flags = split_torchrun(shlex.split(result.stdout))
+    values = last_values(flags)
+    assert run_defaults(values) == SHARED_RUN_DEFAULTS
+    # The architecture is the preset's, never a same-named variable from the environment.
+    assert flags.count("--num-layers") == 1 and values["--num-layers"] == "3"
+    assert "--add-qkv-bias" not in values
+    for preset, message in (("no-model", "sets no MODEL_ARGS"),
+                            ("no-bias", "must set DEFAULT_QKV_BIAS to 0 or 1")):
+        result = launch(preset)
+        assert result.returncode == 2 and result.stdout == ""
+        line, = result.stderr.strip().splitlines()
+        assert f"{preset}.sh" in line and message in line, line
 
 
 def test_qkv_bias_knob_drops_the_flag():
@@ -349,18 +438,6 @@ def test_slurm_finds_the_helper_from_the_submit_dir_when_run_from_a_spool_copy(t
 # --------------------------------------------------------------------- real CPU training
 
 
-def _trainer_available() -> bool:
-    if not (ROOT / "megatron_deft" / "train.py").exists():
-        return False
-    probe = subprocess.run([sys.executable, "-m", "megatron_deft.train", "--help"], cwd=ROOT,
-                           capture_output=True, timeout=120)
-    return probe.returncode == 0
-
-
-TRAINER_MISSING = not _trainer_available()
-
-
-@pytest.mark.skipif(TRAINER_MISSING, reason="megatron_deft.train is not available yet")
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_generated_flag_is_one_the_trainer_accepts(preset):
     from megatron_deft.training.arguments import accepted_flags
@@ -368,12 +445,10 @@ def test_every_generated_flag_is_one_the_trainer_accepts(preset):
     env = {"PRESET": preset, "DATA": "d.jsonl", "VALID_DATA": "v.jsonl", "MOCK_DATA": "1",
            "TOKENIZER_MODEL": "tok", "SAVE": "s", "LOAD": "l", "TENSORBOARD_DIR": "tb"}
     _, flags = split_torchrun(dry_run("train_single_node.sh", env))
-    # --add-qkv-bias (Qwen2.5) is the one flag the presets may use ahead of the trainer.
-    unknown = set(last_values(flags)) - set(accepted_flags()) - {"--add-qkv-bias"}
+    unknown = set(last_values(flags)) - set(accepted_flags())
     assert not unknown, f"{preset}: the trainer does not accept {sorted(unknown)}"
 
 
-@pytest.mark.skipif(TRAINER_MISSING, reason="megatron_deft.train is not available yet")
 def test_tiny_preset_trains_on_cpu_through_the_single_node_script(tmp_path):
     env = {"DEVICE": "cpu", "NPROC_PER_NODE": "2", "TP": "2", "PRESET": "tiny",
            "OMP_NUM_THREADS": "1"}
