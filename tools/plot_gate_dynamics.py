@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools.gate_dynamics_logs import ALL_TOKENS, read_run, read_scalars  # noqa: E402
 
-__all__ = ["read_run", "read_scalars", "plot", "plot_classes", "plot_histograms",
-           "plot_class_dynamics", "main"]
+__all__ = ["read_run", "read_scalars", "class_names", "plot", "plot_classes", "plot_histograms",
+           "plot_class_dynamics", "run_labels", "main"]
 
 STATS = (("gate", "mean gate"), ("alpha", "mean exponent a"), ("p_target", "mean p_target"),
          ("renyi2_entropy", "mean Renyi-2 entropy H2"),
@@ -176,8 +176,7 @@ def plot_histograms(runs: Dict[str, dict], stat: str, out: str) -> Optional[str]
                                       figsize=(3.9 * len(columns), 3.0 * len(rows)))
     # sqrt colour scale: a bin with 1% of the tokens is still visible next to one with 90%.
     norm = PowerNorm(0.5, vmin=0.0, vmax=1.0)
-    figure.suptitle(f"{stat} over training: colour = share of the log step's tokens in the bin "
-                    "(sqrt scale); cyan line = token mean")
+    explained = False
     for row, (label, by_class) in zip(axes, rows.items()):
         for axis, name in zip(row, columns):
             axis.set(title=f"{label}: {name if name is not ALL_TOKENS else 'all tokens'}",
@@ -187,7 +186,10 @@ def plot_histograms(runs: Dict[str, dict], stat: str, out: str) -> Optional[str]
                 continue
             colour_bar = figure.colorbar(_heatmap(axis, by_class[name], norm), ax=axis, pad=0.02)
             if axis is row[-1]:
-                colour_bar.set_label("share of the step's tokens")
+                colour_bar.set_label("share of the log step's tokens")
+            if not explained:  # the cyan line's legend, once
+                axis.legend(fontsize=7, framealpha=0.6)
+                explained = True
     return save_figure(figure, out)
 
 
@@ -198,7 +200,7 @@ def _heatmap(axis, series: dict, norm):
     num = np.maximum(series["num"], 1.0)[:, None]  # a step without tokens stays all zero
     mesh = axis.pcolormesh(_step_edges(series["steps"]), series["edges"],
                            (series["counts"] / num).T, cmap="magma", norm=norm, shading="flat")
-    axis.plot(series["steps"], series["mean"], color="cyan", lw=1.2)
+    axis.plot(series["steps"], series["mean"], color="cyan", lw=1.2, label="token mean")
     return mesh
 
 

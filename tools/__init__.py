@@ -1,0 +1,1 @@
+"""Command-line tools (scripts); a package so the experiment and tests can import their functions."""
