@@ -23,6 +23,22 @@ def _read(path):
         return [json.loads(line) for line in handle]
 
 
+def test_nll_horizon_names_the_peak_and_the_plateau_onset():
+    from benchmarks.objectives_regimes.report import _nll_horizon
+
+    def run(ems):  # one seed: held-out-B exact-match at steps 100, 200, ...
+        return {"B": {100 * (i + 1): {"exact_match": em} for i, em in enumerate(ems)}}
+
+    # seed means 0.2, 0.5, 0.79, 0.8, 0.78, 0.8: peak 0.8 first at step 400, plateau from 300
+    runs = [run([0.1, 0.5, 0.78, 0.8, 0.77, 0.8]), run([0.3, 0.5, 0.80, 0.8, 0.79, 0.8])]
+    text = _nll_horizon({"nll": runs}, total_steps=1200)
+    assert "peaks at 0.800 at step 400" in text and "3.0x (meets the 3x target)" in text
+    assert "from step 300 on: 4.0x (meets" in text
+    late = _nll_horizon({"nll": [run([0.1, 0.2, 0.4, 0.6, 0.7, 0.8])]}, total_steps=600)
+    assert "at step 600" in late and "1.0x (does NOT meet" in late
+    assert "cannot be assessed" in _nll_horizon({"nll": [run([0.0, 0.0])]}, total_steps=200)
+
+
 def test_data_held_out_prompts_never_in_training_and_corruption_is_wrong(tmp_path):
     config = dataclasses.replace(preset("smoke"), noise_rate=0.5, eval_samples=50,
                                  phase2_a_samples=400)
