@@ -86,6 +86,13 @@ PRESETS = {
         eval_samples=100, hidden_size=64, prior_iters=6000, phase2_iters=1200, phase2_lr=3e-3,
         save_interval=100,
     ),
+    # cpu-long's mix variant run 3x longer (docs/evidence-horizon.md), for the horizon check:
+    # from this prior, NLL's held-out-B exact-match is still rising after 1200 steps.
+    "cpu-horizon": ExperimentConfig(
+        name="cpu-horizon", variants=("mix",), prior_samples=20000, phase2_b_samples=2000,
+        phase2_a_samples=2000, eval_samples=100, hidden_size=64, prior_iters=6000,
+        phase2_iters=3600, phase2_lr=3e-3, save_interval=300,
+    ),
     "full": ExperimentConfig(name="full"),
 }
 
