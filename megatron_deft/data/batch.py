@@ -63,8 +63,9 @@ def unpack_batch(batch: Dict[str, torch.Tensor]) -> List[List[Dict[str, torch.Te
     """Splits every row of a micro-batch back into its samples.
 
     Returns ``samples[row][i]``: a dict with ``tokens``, ``labels``, ``loss_mask``,
-    ``position_ids`` and ``token_class`` ([n_i] each) of the ``i``-th sample of ``row``, padding removed. Running a
-    model on each sample alone must give the same per-token loss as on the packed row.
+    ``position_ids`` and ``token_class`` ([n_i] each) of the ``i``-th sample of ``row``, padding
+    removed. Running a model on each sample alone must give the same per-token loss as on the
+    packed row.
     """
     out = []
     for row in range(batch["tokens"].shape[0]):

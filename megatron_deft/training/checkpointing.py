@@ -168,8 +168,7 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, loader, config
         os.makedirs(partial)
     dist.barrier()
     finish_param_sync(model, config)
-    state = _sharded_state(model, optimizer, config, is_loading=False,
-                           with_rng=True)
+    state = _sharded_state(model, optimizer, config, is_loading=False, with_rng=True)
     state.update(
         iteration=iteration,
         opt_param_scheduler=scheduler.state_dict(),
@@ -257,8 +256,7 @@ def load_checkpoint(root, model, optimizer, scheduler, loader, config: Config) -
     if not full:
         load_model_weights(directory, [chunk.module for chunk in model])
         return 0
-    state = _sharded_state(model, optimizer, config, is_loading=True,
-                           with_rng=same_layout)
+    state = _sharded_state(model, optimizer, config, is_loading=True, with_rng=same_layout)
     loaded = dist_checkpointing.load(state, directory)
     for i, chunk in enumerate(model):
         chunk.module.load_state_dict(loaded["model" if len(model) == 1 else f"model{i}"])

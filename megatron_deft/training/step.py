@@ -25,7 +25,7 @@ from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_deft.objectives import vocab_parallel_loss
-from megatron_deft.training.token_classes import NUM_BINS, bin_token_stats, histogram_stats
+from megatron_deft.training.token_classes import bin_token_stats, histogram_shape
 
 # Order of the per-micro-batch report vector (sums over valid tokens, except "tokens").
 REPORT_KEYS = ("loss", "tokens", "nll", "gate", "alpha", "p_target", "renyi2_entropy",
@@ -41,8 +41,8 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 def loss_func(labels, loss_mask, token_class, objective, num_classes, logits):
     """Per-micro-batch loss on the last stage: (sum loss, #tokens, {"report": sums}).
 
-    The report is float64 [len(REPORT_KEYS) + (num_classes + 1) * Q * (NUM_BINS + 2)]: the token
-    sums of REPORT_KEYS, then the flattened token-class histograms (``token_classes``).
+    The report is float64 [len(REPORT_KEYS) + prod(histogram_shape)]: the token sums of
+    REPORT_KEYS, then the flattened token-class histograms (``token_classes``).
 
     Args:
         labels: [b, s] global token ids, -100 where no loss.
@@ -92,8 +92,7 @@ def forward_step(objective, num_classes, data_iterator, model):
 
 
 def _report_length(objective, num_classes: int) -> int:
-    histogram_size = (num_classes + 1) * len(histogram_stats(objective)) * (NUM_BINS + 2)
-    return len(REPORT_KEYS) + histogram_size
+    return len(REPORT_KEYS) + math.prod(histogram_shape(objective, num_classes))
 
 
 def _reduce_reports(outputs: list, length: int, device) -> torch.Tensor:
@@ -118,8 +117,7 @@ def metrics_from_sums(sums: torch.Tensor, objective, num_classes: int) -> dict:
     count = max(values["tokens"], 1.0)
     metrics = {key: value / count for key, value in values.items() if key != "tokens"}
     metrics["tokens"] = int(values["tokens"])
-    metrics["token_class_counts"] = histograms.cpu().view(
-        num_classes + 1, len(histogram_stats(objective)), NUM_BINS + 2)
+    metrics["token_class_counts"] = histograms.cpu().view(histogram_shape(objective, num_classes))
     return metrics
 
 

@@ -28,6 +28,11 @@ def histogram_stats(objective) -> Tuple[str, ...]:
     return ("gate", "p_target") + (("alpha",) if objective.family == "qlog" else ())
 
 
+def histogram_shape(objective, num_classes: int) -> Tuple[int, int, int]:
+    """Shape of ``counts`` (module docstring): [num_classes + 1, Q, NUM_BINS + 2]."""
+    return (num_classes + 1, len(histogram_stats(objective)), NUM_BINS + 2)
+
+
 def histogram_upper(objective, stat: str) -> float:
     """Upper edge of the binned range: gate and p_target lie in [0, 1]; so does every exponent
     except Tsallis' constant a = q."""
