@@ -33,7 +33,7 @@ def train_prior(config, run_dir: str, data: dict, tokenizer: str) -> str:
             "--train-data", data["prior_train"], "--sft-objective", "nll",
             "--train-iters", config.prior_iters, "--lr", config.prior_lr,
             "--seed", config.data_seed, "--save", save,
-            "--tensorboard-dir", os.path.join(run_dir, "tensorboard", "prior")])
+            "--tensorboard-dir", runner.tensorboard_dir(run_dir, "prior")])
     return save
 
 

@@ -125,7 +125,8 @@ def evaluated(run_dir: str, loads: list) -> dict:
         valid = [root for root, fingerprint in recorded.items()
                  if fingerprint is not None and current.get(root) == fingerprint]
         if valid:
-            summaries = read_jsonl(os.path.join(evals, name[:-len(".checkpoints.json")] + ".jsonl"))
+            batch = name[:-len(".checkpoints.json")] + ".jsonl"
+            summaries = read_jsonl(os.path.join(evals, batch))
             out.update({root: [s for s in summaries if s["load"] == root] for root in valid})
     return out
 
