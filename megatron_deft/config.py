@@ -88,9 +88,14 @@ class OptimizerConfig:
     lr_warmup_iters: int = 0
     """Linear warmup iterations."""
     lr_decay_style: str = "cosine"
-    """Decay after warmup: cosine, linear or constant."""
+    """Decay after warmup: cosine, linear, constant, inverse-square-root or WSD
+    (warmup-stable-decay: flat at --lr, then the last --lr-wsd-decay-iters anneal to --min-lr)."""
     lr_decay_iters: Optional[int] = None
     """Iterations over which the rate decays (default: train_iters)."""
+    lr_wsd_decay_iters: Optional[int] = None
+    """WSD: length of the final anneal (ends at --lr-decay-iters); required with WSD."""
+    lr_wsd_decay_style: str = "exponential"
+    """WSD: shape of the final anneal: exponential, linear, cosine or minus_sqrt."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay (not applied to norms)."""
     adam_beta1: float = 0.9

@@ -20,7 +20,8 @@ from megatron_deft.models.layout import padded_vocab_size
 
 CHOICES = {
     "device": ("cpu", "cuda"),
-    "lr_decay_style": ("cosine", "linear", "constant"),
+    "lr_decay_style": ("cosine", "linear", "constant", "inverse-square-root", "WSD"),
+    "lr_wsd_decay_style": ("exponential", "linear", "cosine", "minus_sqrt"),
     "overlong": ("truncate", "drop"),
 }
 
@@ -174,6 +175,21 @@ def _validate_layout(config: Config, world_size: int) -> None:
                  f"divisible by PP {pp}")
 
 
+def _validate_schedule(opt, train_iters: int) -> None:
+    decay_iters = opt.lr_decay_iters or train_iters
+    _require(opt.lr_warmup_iters >= 0 and decay_iters >= 1,
+             "--lr-warmup-iters must be >= 0 and --lr-decay-iters >= 1")
+    if opt.lr_decay_style != "WSD":
+        _require(opt.lr_wsd_decay_iters is None,
+                 "--lr-wsd-decay-iters needs --lr-decay-style WSD")
+        return
+    _require(opt.lr_wsd_decay_iters is not None, "--lr-decay-style WSD needs --lr-wsd-decay-iters")
+    stable = decay_iters - opt.lr_warmup_iters
+    _require(1 <= opt.lr_wsd_decay_iters <= stable,
+             f"--lr-wsd-decay-iters {opt.lr_wsd_decay_iters} must be in [1, {stable}] (the "
+             f"--lr-decay-iters {decay_iters} after --lr-warmup-iters {opt.lr_warmup_iters})")
+
+
 def _validate_run(config: Config) -> None:
     model, par, train, data, ckpt = (config.model, config.parallel, config.training,
                                      config.data, config.checkpoint)
@@ -181,6 +197,7 @@ def _validate_run(config: Config) -> None:
     _require(not (train.bf16 and train.device == "cpu"), "--bf16 needs --device cuda")
     _require(not par.overlap_param_gather or par.use_distributed_optimizer,
              "--overlap-param-gather needs --use-distributed-optimizer")
+    _validate_schedule(config.optimizer, train.train_iters)
     max_pos = model.max_position_embeddings or model.seq_length
     _require(model.seq_length <= max_pos,
              f"--seq-length {model.seq_length} exceeds --max-position-embeddings {max_pos}")

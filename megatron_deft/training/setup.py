@@ -3,7 +3,7 @@
 Everything here is megatron-core's own machinery: ``parallel_state`` groups, ``GPTModel``,
 ``DistributedDataParallel`` (grads reduced in fp32 buckets, scaled by 1/global-token-count in
 ``finalize_model_grads``), ``get_megatron_optimizer`` (plain or distributed AdamW) and
-``OptimizerParamScheduler`` (warmup + cosine/linear decay, stepped once per iteration).
+``OptimizerParamScheduler`` (warmup + cosine/linear/WSD/... decay, stepped once per iteration).
 """
 
 import datetime
@@ -108,7 +108,6 @@ def build_model(config: Config, padded_vocab: int) -> list:
 def build_optimizer(config: Config, model: list):
     """megatron-core AdamW (distributed when asked) and its warmup + decay LR schedule."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     opt = config.optimizer
     optimizer = get_megatron_optimizer(
@@ -128,8 +127,17 @@ def build_optimizer(config: Config, model: list):
         ),
         model,
     )
-    decay_iters = opt.lr_decay_iters or config.training.train_iters
-    scheduler = OptimizerParamScheduler(
+    return optimizer, build_scheduler(optimizer, opt, config.training.train_iters)
+
+
+def build_scheduler(optimizer, opt, train_iters: int):
+    """megatron-core's ``OptimizerParamScheduler`` for ``opt`` (an OptimizerConfig): linear warmup
+    from 0 over lr_warmup_iters, then lr_decay_style down to min_lr at lr_decay_iters (default
+    train_iters). Stepped once per iteration; its state rides in the checkpoint."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_iters = opt.lr_decay_iters or train_iters
+    return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if opt.lr_warmup_iters else opt.lr,
         max_lr=opt.lr,
@@ -137,12 +145,13 @@ def build_optimizer(config: Config, model: list):
         lr_warmup_steps=opt.lr_warmup_iters,
         lr_decay_steps=max(decay_iters, opt.lr_warmup_iters + 1),
         lr_decay_style=opt.lr_decay_style,
+        wsd_decay_steps=opt.lr_wsd_decay_iters,
+        lr_wsd_decay_style=opt.lr_wsd_decay_style,
         start_wd=opt.weight_decay,
         end_wd=opt.weight_decay,
         wd_incr_steps=decay_iters,
         wd_incr_style="constant",
     )
-    return optimizer, scheduler
 
 
 def finish_param_sync(model: list, config: Config) -> None:

@@ -20,6 +20,7 @@ EXPECTED_FLAGS = [
     "--eval-iters", "--ffn-hidden-size", "--finetune", "--global-batch-size",
     "--hidden-dropout", "--hidden-size", "--init-method-std", "--load", "--log-interval",
     "--lr", "--lr-decay-iters", "--lr-decay-style", "--lr-warmup-iters",
+    "--lr-wsd-decay-iters", "--lr-wsd-decay-style",
     "--make-vocab-size-divisible-by", "--max-position-embeddings", "--max-skipped-iters",
     "--micro-batch-size", "--min-lr", "--mock-data", "--norm-epsilon", "--num-attention-heads",
     "--num-layers", "--num-layers-per-virtual-pipeline-stage", "--num-query-groups",
@@ -71,6 +72,12 @@ def test_flags_map_onto_config_fields():
     (["--overlap-param-gather"], 1, "--overlap-param-gather needs --use-distributed-optimizer"),
     (["--lr-decay-style", "step"], 1, "argument --lr-decay-style: invalid choice: 'step'"),
     (["--lr", "fast"], 1, "argument --lr: invalid float value: 'fast'"),
+    (["--lr-decay-style", "WSD"], 1, "--lr-decay-style WSD needs --lr-wsd-decay-iters"),
+    (["--lr-wsd-decay-iters", "5"], 1, "--lr-wsd-decay-iters needs --lr-decay-style WSD"),
+    (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "95", "--lr-warmup-iters", "10",
+      "--train-iters", "100"], 1,
+     "--lr-wsd-decay-iters 95 must be in [1, 90] (the --lr-decay-iters 100 after "
+     "--lr-warmup-iters 10)"),
     (["--no-such-flag"], 1, "unrecognized arguments: --no-such-flag"),
     (["--data-path", "p"], 1, "give exactly one of --train-data, --data-path, --mock-data "
                               "(got --data-path and --mock-data)"),
