@@ -4,7 +4,7 @@ import dataclasses
 import json
 import os
 
-from benchmarks.objectives_regimes import plots
+from benchmarks.objectives_regimes import plots, runner
 from benchmarks.objectives_regimes.results import (
     CLASSES, MEASURES, curve, fmt, over_seeds, trajectories,
 )
@@ -137,7 +137,8 @@ def write_report(results: dict, run_dir: str) -> str:
              f"Machine: {results['machine']}. Wall time: {results['wall_seconds'] / 60:.1f} min. "
              f"Seeds: {list(config['seeds'])}. Phase-2 steps: {config['phase2_iters']} "
              f"(checkpoint + evaluation every {config['save_interval']}), LR "
-             f"{config['phase2_lr']}, global batch {config['global_batch_size']}, "
+             f"{config['phase2_lr']} ({config.get('phase2_lr_decay_style', 'cosine')} after "
+             f"{runner.WARMUP_ITERS} warmup steps), global batch {config['global_batch_size']}, "
              f"TP {config['tensor_model_parallel_size']}, noise rate r = {config['noise_rate']}. "
              "Numbers are mean ± sd over seeds at the last checkpoint; EM = greedy exact-match.",
              "", "What each column measures: " + "; ".join(f"**{k}**: {v}" for k, v in

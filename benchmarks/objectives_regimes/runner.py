@@ -27,10 +27,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_logged(command: list, log_path: str, nproc: int = 1) -> None:
-    """Run ``command`` from the repository root, output to ``log_path``; raise on failure."""
+def run_logged(command: list, log_path: str, processes: int = 1) -> None:
+    """Run ``command`` from the repository root, output to ``log_path``; raise on failure.
+    ``processes``: how many processes share the machine meanwhile (this launch's ranks times
+    the launches running at once); each gets an equal share of the cores as OMP threads, since
+    oversubscribed CPU threads slow every run down many times over."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // nproc)
+    threads = max(1, (os.cpu_count() or 1) // processes)
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS=str(threads))
     with open(log_path, "w", encoding="utf-8") as log:
         log.write(" ".join(map(str, command)) + "\n")
@@ -56,6 +59,10 @@ def train_tokenizer(inputs: list, prefix: str, log_path: str) -> str:
     return prefix + ".model"
 
 
+WARMUP_ITERS = 10
+"""Linear LR warmup of every run (phase 1 and phase 2)."""
+
+
 def model_args(config, tokenizer_model: str) -> list:
     """Flags shared by every training run (architecture, batch, data format, device)."""
     return [
@@ -66,7 +73,7 @@ def model_args(config, tokenizer_model: str) -> list:
         "--micro-batch-size", config.micro_batch_size,
         "--global-batch-size", config.global_batch_size,
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer_model,
-        "--make-vocab-size-divisible-by", 16, "--lr-warmup-iters", 10, "--weight-decay", 0.0,
+        "--make-vocab-size-divisible-by", 16, "--lr-warmup-iters", WARMUP_ITERS, "--weight-decay", 0.0,
         # At least one log step per checkpoint: short runs (smoke) still get training dynamics.
         "--log-interval", min(10, config.save_interval), *config.extra_train_args,
     ]
@@ -81,10 +88,12 @@ def tensorboard_dir(run_dir: str, name: str) -> str:
     return os.path.join(run_dir, "tensorboard", name)
 
 
-def train(config, name: str, run_dir: str, args: list) -> None:
-    """One megatron-deft-train run; ``args`` adds data, objective, schedule and checkpoints."""
+def train(config, name: str, run_dir: str, args: list, concurrent: int = 1) -> None:
+    """One megatron-deft-train run; ``args`` adds data, objective, schedule and checkpoints.
+    ``concurrent``: how many such runs execute at once (they split the CPU threads)."""
     command = torchrun("megatron_deft.train", args, config.nproc)
-    run_logged(command, os.path.join(run_dir, "logs", f"{name}.log"), config.nproc)
+    run_logged(command, os.path.join(run_dir, "logs", f"{name}.log"),
+               config.nproc * concurrent)
 
 
 def evaluate(config, run_dir: str, loads: list, data: list, tokenizer_model: str) -> list:

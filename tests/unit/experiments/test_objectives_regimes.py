@@ -123,12 +123,68 @@ def test_evaluations_reused_until_the_checkpoint_root_is_retrained(tmp_path, mon
     assert evaluate() == {"a": [3], "b": [1]} and launches[2:] == [roots[:1]]
 
 
+def test_phase2_runs_get_the_presets_schedule_and_start_from_the_prior(tmp_path, monkeypatch):
+    from benchmarks.objectives_regimes import run, runner
+
+    commands = {}
+    monkeypatch.setattr(runner, "train", lambda config, name, run_dir, args, concurrent:
+                        commands.update({name: [str(a) for a in args]}))
+    data = {name: f"{name}.jsonl" for name in run.TRAIN_FILE.values()}
+    for name, style in (("cpu-horizon", "cosine"), ("cpu-plateau", "constant")):
+        config = preset(name)
+        for variant in ("mix", "scratch"):
+            run.train_phase2(config, str(tmp_path / name), data, "tok.model", "/prior",
+                             variant, "deft", 1)
+            args = commands.pop(runner.run_name(variant, "deft", 1))
+            flags = dict(zip(args, args[1:]))
+            assert flags["--lr-decay-style"] == style
+            assert flags["--lr"] == str(config.phase2_lr)
+            assert flags["--train-iters"] == str(config.phase2_iters)
+            assert ("--load" in args) == (variant != "scratch")
+
+
+def test_jobs_train_phase2_runs_concurrently_with_split_threads(tmp_path, monkeypatch):
+    import threading
+
+    from benchmarks.objectives_regimes import run, runner
+
+    both_running = threading.Barrier(2, timeout=10)  # breaks unless two runs overlap
+    processes = []
+
+    def fake_run_logged(command, log_path, processes_sharing=1):
+        processes.append(processes_sharing)
+        command = list(map(str, command))
+        if "megatron_deft.train" in command:
+            if "--finetune" in command:
+                both_running.wait()
+            save = command[command.index("--save") + 1]
+            os.makedirs(save, exist_ok=True)
+            with open(os.path.join(save, runner.TRACKER), "w") as handle:
+                handle.write(command[command.index("--train-iters") + 1])
+        elif "megatron_deft.eval" in command:
+            with open(command[command.index("--summary-output") + 1], "w") as handle:
+                for root in command[command.index("--load") + 1].split(","):
+                    handle.write(json.dumps({"load": root}) + "\n")
+
+    monkeypatch.setattr(runner, "run_logged", fake_run_logged)
+    monkeypatch.setattr(runner, "train_tokenizer", lambda inputs, prefix, log: prefix + ".model")
+    config = dataclasses.replace(preset("smoke"), objectives=("nll", "deft"), seeds=(1, 2))
+    results = run.run_experiment(config, str(tmp_path), jobs=2)
+    assert sorted(results["runs"]) == sorted(
+        f"mix/{o}/{s}" for o in ("nll", "deft") for s in (1, 2))
+    for key, summaries in results["runs"].items():
+        variant, objective, seed = key.split("/")
+        assert summaries[0]["load"].endswith(runner.run_name(variant, objective, int(seed)))
+    # prior alone (1), four phase-2 runs two at a time (2 each), then the evaluation (1)
+    assert processes == [1, 2, 2, 2, 2, 1]
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("regimes")
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.objectives_regimes.run", "--config", "smoke",
-         "--out", str(out)],
+         "--jobs", "2", "--out", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
         env=dict(os.environ, PYTHONPATH=REPO_ROOT))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
