@@ -15,6 +15,8 @@
 #   TP, PP           tensor / pipeline model-parallel sizes                          [DEFAULT_TP/PP]
 #   NPROC_PER_NODE   processes per node                      [cuda: gpu (all visible); cpu: TP*PP]
 #   SEQ_LENGTH MICRO_BATCH_SIZE GLOBAL_BATCH_SIZE TRAIN_ITERS LR MIN_LR LR_WARMUP_ITERS [DEFAULT_*]
+#   LR_DECAY_STYLE   --lr-decay-style: cosine, linear, constant, WSD, ...            [cosine]
+#   LR_WSD_DECAY_ITERS  WSD: the final anneal's length (--lr-wsd-decay-iters)       [none]
 #   WEIGHT_DECAY [0.0]   CLIP_GRAD [1.0]   LOG_INTERVAL [1]
 #   DATA             --train-data: JSONL file(s), comma separated                    [none]
 #   VALID_DATA       --valid-data, run every EVAL_INTERVAL [200] iterations for EVAL_ITERS [10]
@@ -107,6 +109,7 @@ deft_resolve_knobs() {
     LR=${LR:-$DEFAULT_LR}
     MIN_LR=${MIN_LR:-$DEFAULT_MIN_LR}
     LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-$DEFAULT_LR_WARMUP_ITERS}
+    LR_DECAY_STYLE=${LR_DECAY_STYLE:-cosine}
     WEIGHT_DECAY=${WEIGHT_DECAY:-0.0}
     CLIP_GRAD=${CLIP_GRAD:-1.0}
     LOG_INTERVAL=${LOG_INTERVAL:-1}
@@ -128,6 +131,9 @@ deft_optional_args() {  # data, tokenizer, checkpoint and logging flags, only fo
                     --eval-iters "${EVAL_ITERS:-10}")
     fi
     if [[ $MOCK_DATA == 1 ]]; then TRAIN_CMD+=(--mock-data); fi
+    if [[ -n ${LR_WSD_DECAY_ITERS:-} ]]; then
+        TRAIN_CMD+=(--lr-wsd-decay-iters "$LR_WSD_DECAY_ITERS")
+    fi
     if [[ -n $TOKENIZER_MODEL ]]; then
         [[ -n $TOKENIZER_TYPE ]] || deft_die "TOKENIZER_MODEL is set but TOKENIZER_TYPE is empty"
         TRAIN_CMD+=(--tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER_MODEL")
@@ -153,7 +159,8 @@ deft_resolve() {
         --seq-length "$SEQ_LENGTH"
         --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
         --train-iters "$TRAIN_ITERS"
-        --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$LR_WARMUP_ITERS" --lr-decay-style cosine
+        --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters "$LR_WARMUP_ITERS"
+        --lr-decay-style "$LR_DECAY_STYLE"
         --weight-decay "$WEIGHT_DECAY" --clip-grad "$CLIP_GRAD"
         --sft-objective "$OBJECTIVE"
         --device "$DEVICE" --log-interval "$LOG_INTERVAL"

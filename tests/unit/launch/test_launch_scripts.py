@@ -317,6 +317,19 @@ def test_single_node_resolves_knobs_and_appends_passthrough_last():
     assert "--mock-data" not in values  # real data given: no synthetic rows
 
 
+def test_lr_schedule_knobs_reach_the_trainer_and_parse():
+    from megatron_deft.training.arguments import parse_config
+
+    env = {"LR_DECAY_STYLE": "WSD", "LR_WSD_DECAY_ITERS": "30", "TRAIN_ITERS": "200"}
+    _, flags = split_torchrun(dry_run("train_single_node.sh", env))
+    config = parse_config(flags[2:], world_size=1)  # after "-m megatron_deft.train"
+    assert config.optimizer.lr_decay_style == "WSD"
+    assert config.optimizer.lr_wsd_decay_iters == 30 and config.training.train_iters == 200
+    _, flags = split_torchrun(dry_run("train_single_node.sh", {}))
+    assert last_values(flags)["--lr-decay-style"] == "cosine"
+    assert "--lr-wsd-decay-iters" not in flags
+
+
 def test_cpu_process_count_defaults_to_the_model_parallel_size():
     options, _ = split_torchrun(dry_run("train_single_node.sh", {"TP": "2", "PP": "2"}))
     assert options["--nproc_per_node"] == "4"
