@@ -1,0 +1,193 @@
+"""examples/presets: each public preset carries its model's published architecture, every preset
+resolves to the shared run defaults unless it overrides them, and bad preset names or knobs stop
+with one line. Expected values are written here independently (the architectures from the
+models' Hugging Face config.json files)."""
+
+import os
+import re
+import shlex
+import subprocess
+
+import pytest
+
+from tests.unit.launch.helpers import (
+    EXAMPLES, PRESETS, SCRIPTS, dry_run, last_values, run_script, slurm_env, split_torchrun,
+)
+
+# Public config.json facts: layers, hidden, SwiGLU inner, heads, kv heads, vocab (embedding rows),
+# RoPE theta, RMSNorm eps, context, tied embeddings, q/k/v bias.
+ARCHITECTURES = {
+    "llama3-8b": dict(layers=32, hidden=4096, ffn=14336, heads=32, groups=8, vocab=128256,
+                      theta=500000, eps=1e-5, context=8192, tied=False, qkv_bias=False),
+    "llama3-70b": dict(layers=80, hidden=8192, ffn=28672, heads=64, groups=8, vocab=128256,
+                       theta=500000, eps=1e-5, context=8192, tied=False, qkv_bias=False),
+    "qwen2.5-7b": dict(layers=28, hidden=3584, ffn=18944, heads=28, groups=4, vocab=152064,
+                       theta=1000000, eps=1e-6, context=32768, tied=False, qkv_bias=True),
+    "qwen2.5-0.5b": dict(layers=24, hidden=896, ffn=4864, heads=14, groups=2, vocab=151936,
+                         theta=1000000, eps=1e-6, context=32768, tied=True, qkv_bias=True),
+}
+
+
+# Run defaults every preset shares (launch_lib.sh, the one place they are set), as trainer flags,
+# and what each preset overrides. Values are those the presets carried before they were shared.
+SHARED_RUN_DEFAULTS = {
+    "--device": "cuda", "--tensor-model-parallel-size": "1", "--pipeline-model-parallel-size": "1",
+    "--seq-length": "4096", "--micro-batch-size": "1", "--global-batch-size": "128",
+    "--lr": "1e-5", "--min-lr": "1e-6", "--lr-warmup-iters": "50", "--train-iters": "1000",
+    "--tokenizer-type": "HuggingFaceTokenizer", "--mock-data": None,
+}
+PRESET_RUN_OVERRIDES = {
+    "llama3-8b": {"--tensor-model-parallel-size": "2"},
+    "llama3-70b": {"--tensor-model-parallel-size": "8", "--pipeline-model-parallel-size": "4"},
+    "qwen2.5-7b": {"--tensor-model-parallel-size": "2"},
+    "qwen2.5-0.5b": {"--micro-batch-size": "4", "--lr": "2e-5", "--min-lr": "2e-6"},
+    "tiny": {"--device": "cpu", "--seq-length": "64", "--micro-batch-size": "2",
+             "--global-batch-size": "8", "--lr": "1e-3", "--min-lr": "1e-4",
+             "--lr-warmup-iters": "2", "--train-iters": "20",
+             "--tokenizer-type": "SentencePieceTokenizer", "--mock-data": True},
+}
+# The DEFAULT_<knob> variable behind each flag above.
+RUN_DEFAULT_VARIABLES = {
+    "--device": "DEVICE", "--tensor-model-parallel-size": "TP",
+    "--pipeline-model-parallel-size": "PP", "--seq-length": "SEQ_LENGTH",
+    "--micro-batch-size": "MICRO_BATCH_SIZE", "--global-batch-size": "GLOBAL_BATCH_SIZE",
+    "--lr": "LR", "--min-lr": "MIN_LR", "--lr-warmup-iters": "LR_WARMUP_ITERS",
+    "--train-iters": "TRAIN_ITERS", "--tokenizer-type": "TOKENIZER_TYPE", "--mock-data": "MOCK_DATA",
+}
+
+
+def architecture_flags(spec):
+    return {
+        "--num-layers": str(spec["layers"]), "--hidden-size": str(spec["hidden"]),
+        "--ffn-hidden-size": str(spec["ffn"]), "--num-attention-heads": str(spec["heads"]),
+        "--num-query-groups": str(spec["groups"]), "--vocab-size": str(spec["vocab"]),
+        "--max-position-embeddings": str(spec["context"]),
+    }
+
+
+@pytest.mark.parametrize("preset", sorted(ARCHITECTURES))
+def test_public_presets_carry_the_published_architecture(preset):
+    spec = ARCHITECTURES[preset]
+    _, flags = split_torchrun(dry_run("train_single_node.sh", {"PRESET": preset}))
+    values = last_values(flags)
+    for flag, expected in architecture_flags(spec).items():
+        assert values[flag] == expected, (preset, flag)
+    assert float(values["--rotary-base"]) == spec["theta"]
+    assert float(values["--norm-epsilon"]) == spec["eps"]
+    assert ("--untie-embeddings-and-output-weights" in values) == (not spec["tied"])
+    assert ("--add-qkv-bias" in values) == spec["qkv_bias"]
+    # Real presets run on GPUs in bf16 with the distributed optimizer.
+    assert values["--device"] == "cuda" and values["--bf16"] is True
+    assert values["--use-distributed-optimizer"] is True
+    tp = int(values["--tensor-model-parallel-size"])
+    pp = int(values["--pipeline-model-parallel-size"])
+    assert spec["groups"] % tp == 0 and spec["heads"] % tp == 0 and spec["layers"] % pp == 0
+
+
+def run_defaults(values):
+    """The run-default flags among resolved trainer flags; None for an absent --mock-data."""
+    return {flag: values.get(flag) for flag in SHARED_RUN_DEFAULTS}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_resolve_to_the_shared_run_defaults_unless_they_override(preset):
+    # TOKENIZER_MODEL makes --tokenizer-type appear; it changes nothing else.
+    _, flags = split_torchrun(dry_run("train_single_node.sh",
+                                      {"PRESET": preset, "TOKENIZER_MODEL": "/tok"}))
+    expected = {**SHARED_RUN_DEFAULTS, **PRESET_RUN_OVERRIDES[preset]}
+    assert run_defaults(last_values(flags)) == expected
+
+
+def test_no_preset_file_repeats_a_shared_run_default():
+    shared = {RUN_DEFAULT_VARIABLES[flag]: value for flag, value in SHARED_RUN_DEFAULTS.items()}
+    shared["MOCK_DATA"] = "0"
+    for preset in PRESETS:
+        text = (EXAMPLES / "presets" / f"{preset}.sh").read_text()
+        assigned = dict(re.findall(r"^\s*DEFAULT_(\w+)=([^\s#]*)", text, flags=re.M))
+        repeated = {name for name, value in assigned.items() if shared.get(name) == value}
+        assert not repeated, f"{preset}.sh repeats launch_lib.sh's shared {sorted(repeated)}"
+        overridden = {RUN_DEFAULT_VARIABLES[flag] for flag in PRESET_RUN_OVERRIDES[preset]}
+        assert set(assigned) - {"QKV_BIAS"} == overridden, preset
+
+
+def test_a_preset_holding_only_its_architecture_gets_the_shared_run_defaults(tmp_path):
+    """A new preset file in a copy of examples/: what launch_lib.sh alone supplies, and the
+    one-line errors for a preset that forgets its architecture."""
+    examples = tmp_path / "examples"
+    (examples / "presets").mkdir(parents=True)
+    for name in ("launch_lib.sh", "train_single_node.sh"):
+        (examples / name).write_text((EXAMPLES / name).read_text())
+    presets = {"arch-only": "MODEL_ARGS=(--num-layers 3 --hidden-size 96)\nDEFAULT_QKV_BIAS=0\n",
+               "no-model": "DEFAULT_QKV_BIAS=0\n",
+               "no-bias": "MODEL_ARGS=(--num-layers 3)\n"}
+    for name, text in presets.items():
+        (examples / "presets" / f"{name}.sh").write_text(text)
+
+    def launch(preset):
+        env = {"PATH": os.environ["PATH"], "DRY_RUN": "1", "PRESET": preset,
+               "TOKENIZER_MODEL": "/tok", "MODEL_ARGS": "--num-layers 99", "DEFAULT_QKV_BIAS": "1"}
+        return subprocess.run(["bash", str(examples / "train_single_node.sh")], env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    result = launch("arch-only")
+    assert result.returncode == 0, result.stderr
+    _, flags = split_torchrun(shlex.split(result.stdout))
+    values = last_values(flags)
+    assert run_defaults(values) == SHARED_RUN_DEFAULTS
+    # The architecture is the preset's, never a same-named variable from the environment.
+    assert flags.count("--num-layers") == 1 and values["--num-layers"] == "3"
+    assert "--add-qkv-bias" not in values
+    for preset, message in (("no-model", "sets no MODEL_ARGS"),
+                            ("no-bias", "must set DEFAULT_QKV_BIAS to 0 or 1")):
+        result = launch(preset)
+        assert result.returncode == 2 and result.stdout == ""
+        line, = result.stderr.strip().splitlines()
+        assert f"{preset}.sh" in line and message in line, line
+
+
+def test_qkv_bias_knob_drops_the_flag():
+    _, flags = split_torchrun(dry_run("train_single_node.sh",
+                                      {"PRESET": "qwen2.5-7b", "QKV_BIAS": "0"}))
+    assert "--add-qkv-bias" not in flags
+
+
+def test_tiny_preset_defaults_to_one_cpu_process_on_mock_data():
+    argv = dry_run("train_single_node.sh", {})
+    options, flags = split_torchrun(argv)
+    assert argv[0] == "torchrun"
+    assert options == {"--standalone": True, "--nnodes": "1", "--nproc_per_node": "1"}
+    values = last_values(flags)
+    expected = {"--num-layers": "2", "--hidden-size": "64", "--ffn-hidden-size": "128",
+                "--num-attention-heads": "4", "--num-query-groups": "2", "--seq-length": "64",
+                "--device": "cpu", "--mock-data": True, "--sft-objective": "nll",
+                "--tensor-model-parallel-size": "1", "--pipeline-model-parallel-size": "1"}
+    assert {k: values.get(k) for k in expected} == expected
+    assert "--bf16" not in values and "--train-data" not in values
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_unknown_preset_fails_with_one_line_listing_the_presets(script):
+    result = run_script(script, {"PRESET": "llama9-1t", **slurm_env(2)})
+    assert result.returncode != 0 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "llama9-1t" in lines[0]
+    listed = re.search(r"valid presets: (.*)$", lines[0]).group(1).split(", ")
+    assert sorted(listed) == sorted(PRESETS)
+
+
+def test_preset_name_cannot_be_a_path():
+    result = run_script("train_single_node.sh", {"PRESET": "../presets/tiny"})
+    assert result.returncode != 0 and "unknown PRESET" in result.stderr
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DEVICE": "tpu"}, "DEVICE must be cpu or cuda"),
+    ({"TP": "0"}, "TP must be a positive integer"),
+    ({"PP": "two"}, "PP must be a positive integer"),
+])
+def test_bad_knob_fails_with_one_line(env, message):
+    result = run_script("train_single_node.sh", env)
+    assert result.returncode == 2 and result.stdout == ""
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith(f"train_single_node.sh: error: {message}"), line
