@@ -76,13 +76,20 @@ def _diagnostics_table(by_objective: dict) -> list:
 
 
 PLATEAU_TOLERANCE = 0.02
-"""Exact-match within this of NLL's best counts as on its plateau (held-out sets of ~100
-samples move by 0.01 per answer, so the arg-max over a plateau is noise)."""
+"""Exact-match within this of NLL's plateau level counts as having reached it (held-out sets of
+~100 samples move by 0.01 per answer)."""
 
 
 def _nll_horizon(by_objective: dict, total_steps: int) -> str:
-    """Where NLL's held-out-B exact-match (mean over seeds) peaks, and where it first comes within
-    PLATEAU_TOLERANCE of that peak, against the run length (want >= 3x)."""
+    """When NLL reaches its best held-out-B exact-match (mean over seeds), against the run length
+    (want >= 3x).
+
+    On a flat but noisy curve the arg-max lands anywhere on the plateau, and it sits above the
+    plateau by the noise, so both are reported: the arg-max, and the first checkpoint within
+    PLATEAU_TOLERANCE of the plateau level (the mean over the last third of the checkpoints).
+    A curve still rising at the end has a level near its end, reached late, so it cannot meet
+    3x this way: meeting it takes a curve flat (within the tolerance) over the last 2/3 of the
+    run."""
     runs = by_objective.get("nll")
     if not runs:
         return "NLL was not run; no horizon check."
@@ -99,10 +106,13 @@ def _nll_horizon(by_objective: dict, total_steps: int) -> str:
         return f"{ratio:.1f}x ({'meets' if ratio >= 3 else 'does NOT meet'} the 3x target)"
 
     best = steps[means.index(best_value)]
-    onset = next(s for s, m in zip(steps, means) if m >= best_value - PLATEAU_TOLERANCE)
-    return (f"NLL's held-out-B exact-match peaks at {best_value:.3f} at step {best}: the "
-            f"{total_steps}-step runs are {versus(best)}. It is within {PLATEAU_TOLERANCE} of "
-            f"that peak from step {onset} on: {versus(onset)}.")
+    last_third = means[len(means) - max(1, len(means) // 3):]
+    level = sum(last_third) / len(last_third)
+    onset = next(s for s, m in zip(steps, means) if m >= level - PLATEAU_TOLERANCE)
+    return (f"NLL's held-out-B exact-match is highest ({best_value:.3f}) at step {best}: "
+            f"{versus(best)}. Its plateau level (mean over the last {len(last_third)} "
+            f"checkpoints) is {level:.3f}; it first comes within {PLATEAU_TOLERANCE} of that "
+            f"level at step {onset}: the {total_steps}-step runs are {versus(onset)}.")
 
 
 def _prior_section(results: dict, threshold: float = 0.95) -> tuple:
