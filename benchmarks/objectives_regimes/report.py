@@ -52,9 +52,16 @@ def _accuracy_table(by_objective: dict) -> list:
     return lines
 
 
+TRAJECTORY_COLUMNS = 12
+"""At most this many checkpoints per trajectory table (every k-th, counted back from the last);
+the plots and results.json hold them all."""
+
+
 def _trajectory_table(by_objective: dict, label: str) -> list:
     steps = sorted({step for runs in by_objective.values()
                     for step in curve(runs, label, "exact_match")[0]})
+    stride = -(-len(steps) // TRAJECTORY_COLUMNS)
+    steps = steps[::-1][::stride][::-1]
     lines = ["| objective | " + " | ".join(f"step {s}" for s in steps) + " |",
              "|---" * (len(steps) + 1) + "|"]
     for objective, runs in by_objective.items():

@@ -44,6 +44,18 @@ def test_nll_horizon_names_the_peak_and_the_plateau_onset():
     assert "cannot be assessed" in _nll_horizon({"nll": [run([0.0, 0.0])]}, total_steps=200)
 
 
+def test_trajectory_table_thins_long_runs_to_every_kth_checkpoint_ending_at_the_last():
+    from benchmarks.objectives_regimes.report import TRAJECTORY_COLUMNS, _trajectory_table
+
+    runs = [{"B": {100 * i: {"exact_match": i / 100} for i in range(1, 31)}}]  # 30 checkpoints
+    header, _, row = _trajectory_table({"nll": runs}, "B")
+    steps = [int(cell.split()[1]) for cell in header.strip("|").split("|")[1:]]
+    assert steps == list(range(300, 3001, 300)) and len(steps) <= TRAJECTORY_COLUMNS
+    assert row.split("|")[2:-1] == [f" {s / 10000:.3f} " for s in steps]
+    short = [{"B": {100 * i: {"exact_match": 0.5} for i in range(1, 5)}}]
+    assert _trajectory_table({"nll": short}, "B")[0].count("step") == 4
+
+
 def test_data_held_out_prompts_never_in_training_and_corruption_is_wrong(tmp_path):
     config = dataclasses.replace(preset("smoke"), noise_rate=0.5, eval_samples=50,
                                  phase2_a_samples=400)
