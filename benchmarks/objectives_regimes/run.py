@@ -4,6 +4,7 @@
     python -m benchmarks.objectives_regimes.run --config full --out runs/regimes  # the benchmark
     # GPUs: --device cuda --nproc 8 --tp 2 (and e.g. --extra-train-args=--bf16)
     # 2 CPU cores: --jobs 2 trains two phase-2 runs at once, one thread each (~1.3x throughput)
+    # one node, 8 GPUs: --device cuda --jobs 8 (each run on its own GPU)
 
 Steps: write the data (tasks.py), train a character SentencePiece tokenizer, phase 1 (the prior:
 NLL on task A), phase 2 (every variant x objective x seed from the prior, or from scratch), all
@@ -16,6 +17,7 @@ import itertools
 import json
 import os
 import platform
+import queue
 import shutil
 import sys
 import time
@@ -41,7 +43,8 @@ def train_prior(config, run_dir: str, data: dict, tokenizer: str) -> str:
 
 
 def train_phase2(config, run_dir: str, data: dict, tokenizer: str, prior: str,
-                 variant: str, objective: str, seed: int, concurrent: int = 1) -> str:
+                 variant: str, objective: str, seed: int, concurrent: int = 1,
+                 slot: int = 0) -> str:
     name = runner.run_name(variant, objective, seed)
     save = os.path.join(run_dir, "ckpt", name)
     if runner.finished(save, config.phase2_iters):
@@ -57,7 +60,7 @@ def train_phase2(config, run_dir: str, data: dict, tokenizer: str, prior: str,
         "--token-class-key", "tag"]  # per-class gate histograms (tasks.py tags every sample)
     if variant != "scratch":
         args += ["--load", prior, "--finetune"]
-    runner.train(config, name, run_dir, args, concurrent)
+    runner.train(config, name, run_dir, args, concurrent, slot)
     return save
 
 
@@ -89,8 +92,16 @@ def run_experiment(config, run_dir: str, jobs: int = 1) -> dict:
     runs = list(itertools.product(config.variants, config.objectives, config.seeds))
     concurrent = max(1, min(jobs, len(runs)))
 
+    free_slots = queue.Queue()  # a run holds a slot (its GPUs on CUDA) while it trains
+    for slot in range(concurrent):
+        free_slots.put(slot)
+
     def phase2(run: tuple) -> str:
-        save = train_phase2(config, run_dir, data, tokenizer, prior, *run, concurrent)
+        slot = free_slots.get()
+        try:
+            save = train_phase2(config, run_dir, data, tokenizer, prior, *run, concurrent, slot)
+        finally:
+            free_slots.put(slot)
         print(f"[{time.time() - started:6.0f}s] trained {' '.join(map(str, run))}", flush=True)
         return save
 
@@ -146,7 +157,8 @@ def parse_args(argv=None):
     parser.add_argument("--save-interval", type=int,
                         help="override the preset's phase-2 checkpoint/evaluation interval")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="phase-2 runs trained at once (they share the CPU cores)")
+                        help="phase-2 runs trained at once: they share the CPU cores; on "
+                        "CUDA each gets its own --nproc GPUs when there are enough")
     parser.add_argument("--extra-train-args", default="", help="appended to every train command")
     parser.add_argument("--publish", metavar="FILE.md",
                         help="also copy the report (and its PNGs) here, e.g. docs/evidence.md")

@@ -27,14 +27,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_logged(command: list, log_path: str, processes: int = 1) -> None:
+def run_logged(command: list, log_path: str, processes: int = 1, gpus: str = None) -> None:
     """Run ``command`` from the repository root, output to ``log_path``; raise on failure.
     ``processes``: how many processes share the machine meanwhile (this launch's ranks times
     the launches running at once); each gets an equal share of the cores as OMP threads, since
-    oversubscribed CPU threads slow every run down many times over."""
+    oversubscribed CPU threads slow every run down many times over. ``gpus``: the launch's
+    CUDA_VISIBLE_DEVICES (None: inherited)."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // processes)
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS=str(threads))
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
     with open(log_path, "w", encoding="utf-8") as log:
         log.write(" ".join(map(str, command)) + "\n")
         log.flush()
@@ -88,12 +91,25 @@ def tensorboard_dir(run_dir: str, name: str) -> str:
     return os.path.join(run_dir, "tensorboard", name)
 
 
-def train(config, name: str, run_dir: str, args: list, concurrent: int = 1) -> None:
+def visible_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def train(config, name: str, run_dir: str, args: list, concurrent: int = 1,
+          slot: int = 0) -> None:
     """One megatron-deft-train run; ``args`` adds data, objective, schedule and checkpoints.
-    ``concurrent``: how many such runs execute at once (they split the CPU threads)."""
+    ``concurrent`` such runs execute at once, this one in ``slot`` (0..concurrent-1): they
+    split the CPU threads and, on CUDA with enough GPUs, each gets its own ``config.nproc``
+    of them (otherwise they share)."""
     command = torchrun("megatron_deft.train", args, config.nproc)
+    gpus = None
+    if config.device == "cuda" and concurrent > 1 and \
+            visible_gpu_count() >= concurrent * config.nproc:
+        gpus = ",".join(str(slot * config.nproc + rank) for rank in range(config.nproc))
     run_logged(command, os.path.join(run_dir, "logs", f"{name}.log"),
-               config.nproc * concurrent)
+               config.nproc * concurrent, gpus)
 
 
 def evaluate(config, run_dir: str, loads: list, data: list, tokenizer_model: str) -> list:

@@ -160,24 +160,29 @@ def test_phase2_runs_get_the_presets_schedule_and_start_from_the_prior(tmp_path,
             assert ("--load" in args) == (variant != "scratch")
 
 
-def test_jobs_train_phase2_runs_concurrently_with_split_threads(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_jobs_train_phase2_runs_concurrently_with_split_threads(tmp_path, monkeypatch, device):
     import threading
 
     from benchmarks.objectives_regimes import run, runner
 
     both_running = threading.Barrier(2, timeout=10)  # breaks unless two runs overlap
-    processes = []
+    launches = []  # (processes sharing the machine, CUDA_VISIBLE_DEVICES)
+    running_gpus = set()  # GPUs of the phase-2 runs running now
 
-    def fake_run_logged(command, log_path, processes_sharing=1):
-        processes.append(processes_sharing)
+    def fake_run_logged(command, log_path, processes_sharing=1, gpus=None):
+        launches.append((processes_sharing, gpus))
         command = list(map(str, command))
         if "megatron_deft.train" in command:
             if "--finetune" in command:
+                assert gpus is None or gpus not in running_gpus, "two runs on one GPU"
+                running_gpus.add(gpus)
                 both_running.wait()
             save = command[command.index("--save") + 1]
             os.makedirs(save, exist_ok=True)
             with open(os.path.join(save, runner.TRACKER), "w") as handle:
                 handle.write(command[command.index("--train-iters") + 1])
+            running_gpus.discard(gpus)
         elif "megatron_deft.eval" in command:
             with open(command[command.index("--summary-output") + 1], "w") as handle:
                 for root in command[command.index("--load") + 1].split(","):
@@ -185,15 +190,20 @@ def test_jobs_train_phase2_runs_concurrently_with_split_threads(tmp_path, monkey
 
     monkeypatch.setattr(runner, "run_logged", fake_run_logged)
     monkeypatch.setattr(runner, "train_tokenizer", lambda inputs, prefix, log: prefix + ".model")
-    config = dataclasses.replace(preset("smoke"), objectives=("nll", "deft"), seeds=(1, 2))
+    monkeypatch.setattr(runner, "visible_gpu_count", lambda: 4)
+    config = dataclasses.replace(preset("smoke"), objectives=("nll", "deft"), seeds=(1, 2),
+                                 device=device, nproc=2)
     results = run.run_experiment(config, str(tmp_path), jobs=2)
     assert sorted(results["runs"]) == sorted(
         f"mix/{o}/{s}" for o in ("nll", "deft") for s in (1, 2))
     for key, summaries in results["runs"].items():
         variant, objective, seed = key.split("/")
         assert summaries[0]["load"].endswith(runner.run_name(variant, objective, int(seed)))
-    # prior alone (1), four phase-2 runs two at a time (2 each), then the evaluation (1)
-    assert processes == [1, 2, 2, 2, 2, 1]
+    # prior alone (2 ranks), four phase-2 runs two at a time (4 processes each), the evaluation
+    assert [processes for processes, _ in launches] == [2, 4, 4, 4, 4, 2]
+    phase2_gpus = {gpus for _, gpus in launches[1:-1]}
+    assert phase2_gpus == ({"0,1", "2,3"} if device == "cuda" else {None})
+    assert launches[0][1] is None and launches[-1][1] is None
 
 
 @pytest.fixture(scope="module")
