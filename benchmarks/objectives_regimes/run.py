@@ -160,9 +160,29 @@ def parse_args(argv=None):
                         help="phase-2 runs trained at once: they share the CPU cores; on "
                         "CUDA each gets its own --nproc GPUs when there are enough")
     parser.add_argument("--extra-train-args", default="", help="appended to every train command")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild report.md and the PNGs from --out's results.json (same "
+                        "flags as the run) without training or evaluating")
     parser.add_argument("--publish", metavar="FILE.md",
                         help="also copy the report (and its PNGs) here, e.g. docs/evidence.md")
     return parser.parse_args(argv)
+
+
+def saved_results(path: str, config) -> dict:
+    """results.json of an earlier invocation with this configuration (for --report-only); a
+    setting that file predates takes the current default."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--report-only: {path} does not exist; run the experiment first")
+    with open(path, encoding="utf-8") as handle:
+        results = json.load(handle)
+    expected = config_dict(config)
+    differing = sorted(key for key, value in results["config"].items()
+                       if expected.get(key, value) != value)
+    if differing:
+        raise SystemExit(f"--report-only: {path} was produced with other settings "
+                         f"({', '.join(differing)}); pass the flags it was run with")
+    results["config"] = {**expected, **results["config"]}
+    return results
 
 
 def main(argv=None) -> int:
@@ -176,11 +196,14 @@ def main(argv=None) -> int:
         extra_train_args=tuple(args.extra_train_args.split()) or None,
     ).items() if value is not None}
     config = preset(args.config, **overrides)
-    results = run_experiment(config, args.out, args.jobs)
     path = os.path.join(args.out, "results.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=1)
-    os.replace(path + ".tmp", path)
+    if args.report_only:
+        results = saved_results(path, config)
+    else:
+        results = run_experiment(config, args.out, args.jobs)
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=1)
+        os.replace(path + ".tmp", path)
     print(f"wrote {write_report(results, args.out)}")
     if args.publish:
         command = "python -m benchmarks.objectives_regimes.run " + " ".join(

@@ -144,7 +144,7 @@ def test_phase2_runs_get_the_presets_schedule_and_start_from_the_prior(tmp_path,
     from benchmarks.objectives_regimes import run, runner
 
     commands = {}
-    monkeypatch.setattr(runner, "train", lambda config, name, run_dir, args, concurrent:
+    monkeypatch.setattr(runner, "train", lambda config, name, run_dir, args, concurrent, slot:
                         commands.update({name: [str(a) for a in args]}))
     data = {name: f"{name}.jsonl" for name in run.TRAIN_FILE.values()}
     for name, style in (("cpu-horizon", "cosine"), ("cpu-plateau", "constant")):
@@ -297,3 +297,21 @@ def test_smoke_training_logs_per_token_class(smoke_run):
         if objective in ("dft", "p"):  # gate = p_target token by token
             assert (gates == run["histograms"]["p_target"][None]["counts"]).all()
         assert ("alpha" in run["histograms"]) == (objective in ("nll", "p", "deft", "cayley"))
+
+
+def test_report_only_rebuilds_the_same_report_without_running(smoke_run, monkeypatch):
+    from benchmarks.objectives_regimes import run
+
+    def no_runs(*args, **kwargs):
+        raise AssertionError("--report-only must not train or evaluate")
+
+    monkeypatch.setattr(run, "run_experiment", no_runs)
+    report = smoke_run / "report.md"
+    before = report.read_text()
+    report.unlink()
+    assert run.main(["--config", "smoke", "--out", str(smoke_run), "--report-only"]) == 0
+    assert report.read_text() == before  # same results, same wall time: same report
+    with pytest.raises(SystemExit, match=r"other settings \(seeds\)"):
+        run.main(["--config", "smoke", "--seeds", "2", "--out", str(smoke_run), "--report-only"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        run.main(["--config", "smoke", "--out", str(smoke_run / "nowhere"), "--report-only"])
