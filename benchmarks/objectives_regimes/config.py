@@ -101,7 +101,7 @@ PRESETS = {
     # decay NLL's best step sits at the end of every run length, so the 3x-the-best-step horizon
     # needs a schedule that does not decay. A one-seed NLL probe at this LR came within 0.02 of
     # its best held-out-B exact-match (0.95) at step ~7200 of 12000. dft and p are left out:
-    # they learned nothing at this LR in cpu-long and cpu-horizon (~95 min with --jobs 2).
+    # they learned nothing at this LR in cpu-long and cpu-horizon (~110 min with --jobs 2).
     "cpu-plateau": ExperimentConfig(
         name="cpu-plateau", objectives=("nll", "deft", "cayley", "eaft"), variants=("mix",),
         prior_samples=20000, phase2_b_samples=2000, phase2_a_samples=2000, eval_samples=100,
