@@ -10,7 +10,6 @@ time. A root's summaries are reused only while its fingerprint is unchanged, so 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,12 +18,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 class LaunchFailed(RuntimeError):
     """A launched command exited non-zero."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_logged(command: list, log_path: str, processes: int = 1, gpus: str = None) -> None:
@@ -49,8 +42,10 @@ def run_logged(command: list, log_path: str, processes: int = 1, gpus: str = Non
 
 
 def torchrun(module: str, args: list, nproc: int) -> list:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc,
-            "--master_port", _free_port(), "-m", module, *args]
+    # --standalone: the rendezvous binds a free port itself, so concurrent launches (--jobs)
+    # cannot race for one.
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            nproc, "-m", module, *args]
 
 
 def train_tokenizer(inputs: list, prefix: str, log_path: str) -> str:
