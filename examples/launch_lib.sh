@@ -124,7 +124,8 @@ deft_resolve_knobs() {
     TORCHRUN=${TORCHRUN:-torchrun}
 }
 
-deft_optional_args() {  # data, tokenizer, checkpoint and logging flags, only for knobs that are set
+# Data, schedule, tokenizer, checkpoint and logging flags, only for knobs that are set.
+deft_optional_args() {
     if [[ -n $DATA ]]; then TRAIN_CMD+=(--train-data "$DATA"); fi
     if [[ -n $VALID_DATA ]]; then
         TRAIN_CMD+=(--valid-data "$VALID_DATA" --eval-interval "${EVAL_INTERVAL:-200}"

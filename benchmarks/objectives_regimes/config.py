@@ -68,6 +68,15 @@ class ExperimentConfig:
     """Appended to every megatron-deft-train command (e.g. --bf16 on GPUs)."""
 
 
+# The CPU evidence presets and ``full`` share this data and prior (the same phase-1 run), a
+# 64-wide model and phase-2 LR 3e-3; they differ in phase-2 length, schedule and coverage.
+_CPU_EVIDENCE = ExperimentConfig(
+    name="cpu-evidence", prior_samples=20000, phase2_b_samples=2000, phase2_a_samples=2000,
+    eval_samples=100, hidden_size=64, prior_iters=6000, phase2_lr=3e-3,
+)
+_CPU_PLATEAU = dataclasses.replace(_CPU_EVIDENCE, phase2_iters=24000,
+                                   phase2_lr_decay_style="constant", save_interval=800)
+
 PRESETS = {
     "smoke": ExperimentConfig(
         name="smoke", variants=("mix",), seeds=(1,), prior_samples=1000, phase2_b_samples=256,
@@ -85,38 +94,24 @@ PRESETS = {
     # The CPU evidence run (docs/evidence.md): all variants, 3 seeds, ~75 min on 2 cores. Phase-2 LR
     # 3e-3 (the prior's): at 1e-3, NLL reached only 12% held-out-B exact-match from this prior in
     # 1200 steps (one probe seed), too little to compare objectives on new learning.
-    "cpu-long": ExperimentConfig(
-        name="cpu-long", prior_samples=20000, phase2_b_samples=2000, phase2_a_samples=2000,
-        eval_samples=100, hidden_size=64, prior_iters=6000, phase2_iters=1200, phase2_lr=3e-3,
-        save_interval=100,
-    ),
+    "cpu-long": dataclasses.replace(_CPU_EVIDENCE, name="cpu-long", phase2_iters=1200,
+                                    save_interval=100),
     # cpu-long's mix variant run 3x longer (docs/evidence-horizon.md), for the horizon check:
     # from this prior, NLL's held-out-B exact-match is still rising after 1200 steps.
-    "cpu-horizon": ExperimentConfig(
-        name="cpu-horizon", variants=("mix",), prior_samples=20000, phase2_b_samples=2000,
-        phase2_a_samples=2000, eval_samples=100, hidden_size=64, prior_iters=6000,
-        phase2_iters=3600, phase2_lr=3e-3, save_interval=300,
-    ),
+    "cpu-horizon": dataclasses.replace(_CPU_EVIDENCE, name="cpu-horizon", variants=("mix",),
+                                       phase2_iters=3600, save_interval=300),
     # cpu-horizon with a constant phase-2 LR, run long (docs/evidence-plateau.md): under cosine
     # decay NLL's best step sits at the end of every run length, so the 3x-the-best-step horizon
     # needs a schedule that does not decay. A one-seed NLL probe at this LR came within 0.02 of
     # its best held-out-B exact-match (0.95) at step ~7200 of 12000. dft and p are left out:
     # they learned nothing at this LR in cpu-long and cpu-horizon (~110 min with --jobs 2).
-    "cpu-plateau": ExperimentConfig(
-        name="cpu-plateau", objectives=("nll", "deft", "cayley", "eaft"), variants=("mix",),
-        prior_samples=20000, phase2_b_samples=2000, phase2_a_samples=2000, eval_samples=100,
-        hidden_size=64, prior_iters=6000, phase2_iters=24000, phase2_lr=3e-3,
-        phase2_lr_decay_style="constant", save_interval=800,
-    ),
+    "cpu-plateau": dataclasses.replace(_CPU_PLATEAU, name="cpu-plateau", variants=("mix",),
+                                       objectives=("nll", "deft", "cayley", "eaft")),
     # The benchmark: cpu-plateau's settings (validated on CPU: the prior reaches >= 95% on A, NLL
     # learns B and plateaus well before the end) for every variant and all six objectives:
     # 72 runs of 24000 steps, ~11 h on 2 CPU cores with --jobs 2; meant for a GPU node
     # (--device cuda --jobs N). Not run yet.
-    "full": ExperimentConfig(
-        name="full", prior_samples=20000, phase2_b_samples=2000, phase2_a_samples=2000,
-        eval_samples=100, hidden_size=64, prior_iters=6000, phase2_iters=24000, phase2_lr=3e-3,
-        phase2_lr_decay_style="constant", save_interval=800,
-    ),
+    "full": dataclasses.replace(_CPU_PLATEAU, name="full"),
 }
 
 

@@ -154,7 +154,7 @@ def write_report(results: dict, run_dir: str) -> str:
              f"Machine: {results['machine']}. Wall time: {results['wall_seconds'] / 60:.1f} min. "
              f"Seeds: {list(config['seeds'])}. Phase-2 steps: {config['phase2_iters']} "
              f"(checkpoint + evaluation every {config['save_interval']}), LR "
-             f"{config['phase2_lr']} ({config.get('phase2_lr_decay_style', 'cosine')} after "
+             f"{config['phase2_lr']} ({config['phase2_lr_decay_style']} after "
              f"{runner.WARMUP_ITERS} warmup steps), global batch {config['global_batch_size']}, "
              f"TP {config['tensor_model_parallel_size']}, noise rate r = {config['noise_rate']}. "
              "Numbers are mean ± sd over seeds at the last checkpoint; EM = greedy exact-match.",

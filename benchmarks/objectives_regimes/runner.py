@@ -71,7 +71,8 @@ def model_args(config, tokenizer_model: str) -> list:
         "--micro-batch-size", config.micro_batch_size,
         "--global-batch-size", config.global_batch_size,
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer_model,
-        "--make-vocab-size-divisible-by", 16, "--lr-warmup-iters", WARMUP_ITERS, "--weight-decay", 0.0,
+        "--make-vocab-size-divisible-by", 16, "--lr-warmup-iters", WARMUP_ITERS,
+        "--weight-decay", 0.0,
         # At least one log step per checkpoint: short runs (smoke) still get training dynamics.
         "--log-interval", min(10, config.save_interval), *config.extra_train_args,
     ]

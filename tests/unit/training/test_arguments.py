@@ -72,6 +72,8 @@ def test_flags_map_onto_config_fields():
     (["--overlap-param-gather"], 1, "--overlap-param-gather needs --use-distributed-optimizer"),
     (["--lr-decay-style", "step"], 1, "argument --lr-decay-style: invalid choice: 'step'"),
     (["--lr", "fast"], 1, "argument --lr: invalid float value: 'fast'"),
+    (["--lr-warmup-iters", "-1"], 1, "--lr-warmup-iters must be >= 0 and --lr-decay-iters >= 1"),
+    (["--lr-decay-iters", "-5"], 1, "--lr-warmup-iters must be >= 0 and --lr-decay-iters >= 1"),
     (["--lr-decay-style", "WSD"], 1, "--lr-decay-style WSD needs --lr-wsd-decay-iters"),
     (["--lr-wsd-decay-iters", "5"], 1, "--lr-wsd-decay-iters needs --lr-decay-style WSD"),
     (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "95", "--lr-warmup-iters", "10",
