@@ -9,7 +9,8 @@
 Steps: write the data (tasks.py), train a character SentencePiece tokenizer, phase 1 (the prior:
 NLL on task A), phase 2 (every variant x objective x seed from the prior, or from scratch), all
 checkpoints evaluated by one megatron-deft-eval launch, then results.json, report.md and PNGs in
---out. Repeating the command reuses finished runs and evaluations.
+--out. Repeating the command reuses finished runs and evaluations and resumes interrupted runs
+from their last checkpoint.
 """
 
 import argparse
@@ -45,12 +46,13 @@ def train_prior(config, run_dir: str, data: dict, tokenizer: str) -> str:
 def train_phase2(config, run_dir: str, data: dict, tokenizer: str, prior: str,
                  variant: str, objective: str, seed: int, concurrent: int = 1,
                  slot: int = 0) -> str:
+    """One phase-2 run into ``ckpt/<name>``: skipped when finished; an interrupted run launched
+    with the same arguments resumes from its last checkpoint (the trainer's resume is exact);
+    anything else there is deleted with its TensorBoard log and trained from the start."""
     name = runner.run_name(variant, objective, seed)
     save = os.path.join(run_dir, "ckpt", name)
     if runner.finished(save, config.phase2_iters):
         return save
-    # An interrupted run's checkpoints would be evaluated as if they belonged to this one.
-    shutil.rmtree(save, ignore_errors=True)
     args = runner.model_args(config, tokenizer) + [
         "--train-data", data[TRAIN_FILE[variant]], "--sft-objective", objective,
         "--train-iters", config.phase2_iters, "--lr", config.phase2_lr,
@@ -58,9 +60,16 @@ def train_phase2(config, run_dir: str, data: dict, tokenizer: str, prior: str,
         "--save", save, "--save-interval", config.save_interval,
         "--tensorboard-dir", runner.tensorboard_dir(run_dir, name),
         "--token-class-key", "tag"]  # per-class gate histograms (tasks.py tags every sample)
-    if variant != "scratch":
-        args += ["--load", prior, "--finetune"]
-    runner.train(config, name, run_dir, args, concurrent, slot)
+    start = args + (["--load", prior, "--finetune"] if variant != "scratch" else [])
+    if runner.resumable(save, start):
+        runner.train(config, name, run_dir, args + ["--load", save], concurrent, slot,
+                     resumed=True)
+        return save
+    # Checkpoints and logs of another run would be evaluated and plotted as if this run's.
+    shutil.rmtree(save, ignore_errors=True)
+    shutil.rmtree(runner.tensorboard_dir(run_dir, name), ignore_errors=True)
+    runner.record_launch(save, start)
+    runner.train(config, name, run_dir, start, concurrent, slot)
     return save
 
 

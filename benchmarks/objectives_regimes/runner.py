@@ -20,18 +20,19 @@ class LaunchFailed(RuntimeError):
     """A launched command exited non-zero."""
 
 
-def run_logged(command: list, log_path: str, processes: int = 1, gpus: str = None) -> None:
-    """Run ``command`` from the repository root, output to ``log_path``; raise on failure.
-    ``processes``: how many processes share the machine meanwhile (this launch's ranks times
-    the launches running at once); each gets an equal share of the cores as OMP threads, since
-    oversubscribed CPU threads slow every run down many times over. ``gpus``: the launch's
-    CUDA_VISIBLE_DEVICES (None: inherited)."""
+def run_logged(command: list, log_path: str, processes: int = 1, gpus: str = None,
+               append: bool = False) -> None:
+    """Run ``command`` from the repository root, output to ``log_path`` (after what is there
+    with ``append``); raise on failure. ``processes``: how many processes share the machine
+    meanwhile (this launch's ranks times the launches running at once); each gets an equal
+    share of the cores as OMP threads, since oversubscribed CPU threads slow every run down
+    many times over. ``gpus``: the launch's CUDA_VISIBLE_DEVICES (None: inherited)."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // processes)
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS=str(threads))
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpus
-    with open(log_path, "w", encoding="utf-8") as log:
+    with open(log_path, "a" if append else "w", encoding="utf-8") as log:
         log.write(" ".join(map(str, command)) + "\n")
         log.flush()
         done = subprocess.run(list(map(str, command)), cwd=REPO_ROOT, env=env, stdout=log,
@@ -94,18 +95,18 @@ def visible_gpu_count() -> int:
 
 
 def train(config, name: str, run_dir: str, args: list, concurrent: int = 1,
-          slot: int = 0) -> None:
+          slot: int = 0, resumed: bool = False) -> None:
     """One megatron-deft-train run; ``args`` adds data, objective, schedule and checkpoints.
     ``concurrent`` such runs execute at once, this one in ``slot`` (0..concurrent-1): they
     split the CPU threads and, on CUDA with enough GPUs, each gets its own ``config.nproc``
-    of them (otherwise they share)."""
+    of them (otherwise they share). A ``resumed`` run continues its log."""
     command = torchrun("megatron_deft.train", args, config.nproc)
     gpus = None
     if config.device == "cuda" and concurrent > 1 and \
             visible_gpu_count() >= concurrent * config.nproc:
         gpus = ",".join(str(slot * config.nproc + rank) for rank in range(config.nproc))
     run_logged(command, os.path.join(run_dir, "logs", f"{name}.log"),
-               config.nproc * concurrent, gpus)
+               config.nproc * concurrent, gpus, append=resumed)
 
 
 def evaluate(config, run_dir: str, loads: list, data: list, tokenizer_model: str) -> list:
@@ -164,6 +165,28 @@ def finished(save: str, iterations: int) -> bool:
     """True when ``save`` holds the final checkpoint of a run of ``iterations`` steps."""
     tracker = os.path.join(save, TRACKER)
     return os.path.isfile(tracker) and open(tracker).read().strip() == str(iterations)
+
+
+LAUNCH_RECORD = "launch_args.json"
+"""Written into a run's checkpoint root before it starts: the arguments it was launched with."""
+
+
+def record_launch(save: str, args: list) -> None:
+    os.makedirs(save, exist_ok=True)
+    path = os.path.join(save, LAUNCH_RECORD)
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(list(map(str, args)), handle)
+    os.replace(path + ".tmp", path)
+
+
+def resumable(save: str, args: list) -> bool:
+    """True when ``save`` holds checkpoints of a run launched with exactly ``args`` (its
+    record_launch), which it can therefore continue."""
+    record = os.path.join(save, LAUNCH_RECORD)
+    if not (os.path.isfile(record) and os.path.isfile(os.path.join(save, TRACKER))):
+        return False
+    with open(record, encoding="utf-8") as handle:
+        return json.load(handle) == list(map(str, args))
 
 
 def checkpoint_fingerprint(save: str):

@@ -10,6 +10,10 @@ TensorBoard tags, every ``--log-interval`` iterations (means over the iterations
   ``train_class/<name>/<stat>_histogram`` and ``train_class/<name>/token_fraction`` (its share
   of the window's loss tokens);
 - ``valid/loss``, ``valid/nll`` at each validation.
+
+A run resumed from iteration T writes a restart marker at step T + 1: TensorBoard (and
+tools/gate_dynamics_logs.py) then hide what a killed earlier run logged after its last
+checkpoint, so every step appears once, with the resumed run's values.
 """
 
 import contextlib
@@ -38,7 +42,7 @@ class MetricsLogger:
     """
 
     def __init__(self, is_writer: bool, tensorboard_dir, objective, train_iters: int,
-                 tokens_per_iteration: int, class_names=()):
+                 tokens_per_iteration: int, class_names=(), start_iteration: int = 0):
         self.is_writer = is_writer
         self.objective, self.class_names = objective, tuple(class_names)
         self.has_alpha = objective.family == "qlog"  # the exponent exists for q-log objectives
@@ -49,7 +53,10 @@ class MetricsLogger:
         if is_writer and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=tensorboard_dir)
+            # purge_step writes a SessionLog.START at that step: readers drop every event of
+            # the same directory at or after it that was written before the marker.
+            purge_step = start_iteration + 1 if start_iteration else None
+            self.writer = SummaryWriter(log_dir=tensorboard_dir, purge_step=purge_step)
         self._window = []
         self._window_start = time.perf_counter()
         self._window_counts = None  # summed token_class_counts of the window's updates

@@ -55,6 +55,7 @@ class Trainer:
             class_names=self.class_names,
             train_iters=train.train_iters,
             tokens_per_iteration=train.global_batch_size * config.model.seq_length,
+            start_iteration=self.iteration,
         )
         self.history = []  # per-iteration metrics of this process (tests read it)
         self.consecutive_skips = 0

@@ -160,6 +160,63 @@ def test_phase2_runs_get_the_presets_schedule_and_start_from_the_prior(tmp_path,
             assert ("--load" in args) == (variant != "scratch")
 
 
+def test_interrupted_phase2_run_resumes_only_when_launched_with_the_same_arguments(
+        tmp_path, monkeypatch):
+    from benchmarks.objectives_regimes import run, runner
+
+    launches = []
+
+    def fake_train(config, name, run_dir, args, concurrent, slot, resumed=False):
+        args = [str(a) for a in args]
+        save = args[args.index("--save") + 1]
+        # What the launch finds: its checkpoints and its TensorBoard log at that moment.
+        launches.append({"args": args, "resumed": resumed,
+                         "tracker": runner.finished(save, 800),
+                         "tensorboard": os.listdir(args[args.index("--tensorboard-dir") + 1])
+                         if os.path.isdir(args[args.index("--tensorboard-dir") + 1]) else []})
+
+    def interrupted_at_800(save, run_dir):  # the killed run's last checkpoint and its log
+        with open(os.path.join(save, runner.TRACKER), "w") as handle:
+            handle.write("800")
+        logs = runner.tensorboard_dir(run_dir, runner.run_name("mix", "deft", 1))
+        os.makedirs(logs, exist_ok=True)
+        open(os.path.join(logs, "events.out.tfevents.1"), "w").close()
+
+    monkeypatch.setattr(runner, "train", fake_train)
+    data = {name: f"{name}.jsonl" for name in run.TRAIN_FILE.values()}
+    config = preset("cpu-plateau")
+    run_dir = str(tmp_path)
+
+    def phase2(config):
+        return run.train_phase2(config, run_dir, data, "tok.model", "/prior", "mix", "deft", 1)
+
+    save = phase2(config)
+    first = launches.pop()
+    assert not first["resumed"] and "--finetune" in first["args"]
+    assert first["args"][first["args"].index("--load") + 1] == "/prior"
+
+    interrupted_at_800(save, run_dir)
+    phase2(config)
+    resumed = launches.pop()
+    assert resumed["resumed"] and "--finetune" not in resumed["args"]
+    assert resumed["args"][resumed["args"].index("--load") + 1] == save
+    assert resumed["tracker"] and resumed["tensorboard"] == ["events.out.tfevents.1"]
+    # Everything but the starting point is the first launch's.
+    assert resumed["args"][:-2] == first["args"][:-3]
+
+    # Another learning rate: the interrupted run is not this one; it is deleted with its log.
+    phase2(dataclasses.replace(config, phase2_lr=config.phase2_lr / 2))
+    restarted = launches.pop()
+    assert not restarted["resumed"] and "--finetune" in restarted["args"]
+    assert not restarted["tracker"] and restarted["tensorboard"] == []
+
+    # A root without a launch record (another tool, an older version): trained from the start.
+    interrupted_at_800(save, run_dir)
+    os.remove(os.path.join(save, runner.LAUNCH_RECORD))
+    phase2(config)
+    assert not launches.pop()["resumed"]
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_jobs_train_phase2_runs_concurrently_with_split_threads(tmp_path, monkeypatch, device):
     import threading
@@ -170,7 +227,7 @@ def test_jobs_train_phase2_runs_concurrently_with_split_threads(tmp_path, monkey
     launches = []  # (processes sharing the machine, CUDA_VISIBLE_DEVICES)
     running_gpus = set()  # GPUs of the phase-2 runs running now
 
-    def fake_run_logged(command, log_path, processes_sharing=1, gpus=None):
+    def fake_run_logged(command, log_path, processes_sharing=1, gpus=None, append=False):
         launches.append((processes_sharing, gpus))
         command = list(map(str, command))
         if "megatron_deft.train" in command:

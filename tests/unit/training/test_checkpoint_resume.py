@@ -1,7 +1,7 @@
-"""Checkpoints: exact resume (plain optimizer at TP=2, distributed optimizer at DP=2), an
-interrupted save never breaks the previous checkpoint, resharded loading TP=2 -> PP=2 (weights
-only, and a full resume with the plain optimizer).
-One torchrun launch of workers/checkpoint_resume.py (2 ranks)."""
+"""Checkpoints: exact resume (plain optimizer at TP=2, distributed optimizer at DP=2) with its
+TensorBoard log continued without duplicate steps, an interrupted save never breaks the previous
+checkpoint, resharded loading TP=2 -> PP=2 (weights only, and a full resume with the plain
+optimizer). One torchrun launch of workers/checkpoint_resume.py (2 ranks)."""
 
 import os
 
@@ -22,7 +22,7 @@ def test_killed_and_resumed_run_reproduces_uninterrupted_losses_and_weights(resu
     result = results[run]
     uninterrupted = [h["loss"] for h in result["uninterrupted"]]
     assert len(uninterrupted) == 6
-    assert [h["loss"] for h in result["before_kill"]] == uninterrupted[:3]
+    assert [h["loss"] for h in result["before_kill"]] == uninterrupted[:5]
     assert result["resumed_from"] == 3
     # Same process layout, same data, same restored state: bitwise identical.
     assert [h["loss"] for h in result["after_resume"]] == uninterrupted[3:]
@@ -30,6 +30,19 @@ def test_killed_and_resumed_run_reproduces_uninterrupted_losses_and_weights(resu
         h["grad_norm"] for h in result["uninterrupted"][3:]]
     assert result["max_weight_difference"] == 0.0
     assert len(set(uninterrupted)) == 6  # training changes the loss: the check above has teeth
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_resumed_run_replaces_what_the_killed_run_logged_after_its_checkpoint(results, run):
+    """The killed run logged iterations 1-5 but saved only 3; the resumed run logs 4-6 into the
+    same TensorBoard directory. Readers see each step once, 4 and 5 from the resumed run."""
+    from tools.gate_dynamics_logs import read_scalars
+
+    result = results[run]
+    steps, losses = read_scalars(result["tensorboard_dir"])["loss"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    expected = [h["loss"] for h in result["uninterrupted"]]
+    assert losses == pytest.approx(expected, rel=1e-6)  # TensorBoard stores float32
 
 
 @pytest.mark.parametrize("run", RUNS)

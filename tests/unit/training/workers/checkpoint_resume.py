@@ -2,9 +2,11 @@
 
 For TP=2 (plain optimizer) and DP=2 (distributed optimizer):
   A: 6 uninterrupted iterations.
-  B: the same run killed after iteration 3 (checkpoint saved at 3, nothing after); then a fake
-     interrupted save of iteration 6 is left behind (a .partial directory + a temp tracker).
-  C: a fresh Trainer resumes from B's checkpoint and runs iterations 4-6.
+  B: the same run killed after iteration 5 (checkpoint saved at 3, nothing after; iterations 4
+     and 5 logged to TensorBoard); then a fake interrupted save of iteration 6 is left behind
+     (a .partial directory + a temp tracker).
+  C: a fresh Trainer resumes from B's checkpoint and runs iterations 4-6, logging to the same
+     TensorBoard directory.
 Then the TP=2 checkpoints are loaded as TP=1 x PP=2: iteration 6 weights only (--finetune),
 and iteration 3 as a full resume (plain optimizer state resharded) that must continue the
 uninterrupted run; a distributed-optimizer checkpoint must refuse another layout clearly.
@@ -33,8 +35,12 @@ def resume_case(out_dir, name, tp, pp, extra):
     reference_weights = full_weights(uninterrupted.model)
     uninterrupted.close(keep_process_group=True)
 
-    killed = Trainer(config_for(tp, pp, ITERS + extra + ["--save", ckpt, "--save-interval", 3]))
-    killed.train(stop_after=3)
+    logged = ["--tensorboard-dir", os.path.join(out_dir, f"tensorboard-{name}"),
+              "--log-interval", 1]
+    result["tensorboard_dir"] = logged[1]
+    killed = Trainer(config_for(
+        tp, pp, ITERS + extra + logged + ["--save", ckpt, "--save-interval", 3]))
+    killed.train(stop_after=5)
     result["before_kill"] = history_summary(killed.history)
     killed.close(keep_process_group=True)
     if dist.get_rank() == 0:  # leave the debris of a save of iteration 6 that died midway
@@ -47,7 +53,7 @@ def resume_case(out_dir, name, tp, pp, extra):
     result["tracker_before_resume"] = checkpointing.read_tracker(ckpt)
 
     resumed = Trainer(config_for(
-        tp, pp, ITERS + extra + ["--load", ckpt, "--save", ckpt, "--save-interval", 3]))
+        tp, pp, ITERS + extra + logged + ["--load", ckpt, "--save", ckpt, "--save-interval", 3]))
     result["resumed_from"] = resumed.iteration
     resumed.train()
     result["after_resume"] = history_summary(resumed.history)
