@@ -199,6 +199,9 @@ class CheckpointConfig:
     """Start from the model weights of this checkpoint (e.g. a Hugging Face model converted by
     tools/convert_checkpoint.py) with a fresh optimizer at iteration 0, unless --load already
     holds a checkpoint: then the run resumes from --load (so a restarted job continues)."""
+    override_opt_param_scheduler: bool = False
+    """On a full resume, continue with this run's LR/weight-decay schedule flags where they
+    differ from the checkpoint's (without it such a difference is an error)."""
 
 
 @dataclass

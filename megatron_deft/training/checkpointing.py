@@ -234,6 +234,40 @@ def _check_architecture(common: dict, directory: str, config: Config, padded_voc
         raise CheckpointError(f"--load {directory}: architecture mismatch: {mismatch}")
 
 
+_SCHEDULE_FLAGS = {
+    "max_lr": "--lr",
+    "min_lr": "--min-lr",
+    "lr_warmup_steps": "--lr-warmup-iters",
+    "lr_decay_style": "--lr-decay-style",
+    "lr_decay_steps": "--lr-decay-iters (default: --train-iters)",
+    "start_wd": "--weight-decay",
+    "end_wd": "--weight-decay",
+    "wd_incr_steps": "--lr-decay-iters (default: --train-iters)",
+    "wd_incr_style": "the weight-decay schedule",
+}
+"""OptimizerParamScheduler state (all but the step count) -> the flag behind it."""
+
+
+def _check_schedule(saved: dict, scheduler, directory: str, config: Config) -> None:
+    """A full resume continues the saved LR/weight-decay schedule. megatron-core would silently
+    prefer the checkpoint's values over changed flags; a difference is an error naming the
+    flags instead, unless --override-opt-param-scheduler asks for this run's values. (The WSD
+    decay flags are not in the scheduler's state: they always come from this run.)"""
+    if config.checkpoint.override_opt_param_scheduler:
+        return
+    current = scheduler.state_dict()
+    differences = {}
+    for key, flag in _SCHEDULE_FLAGS.items():
+        if key in saved and saved[key] != current[key]:
+            differences.setdefault(flag, f"{flag} {current[key]} (checkpoint: {saved[key]})")
+    if differences:
+        raise CheckpointError(
+            f"--load {directory}: this run's schedule differs from the checkpoint's: "
+            f"{'; '.join(differences.values())}. Use the checkpoint's values to continue its "
+            "schedule, or add --override-opt-param-scheduler to continue from its iteration "
+            "with this run's")
+
+
 def load_checkpoint(root, model, optimizer, scheduler, loader, config: Config) -> int:
     """Restore from the tracker's checkpoint; returns the iteration to continue from (0 when
     fine-tuning: weights only). Another TP/PP layout reshards the model weights and the plain
@@ -264,6 +298,10 @@ def load_checkpoint(root, model, optimizer, scheduler, loader, config: Config) -
         optimizer.load_state_dict(loaded["optimizer"])
     if config.parallel.use_distributed_optimizer:
         _restore_adam_steps(optimizer, loaded["optimizer"])
+    _check_schedule(loaded["opt_param_scheduler"], scheduler, directory, config)
+    # With the override, megatron-core keeps the scheduler's (this run's) values and restores
+    # only the step count; otherwise the values are equal (checked above).
+    scheduler.override_opt_param_scheduler = config.checkpoint.override_opt_param_scheduler
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     loader.load_state_dict(loaded["data"])
     if same_layout:

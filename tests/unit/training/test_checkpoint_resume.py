@@ -99,3 +99,16 @@ def test_weights_only_load_tolerates_absent_extra_state_but_not_absent_weights(r
     assert result[f"extra_state_load_stage{stage}"] == "loaded, set_extra_state calls 0"
     message = result[f"missing_weight_load_stage{stage}"]
     assert "lacks model weights" in message and "layer_norm_bogus" in message
+
+
+def test_full_resume_with_another_schedule_is_refused_unless_overridden(results):
+    """megatron-core alone would resume with the checkpoint's LR (3e-3) and ignore --lr 1e-3."""
+    result = results["schedule"]
+    message = result["changed_lr"]
+    assert "--lr 0.001 (checkpoint: 0.003)" in message
+    # 6 -> 8 train iterations moves the decay end (LR and weight decay): named once.
+    assert message.count("--lr-decay-iters (default: --train-iters) 8 (checkpoint: 6)") == 1
+    assert "--override-opt-param-scheduler" in message
+    schedule = result["overridden_schedule"]
+    assert result["overridden_iteration"] == 6 and schedule["num_steps"] == 6
+    assert schedule["max_lr"] == 1e-3 and schedule["lr_decay_steps"] == 8

@@ -10,6 +10,7 @@ For TP=2 (plain optimizer) and DP=2 (distributed optimizer):
 Then the TP=2 checkpoints are loaded as TP=1 x PP=2: iteration 6 weights only (--finetune),
 and iteration 3 as a full resume (plain optimizer state resharded) that must continue the
 uninterrupted run; a distributed-optimizer checkpoint must refuse another layout clearly.
+Last, a full resume with a changed LR schedule: refused, or taken with the override flag.
 """
 
 import os
@@ -155,6 +156,24 @@ def extra_state_case(ckpt) -> dict:
     return result
 
 
+def schedule_case(ckpt) -> dict:
+    """Full resumes of the TP=2 run's iteration-6 checkpoint with a changed --lr: refused
+    without --override-opt-param-scheduler, this run's schedule with it."""
+    changed = ITERS + ["--load", ckpt, "--lr", 1e-3, "--train-iters", 8]
+    result = {}
+    try:
+        Trainer(config_for(2, 1, changed))
+        result["changed_lr"] = "loaded"
+    except checkpointing.CheckpointError as error:
+        result["changed_lr"] = str(error)
+        setup.destroy_distributed(keep_process_group=True)
+    overridden = Trainer(config_for(2, 1, changed + ["--override-opt-param-scheduler"]))
+    result["overridden_schedule"] = overridden.scheduler.state_dict()
+    result["overridden_iteration"] = overridden.iteration
+    overridden.close(keep_process_group=True)
+    return result
+
+
 def gather_stage_results(result: dict) -> dict:
     """Per-rank keys (stage0/stage1) collected on every rank."""
     gathered = [None] * dist.get_world_size()
@@ -172,6 +191,7 @@ def main(out_dir):
         out_dir, "dp2", 1, 1, ["--use-distributed-optimizer"])
     results["reshard"] = gather_stage_results(reshard_case(out_dir, ckpt, weights, distopt_ckpt))
     results["extra_state"] = gather_stage_results(extra_state_case(ckpt))
+    results["schedule"] = schedule_case(ckpt)
     write_results(out_dir, results)
 
 
