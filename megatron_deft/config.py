@@ -47,6 +47,13 @@ class ModelConfig:
     """Bias on the query/key/value projection only (Qwen2/2.5); all other layers have none."""
     rotary_base: int = 10000
     """RoPE base frequency theta."""
+    use_rope_scaling: bool = False
+    """Llama 3.1's RoPE frequency scaling (Hugging Face rope_type 'llama3'): frequencies whose
+    wavelength exceeds 8192 positions are divided by --rope-scaling-factor, those below 2048
+    are kept, those in between interpolated smoothly (megatron-core's fixed values: original
+    context 8192, low/high frequency factors 1 and 4)."""
+    rope_scaling_factor: float = 8.0
+    """The frequency divisor of --use-rope-scaling (Llama 3.1/3.3: 8, Llama 3.2: 32)."""
     norm_epsilon: float = 1e-5
     """RMSNorm epsilon."""
     init_method_std: float = 0.02

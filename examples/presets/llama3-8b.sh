@@ -1,7 +1,7 @@
 # Llama 3 8B. Architecture from meta-llama/Meta-Llama-3-8B config.json: 32 layers, hidden 4096,
 # SwiGLU inner 14336, 32 query heads / 8 key-value heads, vocab 128256, RoPE theta 500000,
-# RMSNorm eps 1e-5, untied output layer, no biases, context 8192 (Llama 3.1's 128K needs its
-# RoPE scaling, which the trainer does not implement).
+# RMSNorm eps 1e-5, untied output layer, no biases, context 8192 (Llama 3.1's 128K context:
+# preset llama3.1-8b).
 MODEL_ARGS=(
     --num-layers 32
     --hidden-size 4096

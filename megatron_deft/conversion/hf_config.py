@@ -1,10 +1,13 @@
 """Hugging Face ``config.json`` (Llama 2/3, Qwen2/2.5) <-> our :class:`ModelConfig`.
 
 Read as plain JSON (no transformers import). Both config generations are understood: RoPE theta
-at the top level (``rope_theta``, transformers 4.x) or in ``rope_parameters`` (5.x). Anything
-our GPT cannot represent exactly (RoPE scaling, sliding windows, biases other than Qwen2's q/k/v,
-a head size other than hidden / heads, another activation) is refused with one line naming
-the field, never converted approximately.
+and scaling at the top level (``rope_theta``, ``rope_scaling``: transformers 4.x) or in
+``rope_parameters`` (5.x); an exported config carries both. Llama 3.1's RoPE scaling (rope_type
+'llama3') converts when its constants are megatron-core's (original context 8192, frequency
+factors 1 and 4; any factor). Anything else our GPT cannot represent exactly (other RoPE
+scaling, sliding windows, biases other than Qwen2's q/k/v, a head size other than hidden /
+heads, another activation) is refused with one line naming the field, never converted
+approximately.
 """
 
 import json
@@ -30,17 +33,31 @@ def _load_json(path: str) -> dict:
         raise ConversionError(f"{path}: {error}") from None
 
 
-def _rope_theta(hf: dict, path: str) -> int:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type != "default":
-        raise ConversionError(f"{path}: rope type {rope_type!r} (RoPE scaling) is not supported; "
-                              "only plain RoPE ('default') converts exactly")
+LLAMA3_ROPE_CONSTANTS = {"original_max_position_embeddings": 8192, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0}
+"""The constants of rope_type 'llama3' that megatron-core's RoPE scaling fixes."""
+
+
+def _rope(hf: dict, path: str) -> dict:
+    """{rotary_base, use_rope_scaling, rope_scaling_factor} of the ModelConfig."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = params.get("rope_type", params.get("type", "default"))
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     if float(theta) != int(theta):
         raise ConversionError(f"{path}: rope_theta {theta} is not an integer (--rotary-base is)")
-    return int(theta)
+    rope = {"rotary_base": int(theta)}
+    if rope_type == "default":
+        return rope
+    if rope_type != "llama3":
+        raise ConversionError(f"{path}: rope type {rope_type!r} (RoPE scaling) is not supported; "
+                              "plain RoPE ('default') and Llama 3.1's 'llama3' convert exactly")
+    for key, value in LLAMA3_ROPE_CONSTANTS.items():
+        _require(params.get(key) == value, path,
+                 f"rope {key} {params.get(key)} is not supported (megatron-core's llama3 RoPE "
+                 f"scaling fixes it to {value})")
+    _require(isinstance(params.get("factor"), (int, float)) and params["factor"] > 0, path,
+             f"rope factor {params.get('factor')!r} is not a positive number")
+    return {**rope, "use_rope_scaling": True, "rope_scaling_factor": float(params["factor"])}
 
 
 def _require(condition: bool, path: str, message: str) -> None:
@@ -86,17 +103,27 @@ def read_hf_config(hf_dir: str):
         vocab_size=hf["vocab_size"],
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
         add_qkv_bias=SUPPORTED_ARCHITECTURES[arch],
-        rotary_base=_rope_theta(hf, path),
+        **_rope(hf, path),
         norm_epsilon=hf.get("rms_norm_eps", 1e-6),
     )
     return model, arch, hf
+
+
+def _rope_fields(model: ModelConfig) -> dict:
+    """rope_parameters (transformers 5.x) and rope_scaling (4.x) of a scaled RoPE."""
+    theta = float(model.rotary_base)
+    if not model.use_rope_scaling:
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    scaling = {"rope_type": "llama3", "factor": float(model.rope_scaling_factor),
+               **LLAMA3_ROPE_CONSTANTS}
+    return {"rope_parameters": {**scaling, "rope_theta": theta}, "rope_scaling": scaling}
 
 
 def hf_config_dict(model: ModelConfig, arch: str, dtype: str, base: dict = None) -> dict:
     """config.json for ``model`` as HF ``arch``; ``base`` (e.g. the source model's config)
     supplies the fields we do not own (token ids, ...); ours always win."""
     config = dict(base or {})
-    for replaced in ("rope_scaling", "dtype"):  # ours: rope_parameters / torch_dtype
+    for replaced in ("rope_scaling", "dtype"):  # ours: _rope_fields / torch_dtype
         config.pop(replaced, None)
     config.update(
         architectures=[arch],
@@ -110,7 +137,7 @@ def hf_config_dict(model: ModelConfig, arch: str, dtype: str, base: dict = None)
         hidden_act="silu",
         rms_norm_eps=model.norm_epsilon,
         rope_theta=float(model.rotary_base),
-        rope_parameters={"rope_type": "default", "rope_theta": float(model.rotary_base)},
+        **_rope_fields(model),
         vocab_size=model.vocab_size,
         tie_word_embeddings=not model.untie_embeddings_and_output_weights,
         max_position_embeddings=model.max_position_embeddings,

@@ -19,8 +19,17 @@ ARCHITECTURE_FLAGS = {
     "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
     "add_qkv_bias": "--add-qkv-bias",
     "rotary_base": "--rotary-base",
+    "use_rope_scaling": "--use-rope-scaling",
+    "rope_scaling_factor": "--rope-scaling-factor",
     "norm_epsilon": "--norm-epsilon",
 }
+UNRECORDED = {"use_rope_scaling": False, "rope_scaling_factor": 8.0}
+"""Values of the fields checkpoints written before they existed lack (what those runs used)."""
+
+
+def _matters(arch: dict, name: str) -> bool:
+    """The scaling factor is part of the architecture only with scaling on."""
+    return name != "rope_scaling_factor" or arch.get("use_rope_scaling", False)
 
 
 def architecture_of(model: ModelConfig, padded_vocab_size: int) -> dict:
@@ -36,8 +45,9 @@ def architecture_of(model: ModelConfig, padded_vocab_size: int) -> dict:
 
 def architecture_mismatch(saved: dict, run: dict, tensor_parallel_size: int) -> str:
     """One line naming the first differing flag ('' when the architectures agree)."""
+    saved = {**UNRECORDED, **saved}
     for name, flag in ARCHITECTURE_FLAGS.items():
-        if saved[name] != run[name]:
+        if (_matters(saved, name) or _matters(run, name)) and saved[name] != run[name]:
             return f"{flag}: the checkpoint has {saved[name]}, this run has {run[name]}"
     padded, ours = saved["padded_vocab_size"], run["padded_vocab_size"]
     if padded != ours:
@@ -56,6 +66,8 @@ def trainer_flags(arch: dict, max_position_embeddings: int, make_vocab_size_divi
     flags = []
     for name, flag in ARCHITECTURE_FLAGS.items():
         value = arch[name]
+        if not _matters(arch, name):
+            continue
         if isinstance(value, bool):
             flags += [flag] if value else []
         else:

@@ -128,6 +128,8 @@ def build_gpt_chunks(config: Config, vocab_size: int, initialize: bool = True) -
             share_embeddings_and_output_weights=not untied,
             position_embedding_type="rope",
             rotary_base=config.model.rotary_base,
+            rope_scaling=config.model.use_rope_scaling,
+            rope_scaling_factor=config.model.rope_scaling_factor,
             vp_stage=stage,
         )
         chunk.to(torch.device(config.training.device))

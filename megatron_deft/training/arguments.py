@@ -160,6 +160,8 @@ def _validate_layout(config: Config, world_size: int) -> None:
              f"--hidden-size {model.hidden_size} is not divisible by --num-attention-heads {heads}")
     _require(model.num_layers % pp == 0,
              f"--num-layers {model.num_layers} is not divisible by PP {pp}")
+    _require(model.rope_scaling_factor > 0,
+             f"--rope-scaling-factor must be > 0, got {model.rope_scaling_factor}")
     if model.vocab_size is not None:
         padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
         _require(padded % tp == 0, f"TP {tp} does not divide the padded vocabulary {padded}")

@@ -1,8 +1,9 @@
 """Hugging Face <-> Megatron conversion end to end, on tiny random models built here.
 
-Models: LlamaForCausalLM (untied embeddings, GQA 4 heads / 2 groups, rope_theta 5e5, eps 1e-6)
-and Qwen2ForCausalLM (tied embeddings, q/k/v bias, GQA), vocabulary 300 (padded to 384), fp32;
-plus a bf16 Qwen2 for the round trip in the training dtype.
+Models: LlamaForCausalLM in Llama 3.1's form (untied embeddings, GQA 4 heads / 2 groups,
+rope_theta 5e5 with 'llama3' RoPE scaling, factor 8; eps 1e-6) and Qwen2ForCausalLM (tied
+embeddings, q/k/v bias, GQA), vocabulary 300 (padded to 384), fp32; plus a bf16 Qwen2 for the
+round trip in the training dtype.
 Launches: one process converting HF -> Megatron (tools/convert_checkpoint.py's main), one
 torchrun (2 ranks) running the trainer from the converted dirs, one process exporting
 Megatron -> HF. The references are the HF models themselves, run in float64.
@@ -24,13 +25,18 @@ COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)
 
 
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
 def _save_hf(directory, arch, dtype=torch.float32, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**COMMON, rope_theta=500000.0, rms_norm_eps=1e-6,
-                                             tie_word_embeddings=False))
+                                             tie_word_embeddings=False,
+                                             rope_scaling=dict(LLAMA31_ROPE)))  # HF edits it
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**COMMON, rope_theta=1000000.0, rms_norm_eps=1e-5,
                                              tie_word_embeddings=True))
@@ -102,6 +108,41 @@ def test_converted_model_gives_the_hf_logits_at_every_layout(run, model, layout)
     assert run["results"][f"{model}-{layout}-iteration"] == 0
 
 
+def _hf_inv_freq(directory):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory).model.rotary_emb.inv_freq.double()
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
+def test_converted_model_has_the_hf_rope_frequencies(run, model, layout):
+    """At 16 positions the scaled frequencies move the logits by only ~1e-5: the RoPE scaling is
+    checked on the frequencies themselves (Llama: 'llama3' scaling; Qwen2: plain RoPE)."""
+    reference = _hf_inv_freq(os.path.join(run["work"], f"hf-{model}"))
+    got = torch.tensor(run["results"][f"{model}-{layout}-inv_freq"], dtype=torch.float64)
+    assert got.shape == reference.shape == (8,)  # head_dim 16
+    assert torch.allclose(got, reference, rtol=1e-6, atol=0)
+    theta = 500000.0 if model == "llama" else 1000000.0
+    plain = theta ** -(torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    if model == "llama":  # wavelengths > 8192 divided by 8, < 2048 kept
+        wavelength = 2 * torch.pi / plain
+        assert torch.allclose(got[wavelength > 8192], plain[wavelength > 8192] / 8, rtol=1e-6)
+        assert torch.allclose(got[wavelength < 2048], plain[wavelength < 2048], rtol=1e-6)
+        assert (wavelength > 8192).sum() >= 2 and (wavelength < 2048).sum() >= 2
+    else:
+        assert torch.allclose(got, plain, rtol=1e-6)
+
+
+def test_exported_llama_keeps_the_rope_scaling(run):
+    for name in ("llama", "sft"):
+        assert torch.equal(_hf_inv_freq(os.path.join(run["work"], f"back-{name}")),
+                           _hf_inv_freq(os.path.join(run["work"], "hf-llama")))
+    with open(os.path.join(run["work"], "back-llama", "config.json")) as handle:
+        config = json.load(handle)
+    assert config["rope_scaling"] == LLAMA31_ROPE  # what transformers 4.x reads
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen2-bf16"])
 def test_round_trip_is_bit_identical(run, name):
     original = load_file(os.path.join(run["work"], f"hf-{name}", "model.safetensors"))
@@ -129,10 +170,12 @@ def test_conversion_prints_the_trainer_flags(run):
     stdout = run["imported"][0]["stdout"]
     for flag in ("--num-layers 2", "--hidden-size 64", "--ffn-hidden-size 128",
                  "--num-query-groups 2", "--untie-embeddings-and-output-weights",
-                 "--rotary-base 500000", "--norm-epsilon 1e-06", "--vocab-size 300"):
+                 "--rotary-base 500000", "--use-rope-scaling", "--rope-scaling-factor 8.0",
+                 "--norm-epsilon 1e-06", "--vocab-size 300"):
         assert flag in stdout
     qwen = run["imported"][1]["stdout"]
     assert "--add-qkv-bias" in qwen and "--untie-embeddings" not in qwen
+    assert "rope-scaling" not in qwen
     assert "--bf16" in run["imported"][2]["stdout"]
 
 
@@ -140,6 +183,8 @@ def test_architecture_mismatch_is_one_line_naming_the_flag(run):
     results = run["results"]
     assert "--rotary-base: the checkpoint has 500000, this run has 10000" in (
         results["mismatch_rotary"])
+    assert "--rope-scaling-factor: the checkpoint has 8.0, this run has 32.0" in (
+        results["mismatch_rope_scaling"])
     vocab = results["mismatch_vocab"]
     assert "padded vocabulary: the checkpoint has 384 rows, this run pads to 512" in vocab
     assert "use --make-vocab-size-divisible-by 192" in vocab

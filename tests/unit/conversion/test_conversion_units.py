@@ -101,6 +101,26 @@ def test_reads_the_architecture_from_config_json(hf_llama):
     assert model.untie_embeddings_and_output_weights and not model.add_qkv_bias
 
 
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("fields", [
+    {"rope_parameters": LLAMA31_ROPE},  # transformers 5.x
+    {"rope_parameters": None, "rope_theta": 500000.0, "rope_scaling": {  # 4.x: "type"
+        **{k: v for k, v in LLAMA31_ROPE.items() if k not in ("rope_type", "rope_theta")},
+        "type": "llama3", "factor": 32.0}},
+])
+def test_reads_llama31_rope_scaling_in_either_config_generation(hf_llama, tmp_path, fields):
+    model, _, _ = read_hf_config(_variant(hf_llama, tmp_path / "scaled", fields))
+    assert model.rotary_base == 500000 and model.use_rope_scaling
+    assert model.rope_scaling_factor == (fields.get("rope_parameters") or
+                                         fields["rope_scaling"])["factor"]
+    plain, _, _ = read_hf_config(hf_llama)
+    assert not plain.use_rope_scaling
+
+
 def _drop(name):
     return lambda state: state.pop(name)
 
@@ -116,8 +136,16 @@ def _add(name):
 @pytest.mark.parametrize("config_update, tensors, message", [
     ({"architectures": ["MistralForCausalLM"]}, None,
      "architectures ['MistralForCausalLM'] is not supported"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, None,
-     "rope type 'llama3' (RoPE scaling) is not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}}, None,
+     "rope type 'yarn' (RoPE scaling) is not supported"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, None,
+     "rope type 'dynamic' (RoPE scaling) is not supported"),
+    ({"rope_parameters": {**LLAMA31_ROPE, "high_freq_factor": 2.0}}, None,
+     "rope high_freq_factor 2.0 is not supported (megatron-core's llama3 RoPE scaling fixes it "
+     "to 4.0)"),
+    ({"rope_parameters": {**LLAMA31_ROPE, "original_max_position_embeddings": None}}, None,
+     "rope original_max_position_embeddings None is not supported"),
+    ({"rope_parameters": {**LLAMA31_ROPE, "factor": 0}}, None, "rope factor 0 is not a positive"),
     ({"head_dim": 8}, None, "head_dim 8 != hidden_size / num_attention_heads"),
     ({"hidden_act": "gelu"}, None, "hidden_act 'gelu' is not supported"),
     ({"num_key_value_heads": 3}, None,
@@ -186,3 +214,26 @@ def test_pretrained_checkpoint_without_a_checkpoint_is_one_line(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert f"--pretrained-checkpoint {tmp_path}: no latest_checkpointed_iteration.txt" in err
+
+
+def test_rope_scaling_mismatch_names_the_flag_and_old_checkpoints_mean_unscaled():
+    from megatron_deft.config import ModelConfig
+    from megatron_deft.models.architecture import architecture_mismatch, architecture_of
+
+    def arch(**fields):
+        return architecture_of(ModelConfig(num_layers=2, hidden_size=64,
+                                           num_attention_heads=4, **fields), 384)
+
+    scaled = arch(use_rope_scaling=True, rope_scaling_factor=8.0)
+    plain = arch()
+    assert architecture_mismatch(scaled, plain, 1) == (
+        "--use-rope-scaling: the checkpoint has True, this run has False")
+    other_factor = arch(use_rope_scaling=True, rope_scaling_factor=32.0)
+    assert architecture_mismatch(scaled, other_factor, 1) == (
+        "--rope-scaling-factor: the checkpoint has 8.0, this run has 32.0")
+    # Without scaling the factor is not part of the architecture.
+    assert architecture_mismatch(plain, arch(rope_scaling_factor=32.0), 1) == ""
+    # A checkpoint written before RoPE scaling existed records neither field: unscaled.
+    legacy = {k: v for k, v in plain.items() if "rope_scaling" not in k}
+    assert architecture_mismatch(legacy, plain, 1) == ""
+    assert architecture_mismatch(legacy, scaled, 1).startswith("--use-rope-scaling")

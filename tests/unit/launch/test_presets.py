@@ -15,10 +15,13 @@ from tests.unit.launch.helpers import (
 )
 
 # Public config.json facts: layers, hidden, SwiGLU inner, heads, kv heads, vocab (embedding rows),
-# RoPE theta, RMSNorm eps, context, tied embeddings, q/k/v bias.
+# RoPE theta, RMSNorm eps, context, tied embeddings, q/k/v bias, RoPE scaling factor (llama3 type).
 ARCHITECTURES = {
     "llama3-8b": dict(layers=32, hidden=4096, ffn=14336, heads=32, groups=8, vocab=128256,
                       theta=500000, eps=1e-5, context=8192, tied=False, qkv_bias=False),
+    "llama3.1-8b": dict(layers=32, hidden=4096, ffn=14336, heads=32, groups=8, vocab=128256,
+                        theta=500000, eps=1e-5, context=131072, tied=False, qkv_bias=False,
+                        rope_scaling=8.0),
     "llama3-70b": dict(layers=80, hidden=8192, ffn=28672, heads=64, groups=8, vocab=128256,
                        theta=500000, eps=1e-5, context=8192, tied=False, qkv_bias=False),
     "qwen2.5-7b": dict(layers=28, hidden=3584, ffn=18944, heads=28, groups=4, vocab=152064,
@@ -38,6 +41,7 @@ SHARED_RUN_DEFAULTS = {
 }
 PRESET_RUN_OVERRIDES = {
     "llama3-8b": {"--tensor-model-parallel-size": "2"},
+    "llama3.1-8b": {"--tensor-model-parallel-size": "2"},
     "llama3-70b": {"--tensor-model-parallel-size": "8", "--pipeline-model-parallel-size": "4"},
     "qwen2.5-7b": {"--tensor-model-parallel-size": "2"},
     "qwen2.5-0.5b": {"--micro-batch-size": "4", "--lr": "2e-5", "--min-lr": "2e-6"},
@@ -76,6 +80,9 @@ def test_public_presets_carry_the_published_architecture(preset):
     assert float(values["--norm-epsilon"]) == spec["eps"]
     assert ("--untie-embeddings-and-output-weights" in values) == (not spec["tied"])
     assert ("--add-qkv-bias" in values) == spec["qkv_bias"]
+    assert ("--use-rope-scaling" in values) == ("rope_scaling" in spec)
+    if "rope_scaling" in spec:
+        assert float(values["--rope-scaling-factor"]) == spec["rope_scaling"]
     # Real presets run on GPUs in bf16 with the distributed optimizer.
     assert values["--device"] == "cuda" and values["--bf16"] is True
     assert values["--use-distributed-optimizer"] is True

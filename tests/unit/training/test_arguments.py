@@ -27,11 +27,12 @@ EXPECTED_FLAGS = [
     "--overlap-grad-reduce", "--overlap-param-gather", "--overlong",
     "--override-opt-param-scheduler", "--pack-sequences",
     "--pipeline-model-parallel-size", "--pretrained-checkpoint", "--prompt-key",
-    "--response-key", "--rotary-base",
+    "--response-key", "--rope-scaling-factor", "--rotary-base",
     "--save", "--save-interval", "--seed", "--seq-length", "--sft-objective", "--skip-bad-samples",
     "--tensor-model-parallel-size", "--tensorboard-dir", "--token-class-key", "--tokenizer-model",
     "--tokenizer-type", "--train-data", "--train-iters", "--tsallis-q",
-    "--untie-embeddings-and-output-weights", "--use-distributed-optimizer", "--valid-data",
+    "--untie-embeddings-and-output-weights", "--use-distributed-optimizer",
+    "--use-rope-scaling", "--valid-data",
     "--valid-data-prefix", "--vocab-size", "--weight-decay",
 ]
 
@@ -66,6 +67,8 @@ def test_flags_map_onto_config_fields():
     (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not divisible by TP x PP = 2 x 1"),
     (["--num-layers-per-virtual-pipeline-stage", "1"], 1,
      "--num-layers-per-virtual-pipeline-stage needs PP > 1"),
+    (["--use-rope-scaling", "--rope-scaling-factor", "0"], 1,
+     "--rope-scaling-factor must be > 0, got 0.0"),
     (["--sft-objective", "tsallis"], 1, "tsallis needs parameter q"),
     (["--sft-objective", "bogus"], 1, "unknown name 'bogus'"),
     (["--bf16"], 1, "--bf16 needs --device cuda"),

@@ -6,7 +6,8 @@ megatron_deft_args.json). Writes OUT_DIR/<case>.logits.pt (full-vocabulary logit
 the unpadded vocabulary, from the last pipeline stage) and OUT_DIR/results.json.
 
 Cases: each model at TP=1 (DP=2), TP=2 and PP=2, loaded with --load (converted dirs start like
---finetune) or --pretrained-checkpoint; two architecture mismatches (must fail with one line);
+--finetune) or --pretrained-checkpoint, with their RoPE frequencies; three architecture
+mismatches (must fail with one line);
 a 3-iteration SFT run at TP=2 from --pretrained-checkpoint that saves, the logits of the trained
 model, and a restart that resumes from --load instead of the pretrained weights.
 """
@@ -108,12 +109,16 @@ def main(out_dir, work_dir):
             source = ["--load", converted] if pp == 1 else ["--pretrained-checkpoint", converted]
             trainer = trainer_for(work_dir, model, tp, pp, extra + source)
             results[f"{model}-{name}-iteration"] = trainer.iteration
+            results[f"{model}-{name}-inv_freq"] = (
+                trainer.model[0].module.rotary_pos_emb.inv_freq.tolist())
             save_logits(trainer, tokens, out_dir, f"{model}-{name}")
             trainer.close(keep_process_group=True)
     llama = os.path.join(work_dir, "llama")
     results["mismatch_vocab"] = expect_failure(work_dir, "llama", 2, 1, ["--load", llama])
     results["mismatch_rotary"] = expect_failure(
         work_dir, "llama", 1, 1, ["--load", llama, "--rotary-base", 10000])
+    results["mismatch_rope_scaling"] = expect_failure(
+        work_dir, "llama", 1, 1, ["--load", llama, "--rope-scaling-factor", 32])
     sft_dir = os.path.join(work_dir, "sft")
     sft = ["--pretrained-checkpoint", llama, "--save", sft_dir, "--train-iters", 3,
            "--lr", "3e-3", "--make-vocab-size-divisible-by", 64]
