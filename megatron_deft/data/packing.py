@@ -27,6 +27,14 @@ IGNORE_INDEX = -100
 Row = Tuple[int, ...]
 
 
+def next_token_targets(ids: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """Targets of positions 0..n-2 of one sample ([n] ids and loss flags -> [n - 1]): token
+    t+1 where it carries loss (a response token or its EOS), else IGNORE_INDEX. The last
+    position has no target inside the sample. Training rows and held-out scoring both use it."""
+    ids, flags = np.asarray(ids, dtype=np.int64), np.asarray(flags, dtype=bool)
+    return np.where(flags[1:], ids[1:], IGNORE_INDEX)
+
+
 def plan_rows(lengths: np.ndarray, seq_length: int, pack: bool) -> List[Row]:
     """Returns the sample indices of every row, rows and their samples in a deterministic order.
 
@@ -82,9 +90,7 @@ def build_row(samples: TokenizedSamples, row: Sequence[int], seq_length: int, pa
         if end > seq_length:
             raise ValueError(f"row {tuple(row)} needs {end} tokens > seq_length={seq_length}")
         tokens[start:end] = ids
-        # Target of position t is token t+1 of the same sample, kept only where it is a response
-        # token; the sample's last position has no target inside the sample.
-        labels[start : end - 1] = np.where(flags[1:], ids[1:], IGNORE_INDEX)
+        labels[start : end - 1] = next_token_targets(ids, flags)
         position_ids[start:end] = np.arange(len(ids))
         segment_ids[start:end] = segment
         token_class[start:end] = samples.classes[k]

@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_deft.data.packing import IGNORE_INDEX
+from megatron_deft.data.packing import IGNORE_INDEX, next_token_targets
 from megatron_deft.evaluation.generation import causal_forward
 from megatron_deft.objectives import vocab_parallel_loss
 
@@ -41,11 +41,8 @@ def score_batch(model, samples: Sequence[Tuple[List[int], List[bool]]], pad_id: 
     tokens = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
     for row, (ids, flags) in enumerate(samples):
-        ids_t = torch.tensor(ids, dtype=torch.long)
-        tokens[row, : len(ids)] = ids_t
-        # labels[t] = ids[t + 1] where that token carries loss
-        targets = torch.where(torch.tensor(flags[1:], dtype=torch.bool), ids_t[1:], IGNORE_INDEX)
-        labels[row, : len(ids) - 1] = targets
+        tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[row, : len(ids) - 1] = torch.from_numpy(next_token_targets(ids, flags))
     tokens, labels = tokens.to(device), labels.to(device)
     logits = causal_forward(model, tokens)  # [b, s, V/tp]
     # inplace: the logits are not needed afterwards, so no second [b, s, V/tp] buffer.
