@@ -33,6 +33,13 @@ class ModelConfig:
     """Number of query heads."""
     num_query_groups: Optional[int] = None
     """Number of key/value heads for grouped-query attention (default: num_attention_heads)."""
+    kv_channels: Optional[int] = None
+    """Head size d (default: hidden_size / num_attention_heads); the query projection has
+    heads x d rows and the output projection heads x d columns (e.g. Qwen3-0.6B: h 1024,
+    16 heads of 128)."""
+    qk_layernorm: bool = False
+    """RMSNorm (weights [d], shared by all heads) on each query and key head before RoPE
+    (Qwen3)."""
     seq_length: int = 64
     """Tokens per sequence s (packed rows have exactly this length)."""
     max_position_embeddings: Optional[int] = None
@@ -62,6 +69,11 @@ class ModelConfig:
     """Dropout on the residual branches."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
+
+    @property
+    def head_size(self) -> int:
+        """d: --kv-channels, or hidden / heads."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
 
 @dataclass

@@ -1,22 +1,46 @@
-"""Hugging Face ``config.json`` (Llama 2/3, Qwen2/2.5) <-> our :class:`ModelConfig`.
+"""Hugging Face ``config.json`` (Llama 2/3/3.1+, Qwen2/2.5, Qwen3) <-> our :class:`ModelConfig`.
 
 Read as plain JSON (no transformers import). Both config generations are understood: RoPE theta
 and scaling at the top level (``rope_theta``, ``rope_scaling``: transformers 4.x) or in
 ``rope_parameters`` (5.x); an exported config carries both. Llama 3.1's RoPE scaling (rope_type
 'llama3') converts when its constants are megatron-core's (original context 8192, frequency
-factors 1 and 4; any factor). Anything else our GPT cannot represent exactly (other RoPE
-scaling, sliding windows, biases other than Qwen2's q/k/v, a head size other than hidden /
-heads, another activation) is refused with one line naming the field, never converted
-approximately.
+factors 1 and 4; any factor). ``head_dim`` other than hidden / heads becomes --kv-channels.
+Anything else our GPT cannot represent exactly (other RoPE scaling, sliding windows, biases
+other than Qwen2's q/k/v, another activation) is refused with one line naming the field, never
+converted approximately.
 """
 
 import json
 import os
+from dataclasses import dataclass
 
 from megatron_deft.config import ModelConfig
 
-# HF class -> whether its q/k/v projections carry a bias
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": False, "Qwen2ForCausalLM": True}
+
+@dataclass(frozen=True)
+class Family:
+    """What an HF architecture class implies beyond config.json."""
+
+    model_type: str
+    add_qkv_bias: bool  # q/k/v projections carry a bias
+    qk_layernorm: bool  # per-head RMSNorm of queries and keys (q_norm / k_norm)
+    bias_fields: tuple  # its config's bias switches (all false in what we export)
+
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": Family("llama", False, False, ("attention_bias", "mlp_bias")),
+    "Qwen2ForCausalLM": Family("qwen2", True, False, ()),
+    "Qwen3ForCausalLM": Family("qwen3", False, True, ("attention_bias",)),
+}
+
+
+def hf_architecture(model: ModelConfig) -> str:
+    """The HF class that represents ``model``."""
+    for name, family in SUPPORTED_ARCHITECTURES.items():
+        if (family.add_qkv_bias, family.qk_layernorm) == (model.add_qkv_bias, model.qk_layernorm):
+            return name
+    raise ConversionError("no supported Hugging Face architecture has both a q/k/v bias and "
+                          "q/k RMSNorm")
 
 
 class ConversionError(ValueError):
@@ -84,13 +108,12 @@ def read_hf_config(hf_dir: str):
     _require(heads % groups == 0, path,
              f"num_attention_heads {heads} is not divisible by num_key_value_heads {groups}")
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    _require(head_dim == hf["hidden_size"] // heads, path,
-             f"head_dim {head_dim} != hidden_size / num_attention_heads (not supported)")
     _require(hf.get("hidden_act", "silu") == "silu", path,
              f"hidden_act {hf.get('hidden_act')!r} is not supported (SwiGLU needs 'silu')")
     _require(not hf.get("mlp_bias", False), path, "mlp_bias true is not supported")
     _require(not hf.get("attention_bias", False), path,
              "attention_bias true is not supported (Qwen2's q/k/v bias is implied by the class)")
+    family = SUPPORTED_ARCHITECTURES[arch]
     _require(not hf.get("use_sliding_window", False), path,
              "use_sliding_window true is not supported")
     model = ModelConfig(
@@ -99,10 +122,12 @@ def read_hf_config(hf_dir: str):
         ffn_hidden_size=hf["intermediate_size"],
         num_attention_heads=heads,
         num_query_groups=groups,
+        kv_channels=None if head_dim * heads == hf["hidden_size"] else head_dim,
+        qk_layernorm=family.qk_layernorm,
         max_position_embeddings=hf.get("max_position_embeddings"),
         vocab_size=hf["vocab_size"],
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
-        add_qkv_bias=SUPPORTED_ARCHITECTURES[arch],
+        add_qkv_bias=family.add_qkv_bias,
         **_rope(hf, path),
         norm_epsilon=hf.get("rms_norm_eps", 1e-6),
     )
@@ -127,13 +152,13 @@ def hf_config_dict(model: ModelConfig, arch: str, dtype: str, base: dict = None)
         config.pop(replaced, None)
     config.update(
         architectures=[arch],
-        model_type={"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}[arch],
+        model_type=SUPPORTED_ARCHITECTURES[arch].model_type,
         hidden_size=model.hidden_size,
         intermediate_size=model.ffn_hidden_size,
         num_hidden_layers=model.num_layers,
         num_attention_heads=model.num_attention_heads,
         num_key_value_heads=model.num_query_groups,
-        head_dim=model.hidden_size // model.num_attention_heads,
+        head_dim=model.head_size,
         hidden_act="silu",
         rms_norm_eps=model.norm_epsilon,
         rope_theta=float(model.rotary_base),
@@ -143,6 +168,5 @@ def hf_config_dict(model: ModelConfig, arch: str, dtype: str, base: dict = None)
         max_position_embeddings=model.max_position_embeddings,
         torch_dtype=dtype,
     )
-    if arch == "LlamaForCausalLM":
-        config.update(attention_bias=False, mlp_bias=False)
+    config.update({field: False for field in SUPPORTED_ARCHITECTURES[arch].bias_fields})
     return config

@@ -16,7 +16,7 @@ import logging
 import os
 
 from megatron_deft.config import ModelConfig
-from megatron_deft.conversion.hf_config import ConversionError, hf_config_dict
+from megatron_deft.conversion.hf_config import ConversionError, hf_architecture, hf_config_dict
 from megatron_deft.conversion.hf_to_megatron import copy_tokenizer_files
 from megatron_deft.conversion.megatron_model import (
     DTYPES, atomic_output_dir, build_full_model, full_sharded_state_dict, init_single_process,
@@ -109,7 +109,7 @@ def convert_megatron_to_hf(megatron_dir: str, output_dir: str, iteration: int = 
     dtype = metadata["embedding.word_embeddings.weight"].dtype
     if dtype not in _DTYPE_NAMES:
         raise ConversionError(f"{directory}: weights of dtype {dtype} are not supported")
-    arch = "Qwen2ForCausalLM" if model.add_qkv_bias else "LlamaForCausalLM"
+    arch = hf_architecture(model)
     partial = atomic_output_dir(output_dir)
     chunk = _load_full_model(directory, model, padded, dtype)
     files = _write_weights(chunk, model, partial, max_shard_bytes, dtype)

@@ -7,6 +7,7 @@ that model; dist_checkpointing reshards it to any TP/PP on load). Per layer i:
     input_layernorm.weight              input_layernorm.weight                   copy
     self_attention.linear_qkv.weight    self_attn.{q,k,v}_proj.weight            fused qkv
     self_attention.linear_qkv.bias      self_attn.{q,k,v}_proj.bias (Qwen2)      fused qkv
+    self_attention.{q,k}_layernorm.weight self_attn.{q,k}_norm.weight (Qwen3)    copy
     self_attention.linear_proj.weight   self_attn.o_proj.weight                  copy
     pre_mlp_layernorm.weight            post_attention_layernorm.weight          copy
     mlp.linear_fc1.weight               mlp.{gate,up}_proj.weight                [gate; up]
@@ -53,6 +54,9 @@ def weight_maps(model: ModelConfig) -> list:
         if model.add_qkv_bias:
             maps.append(WeightMap(m + "self_attention.linear_qkv.bias",
                                   tuple(p + "bias" for p in qkv), "qkv"))
+        if model.qk_layernorm:
+            maps += [WeightMap(f"{m}self_attention.{x}_layernorm.weight",
+                               (f"{h}self_attn.{x}_norm.weight",), "copy") for x in "qk"]
         maps += [
             WeightMap(m + "self_attention.linear_proj.weight",
                       (h + "self_attn.o_proj.weight",), "copy"),
@@ -71,16 +75,18 @@ def weight_maps(model: ModelConfig) -> list:
 def hf_shape(name: str, model: ModelConfig) -> tuple:
     """Shape of the HF tensor ``name`` that config.json implies."""
     h, ffn, vocab = model.hidden_size, model.ffn_hidden_size, model.vocab_size
-    head_dim = h // model.num_attention_heads
+    head_dim = model.head_size
     q_rows, kv_rows = model.num_attention_heads * head_dim, model.num_query_groups * head_dim
-    leaf = name.rsplit(".", 2)[-2]  # q_proj, embed_tokens, input_layernorm, norm, ...
+    leaf = name.rsplit(".", 2)[-2]  # q_proj, embed_tokens, input_layernorm, q_norm, norm, ...
     rows = {"embed_tokens": vocab, "lm_head": vocab, "q_proj": q_rows, "k_proj": kv_rows,
             "v_proj": kv_rows, "o_proj": h, "gate_proj": ffn, "up_proj": ffn, "down_proj": h}
-    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+    if leaf in ("q_norm", "k_norm"):
+        return (head_dim,)
+    if name.endswith("norm.weight"):
         return (h,)
     if name.endswith(".bias"):
         return (rows[leaf],)
-    return (rows[leaf], ffn if leaf == "down_proj" else h)
+    return (rows[leaf], {"down_proj": ffn, "o_proj": q_rows}.get(leaf, h))
 
 
 def hf_parts(param: torch.Tensor, weight: WeightMap, model: ModelConfig) -> list:
@@ -96,7 +102,7 @@ def hf_parts(param: torch.Tensor, weight: WeightMap, model: ModelConfig) -> list
         ffn = model.ffn_hidden_size
         return [param[:ffn], param[ffn:]]
     groups, heads = model.num_query_groups, model.num_attention_heads
-    head_dim, per_group = model.hidden_size // heads, heads // groups
+    head_dim, per_group = model.head_size, heads // groups
     grouped = param.view(groups, (per_group + 2) * head_dim, *rest)
     q_rows = per_group * head_dim
     return [grouped[:, :q_rows], grouped[:, q_rows: q_rows + head_dim],

@@ -16,6 +16,8 @@ ARCHITECTURE_FLAGS = {
     "ffn_hidden_size": "--ffn-hidden-size",
     "num_attention_heads": "--num-attention-heads",
     "num_query_groups": "--num-query-groups",
+    "kv_channels": "--kv-channels",
+    "qk_layernorm": "--qk-layernorm",
     "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
     "add_qkv_bias": "--add-qkv-bias",
     "rotary_base": "--rotary-base",
@@ -23,13 +25,23 @@ ARCHITECTURE_FLAGS = {
     "rope_scaling_factor": "--rope-scaling-factor",
     "norm_epsilon": "--norm-epsilon",
 }
-UNRECORDED = {"use_rope_scaling": False, "rope_scaling_factor": 8.0}
-"""Values of the fields checkpoints written before they existed lack (what those runs used)."""
+UNRECORDED = {"use_rope_scaling": False, "rope_scaling_factor": 8.0, "qk_layernorm": False}
+"""Values of the fields checkpoints written before they existed lack (what those runs used;
+their head size was hidden / heads)."""
+
+
+def _with_unrecorded(arch: dict) -> dict:
+    return {**UNRECORDED, "kv_channels": arch["hidden_size"] // arch["num_attention_heads"],
+            **arch}
 
 
 def _matters(arch: dict, name: str) -> bool:
     """The scaling factor is part of the architecture only with scaling on."""
     return name != "rope_scaling_factor" or arch.get("use_rope_scaling", False)
+
+
+def _default_head_size(arch: dict) -> bool:
+    return arch["kv_channels"] * arch["num_attention_heads"] == arch["hidden_size"]
 
 
 def architecture_of(model: ModelConfig, padded_vocab_size: int) -> dict:
@@ -38,6 +50,7 @@ def architecture_of(model: ModelConfig, padded_vocab_size: int) -> dict:
     arch = {name: getattr(model, name) for name in ARCHITECTURE_FLAGS}
     arch["ffn_hidden_size"] = model.ffn_hidden_size or 4 * model.hidden_size
     arch["num_query_groups"] = model.num_query_groups or model.num_attention_heads
+    arch["kv_channels"] = model.head_size
     arch["padded_vocab_size"] = padded_vocab_size
     arch["vocab_size"] = model.vocab_size
     return arch
@@ -45,7 +58,7 @@ def architecture_of(model: ModelConfig, padded_vocab_size: int) -> dict:
 
 def architecture_mismatch(saved: dict, run: dict, tensor_parallel_size: int) -> str:
     """One line naming the first differing flag ('' when the architectures agree)."""
-    saved = {**UNRECORDED, **saved}
+    saved = _with_unrecorded(saved)
     for name, flag in ARCHITECTURE_FLAGS.items():
         if (_matters(saved, name) or _matters(run, name)) and saved[name] != run[name]:
             return f"{flag}: the checkpoint has {saved[name]}, this run has {run[name]}"
@@ -66,7 +79,7 @@ def trainer_flags(arch: dict, max_position_embeddings: int, make_vocab_size_divi
     flags = []
     for name, flag in ARCHITECTURE_FLAGS.items():
         value = arch[name]
-        if not _matters(arch, name):
+        if not _matters(arch, name) or (name == "kv_channels" and _default_head_size(arch)):
             continue
         if isinstance(value, bool):
             flags += [flag] if value else []

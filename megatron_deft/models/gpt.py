@@ -1,4 +1,5 @@
-"""Llama/Qwen-style GPT on megatron-core: RMSNorm, SwiGLU, RoPE, GQA, no biases but optional q/k/v.
+"""Llama/Qwen-style GPT on megatron-core: RMSNorm, SwiGLU, RoPE, GQA, no biases but optional q/k/v,
+optional per-head q/k RMSNorm (Qwen3) and a head size other than hidden / heads.
 
 The model is megatron-core's ``GPTModel`` with the Transformer Engine layer spec when TE is
 importable on CUDA, the local (pure PyTorch) spec otherwise. It is always called without labels
@@ -39,6 +40,8 @@ def transformer_config(config: Config) -> TransformerConfig:
         ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups or model.num_attention_heads,
+        kv_channels=model.kv_channels,  # None: hidden / heads
+        qk_layernorm=model.qk_layernorm,
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=True,
@@ -89,8 +92,9 @@ def layer_spec(config: Config):
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.model.qk_layernorm)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm",
+                                    qk_layernorm=config.model.qk_layernorm)
     # The trainer always passes an explicit [b, 1, s, s] mask (block-diagonal when packing);
     # "arbitrary" makes every softmax path honour it instead of assuming plain causal.
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary

@@ -156,8 +156,12 @@ def _validate_layout(config: Config, world_size: int) -> None:
     _require(groups % tp == 0, f"--num-query-groups {groups} is not divisible by TP {tp}")
     _require(heads % groups == 0,
              f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}")
-    _require(model.hidden_size % heads == 0,
-             f"--hidden-size {model.hidden_size} is not divisible by --num-attention-heads {heads}")
+    if model.kv_channels is None:
+        _require(model.hidden_size % heads == 0,
+                 f"--hidden-size {model.hidden_size} is not divisible by --num-attention-heads "
+                 f"{heads}; give the head size with --kv-channels")
+    else:
+        _require(model.kv_channels >= 1, f"--kv-channels must be >= 1, got {model.kv_channels}")
     _require(model.num_layers % pp == 0,
              f"--num-layers {model.num_layers} is not divisible by PP {pp}")
     _require(model.rope_scaling_factor > 0,

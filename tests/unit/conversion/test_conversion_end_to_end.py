@@ -1,9 +1,9 @@
 """Hugging Face <-> Megatron conversion end to end, on tiny random models built here.
 
 Models: LlamaForCausalLM in Llama 3.1's form (untied embeddings, GQA 4 heads / 2 groups,
-rope_theta 5e5 with 'llama3' RoPE scaling, factor 8; eps 1e-6) and Qwen2ForCausalLM (tied
-embeddings, q/k/v bias, GQA), vocabulary 300 (padded to 384), fp32; plus a bf16 Qwen2 for the
-round trip in the training dtype.
+rope_theta 5e5 with 'llama3' RoPE scaling, factor 8; eps 1e-6), Qwen2ForCausalLM (tied
+embeddings, q/k/v bias, GQA) and Qwen3ForCausalLM (tied, q/k RMSNorm, head_dim 24 != 64 / 4),
+vocabulary 300 (padded to 384), fp32; plus a bf16 Qwen2 for the round trip in the training dtype.
 Launches: one process converting HF -> Megatron (tools/convert_checkpoint.py's main), one
 torchrun (2 ranks) running the trainer from the converted dirs, one process exporting
 Megatron -> HF. The references are the HF models themselves, run in float64.
@@ -23,6 +23,8 @@ WORKERS = os.path.join(HERE, "workers")
 SEQ, BATCH, VOCAB = 16, 2, 300
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)
+MODELS = ("llama", "qwen2", "qwen3")
+HEAD_DIM = {"llama": 16, "qwen2": 16, "qwen3": 24}
 
 
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -30,15 +32,20 @@ LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 
 def _save_hf(directory, arch, dtype=torch.float32, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed(seed)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**COMMON, rope_theta=500000.0, rms_norm_eps=1e-6,
                                              tie_word_embeddings=False,
                                              rope_scaling=dict(LLAMA31_ROPE)))  # HF edits it
-    else:
+    elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**COMMON, rope_theta=1000000.0, rms_norm_eps=1e-5,
+                                             tie_word_embeddings=True))
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=HEAD_DIM["qwen3"],
+                                             rope_theta=1000000.0, rms_norm_eps=1e-6,
                                              tie_word_embeddings=True))
     with torch.no_grad():  # HF inits norms to 1 and biases to 0: make every tensor distinctive
         for name, param in model.named_parameters():
@@ -74,7 +81,7 @@ def _convert(work, commands):
 def run(torchrun, tmp_path_factory):
     work = str(tmp_path_factory.mktemp("conversion"))
     path = lambda *parts: os.path.join(work, *parts)  # noqa: E731
-    for arch in ("llama", "qwen2"):
+    for arch in MODELS:
         _save_hf(path(f"hf-{arch}"), arch)
     _save_hf(path("hf-qwen2-bf16"), "qwen2", dtype=torch.bfloat16, seed=1)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
@@ -83,6 +90,7 @@ def run(torchrun, tmp_path_factory):
     imported = _convert(work, [
         to_megatron + ["--hf-dir", path("hf-llama"), "--output-dir", path("llama")],
         to_megatron + ["--hf-dir", path("hf-qwen2"), "--output-dir", path("qwen2")],
+        to_megatron + ["--hf-dir", path("hf-qwen3"), "--output-dir", path("qwen3")],
         ["hf-to-megatron", "--hf-dir", path("hf-qwen2-bf16"), "--output-dir",
          path("qwen2-bf16")],
     ])
@@ -90,14 +98,14 @@ def run(torchrun, tmp_path_factory):
     results = torchrun(os.path.join(WORKERS, "trainer_from_converted.py"), 2, path("out"), work)
     exported = _convert(work, [
         ["megatron-to-hf", "--megatron-dir", path(name), "--output-dir", path(f"back-{name}")]
-        for name in ("llama", "qwen2", "qwen2-bf16")
+        for name in (*MODELS, "qwen2-bf16")
     ] + [["megatron-to-hf", "--megatron-dir", path("sft"), "--output-dir", path("back-sft"),
           "--max-shard-size-gb", "0.0001"]])
     return {"work": work, "tokens": tokens, "results": results, "imported": imported,
             "exported": exported}
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2"])
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
 def test_converted_model_gives_the_hf_logits_at_every_layout(run, model, layout):
     reference = _hf_logits(os.path.join(run["work"], f"hf-{model}"), run["tokens"])
@@ -114,17 +122,18 @@ def _hf_inv_freq(directory):
     return AutoModelForCausalLM.from_pretrained(directory).model.rotary_emb.inv_freq.double()
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2"])
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
 def test_converted_model_has_the_hf_rope_frequencies(run, model, layout):
     """At 16 positions the scaled frequencies move the logits by only ~1e-5: the RoPE scaling is
-    checked on the frequencies themselves (Llama: 'llama3' scaling; Qwen2: plain RoPE)."""
+    checked on the frequencies themselves (Llama: 'llama3' scaling; Qwen: plain RoPE)."""
     reference = _hf_inv_freq(os.path.join(run["work"], f"hf-{model}"))
     got = torch.tensor(run["results"][f"{model}-{layout}-inv_freq"], dtype=torch.float64)
-    assert got.shape == reference.shape == (8,)  # head_dim 16
+    d = HEAD_DIM[model]
+    assert got.shape == reference.shape == (d // 2,)
     assert torch.allclose(got, reference, rtol=1e-6, atol=0)
     theta = 500000.0 if model == "llama" else 1000000.0
-    plain = theta ** -(torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    plain = theta ** -(torch.arange(0, d, 2, dtype=torch.float64) / d)
     if model == "llama":  # wavelengths > 8192 divided by 8, < 2048 kept
         wavelength = 2 * torch.pi / plain
         assert torch.allclose(got[wavelength > 8192], plain[wavelength > 8192] / 8, rtol=1e-6)
@@ -143,11 +152,11 @@ def test_exported_llama_keeps_the_rope_scaling(run):
     assert config["rope_scaling"] == LLAMA31_ROPE  # what transformers 4.x reads
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen2-bf16"])
+@pytest.mark.parametrize("name", [*MODELS, "qwen2-bf16"])
 def test_round_trip_is_bit_identical(run, name):
     original = load_file(os.path.join(run["work"], f"hf-{name}", "model.safetensors"))
     back = load_file(os.path.join(run["work"], f"back-{name}", "model.safetensors"))
-    original.pop("lm_head.weight", None) if name.startswith("qwen2") else None
+    original.pop("lm_head.weight", None) if name.startswith("qwen") else None  # tied
     assert sorted(back) == sorted(original)
     for key, tensor in original.items():
         assert back[key].dtype == tensor.dtype and back[key].shape == tensor.shape, key
@@ -155,15 +164,18 @@ def test_round_trip_is_bit_identical(run, name):
 
 
 def test_exported_config_matches_the_source(run):
-    for name in ("llama", "qwen2"):
+    for name in MODELS:
         with open(os.path.join(run["work"], f"hf-{name}", "config.json")) as handle:
             source = json.load(handle)
         with open(os.path.join(run["work"], f"back-{name}", "config.json")) as handle:
             back = json.load(handle)
         for key in ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "vocab_size",
-                    "tie_word_embeddings", "max_position_embeddings", "rope_parameters"):
+                    "tie_word_embeddings", "max_position_embeddings", "rope_parameters",
+                    "model_type"):
             assert back[key] == source[key], (name, key)
+        # Qwen2's config has no head_dim (hidden / heads); ours always states it.
+        assert back["head_dim"] == source.get("head_dim", 16) == HEAD_DIM[name], name
 
 
 def test_conversion_prints_the_trainer_flags(run):
@@ -175,8 +187,11 @@ def test_conversion_prints_the_trainer_flags(run):
         assert flag in stdout
     qwen = run["imported"][1]["stdout"]
     assert "--add-qkv-bias" in qwen and "--untie-embeddings" not in qwen
-    assert "rope-scaling" not in qwen
-    assert "--bf16" in run["imported"][2]["stdout"]
+    assert "rope-scaling" not in qwen and "--kv-channels" not in qwen
+    qwen3 = run["imported"][2]["stdout"]
+    assert "--kv-channels 24" in qwen3 and "--qk-layernorm" in qwen3
+    assert "--add-qkv-bias" not in qwen3 and "--qk-layernorm" not in qwen
+    assert "--bf16" in run["imported"][3]["stdout"]
 
 
 def test_architecture_mismatch_is_one_line_naming_the_flag(run):

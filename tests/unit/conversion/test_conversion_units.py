@@ -121,6 +121,14 @@ def test_reads_llama31_rope_scaling_in_either_config_generation(hf_llama, tmp_pa
     assert not plain.use_rope_scaling
 
 
+@pytest.mark.parametrize("head_dim, kv_channels", [(None, None), (4, None), (8, 8)])
+def test_head_dim_other_than_hidden_over_heads_becomes_kv_channels(hf_llama, tmp_path, head_dim,
+                                                                   kv_channels):
+    model, _, _ = read_hf_config(_variant(hf_llama, tmp_path / "d", {"head_dim": head_dim}))
+    assert model.kv_channels == kv_channels  # hidden 16, 4 heads: 4 is the default
+    assert model.head_size == (head_dim or 4)
+
+
 def _drop(name):
     return lambda state: state.pop(name)
 
@@ -146,7 +154,11 @@ def _add(name):
     ({"rope_parameters": {**LLAMA31_ROPE, "original_max_position_embeddings": None}}, None,
      "rope original_max_position_embeddings None is not supported"),
     ({"rope_parameters": {**LLAMA31_ROPE, "factor": 0}}, None, "rope factor 0 is not a positive"),
-    ({"head_dim": 8}, None, "head_dim 8 != hidden_size / num_attention_heads"),
+    ({"head_dim": 8}, None,  # a head size the tensors do not have
+     "tensor model.layers.0.self_attn.k_proj.weight has shape [8, 16], config.json implies "
+     "[16, 16]"),
+    ({"architectures": ["Qwen3ForCausalLM"]}, None,  # Qwen3 without its q/k norms
+     "missing tensor model.layers.0.self_attn.k_norm.weight"),
     ({"hidden_act": "gelu"}, None, "hidden_act 'gelu' is not supported"),
     ({"num_key_value_heads": 3}, None,
      "num_attention_heads 4 is not divisible by num_key_value_heads 3"),

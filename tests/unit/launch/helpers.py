@@ -10,7 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ROOT / "examples"
 SCRIPTS = ("train_single_node.sh", "train_multi_node.sh", "train_slurm.sbatch")
-PRESETS = ("llama3-70b", "llama3-8b", "llama3.1-8b", "qwen2.5-0.5b", "qwen2.5-7b", "tiny")
+PRESETS = ("llama3-70b", "llama3-8b", "llama3.1-8b", "qwen2.5-0.5b", "qwen2.5-7b", "qwen3-4b",
+           "qwen3-8b", "tiny")
 
 
 def run_script(script, env=None, args=(), stub_dir=None, cwd=ROOT, timeout=30):

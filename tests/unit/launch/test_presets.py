@@ -15,7 +15,8 @@ from tests.unit.launch.helpers import (
 )
 
 # Public config.json facts: layers, hidden, SwiGLU inner, heads, kv heads, vocab (embedding rows),
-# RoPE theta, RMSNorm eps, context, tied embeddings, q/k/v bias, RoPE scaling factor (llama3 type).
+# RoPE theta, RMSNorm eps, context, tied embeddings, q/k/v bias; where the model has them: RoPE
+# scaling factor (llama3 type), head size other than hidden / heads, q/k RMSNorm.
 ARCHITECTURES = {
     "llama3-8b": dict(layers=32, hidden=4096, ffn=14336, heads=32, groups=8, vocab=128256,
                       theta=500000, eps=1e-5, context=8192, tied=False, qkv_bias=False),
@@ -28,6 +29,12 @@ ARCHITECTURES = {
                        theta=1000000, eps=1e-6, context=32768, tied=False, qkv_bias=True),
     "qwen2.5-0.5b": dict(layers=24, hidden=896, ffn=4864, heads=14, groups=2, vocab=151936,
                          theta=1000000, eps=1e-6, context=32768, tied=True, qkv_bias=True),
+    "qwen3-4b": dict(layers=36, hidden=2560, ffn=9728, heads=32, groups=8, vocab=151936,
+                     theta=1000000, eps=1e-6, context=40960, tied=True, qkv_bias=False,
+                     head_dim=128, qk_norm=True),
+    "qwen3-8b": dict(layers=36, hidden=4096, ffn=12288, heads=32, groups=8, vocab=151936,
+                     theta=1000000, eps=1e-6, context=40960, tied=False, qkv_bias=False,
+                     qk_norm=True),
 }
 
 
@@ -44,6 +51,8 @@ PRESET_RUN_OVERRIDES = {
     "llama3.1-8b": {"--tensor-model-parallel-size": "2"},
     "llama3-70b": {"--tensor-model-parallel-size": "8", "--pipeline-model-parallel-size": "4"},
     "qwen2.5-7b": {"--tensor-model-parallel-size": "2"},
+    "qwen3-8b": {"--tensor-model-parallel-size": "2"},
+    "qwen3-4b": {},
     "qwen2.5-0.5b": {"--micro-batch-size": "4", "--lr": "2e-5", "--min-lr": "2e-6"},
     "tiny": {"--device": "cpu", "--seq-length": "64", "--micro-batch-size": "2",
              "--global-batch-size": "8", "--lr": "1e-3", "--min-lr": "1e-4",
@@ -83,6 +92,8 @@ def test_public_presets_carry_the_published_architecture(preset):
     assert ("--use-rope-scaling" in values) == ("rope_scaling" in spec)
     if "rope_scaling" in spec:
         assert float(values["--rope-scaling-factor"]) == spec["rope_scaling"]
+    assert values.get("--kv-channels") == (str(spec["head_dim"]) if "head_dim" in spec else None)
+    assert ("--qk-layernorm" in values) == spec.get("qk_norm", False)
     # Real presets run on GPUs in bf16 with the distributed optimizer.
     assert values["--device"] == "cuda" and values["--bf16"] is True
     assert values["--use-distributed-optimizer"] is True

@@ -40,6 +40,13 @@ def main(out_dir):
                 extra += ["--use-distributed-optimizer"] if distributed else []
                 run_case(out_dir, results, name, tp, pp, extra,
                          save_init=objective == "deft" and not distributed)
+    # Qwen3-style attention: per-head q/k RMSNorm (replicated over TP; megatron-core sums its
+    # gradient over the TP ranks' heads) and a head size other than hidden / heads.
+    tp, pp = LAYOUTS[world][0]  # the most tensor-parallel layout of this world size
+    qk_norm = ["--sft-objective", "deft", "--train-iters", ITERATIONS, "--qk-layernorm",
+               "--kv-channels", 24]
+    run_case(out_dir, results, f"tp{tp}pp{pp}dp{world // (tp * pp)}-deft-plain-qknorm", tp, pp,
+             qk_norm)
     if world == 2:
         interleaved = ["--sft-objective", "deft", "--train-iters", ITERATIONS,
                        "--num-layers-per-virtual-pipeline-stage", 1]
