@@ -86,6 +86,10 @@ class ParallelConfig:
     """Pipeline-parallel size PP (splits layers)."""
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
     """Layers per virtual stage; enables the interleaved 1F1B schedule."""
+    sequence_parallel: bool = False
+    """With TP > 1, Megatron-LM's sequence parallelism: outside attention and the MLP (norms,
+    dropout, residuals) each TP rank holds s / TP of the sequence, dividing that activation
+    memory by TP; the all-reduces become all-gather + reduce-scatter. Same results."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False

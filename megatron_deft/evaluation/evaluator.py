@@ -59,6 +59,7 @@ def run_config(saved: dict, evaluation: EvalConfig, root: str) -> Config:
     par.tensor_model_parallel_size = evaluation.tensor_model_parallel_size
     par.pipeline_model_parallel_size = 1
     par.num_layers_per_virtual_pipeline_stage = None
+    par.sequence_parallel = False  # generation grows the sequence a token at a time
     par.distributed_timeout_minutes = evaluation.distributed_timeout_minutes
     config.training.device = evaluation.device
     config.training.bf16 = config.training.bf16 and evaluation.device == "cuda"

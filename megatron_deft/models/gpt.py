@@ -16,6 +16,11 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 
 from megatron_deft.config import Config
 from megatron_deft.models.layout import virtual_pipeline_size
@@ -52,6 +57,7 @@ def transformer_config(config: Config) -> TransformerConfig:
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_size(config),
         params_dtype=dtype,
@@ -81,24 +87,47 @@ def transformer_config(config: Config) -> TransformerConfig:
     )
 
 
-def layer_spec(config: Config):
-    """TE spec when TE is importable on CUDA, megatron-core's local spec otherwise.
+class LocalRMSNorm:
+    """torch.nn.RMSNorm for the local spec (megatron-core's WrappedTorchNorm, which refuses
+    sequence parallelism). A norm of the hidden states runs, under --sequence-parallel, on
+    this rank's s / TP tokens only: its weight is marked ``sequence_parallel`` so megatron-core
+    sums the gradient over the TP ranks. The per-head q/k norms (``on_hidden=False``) see the
+    full sequence; megatron-core sums their gradients over the TP ranks' heads anyway."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
+                on_hidden: bool = True, **unused):
+        norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+        norm.weight.sequence_parallel = on_hidden and config.sequence_parallel
+        return norm
+
+
+def decoder_spec(config: Config, tf_config: TransformerConfig, vp_stage=None):
+    """The decoder of one model chunk: the TE layer spec when TE is importable on CUDA (its
+    norms handle sequence parallelism), otherwise megatron-core's local layer spec with
+    LocalRMSNorm everywhere, final norm included.
 
     Packed rows need the block-diagonal [b, 1, s, s] mask; the TE spec's causal attention
     ignores it (THD / cu_seqlens is not wired yet), so packing uses the local spec.
     """
+    qk_layernorm = config.model.qk_layernorm
     if HAVE_TE and config.training.device == "cuda" and not config.data.pack_sequences:
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.model.qk_layernorm)
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm",
-                                    qk_layernorm=config.model.qk_layernorm)
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
+    layer = spec.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = LocalRMSNorm
+    if qk_layernorm:
+        head_norm = ModuleSpec(module=LocalRMSNorm, params={"on_hidden": False})
+        layer.self_attention.submodules.q_layernorm = head_norm
+        layer.self_attention.submodules.k_layernorm = head_norm
     # The trainer always passes an explicit [b, 1, s, s] mask (block-diagonal when packing);
     # "arbitrary" makes every softmax path honour it instead of assuming plain causal.
-    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
-    return spec
+    layer.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    layers = get_num_layers_to_build(tf_config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=LocalRMSNorm)
 
 
 def build_gpt_chunks(config: Config, vocab_size: int, initialize: bool = True) -> list:
@@ -113,7 +142,6 @@ def build_gpt_chunks(config: Config, vocab_size: int, initialize: bool = True) -
     """
     tf_config = transformer_config(config)
     tf_config.perform_initialization = initialize
-    spec = layer_spec(config)
     vp_size = tf_config.virtual_pipeline_model_parallel_size or 1
     untied = config.model.untie_embeddings_and_output_weights
     chunks = []
@@ -123,7 +151,7 @@ def build_gpt_chunks(config: Config, vocab_size: int, initialize: bool = True) -
         last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
         chunk = GPTModel(
             config=tf_config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=decoder_spec(config, tf_config, stage),
             vocab_size=vocab_size,
             max_sequence_length=config.model.max_position_embeddings or config.model.seq_length,
             pre_process=first,

@@ -164,6 +164,10 @@ def _validate_layout(config: Config, world_size: int) -> None:
         _require(model.kv_channels >= 1, f"--kv-channels must be >= 1, got {model.kv_channels}")
     _require(model.num_layers % pp == 0,
              f"--num-layers {model.num_layers} is not divisible by PP {pp}")
+    if par.sequence_parallel:
+        _require(tp > 1, "--sequence-parallel needs TP > 1")
+        _require(model.seq_length % tp == 0,
+                 f"--sequence-parallel needs --seq-length {model.seq_length} divisible by TP {tp}")
     _require(model.rope_scaling_factor > 0,
              f"--rope-scaling-factor must be > 0, got {model.rope_scaling_factor}")
     if model.vocab_size is not None:

@@ -38,3 +38,25 @@ def test_missing_iteration_is_reported(tmp_path, capsys):
                           "--tokenizer-model", "t.model", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "no checkpoint for iteration 7" in err, err
+
+
+def test_evaluation_relays_out_a_sequence_parallel_pipeline_run():
+    """Generation grows the sequence a token at a time: a checkpoint trained with
+    --sequence-parallel (any TP/PP) is evaluated without it, at the evaluation's TP, PP 1."""
+    import dataclasses
+
+    from megatron_deft.config import Config
+    from megatron_deft.evaluation.arguments import EvalConfig
+    from megatron_deft.evaluation.evaluator import run_config
+
+    trained = Config()
+    trained.parallel.tensor_model_parallel_size = 4
+    trained.parallel.pipeline_model_parallel_size = 2
+    trained.parallel.sequence_parallel = True
+    trained.model.qk_layernorm = True
+    saved = dataclasses.asdict(trained)
+    config = run_config(saved, EvalConfig(tensor_model_parallel_size=2), "/ckpt")
+    assert not config.parallel.sequence_parallel
+    assert config.parallel.tensor_model_parallel_size == 2
+    assert config.parallel.pipeline_model_parallel_size == 1
+    assert config.model.qk_layernorm and config.checkpoint.load == "/ckpt"

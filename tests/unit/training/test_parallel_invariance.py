@@ -1,6 +1,6 @@
 """The same global batches and seed give the same losses, grad norms and final weights for every
-(TP, PP, DP) layout, both objectives, plain and distributed optimizer, 1F1B and interleaved, and
-Qwen3-style attention (q/k RMSNorm, head size 24 != 64 / 4).
+(TP, PP, DP) layout, both objectives, plain and distributed optimizer, 1F1B and interleaved,
+sequence parallelism, and Qwen3-style attention (q/k RMSNorm, head size 24 != 64 / 4).
 
 Three torchrun launches (1, 2 and 4 ranks) train 3 iterations per case; the reference is the
 single-process (1,1,1) run. fp32 on CPU: only the summation order differs between layouts, so
@@ -69,6 +69,8 @@ def _cases():
     yield "tp1pp1dp2-deft-distopt-overlap"
     for layout in ("tp1pp1dp1", "tp2pp1dp1", "tp2pp2dp1"):
         yield f"{layout}-deft-plain-qknorm"
+    for layout in ("tp2pp1dp1", "tp2pp2dp1"):
+        yield f"{layout}-deft-plain-sp"
 
 
 def _reference_of(case: str) -> str:

@@ -47,6 +47,11 @@ def main(out_dir):
                "--kv-channels", 24]
     run_case(out_dir, results, f"tp{tp}pp{pp}dp{world // (tp * pp)}-deft-plain-qknorm", tp, pp,
              qk_norm)
+    if tp > 1:  # sequence parallelism: the same model, its activations split differently
+        sequence_parallel = ["--sft-objective", "deft", "--train-iters", ITERATIONS,
+                             "--sequence-parallel"]
+        run_case(out_dir, results, f"tp{tp}pp{pp}dp{world // (tp * pp)}-deft-plain-sp", tp, pp,
+                 sequence_parallel)
     if world == 2:
         interleaved = ["--sft-objective", "deft", "--train-iters", ITERATIONS,
                        "--num-layers-per-virtual-pipeline-stage", 1]
