@@ -13,6 +13,7 @@
 #   OBJECTIVE        --sft-objective: nll, deft, cayley, tsallis:q=0.5, ...          [nll]
 #   DEVICE           cpu (gloo, fp32) or cuda (nccl, bf16, distributed optimizer) [DEFAULT_DEVICE]
 #   TP, PP           tensor / pipeline model-parallel sizes                          [DEFAULT_TP/PP]
+#   SEQUENCE_PARALLEL  1 adds --sequence-parallel                  [1 on cuda with TP > 1, else 0]
 #   NPROC_PER_NODE   processes per node                      [cuda: gpu (all visible); cpu: TP*PP]
 #   SEQ_LENGTH MICRO_BATCH_SIZE GLOBAL_BATCH_SIZE TRAIN_ITERS LR MIN_LR LR_WARMUP_ITERS [DEFAULT_*]
 #   LR_DECAY_STYLE   --lr-decay-style: cosine, linear, constant, WSD, ...            [cosine]
@@ -96,6 +97,13 @@ deft_resolve_knobs() {
     TP=${TP:-$DEFAULT_TP}
     PP=${PP:-$DEFAULT_PP}
     deft_require_int TP PP
+    # Sequence parallelism comes with TP on GPUs (as in Megatron-LM's and NeMo's recipes).
+    if [[ -z ${SEQUENCE_PARALLEL:-} ]]; then
+        SEQUENCE_PARALLEL=0
+        if [[ $DEVICE == cuda && $TP -gt 1 ]]; then SEQUENCE_PARALLEL=1; fi
+    fi
+    [[ $SEQUENCE_PARALLEL == [01] ]] ||
+        deft_die "SEQUENCE_PARALLEL must be 0 or 1, got '$SEQUENCE_PARALLEL'"
     # On CPU one process per model-parallel rank is the smallest world that fits the layout.
     if [[ $DEVICE == cuda ]]; then
         NPROC_PER_NODE=${NPROC_PER_NODE:-gpu}
@@ -155,6 +163,7 @@ deft_resolve() {
     deft_resolve_knobs
     TRAIN_CMD=(-m megatron_deft.train "${MODEL_ARGS[@]}")
     if [[ $QKV_BIAS == 1 ]]; then TRAIN_CMD+=(--add-qkv-bias); fi
+    if [[ $SEQUENCE_PARALLEL == 1 ]]; then TRAIN_CMD+=(--sequence-parallel); fi
     TRAIN_CMD+=(
         --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
         --seq-length "$SEQ_LENGTH"

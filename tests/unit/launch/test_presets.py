@@ -169,6 +169,24 @@ def test_qkv_bias_knob_drops_the_flag():
     assert "--add-qkv-bias" not in flags
 
 
+@pytest.mark.parametrize("env, expected", [
+    ({"PRESET": "llama3-8b"}, True),  # cuda, TP 2
+    ({"PRESET": "llama3-8b", "SEQUENCE_PARALLEL": "0"}, False),
+    ({"PRESET": "qwen3-4b"}, False),  # cuda, TP 1
+    ({"PRESET": "tiny", "TP": "2"}, False),  # cpu
+    ({"PRESET": "tiny", "TP": "2", "SEQUENCE_PARALLEL": "1"}, True),
+])
+def test_sequence_parallel_comes_with_tp_on_gpus(env, expected):
+    _, flags = split_torchrun(dry_run("train_single_node.sh", env))
+    assert ("--sequence-parallel" in flags) == expected
+
+
+def test_sequence_parallel_knob_must_be_a_switch():
+    result = run_script("train_single_node.sh", {"SEQUENCE_PARALLEL": "yes", "DRY_RUN": "1"})
+    assert result.returncode == 2
+    assert "SEQUENCE_PARALLEL must be 0 or 1, got 'yes'" in result.stderr
+
+
 def test_tiny_preset_defaults_to_one_cpu_process_on_mock_data():
     argv = dry_run("train_single_node.sh", {})
     options, flags = split_torchrun(argv)
