@@ -1,4 +1,4 @@
-"""Hugging Face ``config.json`` (Llama 2/3/3.1+, Qwen2/2.5, Qwen3) <-> our :class:`ModelConfig`.
+"""HF ``config.json`` (Llama 2/3/3.1+, Qwen2/2.5, Qwen3, Mistral) <-> our :class:`ModelConfig`.
 
 Read as plain JSON (no transformers import). Both config generations are understood: RoPE theta
 and scaling at the top level (``rope_theta``, ``rope_scaling``: transformers 4.x) or in
@@ -25,19 +25,26 @@ class Family:
     add_qkv_bias: bool  # q/k/v projections carry a bias
     qk_layernorm: bool  # per-head RMSNorm of queries and keys (q_norm / k_norm)
     bias_fields: tuple  # its config's bias switches (all false in what we export)
+    window_unless_switched_off: bool = False  # sliding_window applies without use_sliding_window
 
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": Family("llama", False, False, ("attention_bias", "mlp_bias")),
     "Qwen2ForCausalLM": Family("qwen2", True, False, ()),
     "Qwen3ForCausalLM": Family("qwen3", False, True, ("attention_bias",)),
+    # Mistral 7B v0.2+ (no sliding window): Llama's tensors and math.
+    "MistralForCausalLM": Family("mistral", False, False, (), window_unless_switched_off=True),
 }
 
 
-def hf_architecture(model: ModelConfig) -> str:
-    """The HF class that represents ``model``."""
-    for name, family in SUPPORTED_ARCHITECTURES.items():
-        if (family.add_qkv_bias, family.qk_layernorm) == (model.add_qkv_bias, model.qk_layernorm):
+def hf_architecture(model: ModelConfig, source: dict = None) -> str:
+    """The HF class that represents ``model``: the ``source`` config's (the model converted
+    from) when it does, e.g. Mistral, else the first that does."""
+    names = list((source or {}).get("architectures") or []) + list(SUPPORTED_ARCHITECTURES)
+    for name in names:
+        family = SUPPORTED_ARCHITECTURES.get(name)
+        if family and (family.add_qkv_bias, family.qk_layernorm) == (model.add_qkv_bias,
+                                                                     model.qk_layernorm):
             return name
     raise ConversionError("no supported Hugging Face architecture has both a q/k/v bias and "
                           "q/k RMSNorm")
@@ -114,8 +121,10 @@ def read_hf_config(hf_dir: str):
     _require(not hf.get("attention_bias", False), path,
              "attention_bias true is not supported (Qwen2's q/k/v bias is implied by the class)")
     family = SUPPORTED_ARCHITECTURES[arch]
-    _require(not hf.get("use_sliding_window", False), path,
-             "use_sliding_window true is not supported")
+    if hf.get("use_sliding_window", family.window_unless_switched_off):
+        _require(hf.get("sliding_window") is None, path,
+                 f"sliding_window {hf.get('sliding_window')} is not supported (attention over "
+                 "the whole sequence only)")
     model = ModelConfig(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],

@@ -109,7 +109,7 @@ def convert_megatron_to_hf(megatron_dir: str, output_dir: str, iteration: int = 
     dtype = metadata["embedding.word_embeddings.weight"].dtype
     if dtype not in _DTYPE_NAMES:
         raise ConversionError(f"{directory}: weights of dtype {dtype} are not supported")
-    arch = hf_architecture(model)
+    arch = hf_architecture(model, common.get("hf_config"))
     partial = atomic_output_dir(output_dir)
     chunk = _load_full_model(directory, model, padded, dtype)
     files = _write_weights(chunk, model, partial, max_shard_bytes, dtype)

@@ -2,8 +2,9 @@
 
 Models: LlamaForCausalLM in Llama 3.1's form (untied embeddings, GQA 4 heads / 2 groups,
 rope_theta 5e5 with 'llama3' RoPE scaling, factor 8; eps 1e-6), Qwen2ForCausalLM (tied
-embeddings, q/k/v bias, GQA) and Qwen3ForCausalLM (tied, q/k RMSNorm, head_dim 24 != 64 / 4),
-vocabulary 300 (padded to 384), fp32; plus a bf16 Qwen2 for the round trip in the training dtype.
+embeddings, q/k/v bias, GQA), Qwen3ForCausalLM (tied, q/k RMSNorm, head_dim 24 != 64 / 4) and
+MistralForCausalLM (no sliding window), vocabulary 300 (padded to 384), fp32; plus a bf16 Qwen2
+for the round trip in the training dtype.
 Launches: one process converting HF -> Megatron (tools/convert_checkpoint.py's main), one
 torchrun (2 ranks) running the trainer from the converted dirs, one process exporting
 Megatron -> HF. The references are the HF models themselves, run in float64.
@@ -23,8 +24,8 @@ WORKERS = os.path.join(HERE, "workers")
 SEQ, BATCH, VOCAB = 16, 2, 300
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)
-MODELS = ("llama", "qwen2", "qwen3")
-HEAD_DIM = {"llama": 16, "qwen2": 16, "qwen3": 24}
+MODELS = ("llama", "qwen2", "qwen3", "mistral")
+HEAD_DIM = {"llama": 16, "qwen2": 16, "qwen3": 24, "mistral": 16}
 
 
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -32,8 +33,8 @@ LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 
 def _save_hf(directory, arch, dtype=torch.float32, seed=0):
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                              Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed(seed)
     if arch == "llama":
@@ -43,10 +44,14 @@ def _save_hf(directory, arch, dtype=torch.float32, seed=0):
     elif arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**COMMON, rope_theta=1000000.0, rms_norm_eps=1e-5,
                                              tie_word_embeddings=True))
-    else:
+    elif arch == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=HEAD_DIM["qwen3"],
                                              rope_theta=1000000.0, rms_norm_eps=1e-6,
                                              tie_word_embeddings=True))
+    else:  # Mistral 7B v0.3's form: no sliding window
+        model = MistralForCausalLM(MistralConfig(**COMMON, head_dim=HEAD_DIM["mistral"],
+                                                 sliding_window=None, rope_theta=1000000.0,
+                                                 rms_norm_eps=1e-5, tie_word_embeddings=False))
     with torch.no_grad():  # HF inits norms to 1 and biases to 0: make every tensor distinctive
         for name, param in model.named_parameters():
             if param.dim() == 1:
@@ -93,6 +98,7 @@ def run(torchrun, tmp_path_factory):
         to_megatron + ["--hf-dir", path("hf-qwen3"), "--output-dir", path("qwen3")],
         ["hf-to-megatron", "--hf-dir", path("hf-qwen2-bf16"), "--output-dir",
          path("qwen2-bf16")],
+        to_megatron + ["--hf-dir", path("hf-mistral"), "--output-dir", path("mistral")],
     ])
     os.makedirs(path("out"))
     results = torchrun(os.path.join(WORKERS, "trainer_from_converted.py"), 2, path("out"), work)
@@ -174,6 +180,7 @@ def test_exported_config_matches_the_source(run):
                     "tie_word_embeddings", "max_position_embeddings", "rope_parameters",
                     "model_type"):
             assert back[key] == source[key], (name, key)
+        assert back.get("sliding_window") == source.get("sliding_window"), name
         # Qwen2's config has no head_dim (hidden / heads); ours always states it.
         assert back["head_dim"] == source.get("head_dim", 16) == HEAD_DIM[name], name
 

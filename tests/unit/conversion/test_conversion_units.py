@@ -142,8 +142,8 @@ def _add(name):
 
 
 @pytest.mark.parametrize("config_update, tensors, message", [
-    ({"architectures": ["MistralForCausalLM"]}, None,
-     "architectures ['MistralForCausalLM'] is not supported"),
+    ({"architectures": ["GemmaForCausalLM"]}, None,
+     "architectures ['GemmaForCausalLM'] is not supported"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}}, None,
      "rope type 'yarn' (RoPE scaling) is not supported"),
     ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, None,
@@ -157,6 +157,10 @@ def _add(name):
     ({"head_dim": 8}, None,  # a head size the tensors do not have
      "tensor model.layers.0.self_attn.k_proj.weight has shape [8, 16], config.json implies "
      "[16, 16]"),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}, None,  # v0.1
+     "sliding_window 4096 is not supported"),
+    ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, "sliding_window": 64},
+     None, "sliding_window 64 is not supported"),
     ({"architectures": ["Qwen3ForCausalLM"]}, None,  # Qwen3 without its q/k norms
      "missing tensor model.layers.0.self_attn.k_norm.weight"),
     ({"hidden_act": "gelu"}, None, "hidden_act 'gelu' is not supported"),

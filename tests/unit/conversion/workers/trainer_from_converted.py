@@ -1,9 +1,10 @@
 """torchrun worker (2 ranks): the trainer starting from converted Hugging Face checkpoints.
 
 Usage: torchrun --nproc_per_node 2 trainer_from_converted.py OUT_DIR WORK_DIR
-WORK_DIR holds tokens.pt ([b, s] ids) and the converted dirs llama/, qwen2/ and qwen3/ (each
-with its megatron_deft_args.json). Writes OUT_DIR/<case>.logits.pt (full-vocabulary logits
-[b, s, V] of the unpadded vocabulary, from the last pipeline stage) and OUT_DIR/results.json.
+WORK_DIR holds tokens.pt ([b, s] ids) and the converted dirs llama/, qwen2/, qwen3/ and
+mistral/ (each with its megatron_deft_args.json). Writes OUT_DIR/<case>.logits.pt
+(full-vocabulary logits [b, s, V] of the unpadded vocabulary, from the last pipeline stage) and
+OUT_DIR/results.json.
 
 Cases: each model at TP=1 (DP=2), TP=2 and PP=2, loaded with --load (converted dirs start like
 --finetune) or --pretrained-checkpoint, with their RoPE frequencies; three architecture
@@ -101,7 +102,7 @@ def expect_failure(work_dir, model, tp, pp, extra):
 def main(out_dir, work_dir):
     tokens = torch.load(os.path.join(work_dir, "tokens.pt"))
     results = {}
-    for model in ("llama", "qwen2", "qwen3"):
+    for model in ("llama", "qwen2", "qwen3", "mistral"):
         converted = os.path.join(work_dir, model)
         for name, (tp, pp) in LAYOUTS.items():
             # TP=2 pads 300 to a multiple of 64 x 2 = 384, the converted (TP=1, 128) padding.
