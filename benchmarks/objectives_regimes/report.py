@@ -27,6 +27,10 @@ DYNAMICS_TEXT = (
     "each class over the iterations (colour: share of the log step's tokens per bin, cyan: the "
     "mean), which tells a class whose tokens are all down-weighted a little from one split "
     "into ignored and fully trained tokens.")
+SUMMARY_CLASSES = {"mix": ("clean A", "B", "noisy A"), "clean": ("clean A", "B"),
+                   "forget": ("clean A", "B"), "scratch": ("B",)}
+"""The exact-match columns of each variant in the cross-variant summary: what it tests (a variant
+without noisy samples has no noise to fit; scratch has no prior to keep)."""
 DIAGNOSTICS = (("p_target", "mean p_target"), ("sum_p2", "mean Σp²"), ("alpha", "mean a"),
                ("gate", "mean gate"))
 
@@ -48,6 +52,24 @@ def _accuracy_table(by_objective: dict) -> list:
     for objective, runs in by_objective.items():
         cells = [fmt(*over_seeds(runs, label, "exact_match")) for label in labels]
         cells.append(fmt(*over_seeds(runs, "B", "nll")))
+        lines.append(f"| {objective} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _summary_table(results: dict, variants: list, prior_em: dict) -> list:
+    """One row per objective, the last checkpoint's exact-match (mean ± sd over seeds) of every
+    variant side by side (SUMMARY_CLASSES), and a first row with the prior's own: where each
+    variant starts from."""
+    columns = [(v, label) for v in variants for label in SUMMARY_CLASSES[v]]
+    lines = ["| objective | " + " | ".join(f"{v}: {label}" for v, label in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    start = [f"{prior_em[label]:.3f}" if v != "scratch" and label in prior_em else "-"
+             for v, label in columns]
+    lines.append("| (prior, before SFT) | " + " | ".join(start) + " |")
+    by_variant = {v: _by_objective(results, v) for v in variants}
+    for objective in results["config"]["objectives"]:
+        cells = [fmt(*over_seeds(by_variant[v].get(objective, []), label, "exact_match"))
+                 for v, label in columns]
         lines.append(f"| {objective} | " + " | ".join(cells) + " |")
     return lines
 
@@ -162,10 +184,16 @@ def write_report(results: dict, run_dir: str) -> str:
                                                           MEASURES.items()) + ".", ""]
     prior_lines, prior_em = _prior_section(results)
     lines += ["## Phase 1: the prior", ""] + prior_lines + [""]
-    for variant in config["variants"]:
+    variants = [v for v in config["variants"] if _by_objective(results, v)]
+    if len(variants) > 1:
+        lines += ["## Summary: every variant at the last checkpoint", "",
+                  "Greedy exact-match, mean ± sd over seeds (the sections below have the "
+                  "trajectories and diagnostics). **clean A** is retention (and, in `mix`, "
+                  "robustness to the corrupted A samples), **B** new learning, **noisy A** the "
+                  "fit to the corrupted labels.", ""]
+        lines += _summary_table(results, variants, prior_em) + [""]
+    for variant in variants:
         by_objective = _by_objective(results, variant)
-        if not by_objective:
-            continue
         lines += [f"## Variant `{variant}`: {VARIANT_TEXT[variant]}", ""]
         lines += _accuracy_table(by_objective) + [""]
         lines += [_nll_horizon(by_objective, config["phase2_iters"]), ""]

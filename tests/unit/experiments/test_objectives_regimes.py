@@ -56,6 +56,35 @@ def test_trajectory_table_thins_long_runs_to_every_kth_checkpoint_ending_at_the_
     assert _trajectory_table({"nll": short}, "B")[0].count("step") == 4
 
 
+def test_summary_puts_each_variants_last_exact_match_side_by_side_under_the_prior():
+    from benchmarks.objectives_regimes.report import _summary_table
+
+    def summaries(offset, seed):  # checkpoints 10 and 20; only the last counts
+        return [{"data": f"/d/{stem}.jsonl", "iteration": it,
+                 "exact_match": 0.0 if it == 10 else offset + i / 10 + seed / 100}
+                for i, stem in enumerate(("a_heldout", "b_heldout", "a_noisy"))
+                for it in (10, 20)]
+
+    offsets = {("mix", "nll"): 0.5, ("mix", "deft"): 0.3, ("scratch", "nll"): 0.1,
+               ("scratch", "deft"): 0.2}
+    results = {"config": {"objectives": ["nll", "deft"]}, "runs": {
+        f"{variant}/{objective}/{seed}": summaries(offset, seed)
+        for (variant, objective), offset in offsets.items() for seed in (1, 3)}}
+    header, _, prior, nll, deft = _summary_table(
+        results, ["mix", "scratch"], {"clean A": 0.96, "B": 0.0, "noisy A": 0.01})
+
+    def cells(line):
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    assert cells(header) == ["objective", "mix: clean A", "mix: B", "mix: noisy A", "scratch: B"]
+    assert cells(prior)[1:] == ["0.960", "0.000", "0.010", "-"]  # scratch starts from no prior
+    # seeds 1 and 3: mean offset + class + 0.02, sample sd 0.01414
+    assert cells(nll) == ["nll", "0.520 ± 0.014", "0.620 ± 0.014", "0.720 ± 0.014",
+                          "0.220 ± 0.014"]
+    assert cells(deft) == ["deft", "0.320 ± 0.014", "0.420 ± 0.014", "0.520 ± 0.014",
+                           "0.320 ± 0.014"]
+
+
 def test_data_held_out_prompts_never_in_training_and_corruption_is_wrong(tmp_path):
     config = dataclasses.replace(preset("smoke"), noise_rate=0.5, eval_samples=50,
                                  phase2_a_samples=400)
