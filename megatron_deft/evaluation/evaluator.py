@@ -67,10 +67,19 @@ def run_config(saved: dict, evaluation: EvalConfig, root: str) -> Config:
     return config
 
 
-def _padded_vocab(saved: dict, vocab_size: int, tp: int) -> int:
-    """The checkpoint's padded vocabulary (padding depends on the TP it was trained with)."""
-    padded = padded_vocab_size(vocab_size, saved["model"]["make_vocab_size_divisible_by"],
-                               saved["parallel"]["tensor_model_parallel_size"])
+def _padded_vocab(common: dict, vocab_size: int, tp: int, root: str) -> int:
+    """The checkpoint's padded vocabulary: its recorded architecture (trained and converted
+    checkpoints), else the padding of the TP it was trained with (checkpoints from before the
+    architecture was recorded)."""
+    if "architecture" in common:
+        padded = common["architecture"]["padded_vocab_size"]
+    else:
+        saved = common["config"]
+        padded = padded_vocab_size(vocab_size, saved["model"]["make_vocab_size_divisible_by"],
+                                   saved["parallel"]["tensor_model_parallel_size"])
+    if vocab_size > padded:
+        raise ConfigError(f"--load {root}: the tokenizer has {vocab_size} ids but the checkpoint's "
+                          f"output layer only {padded}; use the tokenizer it was trained with")
     if padded % tp:
         raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the checkpoint's "
                           f"padded vocabulary {padded}")
@@ -107,7 +116,7 @@ def evaluate_file(model, tokenizer, path: str, config: EvalConfig, objective,
     for start in range(0, len(mine), config.micro_batch_size):
         batch = mine[start: start + config.micro_batch_size]
         sums += score_batch(model, [item[3] for item in batch], tokenizer.pad_id, objective,
-                            tp_group)
+                            vocab_size, tp_group)
         generated = greedy_generate(model, [item[1] for item in batch], tokenizer.eos_id,
                                     tokenizer.pad_id, config.max_new_tokens, vocab_size, tp_group)
         for (index, _, reference, _), ids in zip(batch, generated):
@@ -138,11 +147,11 @@ def _write_jsonl(path: str, records: List[Dict]) -> None:
 def _prepare(config: EvalConfig, root: str, iterations: List[int], tokenizer) -> dict:
     """What evaluating the checkpoints under ``root`` needs: iterations, run config, vocab."""
     first = checkpointing.checkpoint_dir(root, iterations[0])
-    saved = dist_checkpointing.load_common_state_dict(first)["config"]
-    run = run_config(saved, config, root)
+    common = dist_checkpointing.load_common_state_dict(first)
+    run = run_config(common["config"], config, root)
     vocab_size = run.model.vocab_size or tokenizer.vocab_size
     return dict(root=root, iterations=iterations, run=run, vocab_size=vocab_size,
-                padded=_padded_vocab(saved, vocab_size, config.tensor_model_parallel_size),
+                padded=_padded_vocab(common, vocab_size, config.tensor_model_parallel_size, root),
                 objective=parse_objective(config.sft_objective or run.training.sft_objective))
 
 

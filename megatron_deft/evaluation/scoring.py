@@ -30,11 +30,12 @@ def empty_sums(device) -> torch.Tensor:
 
 @torch.no_grad()
 def score_batch(model, samples: Sequence[Tuple[List[int], List[bool]]], pad_id: int, objective,
-                group=None) -> torch.Tensor:
+                vocab_size: int, group=None) -> torch.Tensor:
     """Sums (see :func:`empty_sums`) over the response targets of ``samples``.
 
     Args:
         samples: (ids, loss_flags) per conversation, right-padded here into [b, s].
+        vocab_size: the tokenizer's vocabulary (the padding ids above it are not in the softmax).
     """
     device = next(model.parameters()).device
     width = max(len(ids) for ids, _ in samples)
@@ -46,7 +47,8 @@ def score_batch(model, samples: Sequence[Tuple[List[int], List[bool]]], pad_id: 
     tokens, labels = tokens.to(device), labels.to(device)
     logits = causal_forward(model, tokens)  # [b, s, V/tp]
     # inplace: the logits are not needed afterwards, so no second [b, s, V/tp] buffer.
-    _, stats = vocab_parallel_loss(logits, labels, objective=objective, group=group, inplace=True)
+    _, stats = vocab_parallel_loss(logits, labels, objective=objective, group=group,
+                                   vocab_size=vocab_size, inplace=True)
     valid = stats["valid"]
     p = stats["p_target"]
     per_token = {

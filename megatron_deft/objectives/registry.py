@@ -109,7 +109,8 @@ def _convert(spec: str, name: str, key: str, raw) -> Union[int, float]:
         raise _error(spec, f"{name} parameter {key}={raw!r} is not {kind}") from None
     if isinstance(value, float) and not math.isfinite(value):
         raise _error(spec, f"{name} parameter {key}={raw!r} must be finite")
-    ranges = {"q": (value > 0, "q > 0"), "k": (value >= 1, "k >= 1"), "alpha": (value >= 0, "alpha >= 0")}
+    # eaft's k = 1 would give a top-1 entropy of 0, hence weight 0: nothing would be trained.
+    ranges = {"q": (value > 0, "q > 0"), "k": (value >= 2, "k >= 2"), "alpha": (value >= 0, "alpha >= 0")}
     ok, rule = ranges[key]
     if not ok:
         raise _error(spec, f"{name} needs {rule}, got {key}={raw!r}")
@@ -126,15 +127,22 @@ def _split_spec(spec: str) -> tuple[str, dict]:
         raise _error(spec, f"unknown name {name!r}")
     raw: dict = {}
     positional = list(_PARAMETERS[name])
+    named = False
     for i, item in enumerate(a.strip() for a in arg_text.split(",") if arg_text):
         key, eq, value = item.partition("=")
         if not eq:  # positional value: the i-th parameter
+            if named:
+                raise _error(spec, f"positional value {item!r} after a key=value parameter")
             if i >= len(positional):
                 raise _error(spec, f"{name} takes {len(positional)} parameter(s), got {item!r}")
             key, value = positional[i], item
-        if key.strip() not in _PARAMETERS[name]:
-            raise _error(spec, f"{name} has no parameter {key.strip()!r}")
-        raw[key.strip()] = value.strip()
+        named = named or bool(eq)
+        key = key.strip()
+        if key not in _PARAMETERS[name]:
+            raise _error(spec, f"{name} has no parameter {key!r}")
+        if key in raw:
+            raise _error(spec, f"{name} parameter {key} is given twice")
+        raw[key] = value.strip()
     return name, raw
 
 

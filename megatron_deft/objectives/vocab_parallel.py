@@ -12,6 +12,12 @@ and after one SUM all-reduce of the stacked [t, S1, S2]:
     log p      = t - log S1             (p = softmax(z)_y)
     sum_v p_v^2 = S2 / S1^2             (Renyi-2 entropy H2 = -log sum p^2)
 
+Megatron pads the vocabulary to a multiple of (divisible-by x TP); with `vocab_size` the padding
+ids (>= vocab_size, at the end of the last shards) are not part of the softmax: they are left out
+of m, S1, S2 and the top-k, so their probability and gradient are exactly 0. The distribution is
+then the unpadded model's (a Hugging Face export's) and does not depend on how much padding a
+TP size adds.
+
 The objective (see registry.py) turns (log p, sum p^2, ...) into a per-token loss and a detached gate;
 the gradient is gate * (softmax(z) - onehot(y)), which every rank computes on its own shard from the
 saved exp(z - m) and S1: the backward pass needs no communication.
@@ -115,27 +121,37 @@ def _group_size_rank(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _global_max(shard: torch.Tensor, group, dtype: torch.dtype) -> torch.Tensor:
-    """max over the full vocab of [N, V/tp] -> [N] in `dtype`: one MAX all-reduce."""
-    # amax, not max: max(dim) also computes the argmax indices, which are never used.
-    row_max = shard.amax(dim=-1).to(dtype)
+def _global_max(shard: torch.Tensor, real: int, group, dtype: torch.dtype) -> torch.Tensor:
+    """max over the real vocab of [N, V/tp] (its first `real` columns) -> [N] in `dtype`: one MAX
+    all-reduce. A shard of padding only contributes -inf."""
+    if real == 0:
+        row_max = torch.full(shard.shape[:-1], float("-inf"), dtype=dtype, device=shard.device)
+    else:  # amax, not max: max(dim) also computes the argmax indices, which are never used.
+        row_max = shard[..., :real].amax(dim=-1).to(dtype)
     if _group_size_rank(group)[0] > 1:
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
     return row_max
 
 
-def _global_topk(shard: torch.Tensor, k: int, group, dtype: torch.dtype) -> torch.Tensor:
-    """The k largest logits over the full vocab, [N, V/tp] -> [N, min(k, V)] in `dtype`, descending.
+def _global_topk(shard: torch.Tensor, real: int, vocab_size: int, k: int, group,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The k largest logits over the real vocab (`vocab_size` ids, this shard's first `real`
+    columns), [N, V/tp] -> [N, min(k, vocab_size)] in `dtype`, descending.
 
-    Each rank contributes its local top-min(k, V/tp); one all-gather of [N, k_local] per rank.
+    Each rank contributes its local top-min(k, V/tp), -inf where its shard has fewer real
+    columns (equal shapes for the gather); one all-gather of [N, k_local] per rank.
     """
     world, _ = _group_size_rank(group)
-    local = shard.topk(min(k, shard.shape[-1]), dim=-1).values.to(dtype)  # [N, k_local]
+    k_local = min(k, shard.shape[-1])
+    local = shard[..., :real].topk(min(k_local, real), dim=-1).values.to(dtype)  # [N, <= k_local]
+    if local.shape[-1] < k_local:
+        fill = local.new_full((*local.shape[:-1], k_local - local.shape[-1]), float("-inf"))
+        local = torch.cat([local, fill], dim=-1)
     if world > 1:
         gathered = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(gathered, local.contiguous(), group=group)
         local = torch.cat(gathered, dim=-1)  # [N, tp * k_local]
-    return local.topk(min(k, local.shape[-1]), dim=-1).values
+    return local.topk(min(k, vocab_size), dim=-1).values
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,9 +170,11 @@ class _VocabParallelObjective(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, valid, objective, group, mean_group, inplace, reusable_backward):
+    def forward(ctx, logits, target, valid, objective, vocab_size, group, mean_group, inplace,
+                reusable_backward):
         world, rank = _group_size_rank(group)
         vocab_local = logits.shape[-1]
+        real = min(max(vocab_size - rank * vocab_local, 0), vocab_local)  # non-padding columns
         compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
 
         # Which rank owns each target, and its column on that rank.
@@ -166,10 +184,11 @@ class _VocabParallelObjective(torch.autograd.Function):
 
         top_logits = None
         if objective.topk:
-            top_logits = _global_topk(logits, objective.topk, group, compute_dtype)  # [N, k]
+            top_logits = _global_topk(logits, real, vocab_size, objective.topk, group,
+                                      compute_dtype)  # [N, k]
             row_max = top_logits[:, 0]
         else:
-            row_max = _global_max(logits, group, compute_dtype)  # [N]
+            row_max = _global_max(logits, real, group, compute_dtype)  # [N]
 
         if logits.dtype != compute_dtype:
             # bf16/fp16: the fp32 copy is the only new shard-sized buffer. (A promoting torch.sub would
@@ -184,6 +203,8 @@ class _VocabParallelObjective(torch.autograd.Function):
         target_shifted = work.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
         target_shifted = torch.where(owns_target, target_shifted, torch.zeros_like(target_shifted))
         work.exp_()  # in place: exp(z - m), kept for backward
+        if real < vocab_local:
+            work[:, real:] = 0  # padding ids: probability 0, so gradient 0
         sum_exp = work.sum(dim=-1)
         # ||e||^2 via a reduction kernel: no e*e temporary of the shard's size.
         sum_exp_sq = torch.linalg.vector_norm(work, dim=-1).square()
@@ -227,7 +248,7 @@ class _VocabParallelObjective(torch.autograd.Function):
             grad = exp_shifted.mul_(scale)  # in place: softmax * gate * g, the buffer is not needed again
         onehot_term = torch.where(owns_target, gate * grad_loss, torch.zeros_like(gate))
         grad.scatter_add_(-1, local_target.unsqueeze(-1), -onehot_term.unsqueeze(-1))
-        return grad.to(ctx.input_dtype), None, None, None, None, None, None, None
+        return grad.to(ctx.input_dtype), None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -235,9 +256,16 @@ class _VocabParallelObjective(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _check_inputs(logits, target, loss_mask, vocab_size) -> None:
+def _check_inputs(logits, target, loss_mask, world: int, vocab_size: Optional[int]) -> int:
+    """Validates the arguments; returns the real vocabulary size (default: all V/tp * tp ids)."""
     if not torch.is_tensor(logits) or not logits.is_floating_point() or logits.dim() < 1:
         raise TypeError(f"vocab_parallel_loss: logits must be a floating tensor [..., V/tp], got {logits!r:.80}")
+    padded = logits.shape[-1] * world
+    if vocab_size is None:
+        vocab_size = padded
+    if not 1 <= vocab_size <= padded:
+        raise ValueError(f"vocab_parallel_loss: vocab_size {vocab_size} must be in [1, {padded}] (the "
+                         f"padded vocab V/tp * tp = {logits.shape[-1]} * {world})")
     if not torch.is_tensor(target) or target.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"vocab_parallel_loss: target must be an int64/int32 tensor, got {getattr(target, 'dtype', type(target))}")
     if tuple(target.shape) != tuple(logits.shape[:-1]):
@@ -250,14 +278,19 @@ def _check_inputs(logits, target, loss_mask, vocab_size) -> None:
             f"vocab_parallel_loss: loss_mask shape {tuple(loss_mask.shape)} must equal target shape "
             f"{tuple(target.shape)}"
         )
+    # Masked-out positions are never read, so their ids do not matter.
     bad = (target != IGNORE_INDEX) & ((target < 0) | (target >= vocab_size))
+    if loss_mask is not None:
+        bad &= loss_mask != 0
     if bad.any():  # one host sync; a wrong id would otherwise silently read another token's logit
         position = tuple(int(i) for i in bad.nonzero()[0])
+        padding = f", padded to {padded}" if padded != vocab_size else ""
         raise ValueError(
             f"vocab_parallel_loss: target id {int(target[position])} at index {position} is outside "
-            f"[0, {vocab_size}) (vocab size = V/tp * tp = {logits.shape[-1]} * "
-            f"{vocab_size // logits.shape[-1]}); use {IGNORE_INDEX} for tokens without loss"
+            f"[0, {vocab_size}) (vocab size {vocab_size}{padding}; V/tp = {logits.shape[-1]}, "
+            f"tp = {world}); use {IGNORE_INDEX} for tokens without loss"
         )
+    return vocab_size
 
 
 def vocab_parallel_loss(
@@ -267,6 +300,7 @@ def vocab_parallel_loss(
     loss_mask: Optional[torch.Tensor] = None,
     group: Optional[dist.ProcessGroup] = None,
     *,
+    vocab_size: Optional[int] = None,
     mean_group: Optional[dist.ProcessGroup] = None,
     inplace: bool = False,
     reusable_backward: bool = False,
@@ -282,6 +316,9 @@ def vocab_parallel_loss(
         loss_mask: optional [...] tensor; tokens where it is 0 get loss 0 and gradient 0. It selects
             tokens, it does not weight them.
         group: the tensor-parallel process group (None: the logits hold the whole vocab).
+        vocab_size: the real vocabulary; ids >= vocab_size are Megatron's padding and get
+            probability 0 (left out of the softmax, the top-k and the gradient). None: every
+            column is a real id.
         mean_group: cayley only: also average its mean target probability over this group (e.g. the
             data-parallel group), one extra all-reduce.
         inplace: reuse the caller's logits as the work buffer when they are already fp32 (fp64 for
@@ -297,11 +334,12 @@ def vocab_parallel_loss(
             (the exponent a) for the q-log objectives and `topk_entropy` (normalised) for eaft.
 
     Raises:
-        ValueError: unknown objective, mismatched shapes, or a target id outside [0, V) other than -100.
+        ValueError: unknown objective, mismatched shapes, or a target id outside [0, vocab_size)
+            other than -100 where the loss mask is not 0.
     """
     objective = parse_objective(objective)
     world, _ = _group_size_rank(group)
-    _check_inputs(logits, target, loss_mask, logits.shape[-1] * world)
+    vocab_size = _check_inputs(logits, target, loss_mask, world, vocab_size)
 
     batch_shape = target.shape
     valid = target != IGNORE_INDEX
@@ -312,6 +350,7 @@ def vocab_parallel_loss(
         target.reshape(-1).long(),
         valid.reshape(-1),
         objective,
+        vocab_size,
         group,
         mean_group,
         inplace,

@@ -38,7 +38,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}
 
 
-def loss_func(labels, loss_mask, token_class, objective, num_classes, logits):
+def loss_func(labels, loss_mask, token_class, objective, num_classes, vocab_size, logits):
     """Per-micro-batch loss on the last stage: (sum loss, #tokens, {"report": sums}).
 
     The report is float64 [len(REPORT_KEYS) + prod(histogram_shape)]: the token sums of
@@ -49,13 +49,15 @@ def loss_func(labels, loss_mask, token_class, objective, num_classes, logits):
         loss_mask: [b, s] 1.0 where the token carries loss.
         token_class: [b, s] class id per token (-1: unlabeled).
         num_classes: classes of the training data (0: histogram of all tokens only).
+        vocab_size: the tokenizer's vocabulary; the padding ids above it are not in the softmax.
         logits: [b, s, V/tp] this rank's vocab shard (never gathered).
     """
     tp_group = parallel_state.get_tensor_model_parallel_group()
     # inplace: the logits are not used after the loss, so their buffer holds exp(z - max) and then
     # the gradient (megatron's own cross entropy does the same); saves one [b, s, V/tp] fp32 buffer.
     loss, stats = vocab_parallel_loss(
-        logits, labels, objective=objective, loss_mask=loss_mask, group=tp_group, inplace=True
+        logits, labels, objective=objective, loss_mask=loss_mask, group=tp_group,
+        vocab_size=vocab_size, inplace=True,
     )
     valid = stats["valid"]
     # Confident conflict: the model puts < 10% on the target while being peaked (sum p^2 > 0.5,
@@ -78,7 +80,7 @@ def loss_func(labels, loss_mask, token_class, objective, num_classes, logits):
     return loss_sum, num_tokens, {"report": torch.cat([report, histograms.reshape(-1)])}
 
 
-def forward_step(objective, num_classes, data_iterator, model):
+def forward_step(objective, num_classes, vocab_size, data_iterator, model):
     """megatron-core forward_step_func: run one micro-batch through this model chunk."""
     device = next(model.parameters()).device
     batch = _to_device(next(data_iterator), device)
@@ -88,7 +90,7 @@ def forward_step(objective, num_classes, data_iterator, model):
         attention_mask=batch["attention_mask"],
     )  # last stage: logits [b, s, V/tp]; other stages: hidden states [s, b, h]
     return output, partial(loss_func, batch["labels"], batch["loss_mask"], batch["token_class"],
-                           objective, num_classes)
+                           objective, num_classes, vocab_size)
 
 
 def _report_length(objective, num_classes: int) -> int:
@@ -121,15 +123,16 @@ def metrics_from_sums(sums: torch.Tensor, objective, num_classes: int) -> dict:
     return metrics
 
 
-def run_microbatches(model, microbatches: list, config, objective, forward_only: bool,
-                     num_classes: int = 0) -> dict:
+def run_microbatches(model, microbatches: list, config, objective, vocab_size: int,
+                     forward_only: bool, num_classes: int = 0) -> dict:
     """Forward (and backward) every micro-batch of this rank's share of one global batch;
-    ``num_classes``: token classes of the data (``token_class`` ids of the micro-batches)."""
+    ``vocab_size``: the tokenizer's (unpadded) vocabulary; ``num_classes``: token classes of the
+    data (``token_class`` ids of the micro-batches)."""
     forward_backward = get_forward_backward_func()
     # Each model chunk (virtual stage) walks the same micro-batches.
     iterators = [iter(microbatches) for _ in model]
     outputs = forward_backward(
-        forward_step_func=partial(forward_step, objective, num_classes),
+        forward_step_func=partial(forward_step, objective, num_classes, vocab_size),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(microbatches),
@@ -160,14 +163,14 @@ def _guarded_update(optimizer, loss_is_finite: bool):
     return optimizer.step_with_ready_grads(), grad_norm
 
 
-def train_step(model, optimizer, scheduler, microbatches, config, objective,
+def train_step(model, optimizer, scheduler, microbatches, config, objective, vocab_size: int,
                num_classes: int = 0) -> dict:
     """Zero grads, forward+backward all micro-batches, then a guarded optimizer step."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    metrics = run_microbatches(model, microbatches, config, objective, forward_only=False,
-                               num_classes=num_classes)
+    metrics = run_microbatches(model, microbatches, config, objective, vocab_size,
+                               forward_only=False, num_classes=num_classes)
     updated, grad_norm = _guarded_update(optimizer, math.isfinite(metrics["loss"]))
     if updated:
         scheduler.step(increment=1)
@@ -176,6 +179,6 @@ def train_step(model, optimizer, scheduler, microbatches, config, objective,
 
 
 @torch.no_grad()
-def eval_step(model, microbatches, config, objective) -> dict:
+def eval_step(model, microbatches, config, objective, vocab_size: int) -> dict:
     """Forward-only pass over one global batch; returns the token-mean metrics."""
-    return run_microbatches(model, microbatches, config, objective, forward_only=True)
+    return run_microbatches(model, microbatches, config, objective, vocab_size, forward_only=True)

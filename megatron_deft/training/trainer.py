@@ -28,11 +28,11 @@ class Trainer:
         setup.initialize_distributed(config)
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
-        self.train_loader, self.valid_loader, vocab = build_train_valid_loaders(
+        self.train_loader, self.valid_loader, self.vocab_size = build_train_valid_loaders(
             config, dp_rank, dp_size
         )
         self.padded_vocab = padded_vocab_size(
-            vocab, config.model.make_vocab_size_divisible_by,
+            self.vocab_size, config.model.make_vocab_size_divisible_by,
             config.parallel.tensor_model_parallel_size,
         )
         self.model = setup.build_model(config, self.padded_vocab)
@@ -81,7 +81,7 @@ class Trainer:
         batch = self.train_loader.next_global_batch()
         metrics = step.train_step(
             self.model, self.optimizer, self.scheduler, batch.microbatches, self.config,
-            self.objective, num_classes=len(self.class_names),
+            self.objective, self.vocab_size, num_classes=len(self.class_names),
         )
         self.iteration += 1
         self.history.append(dict(metrics, iteration=self.iteration))
@@ -114,7 +114,8 @@ class Trainer:
         for index, batch in enumerate(self.valid_loader.eval_batches()):
             if index >= self.config.training.eval_iters:
                 break
-            metrics = step.eval_step(self.model, batch.microbatches, self.config, self.objective)
+            metrics = step.eval_step(self.model, batch.microbatches, self.config, self.objective,
+                                     self.vocab_size)
             for key in sums:
                 sums[key] += metrics[key] * metrics["tokens"]
             tokens += metrics["tokens"]

@@ -6,7 +6,8 @@ untied output layer has W[next(t), t] = 1. After the final RMSNorm (weight 1) th
 token t are s = (1/h + eps)^(-1/2) for next(t) and 0 for all other V_p (padded) ids, so:
 
 - greedy decoding from any prompt ending in L produces X, Y, then EOS;
-- the NLL of a target y after token t is log(e^s + V_p - 1) - s [y == next(t)].
+- the NLL of a target y after token t is log(e^s + V - 1) - s [y == next(t)]: the V_p - V
+  padding ids are not in the softmax (the tokenizer has V ids).
 
 Exact-match and NLL are computed here by hand from the fixture and compared with the command's
 summaries at TP=1 (DP=2: samples split over ranks) and TP=2 (vocab-parallel argmax).
@@ -69,9 +70,10 @@ def _hand_nll(forced) -> float:
     """Mean NLL over response targets, from the closed form in the module docstring."""
     last, x, y = forced["ids"]
     successor = {last: x, x: y}
-    eos, padded = forced["tokenizer"].eos_id, forced["padded"]
+    eos, vocab = forced["tokenizer"].eos_id, forced["tokenizer"].vocab_size
+    assert forced["padded"] > vocab  # padding ids exist (logit 0, like every wrong id)
     s = (1.0 / HIDDEN + EPS) ** -0.5
-    log_z = math.log(math.exp(s) + padded - 1)
+    log_z = math.log(math.exp(s) + vocab - 1)
     total, count = 0.0, 0
     for record in forced["records"]:
         messages = [("user", record["prompt"]), ("assistant", record["response"])]

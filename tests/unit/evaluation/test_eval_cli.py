@@ -60,3 +60,26 @@ def test_evaluation_relays_out_a_sequence_parallel_pipeline_run():
     assert config.parallel.tensor_model_parallel_size == 2
     assert config.parallel.pipeline_model_parallel_size == 1
     assert config.model.qk_layernorm and config.checkpoint.load == "/ckpt"
+
+
+def test_padded_vocab_of_trained_converted_and_older_checkpoints():
+    """A converted HF checkpoint records only the model config and its architecture (no parallel
+    section): the architecture's padded vocab is used. Older trained checkpoints without an
+    architecture are padded for the TP they were trained with."""
+    import dataclasses
+
+    from megatron_deft.config import Config, ConfigError
+    from megatron_deft.evaluation.evaluator import _padded_vocab
+
+    model = dataclasses.asdict(Config().model)
+    converted = {"config": {"model": model}, "architecture": {"padded_vocab_size": 32256}}
+    assert _padded_vocab(converted, 32000, 4, "/hf") == 32256
+    with pytest.raises(ConfigError, match="tensor-model-parallel-size 5 does not divide"):
+        _padded_vocab(converted, 32000, 5, "/hf")
+    with pytest.raises(ConfigError, match="tokenizer has 40000 ids but the checkpoint's output "
+                                          "layer only 32256"):
+        _padded_vocab(converted, 40000, 1, "/hf")
+    old = Config()
+    old.model.make_vocab_size_divisible_by = 128
+    old.parallel.tensor_model_parallel_size = 4  # pads 32000 to a multiple of 512
+    assert _padded_vocab({"config": dataclasses.asdict(old)}, 32000, 2, "/old") == 32256

@@ -46,7 +46,9 @@ def test_reference_code_names_compute_the_same_losses():
     [
         ("tsallis:-1", "q > 0"), ("tsallis:0", "q > 0"), ("tsallis", "needs parameter q"),
         ("GeneralFamily-x", "not a number"), ("tsallis:inf", "finite"),
-        ("eaft:k=0", "k >= 1"), ("eaft:k=2.5", "not an integer"), ("eaft:alpha=-1", "alpha >= 0"),
+        ("eaft:k=0", "k >= 2"), ("eaft:k=1", "k >= 2"), ("eaft:k=2.5", "not an integer"),
+        ("eaft:alpha=-1", "alpha >= 0"), ("eaft:alpha=2,5", "positional value '5' after"),
+        ("eaft:k=5,k=7", "parameter k is given twice"), ("eaft:5,k=7", "parameter k is given twice"),
         ("eaft:z=1", "no parameter 'z'"), ("deft:1", "takes 0 parameter"), ("eaft:1,2,3", "takes 2"),
         ("focal", "unknown name 'focal'"), ("", "non-empty"),
     ],

@@ -86,19 +86,33 @@ def loss_and_grad(logits, target, objective, mask, weights, **kw):
     return loss, stats, x, weights
 
 
+def padded_case(world, vocab_local):
+    """Megatron's vocab padding: the real ids end 3 columns into the second-to-last shard, so the
+    last rank holds padding only. The padding logits (+30) beat every real one (scale 4)."""
+    vocab = (world - 2) * vocab_local + 3 if world > 2 else 9
+    logits, target, mask = make_cases(world, vocab_local)["random"]
+    logits = logits.clone()
+    logits[..., vocab:] = 30.0
+    return (logits, target.clamp(max=vocab - 1), mask), vocab
+
+
 def check_tensor_parallel(rank, world, counter, checks, vocab_local=12):
     """Every case x objective: shard loss/grad/stats vs TP=1 on the full logits, and collectives."""
     group = dist.group.WORLD
     lo, hi = rank * vocab_local, (rank + 1) * vocab_local
-    for case, (logits, target, mask) in make_cases(world, vocab_local).items():
+    cases = {name: (case, None) for name, case in make_cases(world, vocab_local).items()}
+    cases["padded_vocab"] = padded_case(world, vocab_local)
+    for case, ((logits, target, mask), vocab_size) in cases.items():
         weights = torch.linspace(0.5, 1.5, target.numel()).reshape(target.shape)
         for objective in OBJECTIVES:
             key = f"{case}/{objective}"
-            ref_loss, ref_stats, ref_x, _ = loss_and_grad(logits, target, objective, mask, weights)
+            ref_loss, ref_stats, ref_x, _ = loss_and_grad(logits, target, objective, mask, weights,
+                                                          vocab_size=vocab_size)
             (ref_loss * weights).sum().backward()
             x = logits[..., lo:hi].clone().requires_grad_(True)
             with counter.count() as forward:
-                loss, stats = vocab_parallel_loss(x, target, objective, loss_mask=mask, group=group)
+                loss, stats = vocab_parallel_loss(x, target, objective, loss_mask=mask, group=group,
+                                                  vocab_size=vocab_size)
             forward = dict(forward)
             with counter.count() as backward:
                 (loss * weights).sum().backward()
@@ -151,6 +165,24 @@ def check_megatron_drop_in(rank, world, checks):
         installed = tensor_parallel.vocab_parallel_cross_entropy(shard.clone(), target)
     compare("megatron/installed_deft", installed, deft_loss, checks)
     checks["megatron/restored"] = {"ok": tensor_parallel.vocab_parallel_cross_entropy.__module__.startswith("megatron")}
+    # GPTModel's loss path with cross_entropy_loss_fusion (native and TE kernels) and a padded vocab.
+    from types import SimpleNamespace
+
+    from megatron.core.models.common.language_module import language_module
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    real_target = target.clamp(max=19)  # ids 20..23 are padding here
+    expected, _ = vocab_parallel_loss(shard, real_target, "deft", group=group, vocab_size=20)
+    for impl in ("native", "te"):
+        model = SimpleNamespace(config=SimpleNamespace(cross_entropy_loss_fusion=True,
+                                                       cross_entropy_fusion_impl=impl),
+                                pg_collection=SimpleNamespace(tp=group))
+        with use_objective_in_megatron("deft", vocab_size=20):
+            fused = language_module.LanguageModule.compute_language_model_loss(
+                model, real_target.t(), shard.clone())  # labels [b, s] -> loss [b, s]
+        compare(f"megatron/fused_{impl}_deft", fused.t(), expected, checks)
+    checks["megatron/fused_restored"] = {"ok": language_module.fused_vocab_parallel_cross_entropy.__module__
+                                         .startswith("megatron")}
     parallel_state.destroy_model_parallel()
 
 
@@ -184,7 +216,7 @@ def test_values_match_tensor_parallel_1(rank_checks):
                 if "max_abs_err" in c and not c["ok"]]
     assert not failures, "\n".join(failures)
     compared = [name for name, c in per_rank[0].items() if "max_abs_err" in c]
-    assert len(compared) >= 5 * len(OBJECTIVES) * 4  # every case x objective reached its comparisons
+    assert len(compared) >= 6 * len(OBJECTIVES) * 4  # every case x objective reached its comparisons
 
 
 def test_collective_counts(rank_checks):
@@ -208,5 +240,6 @@ def test_megatron_drop_in(rank_checks):
     if world != 2:
         pytest.skip("the megatron-core drop-in is checked in the 2-rank launch")
     for checks in per_rank:
-        for name in ["megatron/nll_matches_vocab_parallel_cross_entropy", "megatron/installed_deft", "megatron/restored"]:
+        for name in ["megatron/nll_matches_vocab_parallel_cross_entropy", "megatron/installed_deft", "megatron/restored",
+                     "megatron/fused_native_deft", "megatron/fused_te_deft", "megatron/fused_restored"]:
             assert checks[name]["ok"], (name, checks[name])

@@ -119,6 +119,40 @@ def test_extreme_logits_stay_finite(objective):
     assert torch.isfinite(loss).all() and torch.all(grad == 0) and torch.all(stats["p_target"] == 1)
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("padding_logit", [0.0, 60.0])
+def test_padding_ids_are_outside_the_softmax(objective, padding_logit):
+    """Megatron's padded vocab columns (ids >= vocab_size) with vocab_size given: the loss, stats and
+    real-id gradient are the float64 reference on the unpadded logits, whatever the padding holds
+    (0 as after HF conversion, or larger than every real logit: it would win the max and the top-k),
+    and the padding gets gradient 0."""
+    logits, target, loss_mask = make_batch(vocab=37)
+    padded = torch.cat([logits, torch.full((*logits.shape[:-1], 11), padding_logit,
+                                           dtype=logits.dtype)], dim=-1)  # [s, b, 48]
+    padded[..., 37:] += torch.randn(*logits.shape[:-1], 11, dtype=logits.dtype)
+    loss, stats, grad = run(padded.float(), target, objective, loss_mask, vocab_size=37)
+    ref_loss, ref_stats, ref_grad = run_reference(logits.float(), target, objective, loss_mask)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(grad[..., :37].double(), ref_grad, rtol=1e-5, atol=1e-7)
+    assert torch.all(grad[..., 37:] == 0)
+    for key, value in ref_stats.items():
+        torch.testing.assert_close(stats[key].double(), value, rtol=2e-6, atol=2e-6, msg=key)
+    if padding_logit > 0:  # the same logits without vocab_size: padding dominates the softmax
+        unmasked, _, _ = run(padded.float(), target, objective, loss_mask)
+        assert not torch.allclose(unmasked.double(), ref_loss, rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match=r"target id 40 .* outside \[0, 37\) \(vocab size 37, padded to 48"):
+        vocab_parallel_loss(padded.float(), torch.full_like(target, 40), objective, vocab_size=37)
+    with pytest.raises(ValueError, match=r"vocab_size 49 must be in \[1, 48\]"):
+        vocab_parallel_loss(padded.float(), target, objective, vocab_size=49)
+
+
+def test_ids_under_a_zero_loss_mask_are_not_checked():
+    logits, target, loss_mask = make_batch()
+    target[-1, 0] = -1  # loss_mask[-1, 0] == 0: e.g. a pad label; never read
+    loss, _ = vocab_parallel_loss(logits.float(), target, "nll", loss_mask)
+    assert loss[-1, 0] == 0 and torch.isfinite(loss).all()
+
+
 def test_cayley_mean_uses_only_valid_tokens():
     logits, target, loss_mask = make_batch(seed=4)
     loss_a, _ = vocab_parallel_loss(logits.float(), target, "cayley", loss_mask)
@@ -184,5 +218,5 @@ def test_bad_arguments_raise_clear_errors():
         vocab_parallel_loss(logits, target.float(), "nll")
     with pytest.raises(ValueError, match="valid objectives: nll, p, dft"):
         vocab_parallel_loss(logits, target, "tsallis:-1")
-    with pytest.raises(ValueError, match="k >= 1"):
+    with pytest.raises(ValueError, match="k >= 2"):
         vocab_parallel_loss(logits, target, "eaft:k=0")

@@ -23,7 +23,7 @@ def _main_grads(model) -> dict:
 
 def per_token_normalisation(result: dict) -> None:
     """Megatron schedule over 4 uneven micro-batches vs one autograd pass over the whole batch
-    with loss = sum(token CE) / global token count (F.cross_entropy on full logits)."""
+    with loss = sum(token CE) / global token count (F.cross_entropy on the real vocab's logits)."""
     trainer = Trainer(config_for(1, 1, ["--micro-batch-size", 1, "--global-batch-size", 4,
                                         "--sft-objective", "nll"]))
     model = trainer.model
@@ -33,7 +33,7 @@ def per_token_normalisation(result: dict) -> None:
     for chunk in model:
         chunk.zero_grad_buffer()
     metrics = step.run_microbatches(model, microbatches, trainer.config, trainer.objective,
-                                    forward_only=False)
+                                    trainer.vocab_size, forward_only=False)
     schedule_grads = _main_grads(model)
 
     for chunk in model:
@@ -41,6 +41,9 @@ def per_token_normalisation(result: dict) -> None:
     whole = {key: torch.cat([mb[key] for mb in microbatches]) for key in
              ("tokens", "position_ids", "attention_mask", "labels")}
     logits = model[0].module(whole["tokens"], whole["position_ids"], whole["attention_mask"])
+    # The padding ids of the output layer (vocab 500 padded to 512) are outside the softmax.
+    assert logits.shape[-1] > trainer.vocab_size == 500
+    logits = logits[..., : trainer.vocab_size]
     token_losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(),
                                    whole["labels"].reshape(-1), ignore_index=-100,
                                    reduction="none")
