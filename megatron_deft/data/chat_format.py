@@ -49,6 +49,25 @@ def tokenize_conversation(messages: Messages, tokenizer: Tokenizer) -> Tuple[Lis
     return _builtin_pieces(messages, tokenizer)
 
 
+def last_reply_span(flags: Sequence[bool]) -> Tuple[int, int]:
+    """[start, end) of the last run of loss tokens: the final assistant turn's trained span.
+
+    ``ids[:start]`` is then exactly the prefix that reply was trained after, and
+    ``ids[start:end]`` what the model was trained to produce from it: the reply, anything the
+    template writes in front of it inside the turn (e.g. Qwen3's empty think block), and the
+    token closing the turn (EOS or the template's end-of-turn token) last.
+    """
+    end = len(flags)
+    while end and not flags[end - 1]:
+        end -= 1
+    start = end
+    while start and flags[start - 1]:
+        start -= 1
+    if start == end:
+        raise ChatTemplateError("the conversation has no assistant reply carrying loss")
+    return start, end
+
+
 def encode_prompt(messages: Messages, tokenizer: Tokenizer) -> List[int]:
     """Token ids that ask the model for the next assistant turn (for generation/evaluation)."""
     if tokenizer.chat_template:

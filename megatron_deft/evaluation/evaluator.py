@@ -18,7 +18,10 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_deft.config import Config, ConfigError
-from megatron_deft.data import build_tokenizer, encode_prompt, read_samples, tokenize_conversation
+from megatron_deft.data import build_tokenizer, read_samples
+from megatron_deft.data.chat_format import (
+    ChatTemplateError, last_reply_span, tokenize_conversation,
+)
 from megatron_deft.evaluation.arguments import EvalConfig
 from megatron_deft.evaluation.generation import greedy_generate
 from megatron_deft.evaluation.scoring import all_reduce_sums, empty_sums, score_batch, summarize
@@ -86,27 +89,42 @@ def _padded_vocab(common: dict, vocab_size: int, tp: int, root: str) -> int:
     return padded
 
 
+def eval_item(index: int, sample, tokenizer) -> tuple:
+    """(index, prompt ids, reference text, expected ids, (ids, loss flags)) of one sample: the
+    prompt is exactly the prefix its reply was trained after and the expected ids what the model
+    was trained to produce from it (chat_format.last_reply_span)."""
+    if sample.messages[-1][0] != "assistant":
+        raise ConfigError(f"{sample.path}:{sample.line}: the last message must be the "
+                          "assistant's reference answer")
+    try:
+        ids, flags = tokenize_conversation(sample.messages, tokenizer)
+        start, end = last_reply_span(flags)
+    except ChatTemplateError as error:
+        raise ConfigError(f"{sample.path}:{sample.line}: {error}") from None
+    return index, ids[:start], sample.messages[-1][1], ids[start:end], (ids, flags)
+
+
 def _split(samples: list, config: EvalConfig, tokenizer) -> list:
-    """(index, prompt ids, reference text, (ids, loss flags)) of this DP rank's samples."""
+    """:func:`eval_item` of this DP rank's samples."""
     if config.num_samples:
         samples = samples[: config.num_samples]
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    out = []
-    for index in range(dp_rank, len(samples), dp_size):
-        messages = samples[index].messages
-        if messages[-1][0] != "assistant":
-            sample = samples[index]
-            raise ConfigError(f"{sample.path}:{sample.line}: the last message must be the "
-                              "assistant's reference answer")
-        out.append((index, encode_prompt(messages[:-1], tokenizer), messages[-1][1],
-                    tokenize_conversation(messages, tokenizer)))
-    return out
+    return [eval_item(index, samples[index], tokenizer)
+            for index in range(dp_rank, len(samples), dp_size)]
+
+
+def is_exact_match(tokenizer, generated: List[int], expected: List[int]) -> bool:
+    """The generation's text equals the expected ids' text (both decoded, stripped): the reply
+    and the token closing the turn, which generation stops at (EOS or the template's
+    end-of-turn token)."""
+    return tokenizer.decode(generated).strip() == tokenizer.decode(expected).strip()
 
 
 def evaluate_file(model, tokenizer, path: str, config: EvalConfig, objective,
                   vocab_size: int) -> tuple:
-    """(summary, predictions) of one JSONL file; predictions only on global rank 0."""
+    """(summary, predictions) of one JSONL file; predictions only on global rank 0. Generation
+    stops at EOS or at the token closing the expected replies; see :func:`is_exact_match`."""
     samples, _ = read_samples([path], config.data_format, config.prompt_key, config.response_key)
     mine = _split(samples, config, tokenizer)
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -115,14 +133,16 @@ def evaluate_file(model, tokenizer, path: str, config: EvalConfig, objective,
     predictions = []
     for start in range(0, len(mine), config.micro_batch_size):
         batch = mine[start: start + config.micro_batch_size]
-        sums += score_batch(model, [item[3] for item in batch], tokenizer.pad_id, objective,
+        sums += score_batch(model, [item[4] for item in batch], tokenizer.pad_id, objective,
                             vocab_size, tp_group)
-        generated = greedy_generate(model, [item[1] for item in batch], tokenizer.eos_id,
+        stop_ids = {tokenizer.eos_id} | {item[3][-1] for item in batch}
+        generated = greedy_generate(model, [item[1] for item in batch], stop_ids,
                                     tokenizer.pad_id, config.max_new_tokens, vocab_size, tp_group)
-        for (index, _, reference, _), ids in zip(batch, generated):
-            text = tokenizer.decode(ids)
-            predictions.append({"index": index, "reference": reference, "generated": text,
-                                "exact": text.strip() == reference.strip()})
+        for (index, _, reference, expected, _), ids in zip(batch, generated):
+            predictions.append({"index": index, "reference": reference,
+                                "generated": tokenizer.decode(ids),
+                                "expected": tokenizer.decode(expected),
+                                "exact": is_exact_match(tokenizer, ids, expected)})
     dp_group = parallel_state.get_data_parallel_group()
     all_reduce_sums(sums, dp_group)
     gathered = [None] * parallel_state.get_data_parallel_world_size()

@@ -8,7 +8,7 @@ causal mask is exact (also for attention kernels that only support causal masks)
 next token is read at its own last position and written just after it.
 """
 
-from typing import List, Optional, Sequence
+from typing import Collection, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -57,14 +57,15 @@ def causal_forward(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_generate(model, prompts: Sequence[Sequence[int]], eos_id: int, pad_id: int,
-                    max_new_tokens: int, vocab_size: int,
+def greedy_generate(model, prompts: Sequence[Sequence[int]], stop_ids: Collection[int],
+                    pad_id: int, max_new_tokens: int, vocab_size: int,
                     group: Optional[dist.ProcessGroup] = None) -> List[List[int]]:
-    """Greedy continuation of each prompt until EOS (not returned) or ``max_new_tokens``.
+    """Greedy continuation of each prompt until a stop id (kept, last) or ``max_new_tokens``.
 
     Args:
         model: the (single-stage) GPT returning [b, s, V/tp] logits for [b, s] ids.
         prompts: b lists of token ids (any lengths >= 1).
+        stop_ids: ids that end a reply (EOS, a chat template's end-of-turn token).
         group: tensor-parallel group; every rank of it must pass the same prompts.
 
     Returns:
@@ -83,10 +84,8 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], eos_id: int, pad_id
         logits = causal_forward(model, tokens[:, : int(lengths.max())])  # [b, s, V/tp]
         next_ids = vocab_parallel_argmax(logits[rows, lengths - 1], vocab_size, group)  # [b]
         for row in torch.nonzero(~done).flatten().tolist():
-            if int(next_ids[row]) == eos_id:
-                done[row] = True
-            else:
-                generated[row].append(int(next_ids[row]))
+            generated[row].append(int(next_ids[row]))
+            done[row] = generated[row][-1] in stop_ids
         if bool(done.all()):
             break
         # Finished rows keep their length: their later tokens are never read.

@@ -60,11 +60,11 @@ class CharTokenizer:
         return "".join(chr(i - 10) for i in ids if i >= 10)
 
 
-def save_hf_tokenizer(directory, chat_template):
+def save_hf_tokenizer(directory, chat_template, eos_token="<|im_end|>", extra_specials=()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>"]
+    specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>", *extra_specials]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -77,7 +77,7 @@ def save_hf_tokenizer(directory, chat_template):
     )
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>"
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token=eos_token
     )
     if chat_template:
         fast.chat_template = chat_template
