@@ -32,17 +32,19 @@ _HF_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
 def _checkpoint_directory(megatron_dir: str, iteration):
-    from megatron_deft.training.checkpointing import checkpoint_dir, read_tracker
+    from megatron_deft.training.checkpointing import (
+        CheckpointError, existing_checkpoint_dir, read_tracker,
+    )
 
     if iteration is None:
         iteration = read_tracker(megatron_dir)
         if iteration is None:
             raise ConversionError(f"{megatron_dir}: no latest_checkpointed_iteration.txt; "
                                   "pass --iteration")
-    directory = checkpoint_dir(megatron_dir, iteration)
-    if not os.path.isdir(directory):
-        raise ConversionError(f"{directory}: not found")
-    return directory
+    try:
+        return existing_checkpoint_dir(megatron_dir, iteration)
+    except CheckpointError as error:
+        raise ConversionError(str(error)) from None
 
 
 def _model_of(common: dict, directory: str, vocab_size):

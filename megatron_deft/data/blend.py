@@ -126,6 +126,14 @@ def blend_rows(rows_per_set: List[List[Row]], weights: np.ndarray, seed: int) ->
             "blend: set %d takes %d of %d rows (weight %.4f, its %d rows each used %.2fx)",
             index, count, int(counts.sum()), weights[index], len(rows), count / len(rows),
         )
+        if count < len(rows):  # the same subset every epoch: the rest is never trained on
+            logger.warning(
+                "blend: set %d contributes %d of its %d rows, the same ones every epoch: %d of "
+                "its rows are never trained on (its share %.4f; a share of %.4f or more uses "
+                "them all)",
+                index, count, len(rows), len(rows) - count, weights[index],
+                len(rows) / int(counts.sum()),
+            )
     sets, positions = interleave(counts)
     return [rows_per_set[s][streams[s][p]] for s, p in zip(sets.tolist(), positions.tolist())]
 

@@ -35,7 +35,9 @@ def megatron_loss_function(
     `inplace=True` it overwrites fp32 logits like megatron's own cross entropy does (saving one
     logits-sized buffer); leave it False when the caller reads the logits afterwards. `vocab_size`:
     the tokenizer's vocabulary, so the padding ids above it are left out of the softmax (None:
-    every column counts, as in megatron's own cross entropy).
+    every column counts, as in megatron's own cross entropy). megatron applies its loss mask
+    after this call, so cayley's mean p here is over every label that is not -100 (the trainer's
+    is over the loss tokens only): give prompt positions label -100 to leave them out.
     """
     objective = parse_objective(objective)
 

@@ -51,6 +51,16 @@ def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def existing_checkpoint_dir(root: str, iteration: int) -> str:
+    """``checkpoint_dir``, or its ``.stale`` copy when a re-save of that iteration stopped
+    between moving the old copy aside and renaming the new one into place (``_publish``)."""
+    final = checkpoint_dir(root, iteration)
+    for directory in (final, final + ".stale"):
+        if os.path.isdir(directory):
+            return directory
+    raise CheckpointError(f"{root}: no checkpoint directory for iteration {iteration} ({final})")
+
+
 def read_tracker(root: str):
     """Iteration named by the tracker, or None when ``root`` holds no complete checkpoint."""
     path = os.path.join(root, TRACKER)
@@ -188,10 +198,11 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, loader, config
 def _publish(partial: str, final: str, root: str, iteration: int) -> None:
     """Rename the finished checkpoint into place, then replace the tracker atomically."""
     if os.path.exists(final):  # re-saving an iteration: move the old copy aside first
-        stale = final + ".stale"
+        stale = final + ".stale"  # read in its place if we stop before the next rename
         shutil.rmtree(stale, ignore_errors=True)
         os.rename(final, stale)
         os.rename(partial, final)
+        _fsync_directory(root)
         shutil.rmtree(stale)
     else:
         os.rename(partial, final)
@@ -201,6 +212,15 @@ def _publish(partial: str, final: str, root: str, iteration: int) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temp, os.path.join(root, TRACKER))
+    _fsync_directory(root)  # the renames themselves survive a power loss
+
+
+def _fsync_directory(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _restore_adam_steps(optimizer, loaded_state) -> None:
@@ -275,7 +295,7 @@ def load_checkpoint(root, model, optimizer, scheduler, loader, config: Config) -
     iteration = read_tracker(root)
     if iteration is None:
         raise CheckpointError(f"--load {root}: no {TRACKER} (no complete checkpoint there)")
-    directory = checkpoint_dir(root, iteration)
+    directory = existing_checkpoint_dir(root, iteration)
     common = dist_checkpointing.load_common_state_dict(directory)
     _check_architecture(common, directory, config, model[0].module.vocab_size)
     # Converted (e.g. Hugging Face) checkpoints hold weights only: start them like --finetune.

@@ -160,3 +160,22 @@ def test_union_and_single_prefix_use_every_sample_once(two_sets, sp_model_path):
         weighted_single.train.stream_rows(0, 120), single.train.stream_rows(0, 120)
     )
     assert single.train.rows == [(k,) for k in range(60)]
+
+
+def test_under_weighted_set_warns_how_many_rows_are_never_used(caplog):
+    """An equal blend of a 6-row and a 2-row set: the 6-row set gets 4 rows per blend epoch,
+    always the same 4 (its 2 others are never trained on): said at WARNING, with the share that
+    would use them all (6 / 8)."""
+    import logging
+
+    from megatron_deft.data.blend import blend_rows
+
+    big = [(k,) for k in range(6)]
+    small = [(6 + k,) for k in range(2)]
+    with caplog.at_level(logging.WARNING, logger="megatron_deft.data.blend"):
+        rows = blend_rows([big, small], np.array([0.5, 0.5]), seed=3)
+    assert sorted(r for r in rows if r[0] < 6) != big and len(rows) == 8
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "set 0 contributes 4 of its 6 rows" in record.getMessage()
+    assert "2 of its rows are never trained on (its share 0.5000; a share of 0.7500" in (
+        record.getMessage())

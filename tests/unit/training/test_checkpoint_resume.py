@@ -112,3 +112,26 @@ def test_full_resume_with_another_schedule_is_refused_unless_overridden(results)
     schedule = result["overridden_schedule"]
     assert result["overridden_iteration"] == 6 and schedule["num_steps"] == 6
     assert schedule["max_lr"] == 1e-3 and schedule["lr_decay_steps"] == 8
+
+
+def test_re_save_interrupted_between_its_renames_reads_the_moved_aside_copy(tmp_path):
+    """_publish moves an existing iter_N aside (.stale) before renaming the new one into place;
+    stopped in between, the tracker's iteration is read from the .stale copy. Pure file system:
+    no checkpoint content is needed."""
+    from megatron_deft.training.checkpointing import (
+        CheckpointError, _publish, checkpoint_dir, existing_checkpoint_dir,
+    )
+
+    root = str(tmp_path)
+    for attempt in ("first", "second"):
+        partial = os.path.join(root, "partial")
+        os.makedirs(partial)
+        open(os.path.join(partial, "marker"), "w").write(attempt)
+        _publish(partial, checkpoint_dir(root, 5), root, 5)
+        final = existing_checkpoint_dir(root, 5)
+        assert final == checkpoint_dir(root, 5) and open(os.path.join(final, "marker")).read() == attempt
+    assert sorted(os.listdir(root)) == ["iter_0000005", "latest_checkpointed_iteration.txt"]
+    os.rename(checkpoint_dir(root, 5), checkpoint_dir(root, 5) + ".stale")  # the window
+    assert existing_checkpoint_dir(root, 5) == checkpoint_dir(root, 5) + ".stale"
+    with pytest.raises(CheckpointError, match="no checkpoint directory for iteration 6"):
+        existing_checkpoint_dir(root, 6)
