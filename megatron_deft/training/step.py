@@ -66,16 +66,17 @@ def loss_func(labels, loss_mask, token_class, objective, num_classes, vocab_size
     num_tokens = valid.sum().to(torch.int)
     loss_sum = loss.sum()
     zeros = torch.zeros_like(loss)
-    report = torch.stack([
-        loss_sum.detach(),
-        num_tokens.to(loss_sum.dtype),
-        stats["nll"].sum(),  # -log p_target for every objective: comparable across objectives
-        stats["gate"].sum(),
-        stats.get("alpha", zeros).sum(),
-        stats["p_target"].sum(),
-        stats["renyi2_entropy"].sum(),
-        conflict.sum().to(loss_sum.dtype),
-    ]).double()
+    # Summed in float64, as the histograms: the logged means agree with theirs to rounding.
+    report = torch.stack([value.detach().double().sum() for value in (
+        loss,
+        valid,
+        stats["nll"],  # -log p_target for every objective: comparable across objectives
+        stats["gate"],
+        stats.get("alpha", zeros),
+        stats["p_target"],
+        stats["renyi2_entropy"],
+        conflict,
+    )])
     histograms = bin_token_stats(stats, token_class, num_classes, objective)
     return loss_sum, num_tokens, {"report": torch.cat([report, histograms.reshape(-1)])}
 
