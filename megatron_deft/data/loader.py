@@ -8,8 +8,9 @@ takes the contiguous slice ``[d*G/DP, (d+1)*G/DP)`` of it and cuts it into micro
 ``rows_consumed`` in :meth:`SFTDataLoader.state_dict` is all a checkpoint needs to resume it.
 """
 
+import hashlib
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Sequence, Union
 
 import numpy as np
 
@@ -60,6 +61,11 @@ class SFTDataLoader:
         # [num_rows] loss-carrying targets per row; rows are never empty.
         self._row_loss_tokens = np.add.reduceat(samples.loss_token_counts[flat_samples], row_starts)
         self._num_tokens = int(samples.lengths.sum())
+        # Which samples form which row, in order: a resumed run must see the same rows (blend
+        # weights, sample order or packing can change them at equal row and token counts).
+        self._rows_digest = hashlib.blake2b(
+            row_starts.astype(np.int64).tobytes() + flat_samples.tobytes(), digest_size=8
+        ).hexdigest()
         self._cached_epoch, self._cached_permutation = -1, None
 
     @property
@@ -103,22 +109,25 @@ class SFTDataLoader:
             rows = [self.rows[r] for r in indices] + [()] * (self.global_batch_size - len(indices))
             yield self._share(indices, rows)
 
-    def state_dict(self) -> Dict[str, int]:
+    def state_dict(self) -> Dict[str, Union[int, str]]:
         return {
             "rows_consumed": self.rows_consumed,
             "seed": self.seed,
             "num_rows": self.num_rows,
             "num_tokens": self._num_tokens,
+            "rows_digest": self._rows_digest,
         }
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
-        """Resumes at ``state["rows_consumed"]``; refuses a different seed or data set."""
+    def load_state_dict(self, state: Dict[str, Union[int, str]]) -> None:
+        """Resumes at ``state["rows_consumed"]``; refuses a different seed or data set (checkpoints
+        from before ``rows_digest`` was recorded are checked on the counts only)."""
         mine = self.state_dict()
-        for key in ("seed", "num_rows", "num_tokens"):
-            if int(state[key]) != mine[key]:
+        for key in ("seed", "num_rows", "num_tokens", "rows_digest"):
+            if key in state and str(state[key]) != str(mine[key]):
                 raise ValueError(
                     f"data loader checkpoint has {key}={state[key]} but this run has {mine[key]}: "
-                    "the data, tokenizer, seq_length, packing or seed changed, so the saved "
+                    "the data (or its blend weights or order), tokenizer, seq_length, packing "
+                    "or seed changed, so the saved "
                     "position does not identify the same rows"
                 )
         self.rows_consumed = int(state["rows_consumed"])

@@ -165,3 +165,18 @@ def test_build_sft_data_end_to_end(tmp_path, sp_model_path):
         assert micro[key].dtype == dtype and tuple(micro[key].shape) == shape, key
     assert torch.equal(micro["loss_mask"], (micro["labels"] != -100).float())
     assert micro["cu_seqlens"][-1] == 2 * 128 and isinstance(micro["max_seqlen"], int)
+
+
+def test_resume_refuses_the_same_counts_made_of_other_rows(tokenized):
+    """Reordered rows (as from other blend weights or another sample order) keep the row and
+    token counts: only the rows' digest tells the saved position no longer names the same rows."""
+    rows = plan_rows(tokenized.lengths, SEQ, pack=False)
+    state = SFTDataLoader(tokenized, rows, SEQ, 0, 4, 2, seed=7).state_dict()
+    reordered = SFTDataLoader(tokenized, rows[::-1], SEQ, 0, 4, 2, seed=7)
+    assert {k: v for k, v in reordered.state_dict().items() if k != "rows_digest"} == {
+        k: v for k, v in state.items() if k != "rows_digest"}
+    with pytest.raises(ValueError, match="rows_digest=.* blend weights or order"):
+        reordered.load_state_dict(state)
+    older = {k: v for k, v in state.items() if k != "rows_digest"}  # checkpoint without it
+    reordered.load_state_dict(older)
+    assert reordered.rows_consumed == 0
