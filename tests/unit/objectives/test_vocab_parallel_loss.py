@@ -220,3 +220,6 @@ def test_bad_arguments_raise_clear_errors():
         vocab_parallel_loss(logits, target, "tsallis:-1")
     with pytest.raises(ValueError, match="k >= 2"):
         vocab_parallel_loss(logits, target, "eaft:k=0")
+    for not_logits in (torch.tensor(1.0), logits.tolist()):  # 0-d, not a tensor
+        with pytest.raises(TypeError, match=r"logits must be a floating tensor \[\.\.\., V/tp\]"):
+            vocab_parallel_loss(not_logits, target, "nll")
