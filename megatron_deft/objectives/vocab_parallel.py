@@ -256,8 +256,9 @@ class _VocabParallelObjective(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _check_inputs(logits, target, loss_mask, world: int, vocab_size: Optional[int]) -> int:
-    """Validates the arguments; returns the real vocabulary size (default: all V/tp * tp ids)."""
+def _check_inputs(logits, target, loss_mask, world: int, vocab_size: Optional[int]):
+    """Validates the arguments; returns (the real vocabulary size, default all V/tp * tp ids;
+    the valid-token mask [...]: not -100 and, with a loss mask, where it is not 0)."""
     if not torch.is_tensor(logits) or not logits.is_floating_point() or logits.dim() < 1:
         raise TypeError(f"vocab_parallel_loss: logits must be a floating tensor [..., V/tp], got {logits!r:.80}")
     padded = logits.shape[-1] * world
@@ -278,10 +279,11 @@ def _check_inputs(logits, target, loss_mask, world: int, vocab_size: Optional[in
             f"vocab_parallel_loss: loss_mask shape {tuple(loss_mask.shape)} must equal target shape "
             f"{tuple(target.shape)}"
         )
-    # Masked-out positions are never read, so their ids do not matter.
-    bad = (target != IGNORE_INDEX) & ((target < 0) | (target >= vocab_size))
+    valid = target != IGNORE_INDEX
     if loss_mask is not None:
-        bad &= loss_mask != 0
+        valid = valid & (loss_mask != 0)
+    # Only valid positions are read, so the ids elsewhere do not matter.
+    bad = valid & ((target < 0) | (target >= vocab_size))
     if bad.any():  # one host sync; a wrong id would otherwise silently read another token's logit
         position = tuple(int(i) for i in bad.nonzero()[0])
         padding = f", padded to {padded}" if padded != vocab_size else ""
@@ -290,7 +292,7 @@ def _check_inputs(logits, target, loss_mask, world: int, vocab_size: Optional[in
             f"[0, {vocab_size}) (vocab size {vocab_size}{padding}; V/tp = {logits.shape[-1]}, "
             f"tp = {world}); use {IGNORE_INDEX} for tokens without loss"
         )
-    return vocab_size
+    return vocab_size, valid
 
 
 def vocab_parallel_loss(
@@ -339,12 +341,9 @@ def vocab_parallel_loss(
     """
     objective = parse_objective(objective)
     world, _ = _group_size_rank(group)
-    vocab_size = _check_inputs(logits, target, loss_mask, world, vocab_size)
+    vocab_size, valid = _check_inputs(logits, target, loss_mask, world, vocab_size)
 
     batch_shape = target.shape
-    valid = target != IGNORE_INDEX
-    if loss_mask is not None:
-        valid = valid & (loss_mask != 0)
     loss, stats = _VocabParallelObjective.apply(
         logits.reshape(-1, logits.shape[-1]),
         target.reshape(-1).long(),
