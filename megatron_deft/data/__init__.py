@@ -20,7 +20,7 @@ Modules, in pipeline order:
 from megatron_deft.data.batch import collate_rows, unpack_batch
 from megatron_deft.data.blend import parse_data_path
 from megatron_deft.data.builder import SFTData, SplitReport, build_sft_data
-from megatron_deft.data.chat_format import encode_prompt, last_reply_span, tokenize_conversation
+from megatron_deft.data.chat_format import last_reply_span, tokenize_conversation
 from megatron_deft.data.config import DataConfig
 from megatron_deft.data.jsonl import DataError, read_samples
 from megatron_deft.data.loader import GlobalBatch, SFTDataLoader
@@ -43,7 +43,6 @@ __all__ = [
     "build_sft_data",
     "build_tokenizer",
     "collate_rows",
-    "encode_prompt",
     "last_reply_span",
     "parse_data_path",
     "preprocess_sft_data",

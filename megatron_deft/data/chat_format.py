@@ -23,8 +23,8 @@ Two mechanisms, picked by the tokenizer:
        ... further turns ...
 
    Each piece is encoded separately, so the loss boundary is exact. ``tools/train_tokenizer.py``
-   makes the three markers single SentencePiece tokens. Generation must use
-   :func:`encode_prompt`, which builds the same pieces up to the assistant header.
+   makes the three markers single SentencePiece tokens. Generation starts from the prefix
+   :func:`last_reply_span` cuts off, which ends with the assistant header.
 """
 
 from typing import List, Sequence, Tuple
@@ -66,15 +66,6 @@ def last_reply_span(flags: Sequence[bool]) -> Tuple[int, int]:
     if start == end:
         raise ChatTemplateError("the conversation has no assistant reply carrying loss")
     return start, end
-
-
-def encode_prompt(messages: Messages, tokenizer: Tokenizer) -> List[int]:
-    """Token ids that ask the model for the next assistant turn (for generation/evaluation)."""
-    if tokenizer.chat_template:
-        text = _render(tokenizer, _as_dicts(messages), add_generation_prompt=True)
-        return tokenizer.encode_with_offsets(text)[0]
-    ids, _ = _builtin_pieces(messages, tokenizer)
-    return ids + tokenizer.encode(ROLE_MARKERS["assistant"] + "\n")
 
 
 def _builtin_pieces(messages: Messages, tokenizer: Tokenizer) -> Tuple[List[int], List[bool]]:

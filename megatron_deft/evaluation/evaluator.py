@@ -11,7 +11,7 @@ samples and their results are reduced / gathered at the end.
 import dataclasses
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, NamedTuple, Tuple
 
 import torch
 import torch.distributed as dist
@@ -89,10 +89,19 @@ def _padded_vocab(common: dict, vocab_size: int, tp: int, root: str) -> int:
     return padded
 
 
-def eval_item(index: int, sample, tokenizer) -> tuple:
-    """(index, prompt ids, reference text, expected ids, (ids, loss flags)) of one sample: the
-    prompt is exactly the prefix its reply was trained after and the expected ids what the model
-    was trained to produce from it (chat_format.last_reply_span)."""
+class EvalItem(NamedTuple):
+    """One sample as evaluated: ``prompt`` is exactly the prefix its reply was trained after and
+    ``expected`` what the model was trained to produce from it (chat_format.last_reply_span)."""
+
+    index: int  # position in the evaluation file
+    prompt: List[int]
+    reference: str  # the reply's text in the file
+    expected: List[int]
+    conversation: Tuple[List[int], List[bool]]  # (ids, loss flags) of the whole sample
+
+
+def eval_item(index: int, sample, tokenizer) -> EvalItem:
+    """The :class:`EvalItem` of one sample."""
     if sample.messages[-1][0] != "assistant":
         raise ConfigError(f"{sample.path}:{sample.line}: the last message must be the "
                           "assistant's reference answer")
@@ -101,7 +110,7 @@ def eval_item(index: int, sample, tokenizer) -> tuple:
         start, end = last_reply_span(flags)
     except ChatTemplateError as error:
         raise ConfigError(f"{sample.path}:{sample.line}: {error}") from None
-    return index, ids[:start], sample.messages[-1][1], ids[start:end], (ids, flags)
+    return EvalItem(index, ids[:start], sample.messages[-1][1], ids[start:end], (ids, flags))
 
 
 def _split(samples: list, config: EvalConfig, tokenizer) -> list:
@@ -133,16 +142,16 @@ def evaluate_file(model, tokenizer, path: str, config: EvalConfig, objective,
     predictions = []
     for start in range(0, len(mine), config.micro_batch_size):
         batch = mine[start: start + config.micro_batch_size]
-        sums += score_batch(model, [item[4] for item in batch], tokenizer.pad_id, objective,
-                            vocab_size, tp_group)
-        stop_ids = {tokenizer.eos_id} | {item[3][-1] for item in batch}
-        generated = greedy_generate(model, [item[1] for item in batch], stop_ids,
+        sums += score_batch(model, [item.conversation for item in batch], tokenizer.pad_id,
+                            objective, vocab_size, tp_group)
+        stop_ids = {tokenizer.eos_id} | {item.expected[-1] for item in batch}
+        generated = greedy_generate(model, [item.prompt for item in batch], stop_ids,
                                     tokenizer.pad_id, config.max_new_tokens, vocab_size, tp_group)
-        for (index, _, reference, expected, _), ids in zip(batch, generated):
-            predictions.append({"index": index, "reference": reference,
+        for item, ids in zip(batch, generated):
+            predictions.append({"index": item.index, "reference": item.reference,
                                 "generated": tokenizer.decode(ids),
-                                "expected": tokenizer.decode(expected),
-                                "exact": is_exact_match(tokenizer, ids, expected)})
+                                "expected": tokenizer.decode(item.expected),
+                                "exact": is_exact_match(tokenizer, ids, item.expected)})
     dp_group = parallel_state.get_data_parallel_group()
     all_reduce_sums(sums, dp_group)
     gathered = [None] * parallel_state.get_data_parallel_world_size()

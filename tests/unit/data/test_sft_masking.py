@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.unit.data.helpers import CHATML_TEMPLATE, CharTokenizer, write_jsonl
-from megatron_deft.data.chat_format import encode_prompt, tokenize_conversation
+from megatron_deft.data.chat_format import ROLE_MARKERS, last_reply_span, tokenize_conversation
 from megatron_deft.data.jsonl import DataError, ReadReport, Sample, read_samples
 from megatron_deft.data.packing import IGNORE_INDEX, build_row
 from megatron_deft.data.sft_dataset import tokenize_samples
@@ -204,12 +204,22 @@ def _with_raise_exception(tok):
     "tokenizer_name", ["sentencepiece", "hf_chat_template", "hf_builtin_template"]
 )
 def test_generation_prompt_is_the_training_prefix(tokenizers, tokenizer_name):
-    """What generation feeds the model must be exactly the masked prefix seen in training."""
+    """The prefix last_reply_span cuts off (what generation starts from) is the earlier turns
+    followed by the assistant header, and the span is the last reply closed by EOS."""
     tokenizer = tokenizers[tokenizer_name]
     messages = tuple((m["role"], m["content"]) for m in MULTI_TURN["messages"])
     ids, flags = tokenize_conversation(messages, tokenizer)
-    prompt = encode_prompt(messages[:-1], tokenizer)
+    start, end = last_reply_span(flags)
+    prompt = ids[:start]
+    if tokenizer.chat_template:  # the template's own generation prompt for the earlier turns
+        earlier = [{"role": role, "content": content} for role, content in messages[:-1]]
+        expected_prompt = tokenizer.encode_with_offsets(tokenizer.render_chat(earlier, True))[0]
+    else:
+        expected_prompt = (tokenize_conversation(messages[:-1], tokenizer)[0]
+                           + tokenizer.encode(ROLE_MARKERS["assistant"] + "\n"))
+    assert prompt == expected_prompt
     reply = tokenizer.encode(messages[-1][1]) + [tokenizer.eos_id]
+    assert end == start + len(reply)
     assert prompt == ids[: len(prompt)]
     assert ids[len(prompt) : len(prompt) + len(reply)] == reply  # the reply follows directly
     assert not flags[len(prompt) - 1] and all(flags[len(prompt) : len(prompt) + len(reply)])

@@ -19,7 +19,7 @@ import os
 
 import pytest
 
-from megatron_deft.data import build_tokenizer, encode_prompt, tokenize_conversation
+from megatron_deft.data import build_tokenizer, last_reply_span, tokenize_conversation
 from tests.unit.data.helpers import load_train_tokenizer_tool, write_jsonl
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "forced_model_eval.py")
@@ -57,7 +57,10 @@ def forced(torchrun, tmp_path_factory):
     responses = [x + y, x + y, x, y + x, x + y + x]
     records = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
     data = str(write_jsonl(tmp / "eval.jsonl", records))
-    last = {encode_prompt([("user", p)], tokenizer)[-1] for p in prompts}
+    spans = [(ids, last_reply_span(flags)[0]) for ids, flags in (
+        tokenize_conversation([("user", p), ("assistant", r)], tokenizer)
+        for p, r in zip(prompts, responses))]
+    last = {ids[start - 1] for ids, start in spans}  # the prompts' last token
     assert len(last) == 1, "every prompt must end in the same template token"
     ids = (last.pop(), tokenizer.encode(x)[0], tokenizer.encode(y)[0])
     assert len(set(ids)) == 3 and tokenizer.eos_id not in ids
