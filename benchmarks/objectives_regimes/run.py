@@ -21,6 +21,7 @@ import platform
 import queue
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -90,54 +91,86 @@ def run_experiment(config, run_dir: str, jobs: int = 1) -> dict:
     """Phase 1, then every (variant, objective, seed) phase-2 run, ``jobs`` at a time (on a
     small CPU machine two single-thread runs finish sooner than one after the other with two
     threads each), then one evaluation launch over every checkpoint."""
-    started = time.time()
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    data = tasks.write_data(config, os.path.join(run_dir, "data"))
-    tokenizer = runner.train_tokenizer(
-        [data["prior_train"], data["mix"], data["a_heldout"], data["b_heldout"]],
-        os.path.join(run_dir, "tokenizer", "char"), os.path.join(run_dir, "logs", "tok.log"))
-    prior = train_prior(config, run_dir, data, tokenizer)
-    runs = list(itertools.product(config.variants, config.objectives, config.seeds))
-    concurrent = max(1, min(jobs, len(runs)))
+    with WallClock(run_dir) as clock:
+        data = tasks.write_data(config, os.path.join(run_dir, "data"))
+        tokenizer = runner.train_tokenizer(
+            [data["prior_train"], data["mix"], data["a_heldout"], data["b_heldout"]],
+            os.path.join(run_dir, "tokenizer", "char"), os.path.join(run_dir, "logs", "tok.log"))
+        prior = train_prior(config, run_dir, data, tokenizer)
+        runs = list(itertools.product(config.variants, config.objectives, config.seeds))
+        concurrent = max(1, min(jobs, len(runs)))
 
-    free_slots = queue.Queue()  # a run holds a slot (its GPUs on CUDA) while it trains
-    for slot in range(concurrent):
-        free_slots.put(slot)
-
-    def phase2(run: tuple) -> str:
-        slot = free_slots.get()
-        try:
-            save = train_phase2(config, run_dir, data, tokenizer, prior, *run, concurrent, slot)
-        finally:
+        free_slots = queue.Queue()  # a run holds a slot (its GPUs on CUDA) while it trains
+        for slot in range(concurrent):
             free_slots.put(slot)
-        print(f"[{time.time() - started:6.0f}s] trained {' '.join(map(str, run))}", flush=True)
-        return save
 
-    with ThreadPoolExecutor(concurrent) as pool:
-        saves = list(pool.map(phase2, runs))  # re-raises the first failed launch
-    roots = {"/".join(map(str, run)): save for run, save in zip(runs, saves)}
-    summaries = evaluate_all(config, run_dir, [prior, *roots.values()], data, tokenizer)
-    return {"config": config_dict(config), "prior": summaries[prior],
-            "runs": {key: summaries[root] for key, root in roots.items()},
-            "wall_seconds": _accumulated_wall(run_dir, time.time() - started),
-            "machine": machine()}
+        def phase2(run: tuple) -> str:
+            slot = free_slots.get()
+            try:
+                save = train_phase2(config, run_dir, data, tokenizer, prior, *run, concurrent,
+                                    slot)
+            finally:
+                free_slots.put(slot)
+            print(f"[{clock.elapsed():6.0f}s] trained {' '.join(map(str, run))}", flush=True)
+            return save
+
+        with ThreadPoolExecutor(concurrent) as pool:
+            saves = list(pool.map(phase2, runs))  # re-raises the first failed launch
+        roots = {"/".join(map(str, run)): save for run, save in zip(runs, saves)}
+        summaries = evaluate_all(config, run_dir, [prior, *roots.values()], data, tokenizer)
+        return {"config": config_dict(config), "prior": summaries[prior],
+                "runs": {key: summaries[root] for key, root in roots.items()},
+                "wall_seconds": clock.save(), "machine": machine()}
 
 
-def _accumulated_wall(run_dir: str, seconds: float) -> float:
-    """Wall time over every invocation on ``run_dir`` (a resumed run keeps its earlier time)."""
-    path = os.path.join(run_dir, "wall_seconds.txt")
-    previous = 0.0
-    if os.path.isfile(path):
-        previous = float(open(path, encoding="utf-8").read())
-    elif os.path.isfile(os.path.join(run_dir, "results.json")):  # written before this file
-        with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as handle:
-            previous = json.load(handle)["wall_seconds"]
-    total = previous + seconds
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        handle.write(f"{total:.1f}\n")
-    os.replace(path + ".tmp", path)
-    return total
+class WallClock:
+    """Seconds spent on ``run_dir`` over every invocation, stopped ones included.
+
+    The running total is rewritten to ``wall_seconds.txt`` every ``period`` seconds (and on
+    exit), so an invocation killed mid-run loses at most ``period`` seconds of it; the next
+    invocation starts from that total."""
+
+    def __init__(self, run_dir: str, period: float = 60.0):
+        self.path = os.path.join(run_dir, "wall_seconds.txt")
+        self.period = period
+        self.previous = 0.0
+        if os.path.isfile(self.path):
+            self.previous = float(open(self.path, encoding="utf-8").read())
+        elif os.path.isfile(os.path.join(run_dir, "results.json")):  # written before this file
+            with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as handle:
+                self.previous = json.load(handle)["wall_seconds"]
+        self.started = time.time()
+        self._stopped = threading.Event()
+        self._writing = threading.Lock()  # the beat and the caller share one temporary file
+        self._beat = threading.Thread(target=self._save_periodically, daemon=True)
+
+    def __enter__(self) -> "WallClock":
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stopped.set()
+        self._beat.join()
+        self.save()
+
+    def elapsed(self) -> float:
+        """Seconds of this invocation."""
+        return time.time() - self.started
+
+    def save(self) -> float:
+        """Writes (atomically) and returns the total over every invocation."""
+        with self._writing:
+            total = self.previous + self.elapsed()
+            with open(self.path + ".tmp", "w", encoding="utf-8") as handle:
+                handle.write(f"{total:.1f}\n")
+            os.replace(self.path + ".tmp", self.path)
+        return total
+
+    def _save_periodically(self) -> None:
+        while not self._stopped.wait(self.period):
+            self.save()
 
 
 def machine() -> str:

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -244,6 +245,31 @@ def test_interrupted_phase2_run_resumes_only_when_launched_with_the_same_argumen
     os.remove(os.path.join(save, runner.LAUNCH_RECORD))
     phase2(config)
     assert not launches.pop()["resumed"]
+
+
+def test_wall_time_keeps_an_invocation_killed_before_it_finished(tmp_path):
+    """A stopped session kills the driver without any cleanup; its time must still count."""
+    killed = (
+        "import os, signal, time\n"
+        "from benchmarks.objectives_regimes.run import WallClock\n"
+        f"with WallClock({str(tmp_path)!r}, period=0.05):\n"
+        "    time.sleep(0.6)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    started = time.time()
+    done = subprocess.run([sys.executable, "-c", killed], cwd=REPO_ROOT, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    upper = time.time() - started
+    assert done.returncode == -9
+    recorded = float((tmp_path / "wall_seconds.txt").read_text())
+    assert 0.3 <= recorded <= upper
+
+    from benchmarks.objectives_regimes.run import WallClock
+
+    with WallClock(str(tmp_path)) as clock:  # the next invocation adds its own time
+        time.sleep(0.2)
+        total = clock.save()
+    written = float((tmp_path / "wall_seconds.txt").read_text())  # to 0.1 s, after `total`
+    assert recorded + 0.2 <= total <= written + 0.05
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
