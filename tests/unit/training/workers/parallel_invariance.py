@@ -40,6 +40,10 @@ def main(out_dir):
                 extra += ["--use-distributed-optimizer"] if distributed else []
                 run_case(out_dir, results, name, tp, pp, extra,
                          save_init=objective == "deft" and not distributed)
+        # the other exponents' inputs: cayley's micro-batch mean p, eaft's gathered top-k
+        for objective in ("cayley", "eaft"):
+            extra = ["--sft-objective", objective, "--train-iters", ITERATIONS]
+            run_case(out_dir, results, f"tp{tp}pp{pp}dp{dp}-{objective}-plain", tp, pp, extra)
     # Qwen3-style attention: per-head q/k RMSNorm (replicated over TP; megatron-core sums its
     # gradient over the TP ranks' heads) and a head size other than hidden / heads.
     tp, pp = LAYOUTS[world][0]  # the most tensor-parallel layout of this world size
