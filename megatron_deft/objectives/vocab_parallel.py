@@ -61,7 +61,8 @@ def topk_entropy(top_logits: torch.Tensor) -> torch.Tensor:
     if k == 1:
         return torch.zeros(top_logits.shape[:-1], dtype=top_logits.dtype, device=top_logits.device)
     log_q = torch.log_softmax(top_logits, dim=-1)
-    return -(log_q.exp() * log_q).sum(-1) / math.log(k)
+    q_log_q = torch.where(log_q == float("-inf"), 0.0, log_q.exp() * log_q)  # 0 log 0 = 0
+    return -q_log_q.sum(-1) / math.log(k)
 
 
 def cayley_exponent(
@@ -98,7 +99,8 @@ def objective_terms(
             weight = p
         else:  # eaft
             weight = top_entropy.clamp(min=0).pow(objective.param("alpha"))
-        return -weight * log_p, weight, None
+        # 0 * -log p is 0 (the limit p log p -> 0 as p -> 0), not 0 * inf = nan
+        return torch.where(weight == 0, 0.0, -weight * log_p), weight, None
     exponents = {
         "nll": lambda: torch.zeros_like(p),
         "p": lambda: torch.ones_like(p),
@@ -107,7 +109,9 @@ def objective_terms(
         "cayley": lambda: cayley_exponent(p, valid, mean_group),
     }
     exponent = exponents[objective.name]()
-    return qlog_loss(log_p, exponent), torch.exp(exponent * log_p), exponent
+    # p^0 is 1 also where p = 0 (a target logit of -inf): exp(0 * -inf) would be nan
+    gate = torch.exp(torch.where(exponent == 0, 0.0, exponent * log_p))
+    return qlog_loss(log_p, exponent), gate, exponent
 
 
 # ---------------------------------------------------------------------------------------------------

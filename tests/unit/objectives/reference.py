@@ -32,8 +32,8 @@ def reference(logits, target, objective, loss_mask=None, frozen=None):
         else:
             k = min(objective.param("k"), z.shape[-1])
             top = z.topk(k, dim=-1).values
-            log_q = torch.log_softmax(top, -1)
-            entropy = -(log_q.exp() * log_q).sum(-1) / math.log(k) if k > 1 else torch.zeros_like(p)
+            q = torch.softmax(top, -1)
+            entropy = torch.special.entr(q).sum(-1) / math.log(k) if k > 1 else torch.zeros_like(p)
             stats["topk_entropy"] = entropy.detach()
             weight = entropy.detach() ** objective.param("alpha")
         if frozen is not None:

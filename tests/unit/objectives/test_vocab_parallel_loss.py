@@ -1,5 +1,7 @@
 """Single-process checks of vocab_parallel_loss against the float64 reference (reference.py)."""
 
+import math
+
 import pytest
 import torch
 
@@ -117,6 +119,35 @@ def test_extreme_logits_stay_finite(objective):
     single = torch.randn(5, 1)  # V = 1: p = 1 for every token
     loss, stats, grad = run(single, torch.zeros(5, dtype=torch.long), objective)
     assert torch.isfinite(loss).all() and torch.all(grad == 0) and torch.all(stats["p_target"] == 1)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_target_logit_of_minus_inf_gives_the_limits_and_a_finite_gradient(objective):
+    """p = 0 exactly (a masked-out target): -log p = inf, 1 - p = 1, p log p -> 0, (1 - p^a)/a = 1/a;
+    the gradient is still gate * (softmax - onehot) with gate p^0 = 1 for nll, p^a = 0 for the
+    other q-log objectives and dft, and eaft's H~^alpha (independent of the target)."""
+    logits = torch.randn(2, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    logits[0, 2] = float("-inf")
+    target = torch.tensor([2, 4])
+    loss, stats, grad = run(logits, target, objective)
+    ref_loss, ref_stats, _ = run_reference(logits, target, objective)
+
+    name = objective.split(":")[0]
+    gate0 = {"nll": 1.0, "eaft": ref_stats["gate"][0].item()}.get(name, 0.0)
+    if name in ("nll", "eaft"):
+        expected_loss0 = math.inf
+    elif name == "dft":
+        expected_loss0 = 0.0
+    else:  # q-log with a > 0 (p: a = 1)
+        expected_loss0 = 1 / ref_stats["alpha"][0].item()
+    assert loss[0].item() == pytest.approx(expected_loss0, rel=1e-12)
+    torch.testing.assert_close(loss[1], ref_loss[1], rtol=1e-12, atol=0)
+
+    gate = torch.tensor([gate0, ref_stats["gate"][1].item()], dtype=torch.float64)
+    error = torch.softmax(logits, -1) - torch.nn.functional.one_hot(target, 6).double()
+    weights = torch.linspace(0.5, 1.5, 2, dtype=torch.float64)  # run()'s loss weights
+    torch.testing.assert_close(grad, (weights * gate)[:, None] * error, rtol=1e-12, atol=1e-15)
+    assert stats["gate"][0].item() == pytest.approx(gate0, rel=1e-12)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
