@@ -7,10 +7,10 @@
   exactly like listing the JSONL files in ``train_data_path``.
 - ``[w_1, prefix_1, w_2, prefix_2, ...]``: a blend. Each set is packed on its own into
   ``R_i`` rows; a blend epoch has ``N = sum_i R_i`` rows of which ``n_i`` (largest-remainder
-  rounding of ``N * w_i / sum(w)``) come from set ``i``. Set ``i`` contributes the first ``n_i``
-  entries of its own seeded stream of row permutations (``n_i < R_i``: a random subset, the
-  same in every epoch; ``n_i > R_i``: every row ``floor`` or ``ceil(n_i / R_i)`` times).
-  The rows are interleaved
+  rounding of ``N * w_i / sum(w)``) come from set ``i``: the next ``n_i`` entries of its own
+  seeded stream of row permutations (``n_i < R_i``: each epoch a further part of the set, all
+  of it every ``ceil(R_i / n_i)`` epochs; ``n_i > R_i``: every row ``floor`` or
+  ``ceil(n_i / R_i)`` times). The rows are interleaved
   (entry ``j`` of set ``i`` at ``(j + 1/2) / n_i``, so every prefix holds each set within about
   one row of its share: the order of ``eval_batches``), and :class:`SFTDataLoader` shuffles
   them per epoch as for any split, so every epoch holds exactly ``n_i`` rows of set ``i`` and
@@ -111,31 +111,56 @@ def interleave(counts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return sets[order], positions[order]
 
 
-def blend_rows(rows_per_set: List[List[Row]], weights: np.ndarray, seed: int) -> List[Row]:
-    """The blend epoch's rows (see module docstring); rows already index the union's samples."""
-    counts = blend_counts(weights, sum(len(rows) for rows in rows_per_set))
-    streams = []
-    for index, (rows, count) in enumerate(zip(rows_per_set, counts)):
-        epochs = -(-int(count) // len(rows))
-        permutations = [
-            np.random.default_rng([seed, BLEND_STREAM, index, epoch]).permutation(len(rows))
-            for epoch in range(epochs)
-        ]
-        streams.append(np.concatenate(permutations)[:count] if permutations else [])
-        logger.info(
-            "blend: set %d takes %d of %d rows (weight %.4f, its %d rows each used %.2fx)",
-            index, count, int(counts.sum()), weights[index], len(rows), count / len(rows),
-        )
-        if count < len(rows):  # the same subset every epoch: the rest is never trained on
-            logger.warning(
-                "blend: set %d contributes %d of its %d rows, the same ones every epoch: %d of "
-                "its rows are never trained on (its share %.4f; a share of %.4f or more uses "
-                "them all)",
-                index, count, len(rows), len(rows) - count, weights[index],
-                len(rows) / int(counts.sum()),
+class BlendedRows:
+    """The rows of every blend epoch (see the module docstring): ``N = sum_i R_i`` rows, ``n_i``
+    of them from set ``i`` in the same interleaved slots each epoch. Set ``i`` fills its slots of
+    blend epoch ``e`` with entries ``[e * n_i, (e + 1) * n_i)`` of its own stream (its seeded row
+    permutations back to back), so an under-weighted set (``n_i < R_i``) moves on to rows it has
+    not given yet, and all of them are trained on every ``ceil(R_i / n_i)`` epochs (Megatron's
+    blend likewise walks each set through its own epochs). Rows index the union's samples.
+    Indexing and ``len`` give blend epoch 0 (the plan, and what ``eval_batches`` reads)."""
+
+    def __init__(self, rows_per_set: List[List[Row]], weights: np.ndarray, seed: int):
+        self.rows_per_set, self.seed = rows_per_set, seed
+        self.counts = blend_counts(weights, sum(len(rows) for rows in rows_per_set))
+        self._sets, self._positions = interleave(self.counts)
+        self._plan = self.epoch(0)
+        for index, (rows, count) in enumerate(zip(rows_per_set, self.counts)):
+            logger.info(
+                "blend: set %d takes %d of %d rows per blend epoch (weight %.4f, its %d rows "
+                "each used %.2fx per epoch)",
+                index, count, len(self), weights[index], len(rows), count / len(rows),
             )
-    sets, positions = interleave(counts)
-    return [rows_per_set[s][streams[s][p]] for s, p in zip(sets.tolist(), positions.tolist())]
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    def __getitem__(self, index):
+        return self._plan[index]
+
+    def __iter__(self):
+        return iter(self._plan)
+
+    def epoch(self, epoch: int) -> List[Row]:
+        """The rows of blend epoch ``epoch``, in slot order."""
+        streams = [
+            self._stream(index, epoch * int(count), int(count))
+            for index, count in enumerate(self.counts)
+        ]
+        return [self.rows_per_set[s][streams[s][p]]
+                for s, p in zip(self._sets.tolist(), self._positions.tolist())]
+
+    def _stream(self, index: int, start: int, count: int) -> np.ndarray:
+        """Entries ``[start, start + count)`` of set ``index``'s stream: its own epoch ``k``
+        is ``default_rng([seed, BLEND_STREAM, index, k]).permutation(R_index)``."""
+        size = len(self.rows_per_set[index])
+        first, last = start // size, (start + count - 1) // size
+        permutations = [
+            np.random.default_rng([self.seed, BLEND_STREAM, index, k]).permutation(size)
+            for k in range(first, last + 1)
+        ]
+        offset = start - first * size
+        return np.concatenate(permutations)[offset:offset + count] if count else np.empty(0, int)
 
 
 def build_indexed_split(data_path, config, tokenizer):
@@ -165,7 +190,7 @@ def build_indexed_split(data_path, config, tokenizer):
             if not own_rows:
                 raise ValueError(f"{part.prefix}: no samples left to blend (all dropped)")
             rows_per_set.append([tuple(start + k for k in row) for row in own_rows])
-        rows = blend_rows(rows_per_set, weights, config.seed)
+        rows = BlendedRows(rows_per_set, weights, config.seed)
         flat = np.fromiter((k for row in rows for k in row), dtype=np.int64)
         row_tokens = int(samples.lengths[flat].sum())
     counts = _merged_counts(parts)

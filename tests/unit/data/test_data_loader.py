@@ -180,3 +180,29 @@ def test_resume_refuses_the_same_counts_made_of_other_rows(tokenized):
     older = {k: v for k, v in state.items() if k != "rows_digest"}  # checkpoint without it
     reordered.load_state_dict(older)
     assert reordered.rows_consumed == 0
+
+
+def test_blend_resume_refuses_other_rows_in_later_blend_epochs_only(tokenized):
+    """Two blends with the same first blend epoch, one set's unused rows swapped for other
+    samples: epoch 0 is identical, epoch 1 is not, and the digest (which covers every set's
+    rows) refuses the resume. A batch straddling the epoch boundary reads both epochs' rows."""
+    from megatron_deft.data.blend import BlendedRows
+
+    weights = np.array([0.5, 0.5])
+    big, small = [(k,) for k in range(6)], [(6,), (7,)]
+    blend = BlendedRows([big, small], weights, seed=3)
+    unused = sorted(set(big) - set(blend))
+    assert len(unused) == 2  # epoch 0 has 4 big slots
+    swapped = [(8,) if row == unused[0] else row for row in big]
+    other = BlendedRows([swapped, small], weights, seed=3)
+    assert other.epoch(0) == blend.epoch(0) and other.epoch(1) != blend.epoch(1)
+
+    loader = SFTDataLoader(tokenized, blend, SEQ, 0, 4, 2, seed=7)
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match="rows_digest"):
+        SFTDataLoader(tokenized, other, SEQ, 0, 4, 2, seed=7).load_state_dict(state)
+
+    rows, loss_tokens = loader.rows_at(6, 4)  # positions 6, 7 of epoch 0 and 0, 1 of epoch 1
+    perm0, perm1 = loader.stream_rows(6, 2), loader.stream_rows(8, 2)
+    assert rows == [blend.epoch(0)[r] for r in perm0] + [blend.epoch(1)[r] for r in perm1]
+    assert loss_tokens == sum(int(tokenized.loss_token_counts[row[0]]) for row in rows)

@@ -129,11 +129,14 @@ def test_blend_draws_rows_in_the_given_proportions(two_sets, sp_model_path):
         assert np.count_nonzero(epoch == "cat") == 140
     assert abs(np.mean(sources[:100] == "cat") - 0.7) < 0.12  # any window, roughly
 
-    rows = [data.train.rows[r] for r in data.train.stream_rows(0, 200)]
-    cat_rows = [row for row in rows if row[0] < 60]
-    dog_rows = [row for row in rows if row[0] >= 60]
-    assert len(set(dog_rows)) == 60  # a subset of `dogs` without repeats
+    rows, _ = data.train.rows_at(0, 600)
+    cat_rows = [row for row in rows[:200] if row[0] < 60]
     assert sorted(cat_rows.count(row) for row in set(cat_rows)) == [2] * 40 + [3] * 20
+    # `dogs` gives 60 of its 140 rows per epoch, a further part of it each epoch: the first
+    # epoch without repeats, the first three (180 of its stream) all of its rows.
+    dog_rows = [[row for row in epoch if row[0] >= 60] for epoch in (rows[:200], rows[200:400])]
+    assert len(set(dog_rows[0])) == 60 and not set(dog_rows[0]) & set(dog_rows[1])
+    assert {row for row in rows if row[0] >= 60} == {(k,) for k in range(60, 200)}
 
     # Deterministic by seed; independent of the data-parallel layout; other seeds differ.
     same = _row_sources(build([0.7, cat, 0.3, dogs]).train, data.tokenizer, steps=30)
@@ -162,20 +165,25 @@ def test_union_and_single_prefix_use_every_sample_once(two_sets, sp_model_path):
     assert single.train.rows == [(k,) for k in range(60)]
 
 
-def test_under_weighted_set_warns_how_many_rows_are_never_used(caplog):
-    """An equal blend of a 6-row and a 2-row set: the 6-row set gets 4 rows per blend epoch,
-    always the same 4 (its 2 others are never trained on): said at WARNING, with the share that
-    would use them all (6 / 8)."""
-    import logging
-
-    from megatron_deft.data.blend import blend_rows
+def test_blended_rows_walk_each_set_through_its_own_epochs():
+    """An equal blend of a 6-row and a 2-row set: 4 slots each per blend epoch, in the same
+    places every epoch. The 6-row set fills its slots with the next 4 entries of its stream of
+    permutations, so two epochs use all 6 of its rows; the 2-row set gives each row twice."""
+    from megatron_deft.data.blend import BlendedRows
 
     big = [(k,) for k in range(6)]
     small = [(6 + k,) for k in range(2)]
-    with caplog.at_level(logging.WARNING, logger="megatron_deft.data.blend"):
-        rows = blend_rows([big, small], np.array([0.5, 0.5]), seed=3)
-    assert sorted(r for r in rows if r[0] < 6) != big and len(rows) == 8
-    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert "set 0 contributes 4 of its 6 rows" in record.getMessage()
-    assert "2 of its rows are never trained on (its share 0.5000; a share of 0.7500" in (
-        record.getMessage())
+    blend = BlendedRows([big, small], np.array([0.5, 0.5]), seed=3)
+    epochs = [blend.epoch(e) for e in range(3)]
+    assert list(blend) == epochs[0] and len(blend) == 8 and blend[3] == epochs[0][3]
+    slots = [[row[0] < 6 for row in rows] for rows in epochs]
+    assert slots[0] == slots[1] == slots[2] and sum(slots[0]) == 4
+    stream = [row for rows in epochs for row, is_big in zip(rows, slots[0]) if is_big]
+    # the big set's stream: whole permutations of its 6 rows back to back
+    assert sorted(stream[:6]) == big and sorted(stream[6:12]) == big
+    assert set(epochs[0]) | set(epochs[1]) >= set(big)
+    for rows in epochs:
+        assert sorted(row for row in rows if row[0] >= 6) == [(6,), (6,), (7,), (7,)]
+    again = BlendedRows([big, small], np.array([0.5, 0.5]), seed=3)
+    assert again.epoch(2) == epochs[2] and BlendedRows(
+        [big, small], np.array([0.5, 0.5]), seed=4).epoch(1) != epochs[1]
