@@ -6,6 +6,7 @@ config. Only the layout (TP) and the device are chosen here; the weights are res
 
 import argparse
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass
 from typing import List, Optional
@@ -42,6 +43,10 @@ class EvalConfig:
     """cpu (gloo) or cuda (nccl)."""
     max_new_tokens: int = 64
     """Greedy decoding stops at EOS or after this many tokens."""
+    answer_pattern: Optional[str] = None
+    """Regular expression: exact-match compares what it finds (its first group, or the whole
+    match) in the generated and in the expected reply instead of the whole replies, e.g.
+    '####\\s*(-?[0-9.,]+)' for GSM8K's final answers. A reference it finds nothing in is an error."""
     num_samples: int = 0
     """Evaluate only the first this many samples of each file (0: all)."""
     micro_batch_size: int = 32
@@ -49,7 +54,8 @@ class EvalConfig:
     sft_objective: Optional[str] = None
     """Objective whose gate/exponent statistics are reported (default: the checkpoint's)."""
     output: Optional[str] = None
-    """Write one JSON line per sample (prompt, reference, generated, exact) here."""
+    """Write one JSON line per sample (index, reference, generated, expected, exact; answer with
+    --answer-pattern) here."""
     summary_output: Optional[str] = None
     """Also write the summary JSON lines (one per checkpoint and file) to this file."""
     distributed_timeout_minutes: float = 10.0
@@ -91,6 +97,11 @@ def validate(config: EvalConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if config.answer_pattern is not None:
+        try:
+            re.compile(config.answer_pattern)
+        except re.error as error:
+            raise ConfigError(f"--answer-pattern {config.answer_pattern!r}: {error}") from None
     spec = config.iteration
     if spec not in ("latest", "all") and not all(p.strip().isdigit() for p in spec.split(",")):
         raise ConfigError(f"--iteration {spec!r}: use latest, all or numbers like 100,200")

@@ -11,7 +11,8 @@ samples and their results are reduced / gathered at the end.
 import dataclasses
 import json
 import os
-from typing import Dict, List, NamedTuple, Tuple
+import re
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -100,8 +101,10 @@ class EvalItem(NamedTuple):
     conversation: Tuple[List[int], List[bool]]  # (ids, loss flags) of the whole sample
 
 
-def eval_item(index: int, sample, tokenizer) -> EvalItem:
-    """The :class:`EvalItem` of one sample."""
+def eval_item(index: int, sample, tokenizer,
+              answer_pattern: Optional[re.Pattern] = None) -> EvalItem:
+    """The :class:`EvalItem` of one sample; with ``answer_pattern``, its expected reply must hold
+    an answer (:func:`extract_answer`)."""
     if sample.messages[-1][0] != "assistant":
         raise ConfigError(f"{sample.path}:{sample.line}: the last message must be the "
                           "assistant's reference answer")
@@ -110,24 +113,43 @@ def eval_item(index: int, sample, tokenizer) -> EvalItem:
         start, end = last_reply_span(flags)
     except ChatTemplateError as error:
         raise ConfigError(f"{sample.path}:{sample.line}: {error}") from None
-    return EvalItem(index, ids[:start], sample.messages[-1][1], ids[start:end], (ids, flags))
+    expected = ids[start:end]
+    if answer_pattern and extract_answer(answer_pattern, tokenizer.decode(expected)) is None:
+        raise ConfigError(f"{sample.path}:{sample.line}: --answer-pattern "
+                          f"{answer_pattern.pattern!r} finds no answer in the reference reply")
+    return EvalItem(index, ids[:start], sample.messages[-1][1], expected, (ids, flags))
 
 
-def _split(samples: list, config: EvalConfig, tokenizer) -> list:
+def _split(samples: list, config: EvalConfig, tokenizer, answer_pattern) -> list:
     """:func:`eval_item` of this DP rank's samples."""
     if config.num_samples:
         samples = samples[: config.num_samples]
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    return [eval_item(index, samples[index], tokenizer)
+    return [eval_item(index, samples[index], tokenizer, answer_pattern)
             for index in range(dp_rank, len(samples), dp_size)]
 
 
-def is_exact_match(tokenizer, generated: List[int], expected: List[int]) -> bool:
+def extract_answer(answer_pattern: re.Pattern, text: str) -> Optional[str]:
+    """The first match of ``answer_pattern`` in ``text``: its first group (the whole match if it
+    has none), stripped; None without a match."""
+    found = answer_pattern.search(text)
+    if found is None:
+        return None
+    return (found.group(1) if answer_pattern.groups else found.group(0)).strip()
+
+
+def is_exact_match(tokenizer, generated: List[int], expected: List[int],
+                   answer_pattern: Optional[re.Pattern] = None) -> bool:
     """The generation's text equals the expected ids' text (both decoded, stripped): the reply
     and the token closing the turn, which generation stops at (EOS or the template's
-    end-of-turn token)."""
-    return tokenizer.decode(generated).strip() == tokenizer.decode(expected).strip()
+    end-of-turn token). With ``answer_pattern``: the answers extracted from both texts are
+    equal (a generation without one does not match)."""
+    generated_text, expected_text = tokenizer.decode(generated), tokenizer.decode(expected)
+    if answer_pattern is None:
+        return generated_text.strip() == expected_text.strip()
+    answer = extract_answer(answer_pattern, generated_text)
+    return answer is not None and answer == extract_answer(answer_pattern, expected_text)
 
 
 def evaluate_file(model, tokenizer, path: str, config: EvalConfig, objective,
@@ -135,7 +157,8 @@ def evaluate_file(model, tokenizer, path: str, config: EvalConfig, objective,
     """(summary, predictions) of one JSONL file; predictions only on global rank 0. Generation
     stops at EOS or at the token closing the expected replies; see :func:`is_exact_match`."""
     samples, _ = read_samples([path], config.data_format, config.prompt_key, config.response_key)
-    mine = _split(samples, config, tokenizer)
+    answer_pattern = re.compile(config.answer_pattern) if config.answer_pattern else None
+    mine = _split(samples, config, tokenizer, answer_pattern)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     device = next(model.parameters()).device
     sums = empty_sums(device)
@@ -148,10 +171,13 @@ def evaluate_file(model, tokenizer, path: str, config: EvalConfig, objective,
         generated = greedy_generate(model, [item.prompt for item in batch], stop_ids,
                                     tokenizer.pad_id, config.max_new_tokens, vocab_size, tp_group)
         for item, ids in zip(batch, generated):
-            predictions.append({"index": item.index, "reference": item.reference,
-                                "generated": tokenizer.decode(ids),
-                                "expected": tokenizer.decode(item.expected),
-                                "exact": is_exact_match(tokenizer, ids, item.expected)})
+            text = tokenizer.decode(ids)
+            prediction = {"index": item.index, "reference": item.reference, "generated": text,
+                          "expected": tokenizer.decode(item.expected),
+                          "exact": is_exact_match(tokenizer, ids, item.expected, answer_pattern)}
+            if answer_pattern:
+                prediction["answer"] = extract_answer(answer_pattern, text)
+            predictions.append(prediction)
     dp_group = parallel_state.get_data_parallel_group()
     all_reduce_sums(sums, dp_group)
     gathered = [None] * parallel_state.get_data_parallel_world_size()
@@ -160,6 +186,8 @@ def evaluate_file(model, tokenizer, path: str, config: EvalConfig, objective,
     summary = {"data": path, "num_samples": len(predictions),
                "exact_match": sum(p["exact"] for p in predictions) / max(len(predictions), 1),
                "objective": str(objective), **summarize(sums, objective.family == "qlog")}
+    if answer_pattern:
+        summary["answer_pattern"] = answer_pattern.pattern
     return summary, predictions
 
 

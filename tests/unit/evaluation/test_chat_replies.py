@@ -22,6 +22,7 @@ QWEN3_LIKE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+ITEM_MESSAGES = (("user", "how much money"), ("assistant", "12 apples"))
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,7 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def item(tokenizer):
-    sample = Sample(messages=(("user", "how much money"), ("assistant", "12 apples")),
-                    path="eval.jsonl", line=3)
-    return eval_item(7, sample, tokenizer)
+    return eval_item(7, Sample(messages=ITEM_MESSAGES, path="eval.jsonl", line=3), tokenizer)
 
 
 def test_prompt_is_the_trained_prefix_and_the_reply_ends_with_the_end_of_turn_token(
@@ -105,3 +104,32 @@ def test_a_conversation_the_template_cannot_split_names_its_file_and_line():
     ends_with_user = Sample(messages=(("user", "u"),), path="eval.jsonl", line=13)
     with pytest.raises(ConfigError, match="eval.jsonl:13: the last message must be"):
         eval_item(0, ends_with_user, RewritingTemplate())
+
+
+def test_answer_pattern_compares_the_extracted_answers(tokenizer, item):
+    """--answer-pattern: GSM8K-style final answers are compared, not the whole replies."""
+    import re
+
+    from megatron_deft.config import ConfigError
+    from megatron_deft.evaluation.evaluator import extract_answer
+
+    expected = item.expected  # "<think>\n\n</think>\n\n12 apples<|im_end|>"
+    number = re.compile(r"(\d+) apples")
+    assert extract_answer(number, tokenizer.decode(expected)) == "12"
+    assert extract_answer(re.compile(r"\d+ apples"), "so 12 apples") == "12 apples"  # no group
+    assert extract_answer(number, "no apples") is None
+    assert not is_exact_match(tokenizer, tokenizer.encode("12 apples"), expected)
+    assert is_exact_match(tokenizer, tokenizer.encode("12 apples"), expected, number)
+    assert not is_exact_match(tokenizer, tokenizer.encode("13 apples"), expected, number)
+    assert not is_exact_match(tokenizer, tokenizer.encode("some apples"), expected, number)
+
+    gsm8k = re.compile(r"####\s*(-?[0-9.,]+)")
+    sample = Sample(messages=(("user", "3 + 4?"), ("assistant", "3 + 4 = 7.\n#### 7")),
+                    path="gsm8k.jsonl", line=5)
+    with_answer = eval_item(0, sample, tokenizer, gsm8k)
+    other_reasoning = tokenizer.encode("4 + 3 makes 7\n#### 7<|im_end|>")
+    assert is_exact_match(tokenizer, other_reasoning, with_answer.expected, gsm8k)
+    assert not is_exact_match(tokenizer, other_reasoning, with_answer.expected)
+    with pytest.raises(ConfigError, match=r"eval.jsonl:3: --answer-pattern .*finds no answer"):
+        eval_item(7, Sample(messages=ITEM_MESSAGES, path="eval.jsonl", line=3), tokenizer,
+                  gsm8k)

@@ -105,6 +105,18 @@ def test_generation_stops_at_max_new_tokens(forced):
     assert summary["exact_match"] == pytest.approx(1 / 5)  # only the reference "X" matches
 
 
+def test_answer_pattern_compares_what_it_extracts(forced):
+    """--answer-pattern '^(.)': the forced reply XY matches each reference starting with X."""
+    (summary,) = forced["results"]["tp2_first_char"]
+    first = forced["first_text"]
+    references = [r["response"] for r in forced["records"]]
+    assert summary["exact_match"] == pytest.approx(
+        sum(r[0] == first for r in references) / len(references))
+    assert summary["exact_match"] == pytest.approx(0.8) and summary["answer_pattern"] == "^(.)"
+    with open(forced["tmp"] / "tp2_first_char.jsonl") as handle:
+        assert {json.loads(line)["answer"] for line in handle} == {first}
+
+
 def test_predictions_file_holds_each_sample_in_order(forced):
     with open(forced["tmp"] / "tp2.jsonl") as handle:
         rows = [json.loads(line) for line in handle]

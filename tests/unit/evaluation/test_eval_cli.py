@@ -14,6 +14,8 @@ def _one_process(monkeypatch):
     ([], "--tokenizer-model is required"),
     (["--tokenizer-model", "t.model", "--iteration", "last"], "--iteration 'last'"),
     (["--tokenizer-model", "t.model", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--tokenizer-model", "t.model", "--answer-pattern", "####(\\d+"],
+     "--answer-pattern '####(\\\\d+': missing ), unterminated subpattern"),
     (["--tokenizer-model", "t.model", "--tensor-model-parallel-size", "2"],
      "world size 1 is not divisible by --tensor-model-parallel-size 2"),
 ])

@@ -79,6 +79,11 @@ def main():
                                         output=os.path.join(out_dir, f"{tag}.jsonl"), **common),
                              keep_process_group=True)
         results[tag] = summaries
+    # exact-match on the first character only: the forced "XY" matches every reply starting X
+    results["tp2_first_char"] = evaluate(
+        EvalConfig(tensor_model_parallel_size=2, max_new_tokens=8, answer_pattern="^(.)",
+                   output=os.path.join(out_dir, "tp2_first_char.jsonl"), **common),
+        keep_process_group=True)
     results.update(check_argmax())
     write_results(out_dir, results)
 
