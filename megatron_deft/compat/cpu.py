@@ -13,8 +13,9 @@ What :func:`enable` changes, and nothing else:
    ``synchronize``/streams, RNG calls on the CPU generator). This covers the pipeline
    schedules' token counters, p2p receive buffers, DDP buffers, optimizer/clip-grad/grad-scaler
    scalars, the no-Apex l2 norm (``utils.local_multi_tensor_l2_norm``), RoPE's ``inv_freq`` move,
-   ``GlobalMemoryBuffer``, the default causal masks and the sequence-parallel gather /
-   reduce-scatter buffers (``tensor_parallel.mappings`` and the linear layers' backward).
+   ``GlobalMemoryBuffer``, the default causal masks, the sequence-parallel gather /
+   reduce-scatter buffers (``tensor_parallel.mappings`` and the linear layers' backward) and
+   the inference KV cache (``Attention._allocate_memory``, used by megatron-deft-eval).
 2. The CUDA RNG tracker's private state getters/setters point at the CPU generator, so
    ``model_parallel_cuda_manual_seed`` and ``get_cuda_rng_tracker().fork()`` work.
 3. Tensor-method call sites, patched only for the duration of the listed calls: the dtype
@@ -43,6 +44,7 @@ _CUDA_ASSUMING_MODULES = (
     "megatron.core.tensor_parallel.mappings",
     "megatron.core.tensor_parallel.layers",
     "megatron.core.transformer.utils",
+    "megatron.core.transformer.attention",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",

@@ -2,19 +2,18 @@
 
 Modules:
     arguments   EvalConfig and the ``megatron-deft-eval`` command line
-    generation  vocab-parallel greedy argmax and batched greedy decoding (no logits gather)
+    generation  batched greedy decoding with a KV cache
     scoring     held-out per-token NLL and the objective's statistics on response tokens
     evaluator   checkpoint -> model, data-parallel split of the samples, summaries
 """
 
 from megatron_deft.evaluation.arguments import EvalConfig, parse_eval_config
 from megatron_deft.evaluation.evaluator import evaluate
-from megatron_deft.evaluation.generation import greedy_generate, vocab_parallel_argmax
+from megatron_deft.evaluation.generation import greedy_generate
 
 __all__ = [
     "EvalConfig",
     "evaluate",
     "greedy_generate",
     "parse_eval_config",
-    "vocab_parallel_argmax",
 ]

@@ -169,7 +169,7 @@ def evaluate_file(model, tokenizer, path: str, config: EvalConfig, objective,
                             objective, vocab_size, tp_group)
         stop_ids = {tokenizer.eos_id} | {item.expected[-1] for item in batch}
         generated = greedy_generate(model, [item.prompt for item in batch], stop_ids,
-                                    tokenizer.pad_id, config.max_new_tokens, vocab_size, tp_group)
+                                    tokenizer.pad_id, config.max_new_tokens, vocab_size)
         for item, ids in zip(batch, generated):
             text = tokenizer.decode(ids)
             prediction = {"index": item.index, "reference": item.reference, "generated": text,

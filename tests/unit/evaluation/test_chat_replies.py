@@ -61,12 +61,14 @@ class TeacherModel(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # greedy_generate reads the device
         self.script, self.vocab, self.junk = script, vocab, junk
 
-    def forward(self, input_ids, position_ids, attention_mask):
-        b, s = input_ids.shape
-        following = [self.script[t + 1] if t + 1 < len(self.script) else self.junk
-                     for t in range(s)]
-        logits = torch.zeros(b, s, self.vocab)
-        logits[:, torch.arange(s), torch.tensor(following)] = 1.0
+    def forward(self, input_ids, position_ids, attention_mask, inference_context,
+                runtime_gather_output):
+        """Logits of the last position only, like megatron-core under an inference context."""
+        assert inference_context is not None and runtime_gather_output
+        t = int(position_ids[0, -1])
+        following = self.script[t + 1] if t + 1 < len(self.script) else self.junk
+        logits = torch.zeros(input_ids.shape[0], 1, self.vocab)
+        logits[:, 0, following] = 1.0
         return logits
 
 
