@@ -18,12 +18,17 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron_deft.data.batch import attention_mask_from_segments
 
 
+def causal_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] bool causal mask (True = masked) for [b, s] ids, on their device."""
+    b, s = tokens.shape
+    return attention_mask_from_segments(torch.zeros(b, s, dtype=torch.long)).to(tokens.device)
+
+
 def causal_forward(model, tokens: torch.Tensor) -> torch.Tensor:
     """[b, s] ids -> [b, s, V/tp] logits with positions 0..s-1 and the causal mask."""
     b, s = tokens.shape
     positions = torch.arange(s, device=tokens.device).expand(b, s)
-    mask = attention_mask_from_segments(torch.zeros(b, s, dtype=torch.long)).to(tokens.device)
-    return model(input_ids=tokens, position_ids=positions, attention_mask=mask)
+    return model(input_ids=tokens, position_ids=positions, attention_mask=causal_mask(tokens))
 
 
 @torch.no_grad()
@@ -55,7 +60,7 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], stop_ids: Collectio
     while True:
         chunk = tokens[:, start:end]  # [b, end - start]: the prefill, then one position
         positions = torch.arange(start, end, device=device).expand_as(chunk)
-        mask = attention_mask_from_segments(torch.zeros_like(chunk)) if start == 0 else None
+        mask = causal_mask(chunk) if start == 0 else None  # decode steps attend to all cached
         logits = model(input_ids=chunk, position_ids=positions, attention_mask=mask,
                        inference_context=context, runtime_gather_output=True)  # [b, 1, V]
         context.sequence_len_offset += end - start
