@@ -65,12 +65,15 @@ class SFTDataLoader:
         # Which samples form which row, in order: a resumed run must see the same rows (blend
         # weights, sample order or packing can change them at equal row and token counts); a
         # blend's later epochs come from its sets' own rows, so they are in the digest too.
-        digest = hashlib.blake2b(digest_size=8)
-        for rows_part in [list(self.rows)] + (self.rows.rows_per_set if self._blended else []):
-            digest.update(b"".join(part.tobytes() for part in _flatten(rows_part)))
+        row_starts, flat_samples = _flatten(self.rows)
+        digest = hashlib.blake2b(row_starts.tobytes() + flat_samples.tobytes(), digest_size=8)
+        for set_rows in self.rows.rows_per_set if self._blended else []:
+            digest.update(b"".join(part.tobytes() for part in _flatten(set_rows)))
         self._rows_digest = digest.hexdigest()
         self._cached_epoch, self._cached_permutation = -1, None
-        self._cached_rows_epoch, self._cached_rows = -1, None
+        # Epoch 0's rows are the plan itself (a blend's too): its counts come from the same pass.
+        self._cached_rows_epoch = 0
+        self._cached_rows = self.rows, self._row_loss_tokens(row_starts, flat_samples)
 
     @property
     def class_names(self):
@@ -167,11 +170,14 @@ class SFTDataLoader:
         """(the rows of ``epoch``, int64 [num_rows] loss-carrying targets of each row)."""
         epoch = epoch if self._blended else 0
         if epoch != self._cached_rows_epoch:
-            rows = self.rows.epoch(epoch) if self._blended else self.rows
-            row_starts, flat_samples = _flatten(rows)  # rows are never empty
-            loss_tokens = np.add.reduceat(self.samples.loss_token_counts[flat_samples], row_starts)
-            self._cached_rows_epoch, self._cached_rows = epoch, (rows, loss_tokens)
+            rows = self.rows.epoch(epoch) if epoch else self.rows
+            self._cached_rows_epoch = epoch
+            self._cached_rows = rows, self._row_loss_tokens(*_flatten(rows))
         return self._cached_rows
+
+    def _row_loss_tokens(self, row_starts: np.ndarray, flat_samples: np.ndarray) -> np.ndarray:
+        """int64 [num_rows] loss-carrying targets per row (rows are never empty)."""
+        return np.add.reduceat(self.samples.loss_token_counts[flat_samples], row_starts)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._cached_epoch:
