@@ -137,7 +137,8 @@ class WallClock:
         self.period = period
         self.previous = 0.0
         if os.path.isfile(self.path):
-            self.previous = float(open(self.path, encoding="utf-8").read())
+            with open(self.path, encoding="utf-8") as handle:
+                self.previous = float(handle.read())
         elif os.path.isfile(os.path.join(run_dir, "results.json")):  # written before this file
             with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as handle:
                 self.previous = json.load(handle)["wall_seconds"]
