@@ -58,7 +58,9 @@ def _candidates(objectives, group):
     def ours(objective, inplace):
         return lambda x, y: vocab_parallel_loss(x, y, objective, group=group, inplace=inplace)[0]
 
-    candidates = {"megatron vocab_parallel_cross_entropy": tensor_parallel.vocab_parallel_cross_entropy}
+    candidates = {
+        "megatron vocab_parallel_cross_entropy": tensor_parallel.vocab_parallel_cross_entropy
+    }
     for objective in objectives:
         candidates[objective] = ours(objective, inplace=False)
         candidates[f"{objective} (inplace=True)"] = ours(objective, inplace=True)
@@ -73,14 +75,23 @@ def _worker(rank, world, args, init_file, out_file):
         torch.cuda.set_device(rank)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{init_file}",
-                            rank=rank, world_size=world, timeout=datetime.timedelta(minutes=10))
+    dist.init_process_group(
+        "nccl" if device == "cuda" else "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(minutes=10),
+    )
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
     group = parallel_state.get_tensor_model_parallel_group()
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     g = torch.Generator().manual_seed(1000 + rank)
-    master = (torch.randn(args.tokens, args.vocab // world, generator=g) * 4).to(device=device, dtype=dtype)
-    target = torch.randint(0, args.vocab, (args.tokens,), generator=torch.Generator().manual_seed(7)).to(device)
+    master = (torch.randn(args.tokens, args.vocab // world, generator=g) * 4).to(
+        device=device, dtype=dtype
+    )
+    target = torch.randint(
+        0, args.vocab, (args.tokens,), generator=torch.Generator().manual_seed(7)
+    ).to(device)
 
     candidates = _candidates(args.objectives, group)
 
@@ -104,7 +115,9 @@ def _worker(rank, world, args, init_file, out_file):
     rows = []
     for name, fn in candidates.items():
         x = master.clone().requires_grad_(True)  # allocated before the measured region
-        peak = peak_extra_bytes(lambda: torch.autograd.grad(fn(x, target).sum(), x), device)
+        peak = peak_extra_bytes(
+            lambda fn=fn, x=x: torch.autograd.grad(fn(x, target).sum(), x), device
+        )
         del x
         rows.append((name, statistics.median(times[name]), peak))
     if rank == 0:
@@ -122,24 +135,32 @@ def _device_name(device):
 def main(argv=None):
     args = parse_args(argv)
     shard_mib = args.tokens * args.vocab * 4 / 2**20
-    print(f"# loss benchmark: {args.tokens} tokens x {args.vocab} vocab, {args.dtype} logits, "
-          f"{args.device} ({_device_name(args.device)}), torch {torch.__version__}, "
-          f"median of {args.repeats} (after {args.warmup} warm-up)")
+    print(
+        f"# loss benchmark: {args.tokens} tokens x {args.vocab} vocab, {args.dtype} logits, "
+        f"{args.device} ({_device_name(args.device)}), torch {torch.__version__}, "
+        f"median of {args.repeats} (after {args.warmup} warm-up)"
+    )
     print(f"# one fp32 full-vocab logits buffer = {shard_mib:.0f} MiB (divide by TP for a shard)\n")
     for tp in args.tp:
         if args.vocab % tp:
             raise SystemExit(f"--vocab {args.vocab} is not divisible by TP={tp}")
         with tempfile.TemporaryDirectory() as tmp:
             out_file = os.path.join(tmp, "rows.pt")
-            mp.spawn(_worker, args=(tp, args, os.path.join(tmp, "store"), out_file), nprocs=tp, join=True)
+            mp.spawn(
+                _worker, args=(tp, args, os.path.join(tmp, "store"), out_file), nprocs=tp, join=True
+            )
             rows = torch.load(out_file)
         base_time, base_peak = rows[0][1], rows[0][2]
         print(f"## TP={tp} (per rank: {args.tokens} x {args.vocab // tp})\n")
-        print("| loss | fwd+bwd ms | time vs megatron CE | peak extra MiB | peak minus megatron CE's |")
+        print(
+            "| loss | fwd+bwd ms | time vs megatron CE | peak extra MiB | peak minus megatron CE's |"
+        )
         print("|---|---:|---:|---:|---:|")
         for name, seconds, peak in rows:
-            print(f"| {name} | {seconds * 1e3:.1f} | {seconds / base_time:.2f}x | "
-                  f"{peak / 2**20:.1f} | {(peak - base_peak) / 2**20:+.1f} MiB |")
+            print(
+                f"| {name} | {seconds * 1e3:.1f} | {seconds / base_time:.2f}x | "
+                f"{peak / 2**20:.1f} | {(peak - base_peak) / 2**20:+.1f} MiB |"
+            )
         print()
 
 

@@ -25,15 +25,23 @@ def run_torchrun(script: str, nproc: int, out_dir, *args, timeout: int = 300) ->
     path = os.pathsep.join([REPO_ROOT, WORKER_HELPERS, os.path.dirname(os.path.abspath(script))])
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_port", str(_free_port()), script, str(out_dir),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(_free_port()),
+        script,
+        str(out_dir),
         *map(str, args),
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         name = os.path.basename(script)
-        raise AssertionError(f"{name} on {nproc} ranks failed:\n{done.stdout[-4000:]}\n"
-                             f"{done.stderr[-8000:]}")
+        raise AssertionError(
+            f"{name} on {nproc} ranks failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+        )
     with open(os.path.join(out_dir, "results.json")) as handle:
         return json.load(handle)
 

@@ -30,28 +30,52 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     to_megatron = commands.add_parser("hf-to-megatron", help="HF safetensors -> dist checkpoint")
-    to_megatron.add_argument("--hf-dir", required=True, help="HF model dir (config.json + "
-                             "model.safetensors or model.safetensors.index.json)")
+    to_megatron.add_argument(
+        "--hf-dir",
+        required=True,
+        help="HF model dir (config.json + model.safetensors or model.safetensors.index.json)",
+    )
     to_megatron.add_argument("--output-dir", required=True, help="new (or empty) directory")
-    to_megatron.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
-                             help="weight dtype of the checkpoint (bf16 for --bf16 training, "
-                             "fp32 for CPU runs)")
-    to_megatron.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                             help="pad the vocabulary like the trainer's flag of this name")
-    to_megatron.add_argument("--target-tensor-parallel-size", type=int, default=1,
-                             help="pad the vocabulary for this TP (the trainer pads to a "
-                             "multiple of --make-vocab-size-divisible-by x TP)")
+    to_megatron.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="weight dtype of the checkpoint (bf16 for --bf16 training, fp32 for CPU runs)",
+    )
+    to_megatron.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=128,
+        help="pad the vocabulary like the trainer's flag of this name",
+    )
+    to_megatron.add_argument(
+        "--target-tensor-parallel-size",
+        type=int,
+        default=1,
+        help="pad the vocabulary for this TP (the trainer pads to a "
+        "multiple of --make-vocab-size-divisible-by x TP)",
+    )
     to_hf = commands.add_parser("megatron-to-hf", help="dist checkpoint -> HF safetensors")
-    to_hf.add_argument("--megatron-dir", required=True, help="checkpoint root (holds "
-                       "latest_checkpointed_iteration.txt and iter_NNNNNNN/)")
+    to_hf.add_argument(
+        "--megatron-dir",
+        required=True,
+        help="checkpoint root (holds latest_checkpointed_iteration.txt and iter_NNNNNNN/)",
+    )
     to_hf.add_argument("--iteration", type=int, help="default: the latest checkpoint")
     to_hf.add_argument("--output-dir", required=True, help="new (or empty) directory")
-    to_hf.add_argument("--tokenizer-dir", help="copy tokenizer files from here (default: the "
-                       "tokenizer/ folder of --megatron-dir when present)")
-    to_hf.add_argument("--vocab-size", type=int, help="unpadded vocabulary size, when the "
-                       "checkpoint does not record it")
-    to_hf.add_argument("--max-shard-size-gb", type=float, default=5.0,
-                       help="largest safetensors file (GB)")
+    to_hf.add_argument(
+        "--tokenizer-dir",
+        help="copy tokenizer files from here (default: the "
+        "tokenizer/ folder of --megatron-dir when present)",
+    )
+    to_hf.add_argument(
+        "--vocab-size",
+        type=int,
+        help="unpadded vocabulary size, when the checkpoint does not record it",
+    )
+    to_hf.add_argument(
+        "--max-shard-size-gb", type=float, default=5.0, help="largest safetensors file (GB)"
+    )
     return parser
 
 
@@ -60,20 +84,28 @@ def run(args) -> None:
 
     if args.command == "hf-to-megatron":
         flags = convert_hf_to_megatron(
-            args.hf_dir, args.output_dir, dtype=args.dtype,
+            args.hf_dir,
+            args.output_dir,
+            dtype=args.dtype,
             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
             target_tensor_parallel_size=args.target_tensor_parallel_size,
         )
-        print(f"wrote {args.output_dir} (vocabulary padded for TP "
-              f"{args.target_tensor_parallel_size}); train from it with:\n  "
-              + " ".join(flags) + f" --pretrained-checkpoint {args.output_dir}")
+        print(
+            f"wrote {args.output_dir} (vocabulary padded for TP "
+            f"{args.target_tensor_parallel_size}); train from it with:\n  "
+            + " ".join(flags)
+            + f" --pretrained-checkpoint {args.output_dir}"
+        )
         tokenizer = os.path.join(args.output_dir, "tokenizer")
         if os.path.isfile(os.path.join(tokenizer, "tokenizer_config.json")):
             print(f"  --tokenizer-type HuggingFaceTokenizer --tokenizer-model {tokenizer}")
     else:
         arch = convert_megatron_to_hf(
-            args.megatron_dir, args.output_dir, iteration=args.iteration,
-            tokenizer_dir=args.tokenizer_dir, vocab_size=args.vocab_size,
+            args.megatron_dir,
+            args.output_dir,
+            iteration=args.iteration,
+            tokenizer_dir=args.tokenizer_dir,
+            vocab_size=args.vocab_size,
             max_shard_bytes=int(args.max_shard_size_gb * 10**9),
         )
         print(f"wrote {args.output_dir} ({arch})")
@@ -82,8 +114,12 @@ def run(args) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore")  # megatron-core's Apex/TE-absent notices
-    logging.basicConfig(level=logging.INFO, format="[convert %(asctime)s] %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="[convert %(asctime)s] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     for name in ("megatron", "megatron_fsdp"):
         logging.getLogger(name).setLevel(logging.WARNING)
     from megatron_deft.conversion import ConversionError

@@ -33,7 +33,7 @@ def _scalars(events, prefix: str) -> Dict[str, Series]:
     for tag in events.Tags()["scalars"]:
         if tag.startswith(prefix):
             points = events.Scalars(tag)
-            out[tag[len(prefix):]] = ([p.step for p in points], [p.value for p in points])
+            out[tag[len(prefix) :]] = ([p.step for p in points], [p.value for p in points])
     return out
 
 
@@ -65,11 +65,11 @@ def read_run(logdir: str) -> dict:
         if head == "train":
             name = ALL_TOKENS
         elif head.startswith("train_class/"):
-            name = head[len("train_class/"):]
+            name = head[len("train_class/") :]
         else:
             continue
         series = _histogram_series(events.Histograms(tag), f"{logdir}: {tag}")
-        histograms.setdefault(stat[:-len("_histogram")], {})[name] = series
+        histograms.setdefault(stat[: -len("_histogram")], {})[name] = series
     return {"scalars": _scalars(events, "train/"), "classes": classes, "histograms": histograms}
 
 
@@ -88,8 +88,10 @@ def _histogram_series(events: list, where: str) -> dict:
     upper = [tuple(e.histogram_value.bucket_limit) for e in events]
     if len(set(upper)) > 1:
         changed = next(e.step for e, u in zip(events, upper) if u != upper[0])
-        raise ValueError(f"{where}: the histogram bins change at step {changed}; "
-                         "plot the runs in separate TensorBoard directories")
+        raise ValueError(
+            f"{where}: the histogram bins change at step {changed}; "
+            "plot the runs in separate TensorBoard directories"
+        )
     limits = np.asarray(upper[0], dtype=np.float64)
     first = events[0].histogram_value
     below = 2 * limits[0] - limits[1] if len(limits) > 1 else first.min

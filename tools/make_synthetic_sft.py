@@ -1,6 +1,6 @@
 """Writes synthetic SFT JSONL files ({"prompt","response"}) for smoke runs and experiments.
 
-    python tools/make_synthetic_sft.py --out-dir runs/data --tasks addition reverse --train 4000 --valid 200
+python tools/make_synthetic_sft.py --out-dir runs/data --tasks addition reverse --train 4000 --valid 200
 """
 
 import argparse
@@ -18,7 +18,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args(argv)
     # Different seeds for the splits: validation samples are drawn independently of training ones.
-    for split, count, seed in [("train", args.train, args.seed), ("valid", args.valid, args.seed + 1)]:
+    for split, count, seed in [
+        ("train", args.train, args.seed),
+        ("valid", args.valid, args.seed + 1),
+    ]:
         path = os.path.join(args.out_dir, f"{split}.jsonl")
         write_jsonl(path, generate(args.tasks, count, seed))
         print(f"wrote {count} samples to {path}")

@@ -30,14 +30,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools.gate_dynamics_logs import ALL_TOKENS, read_run, read_scalars  # noqa: E402
 
-__all__ = ["read_run", "read_scalars", "class_names", "plot", "plot_classes", "plot_histograms",
-           "plot_class_dynamics", "run_labels", "main"]
+__all__ = [
+    "read_run",
+    "read_scalars",
+    "class_names",
+    "plot",
+    "plot_classes",
+    "plot_histograms",
+    "plot_class_dynamics",
+    "run_labels",
+    "main",
+]
 
-STATS = (("gate", "mean gate"), ("alpha", "mean exponent a"), ("p_target", "mean p_target"),
-         ("renyi2_entropy", "mean Renyi-2 entropy H2"),
-         ("confident_conflict", "confident-conflict fraction"), ("nll", "NLL"))
-CLASS_STATS = (("gate", "mean gate"), ("alpha", "mean exponent a"),
-               ("p_target", "mean p_target"))
+STATS = (
+    ("gate", "mean gate"),
+    ("alpha", "mean exponent a"),
+    ("p_target", "mean p_target"),
+    ("renyi2_entropy", "mean Renyi-2 entropy H2"),
+    ("confident_conflict", "confident-conflict fraction"),
+    ("nll", "NLL"),
+)
+CLASS_STATS = (("gate", "mean gate"), ("alpha", "mean exponent a"), ("p_target", "mean p_target"))
 
 
 def _pyplot():
@@ -59,14 +72,15 @@ def plot(runs: Dict[str, dict], out: str) -> str:
         raise ValueError("none of the runs logged " + ", ".join(k for k, _ in STATS))
     columns = min(3, len(present))
     rows = -(-len(present) // columns)
-    figure, axes = _pyplot().subplots(rows, columns, figsize=(5 * columns, 3.6 * rows),
-                                      squeeze=False)
+    figure, axes = _pyplot().subplots(
+        rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False
+    )
     for axis, (key, title) in zip(axes.flat, present):
         for label, scalars in runs.items():
             if key in scalars:
                 axis.plot(*scalars[key], label=label)
         axis.set(title=title, xlabel="iteration")
-    for axis in list(axes.flat)[len(present):]:
+    for axis in list(axes.flat)[len(present) :]:
         axis.set_visible(False)
     axes.flat[0].legend(fontsize=7)
     return save_figure(figure, out)
@@ -100,10 +114,14 @@ def plot_classes(runs: Dict[str, dict], out: str) -> str:
     from megatron_deft.utils.figures import save_figure
 
     colours = _class_colours(runs)
-    stats = [(key, title) for key, title in CLASS_STATS
-             if any(key in by_stat for r in runs.values() for by_stat in r["classes"].values())]
-    figure, axes = _pyplot().subplots(len(runs), len(stats) + 1, squeeze=False,
-                                      figsize=(4.2 * (len(stats) + 1), 3.3 * len(runs)))
+    stats = [
+        (key, title)
+        for key, title in CLASS_STATS
+        if any(key in by_stat for r in runs.values() for by_stat in r["classes"].values())
+    ]
+    figure, axes = _pyplot().subplots(
+        len(runs), len(stats) + 1, squeeze=False, figsize=(4.2 * (len(stats) + 1), 3.3 * len(runs))
+    )
     for row, (label, run) in zip(axes, runs.items()):
         for axis, (key, title) in zip(row, stats):
             axis.set(title=f"{label}: {title}", xlabel="iteration")
@@ -111,8 +129,13 @@ def plot_classes(runs: Dict[str, dict], out: str) -> str:
             if not lines:
                 _note(axis, f"{title} not logged for this run")
             for name, (steps, values) in lines.items():
-                axis.plot(steps, values, color=colours[name], marker=".",
-                          label=_with_share(name, run["classes"][name]))
+                axis.plot(
+                    steps,
+                    values,
+                    color=colours[name],
+                    marker=".",
+                    label=_with_share(name, run["classes"][name]),
+                )
             if lines:
                 axis.legend(fontsize=7)
         _gate_vs_p_target(row[-1], run["classes"], colours)
@@ -145,8 +168,13 @@ def _gate_vs_p_target(axis, classes: dict, colours: dict) -> None:
         xs, ys = [p_target[s] for s in steps], [gate[s] for s in steps]
         ramp = [(i + 1) / len(steps) for i in range(len(steps))]  # (0, 1]: later = stronger
         axis.plot(xs, ys, color=colours[name], lw=0.8, alpha=0.5, label=name)
-        axis.scatter(xs, ys, s=[10 + 40 * r for r in ramp], edgecolors="none",
-                     c=[(*colours[name][:3], 0.2 + 0.8 * r) for r in ramp])
+        axis.scatter(
+            xs,
+            ys,
+            s=[10 + 40 * r for r in ramp],
+            edgecolors="none",
+            c=[(*colours[name][:3], 0.2 + 0.8 * r) for r in ramp],
+        )
         axis.scatter(xs[:1], ys[:1], marker="s", s=60, facecolors="none", color=colours[name])
         axis.scatter(xs[-1:], ys[-1:], marker="*", s=140, color=colours[name])
         drawn = True
@@ -154,8 +182,10 @@ def _gate_vs_p_target(axis, classes: dict, colours: dict) -> None:
         _note(axis, "no class logged both gate and p_target")
         return
     handles, _ = axis.get_legend_handles_labels()
-    handles += [Line2D([], [], ls="", marker="s", mfc="none", mec="k", label="first step"),
-                Line2D([], [], ls="", marker="*", ms=10, color="k", label="last step")]
+    handles += [
+        Line2D([], [], ls="", marker="s", mfc="none", mec="k", label="first step"),
+        Line2D([], [], ls="", marker="*", ms=10, color="k", label="last step"),
+    ]
     axis.legend(handles=handles, fontsize=7)
 
 
@@ -167,20 +197,25 @@ def plot_histograms(runs: Dict[str, dict], stat: str, out: str) -> Optional[str]
 
     from megatron_deft.utils.figures import save_figure
 
-    rows = {label: run["histograms"][stat] for label, run in runs.items()
-            if run["histograms"].get(stat)}
+    rows = {
+        label: run["histograms"][stat] for label, run in runs.items() if run["histograms"].get(stat)
+    }
     if not rows:
         return None
     columns = [ALL_TOKENS, *class_names(runs)]
-    figure, axes = _pyplot().subplots(len(rows), len(columns), squeeze=False,
-                                      figsize=(3.9 * len(columns), 3.0 * len(rows)))
+    figure, axes = _pyplot().subplots(
+        len(rows), len(columns), squeeze=False, figsize=(3.9 * len(columns), 3.0 * len(rows))
+    )
     # sqrt colour scale: a bin with 1% of the tokens is still visible next to one with 90%.
     norm = PowerNorm(0.5, vmin=0.0, vmax=1.0)
     explained = False
     for row, (label, by_class) in zip(axes, rows.items()):
         for axis, name in zip(row, columns):
-            axis.set(title=f"{label}: {name if name is not ALL_TOKENS else 'all tokens'}",
-                     xlabel="iteration", ylabel="exponent a" if stat == "alpha" else stat)
+            axis.set(
+                title=f"{label}: {name if name is not ALL_TOKENS else 'all tokens'}",
+                xlabel="iteration",
+                ylabel="exponent a" if stat == "alpha" else stat,
+            )
             if name not in by_class:
                 _note(axis, "no tokens of this class")
                 continue
@@ -198,8 +233,14 @@ def _heatmap(axis, series: dict, norm):
     import numpy as np
 
     num = np.maximum(series["num"], 1.0)[:, None]  # a step without tokens stays all zero
-    mesh = axis.pcolormesh(_step_edges(series["steps"]), series["edges"],
-                           (series["counts"] / num).T, cmap="magma", norm=norm, shading="flat")
+    mesh = axis.pcolormesh(
+        _step_edges(series["steps"]),
+        series["edges"],
+        (series["counts"] / num).T,
+        cmap="magma",
+        norm=norm,
+        shading="flat",
+    )
     axis.plot(series["steps"], series["mean"], color="cyan", lw=1.2, label="token mean")
     return mesh
 

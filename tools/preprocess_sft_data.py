@@ -46,7 +46,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--tokenizer-model", required=True)
     parser.add_argument(
-        "--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+        "--workers",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
         help="tokenizing processes (output is identical for any number)",
     )
     parser.add_argument("--chunk-lines", type=int, default=CHUNK_LINES, help="lines per task")
@@ -62,8 +64,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     start = time.monotonic()
     try:
         sidecar = preprocess_sft_data(
-            args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
-            settings, workers=args.workers, chunk_lines=args.chunk_lines, progress=args.progress,
+            args.input,
+            args.output_prefix,
+            args.tokenizer_type,
+            args.tokenizer_model,
+            settings,
+            workers=args.workers,
+            chunk_lines=args.chunk_lines,
+            progress=args.progress,
         )
     except (DataError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -115,10 +115,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except RuntimeError as error:  # sentencepiece's own checks, e.g. a vocabulary below its alphabet
+    except (
+        RuntimeError
+    ) as error:  # sentencepiece's own checks, e.g. a vocabulary below its alphabet
         reason = str(error).strip().splitlines()[-1]
-        print(f"error: sentencepiece could not train a {args.vocab_size}-piece model: {reason}",
-              file=sys.stderr)
+        print(
+            f"error: sentencepiece could not train a {args.vocab_size}-piece model: {reason}",
+            file=sys.stderr,
+        )
         return 1
     print(f"wrote {path}")
     return 0

@@ -71,42 +71,73 @@ class ExperimentConfig:
 # The CPU evidence presets and ``full`` share this data and prior (the same phase-1 run), a
 # 64-wide model and phase-2 LR 3e-3; they differ in phase-2 length, schedule and coverage.
 _CPU_EVIDENCE = ExperimentConfig(
-    name="cpu-evidence", prior_samples=20000, phase2_b_samples=2000, phase2_a_samples=2000,
-    eval_samples=100, hidden_size=64, prior_iters=6000, phase2_lr=3e-3,
+    name="cpu-evidence",
+    prior_samples=20000,
+    phase2_b_samples=2000,
+    phase2_a_samples=2000,
+    eval_samples=100,
+    hidden_size=64,
+    prior_iters=6000,
+    phase2_lr=3e-3,
 )
-_CPU_PLATEAU = dataclasses.replace(_CPU_EVIDENCE, phase2_iters=24000,
-                                   phase2_lr_decay_style="constant", save_interval=800)
+_CPU_PLATEAU = dataclasses.replace(
+    _CPU_EVIDENCE, phase2_iters=24000, phase2_lr_decay_style="constant", save_interval=800
+)
 
 PRESETS = {
     "smoke": ExperimentConfig(
-        name="smoke", variants=("mix",), seeds=(1,), prior_samples=1000, phase2_b_samples=256,
-        phase2_a_samples=256, eval_samples=24, num_layers=1, hidden_size=64, prior_iters=40,
-        phase2_iters=8, save_interval=4, micro_batch_size=16, global_batch_size=16,
+        name="smoke",
+        variants=("mix",),
+        seeds=(1,),
+        prior_samples=1000,
+        phase2_b_samples=256,
+        phase2_a_samples=256,
+        eval_samples=24,
+        num_layers=1,
+        hidden_size=64,
+        prior_iters=40,
+        phase2_iters=8,
+        save_interval=4,
+        micro_batch_size=16,
+        global_batch_size=16,
         max_new_tokens=6,
     ),
     # A quick CPU look: 3 seeds of the mix variant, a few minutes on 2 cores; more variants with
     # --variants (finished runs are reused).
     "medium": ExperimentConfig(
-        name="medium", variants=("mix",), prior_samples=8000, phase2_b_samples=1000,
-        phase2_a_samples=1000, eval_samples=100, hidden_size=64, prior_iters=1500,
-        phase2_iters=100, save_interval=20,
+        name="medium",
+        variants=("mix",),
+        prior_samples=8000,
+        phase2_b_samples=1000,
+        phase2_a_samples=1000,
+        eval_samples=100,
+        hidden_size=64,
+        prior_iters=1500,
+        phase2_iters=100,
+        save_interval=20,
     ),
     # The CPU evidence run (docs/evidence.md): all variants, 3 seeds, ~75 min on 2 cores. Phase-2 LR
     # 3e-3 (the prior's): at 1e-3, NLL reached only 12% held-out-B exact-match from this prior in
     # 1200 steps (one probe seed), too little to compare objectives on new learning.
-    "cpu-long": dataclasses.replace(_CPU_EVIDENCE, name="cpu-long", phase2_iters=1200,
-                                    save_interval=100),
+    "cpu-long": dataclasses.replace(
+        _CPU_EVIDENCE, name="cpu-long", phase2_iters=1200, save_interval=100
+    ),
     # cpu-long's mix variant run 3x longer (docs/evidence-horizon.md), for the horizon check:
     # from this prior, NLL's held-out-B exact-match is still rising after 1200 steps.
-    "cpu-horizon": dataclasses.replace(_CPU_EVIDENCE, name="cpu-horizon", variants=("mix",),
-                                       phase2_iters=3600, save_interval=300),
+    "cpu-horizon": dataclasses.replace(
+        _CPU_EVIDENCE, name="cpu-horizon", variants=("mix",), phase2_iters=3600, save_interval=300
+    ),
     # cpu-horizon with a constant phase-2 LR, run long (docs/evidence-plateau.md): under cosine
     # decay NLL's best step sits at the end of every run length, so the 3x-the-best-step horizon
     # needs a schedule that does not decay. A one-seed NLL probe at this LR came within 0.02 of
     # its best held-out-B exact-match (0.95) at step ~7200 of 12000. dft and p are left out:
     # they learned nothing at this LR in cpu-long and cpu-horizon (~110 min with --jobs 2).
-    "cpu-plateau": dataclasses.replace(_CPU_PLATEAU, name="cpu-plateau", variants=("mix",),
-                                       objectives=("nll", "deft", "cayley", "eaft")),
+    "cpu-plateau": dataclasses.replace(
+        _CPU_PLATEAU,
+        name="cpu-plateau",
+        variants=("mix",),
+        objectives=("nll", "deft", "cayley", "eaft"),
+    ),
     # The benchmark: cpu-plateau's settings (validated on CPU: the prior reaches >= 95% on A, NLL
     # learns B and plateaus well before the end) for every variant and all six objectives:
     # 72 runs of 24000 steps, ~11 h on 2 CPU cores with --jobs 2; meant for a GPU node

@@ -92,11 +92,16 @@ def training_dynamics(run_dir: str, variant: str, objectives, seed: int) -> list
     (runs trained before phase 2 passed ``--token-class-key``)."""
     from tools import plot_gate_dynamics as tool
 
-    runs = {objective: tool.read_run(runner.tensorboard_dir(
-        run_dir, runner.run_name(variant, objective, seed))) for objective in objectives}
+    runs = {
+        objective: tool.read_run(
+            runner.tensorboard_dir(run_dir, runner.run_name(variant, objective, seed))
+        )
+        for objective in objectives
+    }
     if not tool.class_names(runs):
         return []
-    written = [tool.plot_classes(runs, os.path.join(run_dir, f"train_classes_{variant}.png")),
-               tool.plot_histograms(runs, "gate",
-                                    os.path.join(run_dir, f"gate_histograms_{variant}.png"))]
+    written = [
+        tool.plot_classes(runs, os.path.join(run_dir, f"train_classes_{variant}.png")),
+        tool.plot_histograms(runs, "gate", os.path.join(run_dir, f"gate_histograms_{variant}.png")),
+    ]
     return [path for path in written if path]

@@ -6,7 +6,12 @@ import os
 
 from benchmarks.objectives_regimes import plots, runner
 from benchmarks.objectives_regimes.results import (
-    CLASSES, MEASURES, curve, fmt, over_seeds, trajectories,
+    CLASSES,
+    MEASURES,
+    curve,
+    fmt,
+    over_seeds,
+    trajectories,
 )
 
 VARIANT_TEXT = {
@@ -26,13 +31,22 @@ DYNAMICS_TEXT = (
     "NLL's gate is 1 for every token. The second figure shows the whole gate distribution of "
     "each class over the iterations (colour: share of the log step's tokens per bin, cyan: the "
     "mean), which tells a class whose tokens are all down-weighted a little from one split "
-    "into ignored and fully trained tokens.")
-SUMMARY_CLASSES = {"mix": ("clean A", "B", "noisy A"), "clean": ("clean A", "B"),
-                   "forget": ("clean A", "B"), "scratch": ("B",)}
+    "into ignored and fully trained tokens."
+)
+SUMMARY_CLASSES = {
+    "mix": ("clean A", "B", "noisy A"),
+    "clean": ("clean A", "B"),
+    "forget": ("clean A", "B"),
+    "scratch": ("B",),
+}
 """The exact-match columns of each variant in the cross-variant summary: what it tests (a variant
 without noisy samples has no noise to fit; scratch has no prior to keep)."""
-DIAGNOSTICS = (("p_target", "mean p_target"), ("sum_p2", "mean Σp²"), ("alpha", "mean a"),
-               ("gate", "mean gate"))
+DIAGNOSTICS = (
+    ("p_target", "mean p_target"),
+    ("sum_p2", "mean Σp²"),
+    ("alpha", "mean a"),
+    ("gate", "mean gate"),
+)
 
 
 def _by_objective(results: dict, variant: str) -> dict:
@@ -47,8 +61,10 @@ def _by_objective(results: dict, variant: str) -> dict:
 
 def _accuracy_table(by_objective: dict) -> list:
     labels = list(CLASSES.values())
-    lines = ["| objective | " + " | ".join(f"EM {label}" for label in labels)
-             + " | NLL B (per token) |", "|---" * (len(labels) + 2) + "|"]
+    lines = [
+        "| objective | " + " | ".join(f"EM {label}" for label in labels) + " | NLL B (per token) |",
+        "|---" * (len(labels) + 2) + "|",
+    ]
     for objective, runs in by_objective.items():
         cells = [fmt(*over_seeds(runs, label, "exact_match")) for label in labels]
         cells.append(fmt(*over_seeds(runs, "B", "nll")))
@@ -61,15 +77,21 @@ def _summary_table(results: dict, variants: list, prior_em: dict) -> list:
     variant side by side (SUMMARY_CLASSES), and a first row with the prior's own: where each
     variant starts from."""
     columns = [(v, label) for v in variants for label in SUMMARY_CLASSES[v]]
-    lines = ["| objective | " + " | ".join(f"{v}: {label}" for v, label in columns) + " |",
-             "|---" * (len(columns) + 1) + "|"]
-    start = [f"{prior_em[label]:.3f}" if v != "scratch" and label in prior_em else "-"
-             for v, label in columns]
+    lines = [
+        "| objective | " + " | ".join(f"{v}: {label}" for v, label in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    start = [
+        f"{prior_em[label]:.3f}" if v != "scratch" and label in prior_em else "-"
+        for v, label in columns
+    ]
     lines.append("| (prior, before SFT) | " + " | ".join(start) + " |")
     by_variant = {v: _by_objective(results, v) for v in variants}
     for objective in results["config"]["objectives"]:
-        cells = [fmt(*over_seeds(by_variant[v].get(objective, []), label, "exact_match"))
-                 for v, label in columns]
+        cells = [
+            fmt(*over_seeds(by_variant[v].get(objective, []), label, "exact_match"))
+            for v, label in columns
+        ]
         lines.append(f"| {objective} | " + " | ".join(cells) + " |")
     return lines
 
@@ -80,23 +102,31 @@ the plots and results.json hold them all."""
 
 
 def _trajectory_table(by_objective: dict, label: str) -> list:
-    steps = sorted({step for runs in by_objective.values()
-                    for step in curve(runs, label, "exact_match")[0]})
+    steps = sorted(
+        {step for runs in by_objective.values() for step in curve(runs, label, "exact_match")[0]}
+    )
     stride = -(-len(steps) // TRAJECTORY_COLUMNS)
     steps = steps[::-1][::stride][::-1]
-    lines = ["| objective | " + " | ".join(f"step {s}" for s in steps) + " |",
-             "|---" * (len(steps) + 1) + "|"]
+    lines = [
+        "| objective | " + " | ".join(f"step {s}" for s in steps) + " |",
+        "|---" * (len(steps) + 1) + "|",
+    ]
     for objective, runs in by_objective.items():
         xs, means, _ = curve(runs, label, "exact_match")
         row = dict(zip(xs, means))
-        lines.append(f"| {objective} | " + " | ".join(
-            f"{row[s]:.3f}" if s in row else "" for s in steps) + " |")
+        lines.append(
+            f"| {objective} | "
+            + " | ".join(f"{row[s]:.3f}" if s in row else "" for s in steps)
+            + " |"
+        )
     return lines
 
 
 def _diagnostics_table(by_objective: dict) -> list:
-    lines = ["| objective | class | " + " | ".join(t for _, t in DIAGNOSTICS) + " |",
-             "|---" * (len(DIAGNOSTICS) + 2) + "|"]
+    lines = [
+        "| objective | class | " + " | ".join(t for _, t in DIAGNOSTICS) + " |",
+        "|---" * (len(DIAGNOSTICS) + 2) + "|",
+    ]
     for objective, runs in by_objective.items():
         for label in CLASSES.values():
             cells = [fmt(*over_seeds(runs, label, key)) for key, _ in DIAGNOSTICS]
@@ -127,21 +157,25 @@ def _nll_horizon(by_objective: dict, total_steps: int) -> str:
         return "no NLL checkpoints."
     best_value = max(means)
     if best_value == 0.0:
-        return (f"NLL never produced an exact held-out-B answer in {total_steps} steps, so the "
-                "3x-the-best-step horizon cannot be assessed (B is not learned at this budget).")
+        return (
+            f"NLL never produced an exact held-out-B answer in {total_steps} steps, so the "
+            "3x-the-best-step horizon cannot be assessed (B is not learned at this budget)."
+        )
 
     def versus(step: int) -> str:
         ratio = total_steps / step
         return f"{ratio:.1f}x ({'meets' if ratio >= 3 else 'does NOT meet'} the 3x target)"
 
     best = steps[means.index(best_value)]
-    last_third = means[len(means) - max(1, len(means) // 3):]
+    last_third = means[len(means) - max(1, len(means) // 3) :]
     level = sum(last_third) / len(last_third)
     onset = next(s for s, m in zip(steps, means) if m >= level - PLATEAU_TOLERANCE)
-    return (f"NLL's held-out-B exact-match is highest ({best_value:.3f}) at step {best}: "
-            f"{versus(best)}. Its plateau level (mean over the last {len(last_third)} "
-            f"checkpoints) is {level:.3f}; it first comes within {PLATEAU_TOLERANCE} of that "
-            f"level at step {onset}: the {total_steps}-step runs are {versus(onset)}.")
+    return (
+        f"NLL's held-out-B exact-match is highest ({best_value:.3f}) at step {best}: "
+        f"{versus(best)}. Its plateau level (mean over the last {len(last_third)} "
+        f"checkpoints) is {level:.3f}; it first comes within {PLATEAU_TOLERANCE} of that "
+        f"level at step {onset}: the {total_steps}-step runs are {versus(onset)}."
+    )
 
 
 def _prior_section(results: dict, threshold: float = 0.95) -> tuple:
@@ -149,18 +183,21 @@ def _prior_section(results: dict, threshold: float = 0.95) -> tuple:
     em = {label: points[max(points)]["exact_match"] for label, points in prior.items() if points}
     a_em = em.get("clean A", float("nan"))
     status = "reached" if a_em >= threshold else "NOT reached"
-    lines = [f"Phase 1 (NLL on task A, {results['config']['prior_iters']} steps): held-out A "
-             f"exact-match **{a_em:.3f}** (target ≥ {threshold:.2f}: {status}); "
-             f"B {em.get('B', float('nan')):.3f} (B is new to the prior by construction)."]
+    lines = [
+        f"Phase 1 (NLL on task A, {results['config']['prior_iters']} steps): held-out A "
+        f"exact-match **{a_em:.3f}** (target ≥ {threshold:.2f}: {status}); "
+        f"B {em.get('B', float('nan')):.3f} (B is new to the prior by construction)."
+    ]
     return lines, em
 
 
-def _figures(by_objective: dict, variant: str, run_dir: str, config: dict,
-             prior_em: dict) -> list:
+def _figures(by_objective: dict, variant: str, run_dir: str, config: dict, prior_em: dict) -> list:
     """The variant's PNGs (written to ``run_dir``) as report lines."""
-    figures = [plots.accuracy_curves(by_objective, variant, run_dir, prior_em),
-               plots.gate_vs_p(by_objective, variant, run_dir),
-               plots.alpha_curves(by_objective, variant, run_dir)]
+    figures = [
+        plots.accuracy_curves(by_objective, variant, run_dir, prior_em),
+        plots.gate_vs_p(by_objective, variant, run_dir),
+        plots.alpha_curves(by_objective, variant, run_dir),
+    ]
     lines = [f"![{name}]({name})" for name in map(os.path.basename, figures)] + [""]
     seed = config["seeds"][0]
     dynamics = plots.training_dynamics(run_dir, variant, list(by_objective), seed)
@@ -172,25 +209,35 @@ def _figures(by_objective: dict, variant: str, run_dir: str, config: dict,
 
 def write_report(results: dict, run_dir: str) -> str:
     config = results["config"]
-    lines = [f"# Objectives under regimes: `{config['name']}` configuration", "",
-             f"Machine: {results['machine']}. Wall time: {results['wall_seconds'] / 60:.1f} min. "
-             f"Seeds: {list(config['seeds'])}. Phase-2 steps: {config['phase2_iters']} "
-             f"(checkpoint + evaluation every {config['save_interval']}), LR "
-             f"{config['phase2_lr']} ({config['phase2_lr_decay_style']} after "
-             f"{runner.WARMUP_ITERS} warmup steps), global batch {config['global_batch_size']}, "
-             f"TP {config['tensor_model_parallel_size']}, noise rate r = {config['noise_rate']}. "
-             "Numbers are mean ± sd over seeds at the last checkpoint; EM = greedy exact-match.",
-             "", "What each column measures: " + "; ".join(f"**{k}**: {v}" for k, v in
-                                                          MEASURES.items()) + ".", ""]
+    lines = [
+        f"# Objectives under regimes: `{config['name']}` configuration",
+        "",
+        f"Machine: {results['machine']}. Wall time: {results['wall_seconds'] / 60:.1f} min. "
+        f"Seeds: {list(config['seeds'])}. Phase-2 steps: {config['phase2_iters']} "
+        f"(checkpoint + evaluation every {config['save_interval']}), LR "
+        f"{config['phase2_lr']} ({config['phase2_lr_decay_style']} after "
+        f"{runner.WARMUP_ITERS} warmup steps), global batch {config['global_batch_size']}, "
+        f"TP {config['tensor_model_parallel_size']}, noise rate r = {config['noise_rate']}. "
+        "Numbers are mean ± sd over seeds at the last checkpoint; EM = greedy exact-match.",
+        "",
+        "What each column measures: "
+        + "; ".join(f"**{k}**: {v}" for k, v in MEASURES.items())
+        + ".",
+        "",
+    ]
     prior_lines, prior_em = _prior_section(results)
     lines += ["## Phase 1: the prior", ""] + prior_lines + [""]
     variants = [v for v in config["variants"] if _by_objective(results, v)]
     if len(variants) > 1:
-        lines += ["## Summary: every variant at the last checkpoint", "",
-                  "Greedy exact-match, mean ± sd over seeds (the sections below have the "
-                  "trajectories and diagnostics). **clean A** is retention (and, in `mix`, "
-                  "robustness to the corrupted A samples), **B** new learning, **noisy A** the "
-                  "fit to the corrupted labels.", ""]
+        lines += [
+            "## Summary: every variant at the last checkpoint",
+            "",
+            "Greedy exact-match, mean ± sd over seeds (the sections below have the "
+            "trajectories and diagnostics). **clean A** is retention (and, in `mix`, "
+            "robustness to the corrupted A samples), **B** new learning, **noisy A** the "
+            "fit to the corrupted labels.",
+            "",
+        ]
         lines += _summary_table(results, variants, prior_em) + [""]
     for variant in variants:
         by_objective = _by_objective(results, variant)
@@ -200,12 +247,20 @@ def write_report(results: dict, run_dir: str) -> str:
         for label in CLASSES.values():
             lines += [f"Trajectory of EM {label} (mean over seeds):", ""]
             lines += _trajectory_table(by_objective, label) + [""]
-        lines += ["Diagnostics per token class at the last checkpoint (each objective's own "
-                  "gate/exponent on the evaluation files' response tokens; a only for q-log "
-                  "objectives):", ""] + _diagnostics_table(by_objective) + [""]
+        lines += (
+            [
+                "Diagnostics per token class at the last checkpoint (each objective's own "
+                "gate/exponent on the evaluation files' response tokens; a only for q-log "
+                "objectives):",
+                "",
+            ]
+            + _diagnostics_table(by_objective)
+            + [""]
+        )
         if plots.HAVE_MATPLOTLIB:
-            lines += _figures(by_objective, variant, run_dir, config,
-                              prior_em if variant != "scratch" else {})
+            lines += _figures(
+                by_objective, variant, run_dir, config, prior_em if variant != "scratch" else {}
+            )
     if not plots.HAVE_MATPLOTLIB:
         lines += ["(plots skipped: matplotlib is not installed)", ""]
     path = os.path.join(run_dir, "report.md")
@@ -230,7 +285,7 @@ def publish(run_dir: str, target: str, command: str) -> str:
     for name in re.findall(r"!\[[^\]]*\]\(([^)/]+\.png)\)", text):
         shutil.copyfile(os.path.join(run_dir, name), os.path.join(figures, name))
         text = text.replace(f"]({name})", f"]({stem}/{name})")
-    header = (f"<!-- generated by `{command}`; do not edit by hand -->\n\n")
+    header = f"<!-- generated by `{command}`; do not edit by hand -->\n\n"
     with open(target + ".tmp", "w", encoding="utf-8") as handle:
         handle.write(header + text)
     os.replace(target + ".tmp", target)

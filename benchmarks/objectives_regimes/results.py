@@ -11,9 +11,11 @@ from typing import Dict, List
 # Evaluation file stem -> token class label used in tables and plots.
 CLASSES = {"a_heldout": "clean A", "b_heldout": "B", "a_noisy": "noisy A"}
 # What exact-match on each class measures.
-MEASURES = {"clean A": "retention / noise robustness (held-out A)",
-            "B": "new learning (held-out B)",
-            "noisy A": "fit to the corrupted labels (training A samples with wrong answers)"}
+MEASURES = {
+    "clean A": "retention / noise robustness (held-out A)",
+    "B": "new learning (held-out B)",
+    "noisy A": "fit to the corrupted labels (training A samples with wrong answers)",
+}
 
 
 def class_of(path: str) -> str:
@@ -36,8 +38,9 @@ def mean_sd(values: List[float]) -> tuple:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def over_seeds(runs: List[Dict[str, Dict[int, dict]]], label: str, key: str,
-               iteration: int = None) -> tuple:
+def over_seeds(
+    runs: List[Dict[str, Dict[int, dict]]], label: str, key: str, iteration: int = None
+) -> tuple:
     """mean, sd of ``key`` for class ``label`` at ``iteration`` (default: each run's last)."""
     values = []
     for run in runs:

@@ -36,17 +36,43 @@ TRAIN_FILE = {"mix": "mix", "clean": "clean", "forget": "b_only", "scratch": "b_
 def train_prior(config, run_dir: str, data: dict, tokenizer: str) -> str:
     save = os.path.join(run_dir, "ckpt", "prior")
     if not runner.finished(save, config.prior_iters):
-        runner.train(config, "prior", run_dir, runner.model_args(config, tokenizer) + [
-            "--train-data", data["prior_train"], "--sft-objective", "nll",
-            "--train-iters", config.prior_iters, "--lr", config.prior_lr,
-            "--seed", config.data_seed, "--save", save,
-            "--tensorboard-dir", runner.tensorboard_dir(run_dir, "prior")])
+        runner.train(
+            config,
+            "prior",
+            run_dir,
+            runner.model_args(config, tokenizer)
+            + [
+                "--train-data",
+                data["prior_train"],
+                "--sft-objective",
+                "nll",
+                "--train-iters",
+                config.prior_iters,
+                "--lr",
+                config.prior_lr,
+                "--seed",
+                config.data_seed,
+                "--save",
+                save,
+                "--tensorboard-dir",
+                runner.tensorboard_dir(run_dir, "prior"),
+            ],
+        )
     return save
 
 
-def train_phase2(config, run_dir: str, data: dict, tokenizer: str, prior: str,
-                 variant: str, objective: str, seed: int, concurrent: int = 1,
-                 slot: int = 0) -> str:
+def train_phase2(
+    config,
+    run_dir: str,
+    data: dict,
+    tokenizer: str,
+    prior: str,
+    variant: str,
+    objective: str,
+    seed: int,
+    concurrent: int = 1,
+    slot: int = 0,
+) -> str:
     """One phase-2 run into ``ckpt/<name>``: skipped when finished; an interrupted run launched
     with the same arguments resumes from its last checkpoint (the trainer's resume is exact);
     anything else there is deleted with its TensorBoard log and trained from the start."""
@@ -55,16 +81,30 @@ def train_phase2(config, run_dir: str, data: dict, tokenizer: str, prior: str,
     if runner.finished(save, config.phase2_iters):
         return save
     args = runner.model_args(config, tokenizer) + [
-        "--train-data", data[TRAIN_FILE[variant]], "--sft-objective", objective,
-        "--train-iters", config.phase2_iters, "--lr", config.phase2_lr,
-        "--lr-decay-style", config.phase2_lr_decay_style, "--seed", seed,
-        "--save", save, "--save-interval", config.save_interval,
-        "--tensorboard-dir", runner.tensorboard_dir(run_dir, name),
-        "--token-class-key", "tag"]  # per-class gate histograms (tasks.py tags every sample)
+        "--train-data",
+        data[TRAIN_FILE[variant]],
+        "--sft-objective",
+        objective,
+        "--train-iters",
+        config.phase2_iters,
+        "--lr",
+        config.phase2_lr,
+        "--lr-decay-style",
+        config.phase2_lr_decay_style,
+        "--seed",
+        seed,
+        "--save",
+        save,
+        "--save-interval",
+        config.save_interval,
+        "--tensorboard-dir",
+        runner.tensorboard_dir(run_dir, name),
+        "--token-class-key",
+        "tag",
+    ]  # per-class gate histograms (tasks.py tags every sample)
     start = args + (["--load", prior, "--finetune"] if variant != "scratch" else [])
     if runner.resumable(save, start):
-        runner.train(config, name, run_dir, args + ["--load", save], concurrent, slot,
-                     resumed=True)
+        runner.train(config, name, run_dir, args + ["--load", save], concurrent, slot, resumed=True)
         return save
     # Checkpoints and logs of another run would be evaluated and plotted as if this run's.
     shutil.rmtree(save, ignore_errors=True)
@@ -81,8 +121,9 @@ def evaluate_all(config, run_dir: str, loads: list, data: dict, tokenizer: str) 
     done = runner.evaluated(run_dir, loads)
     missing = [root for root in loads if root not in done]
     if missing:
-        summaries = runner.evaluate(config, run_dir, missing,
-                                    [data[name] for name in EVAL_FILES], tokenizer)
+        summaries = runner.evaluate(
+            config, run_dir, missing, [data[name] for name in EVAL_FILES], tokenizer
+        )
         done.update({root: [s for s in summaries if s["load"] == root] for root in missing})
     return {root: done[root] for root in loads}
 
@@ -97,7 +138,9 @@ def run_experiment(config, run_dir: str, jobs: int = 1) -> dict:
         data = tasks.write_data(config, os.path.join(run_dir, "data"))
         tokenizer = runner.train_tokenizer(
             [data["prior_train"], data["mix"], data["a_heldout"], data["b_heldout"]],
-            os.path.join(run_dir, "tokenizer", "char"), os.path.join(run_dir, "logs", "tok.log"))
+            os.path.join(run_dir, "tokenizer", "char"),
+            os.path.join(run_dir, "logs", "tok.log"),
+        )
         prior = train_prior(config, run_dir, data, tokenizer)
         runs = list(itertools.product(config.variants, config.objectives, config.seeds))
         concurrent = max(1, min(jobs, len(runs)))
@@ -109,8 +152,7 @@ def run_experiment(config, run_dir: str, jobs: int = 1) -> dict:
         def phase2(run: tuple) -> str:
             slot = free_slots.get()
             try:
-                save = train_phase2(config, run_dir, data, tokenizer, prior, *run, concurrent,
-                                    slot)
+                save = train_phase2(config, run_dir, data, tokenizer, prior, *run, concurrent, slot)
             finally:
                 free_slots.put(slot)
             print(f"[{clock.elapsed():6.0f}s] trained {' '.join(map(str, run))}", flush=True)
@@ -120,9 +162,13 @@ def run_experiment(config, run_dir: str, jobs: int = 1) -> dict:
             saves = list(pool.map(phase2, runs))  # re-raises the first failed launch
         roots = {"/".join(map(str, run)): save for run, save in zip(runs, saves)}
         summaries = evaluate_all(config, run_dir, [prior, *roots.values()], data, tokenizer)
-        return {"config": config_dict(config), "prior": summaries[prior],
-                "runs": {key: summaries[root] for key, root in roots.items()},
-                "wall_seconds": clock.save(), "machine": machine()}
+        return {
+            "config": config_dict(config),
+            "prior": summaries[prior],
+            "runs": {key: summaries[root] for key, root in roots.items()},
+            "wall_seconds": clock.save(),
+            "machine": machine(),
+        }
 
 
 class WallClock:
@@ -182,8 +228,10 @@ def machine() -> str:
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     except Exception:  # the description must never fail the experiment
         gpu = "unknown GPU"
-    return (f"{platform.node()} ({platform.machine()}, {cores} CPU cores, {gpu}; wall time "
-            "includes whatever else the machine ran meanwhile)")
+    return (
+        f"{platform.node()} ({platform.machine()}, {cores} CPU cores, {gpu}; wall time "
+        "includes whatever else the machine ran meanwhile)"
+    )
 
 
 def parse_args(argv=None):
@@ -197,17 +245,30 @@ def parse_args(argv=None):
     parser.add_argument("--objectives", nargs="+", help="override the preset's objectives")
     parser.add_argument("--variants", nargs="+", help="override the preset's variants")
     parser.add_argument("--phase2-iters", type=int, help="override the preset's phase-2 steps")
-    parser.add_argument("--save-interval", type=int,
-                        help="override the preset's phase-2 checkpoint/evaluation interval")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="phase-2 runs trained at once: they share the CPU cores; on "
-                        "CUDA each gets its own --nproc GPUs when there are enough")
+    parser.add_argument(
+        "--save-interval",
+        type=int,
+        help="override the preset's phase-2 checkpoint/evaluation interval",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="phase-2 runs trained at once: they share the CPU cores; on "
+        "CUDA each gets its own --nproc GPUs when there are enough",
+    )
     parser.add_argument("--extra-train-args", default="", help="appended to every train command")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rebuild report.md and the PNGs from --out's results.json (same "
-                        "flags as the run) without training or evaluating")
-    parser.add_argument("--publish", metavar="FILE.md",
-                        help="also copy the report (and its PNGs) here, e.g. docs/evidence.md")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild report.md and the PNGs from --out's results.json (same "
+        "flags as the run) without training or evaluating",
+    )
+    parser.add_argument(
+        "--publish",
+        metavar="FILE.md",
+        help="also copy the report (and its PNGs) here, e.g. docs/evidence.md",
+    )
     return parser.parse_args(argv)
 
 
@@ -219,25 +280,35 @@ def saved_results(path: str, config) -> dict:
     with open(path, encoding="utf-8") as handle:
         results = json.load(handle)
     expected = config_dict(config)
-    differing = sorted(key for key, value in results["config"].items()
-                       if expected.get(key, value) != value)
+    differing = sorted(
+        key for key, value in results["config"].items() if expected.get(key, value) != value
+    )
     if differing:
-        raise SystemExit(f"--report-only: {path} was produced with other settings "
-                         f"({', '.join(differing)}); pass the flags it was run with")
+        raise SystemExit(
+            f"--report-only: {path} was produced with other settings "
+            f"({', '.join(differing)}); pass the flags it was run with"
+        )
     results["config"] = {**expected, **results["config"]}
     return results
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    overrides = {key: value for key, value in dict(
-        device=args.device, nproc=args.nproc, tensor_model_parallel_size=args.tp,
-        seeds=tuple(args.seeds) if args.seeds else None,
-        objectives=tuple(args.objectives) if args.objectives else None,
-        variants=tuple(args.variants) if args.variants else None,
-        phase2_iters=args.phase2_iters, save_interval=args.save_interval,
-        extra_train_args=tuple(args.extra_train_args.split()) or None,
-    ).items() if value is not None}
+    overrides = {
+        key: value
+        for key, value in dict(
+            device=args.device,
+            nproc=args.nproc,
+            tensor_model_parallel_size=args.tp,
+            seeds=tuple(args.seeds) if args.seeds else None,
+            objectives=tuple(args.objectives) if args.objectives else None,
+            variants=tuple(args.variants) if args.variants else None,
+            phase2_iters=args.phase2_iters,
+            save_interval=args.save_interval,
+            extra_train_args=tuple(args.extra_train_args.split()) or None,
+        ).items()
+        if value is not None
+    }
     config = preset(args.config, **overrides)
     path = os.path.join(args.out, "results.json")
     if args.report_only:
@@ -250,7 +321,8 @@ def main(argv=None) -> int:
     print(f"wrote {write_report(results, args.out)}")
     if args.publish:
         command = "python -m benchmarks.objectives_regimes.run " + " ".join(
-            argv if argv is not None else sys.argv[1:])
+            argv if argv is not None else sys.argv[1:]
+        )
         print(f"wrote {publish(args.out, args.publish, command)}")
     return 0
 

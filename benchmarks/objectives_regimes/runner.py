@@ -20,8 +20,9 @@ class LaunchFailed(RuntimeError):
     """A launched command exited non-zero."""
 
 
-def run_logged(command: list, log_path: str, processes: int = 1, gpus: str = None,
-               append: bool = False) -> None:
+def run_logged(
+    command: list, log_path: str, processes: int = 1, gpus: str = None, append: bool = False
+) -> None:
     """Run ``command`` from the repository root, output to ``log_path`` (after what is there
     with ``append``); raise on failure. ``processes``: how many processes share the machine
     meanwhile (this launch's ranks times the launches running at once); each gets an equal
@@ -35,8 +36,9 @@ def run_logged(command: list, log_path: str, processes: int = 1, gpus: str = Non
     with open(log_path, "a" if append else "w", encoding="utf-8") as log:
         log.write(" ".join(map(str, command)) + "\n")
         log.flush()
-        done = subprocess.run(list(map(str, command)), cwd=REPO_ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
+        done = subprocess.run(
+            list(map(str, command)), cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     if done.returncode != 0:
         tail = open(log_path, encoding="utf-8").read()[-3000:]
         raise LaunchFailed(f"{command[0]} ... failed (exit {done.returncode}); {log_path}:\n{tail}")
@@ -45,16 +47,40 @@ def run_logged(command: list, log_path: str, processes: int = 1, gpus: str = Non
 def torchrun(module: str, args: list, nproc: int) -> list:
     # --standalone: the rendezvous binds a free port itself, so concurrent launches (--jobs)
     # cannot race for one.
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-            nproc, "-m", module, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        nproc,
+        "-m",
+        module,
+        *args,
+    ]
 
 
 def train_tokenizer(inputs: list, prefix: str, log_path: str) -> str:
     """Character-level SentencePiece model over every text of ``inputs``: digits are single
     tokens, so arithmetic is not hidden behind arbitrary merges."""
-    run_logged([sys.executable, os.path.join(REPO_ROOT, "tools", "train_tokenizer.py"),
-                "--input", *inputs, "--model-type", "char", "--no-byte-fallback",
-                "--vocab-size", 64, "--model-prefix", prefix, "--num-threads", 1], log_path)
+    run_logged(
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "tools", "train_tokenizer.py"),
+            "--input",
+            *inputs,
+            "--model-type",
+            "char",
+            "--no-byte-fallback",
+            "--vocab-size",
+            64,
+            "--model-prefix",
+            prefix,
+            "--num-threads",
+            1,
+        ],
+        log_path,
+    )
     return prefix + ".model"
 
 
@@ -65,17 +91,36 @@ WARMUP_ITERS = 10
 def model_args(config, tokenizer_model: str) -> list:
     """Flags shared by every training run (architecture, batch, data format, device)."""
     return [
-        "--device", config.device, "--tensor-model-parallel-size",
-        config.tensor_model_parallel_size, "--num-layers", config.num_layers,
-        "--hidden-size", config.hidden_size, "--num-attention-heads",
-        config.num_attention_heads, "--seq-length", config.seq_length,
-        "--micro-batch-size", config.micro_batch_size,
-        "--global-batch-size", config.global_batch_size,
-        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer_model,
-        "--make-vocab-size-divisible-by", 16, "--lr-warmup-iters", WARMUP_ITERS,
-        "--weight-decay", 0.0,
+        "--device",
+        config.device,
+        "--tensor-model-parallel-size",
+        config.tensor_model_parallel_size,
+        "--num-layers",
+        config.num_layers,
+        "--hidden-size",
+        config.hidden_size,
+        "--num-attention-heads",
+        config.num_attention_heads,
+        "--seq-length",
+        config.seq_length,
+        "--micro-batch-size",
+        config.micro_batch_size,
+        "--global-batch-size",
+        config.global_batch_size,
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        tokenizer_model,
+        "--make-vocab-size-divisible-by",
+        16,
+        "--lr-warmup-iters",
+        WARMUP_ITERS,
+        "--weight-decay",
+        0.0,
         # At least one log step per checkpoint: short runs (smoke) still get training dynamics.
-        "--log-interval", min(10, config.save_interval), *config.extra_train_args,
+        "--log-interval",
+        min(10, config.save_interval),
+        *config.extra_train_args,
     ]
 
 
@@ -94,19 +139,34 @@ def visible_gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def train(config, name: str, run_dir: str, args: list, concurrent: int = 1,
-          slot: int = 0, resumed: bool = False) -> None:
+def train(
+    config,
+    name: str,
+    run_dir: str,
+    args: list,
+    concurrent: int = 1,
+    slot: int = 0,
+    resumed: bool = False,
+) -> None:
     """One megatron-deft-train run; ``args`` adds data, objective, schedule and checkpoints.
     ``concurrent`` such runs execute at once, this one in ``slot`` (0..concurrent-1): they
     split the CPU threads and, on CUDA with enough GPUs, each gets its own ``config.nproc``
     of them (otherwise they share). A ``resumed`` run continues its log."""
     command = torchrun("megatron_deft.train", args, config.nproc)
     gpus = None
-    if config.device == "cuda" and concurrent > 1 and \
-            visible_gpu_count() >= concurrent * config.nproc:
+    if (
+        config.device == "cuda"
+        and concurrent > 1
+        and visible_gpu_count() >= concurrent * config.nproc
+    ):
         gpus = ",".join(str(slot * config.nproc + rank) for rank in range(config.nproc))
-    run_logged(command, os.path.join(run_dir, "logs", f"{name}.log"),
-               config.nproc * concurrent, gpus, append=resumed)
+    run_logged(
+        command,
+        os.path.join(run_dir, "logs", f"{name}.log"),
+        config.nproc * concurrent,
+        gpus,
+        append=resumed,
+    )
 
 
 def evaluate(config, run_dir: str, loads: list, data: list, tokenizer_model: str) -> list:
@@ -118,14 +178,29 @@ def evaluate(config, run_dir: str, loads: list, data: list, tokenizer_model: str
     index = len([name for name in os.listdir(evals) if name.endswith(".jsonl")])
     summary_path = os.path.join(evals, f"batch{index:03d}.jsonl")
     fingerprints = {root: checkpoint_fingerprint(root) for root in loads}
-    args = ["--load", ",".join(loads), "--iteration", "all", "--eval-data", ",".join(data),
-            "--tokenizer-model", tokenizer_model, "--device", config.device,
-            "--tensor-model-parallel-size", config.tensor_model_parallel_size,
-            "--max-new-tokens", config.max_new_tokens, "--micro-batch-size", 64,
-            "--summary-output", summary_path]
+    args = [
+        "--load",
+        ",".join(loads),
+        "--iteration",
+        "all",
+        "--eval-data",
+        ",".join(data),
+        "--tokenizer-model",
+        tokenizer_model,
+        "--device",
+        config.device,
+        "--tensor-model-parallel-size",
+        config.tensor_model_parallel_size,
+        "--max-new-tokens",
+        config.max_new_tokens,
+        "--micro-batch-size",
+        64,
+        "--summary-output",
+        summary_path,
+    ]
     command = torchrun("megatron_deft.eval", args, config.nproc)
     run_logged(command, os.path.join(run_dir, "logs", f"eval{index:03d}.log"), config.nproc)
-    record = summary_path[:-len(".jsonl")] + ".checkpoints.json"
+    record = summary_path[: -len(".jsonl")] + ".checkpoints.json"
     with open(record + ".tmp", "w", encoding="utf-8") as handle:
         json.dump(fingerprints, handle, indent=1)
     os.replace(record + ".tmp", record)
@@ -144,10 +219,13 @@ def evaluated(run_dir: str, loads: list) -> dict:
             continue
         with open(os.path.join(evals, name), encoding="utf-8") as handle:
             recorded = json.load(handle)
-        valid = [root for root, fingerprint in recorded.items()
-                 if fingerprint is not None and current.get(root) == fingerprint]
+        valid = [
+            root
+            for root, fingerprint in recorded.items()
+            if fingerprint is not None and current.get(root) == fingerprint
+        ]
         if valid:
-            batch = name[:-len(".checkpoints.json")] + ".jsonl"
+            batch = name[: -len(".checkpoints.json")] + ".jsonl"
             summaries = read_jsonl(os.path.join(evals, batch))
             out.update({root: [s for s in summaries if s["load"] == root] for root in valid})
     return out

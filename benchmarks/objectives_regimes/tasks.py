@@ -58,10 +58,13 @@ def write_data(config, directory: str) -> dict:
     b_exclude = frozenset(s["prompt"] for s in b_heldout)
     prior = _draw(task_a, rng, config.prior_samples, a_exclude)
     b_train = [dict(s, tag="b") for s in _draw(task_b, rng, config.phase2_b_samples, b_exclude)]
-    a_train = [dict(s, tag="clean_a") for s in _draw(task_a, rng, config.phase2_a_samples,
-                                                     a_exclude)]
-    noisy = [corrupt(s, rng, config.addition_digits) if rng.random() < config.noise_rate else s
-             for s in a_train]
+    a_train = [
+        dict(s, tag="clean_a") for s in _draw(task_a, rng, config.phase2_a_samples, a_exclude)
+    ]
+    noisy = [
+        corrupt(s, rng, config.addition_digits) if rng.random() < config.noise_rate else s
+        for s in a_train
+    ]
     files = {
         "prior_train": prior,
         "a_heldout": a_heldout,

@@ -63,8 +63,18 @@ _CUDA_ASSUMING_MODULES = (
 
 # Tensor factories that accept a `device=` keyword and are called with "cuda" in megatron.
 _FACTORIES = (
-    "zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn",
-    "zeros_like", "ones_like", "empty_like", "full_like",
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "tensor",
+    "arange",
+    "rand",
+    "randn",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
 )
 
 _enabled = False
@@ -239,8 +249,8 @@ def _patch_rng_state_accessors():
     random._get_cuda_rng_state = lambda device=None, clone=False, graph_safe=False: (
         torch.get_rng_state()
     )
-    random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
-        torch.set_rng_state(new_state)
+    random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(
+        new_state
     )
 
 

@@ -43,11 +43,14 @@ def hf_architecture(model: ModelConfig, source: dict = None) -> str:
     names = list((source or {}).get("architectures") or []) + list(SUPPORTED_ARCHITECTURES)
     for name in names:
         family = SUPPORTED_ARCHITECTURES.get(name)
-        if family and (family.add_qkv_bias, family.qk_layernorm) == (model.add_qkv_bias,
-                                                                     model.qk_layernorm):
+        if family and (family.add_qkv_bias, family.qk_layernorm) == (
+            model.add_qkv_bias,
+            model.qk_layernorm,
+        ):
             return name
-    raise ConversionError("no supported Hugging Face architecture has both a q/k/v bias and "
-                          "q/k RMSNorm")
+    raise ConversionError(
+        "no supported Hugging Face architecture has both a q/k/v bias and q/k RMSNorm"
+    )
 
 
 class ConversionError(ValueError):
@@ -64,8 +67,11 @@ def _load_json(path: str) -> dict:
         raise ConversionError(f"{path}: {error}") from None
 
 
-LLAMA3_ROPE_CONSTANTS = {"original_max_position_embeddings": 8192, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0}
+LLAMA3_ROPE_CONSTANTS = {
+    "original_max_position_embeddings": 8192,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+}
 """The constants of rope_type 'llama3' that megatron-core's RoPE scaling fixes."""
 
 
@@ -80,14 +86,22 @@ def _rope(hf: dict, path: str) -> dict:
     if rope_type == "default":
         return rope
     if rope_type != "llama3":
-        raise ConversionError(f"{path}: rope type {rope_type!r} (RoPE scaling) is not supported; "
-                              "plain RoPE ('default') and Llama 3.1's 'llama3' convert exactly")
+        raise ConversionError(
+            f"{path}: rope type {rope_type!r} (RoPE scaling) is not supported; "
+            "plain RoPE ('default') and Llama 3.1's 'llama3' convert exactly"
+        )
     for key, value in LLAMA3_ROPE_CONSTANTS.items():
-        _require(params.get(key) == value, path,
-                 f"rope {key} {params.get(key)} is not supported (megatron-core's llama3 RoPE "
-                 f"scaling fixes it to {value})")
-    _require(isinstance(params.get("factor"), (int, float)) and params["factor"] > 0, path,
-             f"rope factor {params.get('factor')!r} is not a positive number")
+        _require(
+            params.get(key) == value,
+            path,
+            f"rope {key} {params.get(key)} is not supported (megatron-core's llama3 RoPE "
+            f"scaling fixes it to {value})",
+        )
+    _require(
+        isinstance(params.get("factor"), (int, float)) and params["factor"] > 0,
+        path,
+        f"rope factor {params.get('factor')!r} is not a positive number",
+    )
     return {**rope, "use_rope_scaling": True, "rope_scaling_factor": float(params["factor"])}
 
 
@@ -101,30 +115,52 @@ def read_hf_config(hf_dir: str):
     path = os.path.join(hf_dir, "config.json")
     hf = _load_json(path)
     names = hf.get("architectures") or []
-    _require(len(names) == 1 and names[0] in SUPPORTED_ARCHITECTURES, path,
-             f"architectures {names} is not supported; supported: "
-             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    _require(
+        len(names) == 1 and names[0] in SUPPORTED_ARCHITECTURES,
+        path,
+        f"architectures {names} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
+    )
     arch = names[0]
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "vocab_size"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "vocab_size",
+    ):
         _require(key in hf, path, f"missing field {key!r}")
     heads = hf["num_attention_heads"]
     groups = hf.get("num_key_value_heads") or heads
-    _require(hf["hidden_size"] % heads == 0, path,
-             f"hidden_size {hf['hidden_size']} is not divisible by num_attention_heads {heads}")
-    _require(heads % groups == 0, path,
-             f"num_attention_heads {heads} is not divisible by num_key_value_heads {groups}")
+    _require(
+        hf["hidden_size"] % heads == 0,
+        path,
+        f"hidden_size {hf['hidden_size']} is not divisible by num_attention_heads {heads}",
+    )
+    _require(
+        heads % groups == 0,
+        path,
+        f"num_attention_heads {heads} is not divisible by num_key_value_heads {groups}",
+    )
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    _require(hf.get("hidden_act", "silu") == "silu", path,
-             f"hidden_act {hf.get('hidden_act')!r} is not supported (SwiGLU needs 'silu')")
+    _require(
+        hf.get("hidden_act", "silu") == "silu",
+        path,
+        f"hidden_act {hf.get('hidden_act')!r} is not supported (SwiGLU needs 'silu')",
+    )
     _require(not hf.get("mlp_bias", False), path, "mlp_bias true is not supported")
-    _require(not hf.get("attention_bias", False), path,
-             "attention_bias true is not supported (Qwen2's q/k/v bias is implied by the class)")
+    _require(
+        not hf.get("attention_bias", False),
+        path,
+        "attention_bias true is not supported (Qwen2's q/k/v bias is implied by the class)",
+    )
     family = SUPPORTED_ARCHITECTURES[arch]
     if hf.get("use_sliding_window", family.window_unless_switched_off):
-        _require(hf.get("sliding_window") is None, path,
-                 f"sliding_window {hf.get('sliding_window')} is not supported (attention over "
-                 "the whole sequence only)")
+        _require(
+            hf.get("sliding_window") is None,
+            path,
+            f"sliding_window {hf.get('sliding_window')} is not supported (attention over "
+            "the whole sequence only)",
+        )
     model = ModelConfig(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
@@ -148,8 +184,11 @@ def _rope_fields(model: ModelConfig) -> dict:
     theta = float(model.rotary_base)
     if not model.use_rope_scaling:
         return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
-    scaling = {"rope_type": "llama3", "factor": float(model.rope_scaling_factor),
-               **LLAMA3_ROPE_CONSTANTS}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": float(model.rope_scaling_factor),
+        **LLAMA3_ROPE_CONSTANTS,
+    }
     return {"rope_parameters": {**scaling, "rope_theta": theta}, "rope_scaling": scaling}
 
 

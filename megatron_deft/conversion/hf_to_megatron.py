@@ -28,7 +28,11 @@ import torch
 
 from megatron_deft.conversion.hf_config import ConversionError, read_hf_config
 from megatron_deft.conversion.megatron_model import (
-    DTYPES, atomic_output_dir, build_full_model, init_single_process, publish_dir,
+    DTYPES,
+    atomic_output_dir,
+    build_full_model,
+    init_single_process,
+    publish_dir,
 )
 from megatron_deft.conversion.safetensors_io import HFTensorReader
 from megatron_deft.conversion.weights import hf_parts, hf_shape, weight_maps
@@ -38,8 +42,14 @@ from megatron_deft.models.layout import padded_vocab_size
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
     "chat_template.jinja",
 )
 
@@ -57,11 +67,15 @@ def copy_tokenizer_files(source: str, target: str) -> list:
 def _check_tensor_parallel(model, target_tp: int, path: str) -> None:
     if target_tp < 1:
         raise ConversionError(f"--target-tensor-parallel-size {target_tp} must be >= 1")
-    for field, value in (("num_attention_heads", model.num_attention_heads),
-                         ("num_key_value_heads", model.num_query_groups)):
+    for field, value in (
+        ("num_attention_heads", model.num_attention_heads),
+        ("num_key_value_heads", model.num_query_groups),
+    ):
         if value % target_tp:
-            raise ConversionError(f"{path}: {field} {value} is not divisible by "
-                                  f"--target-tensor-parallel-size {target_tp}")
+            raise ConversionError(
+                f"{path}: {field} {value} is not divisible by "
+                f"--target-tensor-parallel-size {target_tp}"
+            )
 
 
 def _check_tensors(reader: HFTensorReader, model, maps: list) -> None:
@@ -75,8 +89,10 @@ def _check_tensors(reader: HFTensorReader, model, maps: list) -> None:
     extra = reader.unused(used)
     if extra:
         more = " ..." if len(extra) > 5 else ""
-        raise ConversionError(f"{reader.hf_dir}: tensors this architecture does not have (not "
-                              f"supported): {', '.join(extra[:5])}{more}")
+        raise ConversionError(
+            f"{reader.hf_dir}: tensors this architecture does not have (not "
+            f"supported): {', '.join(extra[:5])}{more}"
+        )
 
 
 @torch.no_grad()
@@ -93,12 +109,14 @@ def _fill(chunk, reader: HFTensorReader, model, maps: list) -> None:
         for view, name in zip(hf_parts(param, weight, model), weight.hf):
             view.copy_(reader.read(name, hf_shape(name, model)).view(view.shape))
         if weight.layout == "vocab":
-            param[model.vocab_size:].zero_()
+            param[model.vocab_size :].zero_()
         done += param.numel() * param.element_size()
         this_layer = weight.megatron.split(".")[2] if ".layers." in weight.megatron else None
         if this_layer != layer and layer is not None:
-            logger.info(f"layer {int(layer) + 1}/{model.num_layers} "
-                        f"({done / 2**30:.2f} of {total / 2**30:.2f} GiB)")
+            logger.info(
+                f"layer {int(layer) + 1}/{model.num_layers} "
+                f"({done / 2**30:.2f} of {total / 2**30:.2f} GiB)"
+            )
         layer = this_layer
 
 
@@ -114,43 +132,65 @@ def _save(chunk, partial: str, common: dict) -> None:
         handle.write("0\n")
 
 
-def convert_hf_to_megatron(hf_dir: str, output_dir: str, dtype: str = "bf16",
-                           make_vocab_size_divisible_by: int = 128,
-                           target_tensor_parallel_size: int = 1) -> list:
+def convert_hf_to_megatron(
+    hf_dir: str,
+    output_dir: str,
+    dtype: str = "bf16",
+    make_vocab_size_divisible_by: int = 128,
+    target_tensor_parallel_size: int = 1,
+) -> list:
     """Convert; returns the trainer flags that match the converted architecture.
 
     The vocabulary is padded as the trainer pads it at ``target_tensor_parallel_size``
     (--vocab-size rounded up to --make-vocab-size-divisible-by x TP), so that TP loads it as is.
     """
     if make_vocab_size_divisible_by < 1:
-        raise ConversionError(f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by} "
-                              "must be >= 1")
+        raise ConversionError(
+            f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by} must be >= 1"
+        )
     model, hf_arch, hf_config = read_hf_config(hf_dir)
     _check_tensor_parallel(model, target_tensor_parallel_size, os.path.join(hf_dir, "config.json"))
     reader = HFTensorReader(hf_dir)
     maps = weight_maps(model)
     _check_tensors(reader, model, maps)
-    padded = padded_vocab_size(model.vocab_size, make_vocab_size_divisible_by,
-                               target_tensor_parallel_size)
+    padded = padded_vocab_size(
+        model.vocab_size, make_vocab_size_divisible_by, target_tensor_parallel_size
+    )
     partial = atomic_output_dir(output_dir)
     init_single_process()
     chunk = build_full_model(model, padded, DTYPES[dtype])
     _fill(chunk, reader, model, maps)
     architecture = architecture_of(model, padded)
-    flags = trainer_flags(architecture, model.max_position_embeddings,
-                          make_vocab_size_divisible_by, bf16=dtype == "bf16")
+    flags = trainer_flags(
+        architecture,
+        model.max_position_embeddings,
+        make_vocab_size_divisible_by,
+        bf16=dtype == "bf16",
+    )
     common = {
-        "iteration": 0, "layout": {"tp": 1, "pp": 1}, "weights_only": True,
-        "architecture": architecture, "config": {"model": dataclasses.asdict(model)},
+        "iteration": 0,
+        "layout": {"tp": 1, "pp": 1},
+        "weights_only": True,
+        "architecture": architecture,
+        "config": {"model": dataclasses.asdict(model)},
         "hf_config": hf_config,
     }
     logger.info("writing the dist checkpoint")
     _save(chunk, partial, common)
     tokenizer = copy_tokenizer_files(hf_dir, os.path.join(partial, "tokenizer"))
     with open(os.path.join(partial, "megatron_deft_args.json"), "w", encoding="utf-8") as handle:
-        json.dump({"source": os.path.abspath(hf_dir), "architecture": hf_arch, "dtype": dtype,
-                   "padded_for_tensor_parallel_size": target_tensor_parallel_size,
-                   "tokenizer_files": tokenizer, "trainer_flags": flags, **architecture},
-                  handle, indent=1)
+        json.dump(
+            {
+                "source": os.path.abspath(hf_dir),
+                "architecture": hf_arch,
+                "dtype": dtype,
+                "padded_for_tensor_parallel_size": target_tensor_parallel_size,
+                "tokenizer_files": tokenizer,
+                "trainer_flags": flags,
+                **architecture,
+            },
+            handle,
+            indent=1,
+        )
     publish_dir(partial, output_dir)
     return flags

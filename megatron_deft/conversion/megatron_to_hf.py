@@ -19,7 +19,11 @@ from megatron_deft.config import ModelConfig
 from megatron_deft.conversion.hf_config import ConversionError, hf_architecture, hf_config_dict
 from megatron_deft.conversion.hf_to_megatron import copy_tokenizer_files
 from megatron_deft.conversion.megatron_model import (
-    DTYPES, atomic_output_dir, build_full_model, full_sharded_state_dict, init_single_process,
+    DTYPES,
+    atomic_output_dir,
+    build_full_model,
+    full_sharded_state_dict,
+    init_single_process,
     publish_dir,
 )
 from megatron_deft.conversion.safetensors_io import ShardWriter
@@ -33,14 +37,17 @@ _HF_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
 
 def _checkpoint_directory(megatron_dir: str, iteration):
     from megatron_deft.training.checkpointing import (
-        CheckpointError, existing_checkpoint_dir, read_tracker,
+        CheckpointError,
+        existing_checkpoint_dir,
+        read_tracker,
     )
 
     if iteration is None:
         iteration = read_tracker(megatron_dir)
         if iteration is None:
-            raise ConversionError(f"{megatron_dir}: no latest_checkpointed_iteration.txt; "
-                                  "pass --iteration")
+            raise ConversionError(
+                f"{megatron_dir}: no latest_checkpointed_iteration.txt; pass --iteration"
+            )
     try:
         return existing_checkpoint_dir(megatron_dir, iteration)
     except CheckpointError as error:
@@ -58,18 +65,22 @@ def _model_of(common: dict, directory: str, vocab_size):
     model.max_position_embeddings = model.max_position_embeddings or model.seq_length
     model.vocab_size = vocab_size or model.vocab_size
     if model.vocab_size is None:
-        raise ConversionError(f"{directory}: the checkpoint does not record the unpadded "
-                              "vocabulary size (the run took it from its tokenizer); pass "
-                              "--vocab-size")
+        raise ConversionError(
+            f"{directory}: the checkpoint does not record the unpadded "
+            "vocabulary size (the run took it from its tokenizer); pass "
+            "--vocab-size"
+        )
     architecture = common.get("architecture")
     if architecture is not None:
         padded = architecture["padded_vocab_size"]
     else:  # checkpoints written before the architecture record: the trainer's padding rule
-        padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by,
-                                   common["layout"]["tp"])
+        padded = padded_vocab_size(
+            model.vocab_size, model.make_vocab_size_divisible_by, common["layout"]["tp"]
+        )
     if model.vocab_size > padded:
-        raise ConversionError(f"--vocab-size {model.vocab_size} exceeds the checkpoint's "
-                              f"{padded} embedding rows")
+        raise ConversionError(
+            f"--vocab-size {model.vocab_size} exceeds the checkpoint's {padded} embedding rows"
+        )
     return model, padded
 
 
@@ -83,8 +94,7 @@ def _load_full_model(directory: str, model: ModelConfig, padded: int, dtype):
     return chunk
 
 
-def _write_weights(chunk, model: ModelConfig, out_dir: str, max_shard_bytes: int,
-                   dtype) -> list:
+def _write_weights(chunk, model: ModelConfig, out_dir: str, max_shard_bytes: int, dtype) -> list:
     """All HF tensors in ``dtype`` (megatron keeps e.g. norm weights in fp32 in a bf16 model;
     HF checkpoints have one dtype)."""
     params = dict(chunk.named_parameters())
@@ -97,9 +107,14 @@ def _write_weights(chunk, model: ModelConfig, out_dir: str, max_shard_bytes: int
     return writer.close()
 
 
-def convert_megatron_to_hf(megatron_dir: str, output_dir: str, iteration: int = None,
-                           tokenizer_dir: str = None, vocab_size: int = None,
-                           max_shard_bytes: int = 5 * 10**9) -> str:
+def convert_megatron_to_hf(
+    megatron_dir: str,
+    output_dir: str,
+    iteration: int = None,
+    tokenizer_dir: str = None,
+    vocab_size: int = None,
+    max_shard_bytes: int = 5 * 10**9,
+) -> str:
     """Export; returns the HF architecture name written to config.json."""
     from megatron.core import dist_checkpointing
 
@@ -116,8 +131,9 @@ def convert_megatron_to_hf(megatron_dir: str, output_dir: str, iteration: int = 
     chunk = _load_full_model(directory, model, padded, dtype)
     files = _write_weights(chunk, model, partial, max_shard_bytes, dtype)
     logger.info(f"wrote {len(files)} safetensors file(s)")
-    config = hf_config_dict(model, arch, _HF_DTYPE_NAMES[_DTYPE_NAMES[dtype]],
-                            base=common.get("hf_config"))
+    config = hf_config_dict(
+        model, arch, _HF_DTYPE_NAMES[_DTYPE_NAMES[dtype]], base=common.get("hf_config")
+    )
     with open(os.path.join(partial, "config.json"), "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2)
     tokenizer_source = tokenizer_dir or os.path.join(megatron_dir, "tokenizer")

@@ -37,8 +37,9 @@ class HFTensorReader:
             with safe_open(os.path.join(hf_dir, SINGLE), framework="pt") as handle:
                 self.file_of = {name: SINGLE for name in handle.keys()}
         else:
-            raise ConversionError(f"{hf_dir}: no {SINGLE} or {INDEX} (only safetensors "
-                                  "checkpoints are supported)")
+            raise ConversionError(
+                f"{hf_dir}: no {SINGLE} or {INDEX} (only safetensors checkpoints are supported)"
+            )
         self._handles = {}
 
     def _handle(self, name: str):
@@ -55,15 +56,15 @@ class HFTensorReader:
         if shape != tuple(expected_shape):
             raise ConversionError(
                 f"{os.path.join(self.hf_dir, self.file_of[name])}: tensor {name} has shape "
-                f"{list(shape)}, config.json implies {list(expected_shape)}")
+                f"{list(shape)}, config.json implies {list(expected_shape)}"
+            )
 
     def read(self, name: str, expected_shape: tuple) -> torch.Tensor:
         self.check(name, expected_shape)
         return self._handle(name).get_tensor(name)
 
     def unused(self, used: set) -> list:
-        return sorted(n for n in self.file_of
-                      if n not in used and not n.endswith(IGNORED_SUFFIXES))
+        return sorted(n for n in self.file_of if n not in used and not n.endswith(IGNORED_SUFFIXES))
 
 
 class ShardWriter:
@@ -95,8 +96,11 @@ class ShardWriter:
         if self._buffer:
             self._flush()
         count = len(self._shards)
-        final = [SINGLE] if count == 1 else [
-            f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        final = (
+            [SINGLE]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
         weight_map = {}
         for (temp, names), name in zip(self._shards, final):
             os.rename(os.path.join(self.out_dir, temp), os.path.join(self.out_dir, name))

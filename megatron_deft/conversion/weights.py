@@ -48,22 +48,37 @@ def weight_maps(model: ModelConfig) -> list:
         qkv = tuple(f"{h}self_attn.{x}_proj." for x in "qkv")
         maps += [
             WeightMap(m + "input_layernorm.weight", (h + "input_layernorm.weight",), "copy"),
-            WeightMap(m + "self_attention.linear_qkv.weight",
-                      tuple(p + "weight" for p in qkv), "qkv"),
+            WeightMap(
+                m + "self_attention.linear_qkv.weight", tuple(p + "weight" for p in qkv), "qkv"
+            ),
         ]
         if model.add_qkv_bias:
-            maps.append(WeightMap(m + "self_attention.linear_qkv.bias",
-                                  tuple(p + "bias" for p in qkv), "qkv"))
+            maps.append(
+                WeightMap(
+                    m + "self_attention.linear_qkv.bias", tuple(p + "bias" for p in qkv), "qkv"
+                )
+            )
         if model.qk_layernorm:
-            maps += [WeightMap(f"{m}self_attention.{x}_layernorm.weight",
-                               (f"{h}self_attn.{x}_norm.weight",), "copy") for x in "qk"]
+            maps += [
+                WeightMap(
+                    f"{m}self_attention.{x}_layernorm.weight",
+                    (f"{h}self_attn.{x}_norm.weight",),
+                    "copy",
+                )
+                for x in "qk"
+            ]
         maps += [
-            WeightMap(m + "self_attention.linear_proj.weight",
-                      (h + "self_attn.o_proj.weight",), "copy"),
-            WeightMap(m + "pre_mlp_layernorm.weight",
-                      (h + "post_attention_layernorm.weight",), "copy"),
-            WeightMap(m + "mlp.linear_fc1.weight",
-                      (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "gate_up"),
+            WeightMap(
+                m + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), "copy"
+            ),
+            WeightMap(
+                m + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",), "copy"
+            ),
+            WeightMap(
+                m + "mlp.linear_fc1.weight",
+                (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"),
+                "gate_up",
+            ),
             WeightMap(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "copy"),
         ]
     maps.append(WeightMap("decoder.final_layernorm.weight", ("model.norm.weight",), "copy"))
@@ -78,8 +93,17 @@ def hf_shape(name: str, model: ModelConfig) -> tuple:
     head_dim = model.head_size
     q_rows, kv_rows = model.num_attention_heads * head_dim, model.num_query_groups * head_dim
     leaf = name.rsplit(".", 2)[-2]  # q_proj, embed_tokens, input_layernorm, q_norm, norm, ...
-    rows = {"embed_tokens": vocab, "lm_head": vocab, "q_proj": q_rows, "k_proj": kv_rows,
-            "v_proj": kv_rows, "o_proj": h, "gate_proj": ffn, "up_proj": ffn, "down_proj": h}
+    rows = {
+        "embed_tokens": vocab,
+        "lm_head": vocab,
+        "q_proj": q_rows,
+        "k_proj": kv_rows,
+        "v_proj": kv_rows,
+        "o_proj": h,
+        "gate_proj": ffn,
+        "up_proj": ffn,
+        "down_proj": h,
+    }
     if leaf in ("q_norm", "k_norm"):
         return (head_dim,)
     if name.endswith("norm.weight"):
@@ -105,5 +129,8 @@ def hf_parts(param: torch.Tensor, weight: WeightMap, model: ModelConfig) -> list
     head_dim, per_group = model.head_size, heads // groups
     grouped = param.view(groups, (per_group + 2) * head_dim, *rest)
     q_rows = per_group * head_dim
-    return [grouped[:, :q_rows], grouped[:, q_rows: q_rows + head_dim],
-            grouped[:, q_rows + head_dim:]]
+    return [
+        grouped[:, :q_rows],
+        grouped[:, q_rows : q_rows + head_dim],
+        grouped[:, q_rows + head_dim :],
+    ]

@@ -22,9 +22,9 @@ from megatron_deft.data.blend import parse_data_path
 from megatron_deft.data.builder import SFTData, SplitReport, build_sft_data
 from megatron_deft.data.chat_format import last_reply_span, tokenize_conversation
 from megatron_deft.data.config import DataConfig
+from megatron_deft.data.indexed import IndexedSamples
 from megatron_deft.data.jsonl import DataError, read_samples
 from megatron_deft.data.loader import GlobalBatch, SFTDataLoader
-from megatron_deft.data.indexed import IndexedSamples
 from megatron_deft.data.packing import IGNORE_INDEX
 from megatron_deft.data.preprocess import ReadSettings, preprocess_sft_data
 from megatron_deft.data.tokenizer import Tokenizer, build_tokenizer

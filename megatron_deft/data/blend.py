@@ -129,7 +129,12 @@ class BlendedRows:
             logger.info(
                 "blend: set %d takes %d of %d rows per blend epoch (weight %.4f, its %d rows "
                 "each used %.2fx per epoch)",
-                index, count, len(self), weights[index], len(rows), count / len(rows),
+                index,
+                count,
+                len(self),
+                weights[index],
+                len(rows),
+                count / len(rows),
             )
 
     def __len__(self) -> int:
@@ -147,8 +152,10 @@ class BlendedRows:
             self._stream(index, epoch * int(count), int(count))
             for index, count in enumerate(self.counts)
         ]
-        return [self.rows_per_set[s][streams[s][p]]
-                for s, p in zip(self._sets.tolist(), self._positions.tolist())]
+        return [
+            self.rows_per_set[s][streams[s][p]]
+            for s, p in zip(self._sets.tolist(), self._positions.tolist())
+        ]
 
     def _stream(self, index: int, start: int, count: int) -> np.ndarray:
         """Entries ``[start, start + count)`` of set ``index``'s stream: its own epoch ``k``
@@ -160,7 +167,7 @@ class BlendedRows:
             for k in range(first, last + 1)
         ]
         offset = start - first * size
-        return np.concatenate(permutations)[offset:offset + count] if count else np.empty(0, int)
+        return np.concatenate(permutations)[offset : offset + count] if count else np.empty(0, int)
 
 
 def build_indexed_split(data_path, config, tokenizer):

@@ -38,7 +38,10 @@ def load_cached(cache_dir: str, key: str) -> Optional[Tuple[TokenizedSamples, Di
         return None
     with np.load(path, allow_pickle=False) as entry:
         samples = TokenizedSamples(
-            entry["ids"], entry["loss_flags"], entry["offsets"], entry["classes"],
+            entry["ids"],
+            entry["loss_flags"],
+            entry["offsets"],
+            entry["classes"],
             tuple(json.loads(str(entry["class_names"]))),
         )
         report = json.loads(str(entry["report"]))

@@ -124,7 +124,10 @@ def check_tokenizer(prefix: str, sidecar: Dict, tokenizer_type: str, tokenizer) 
     """Refuses token ids that were made by a different tokenizer than this run's."""
     stored = sidecar["tokenizer"]
     # The type is only reported: a converted tokenizer that encodes identically is the same one.
-    mine = {"vocab_size": int(tokenizer.vocab_size), "fingerprint": tokenizer_fingerprint(tokenizer)}
+    mine = {
+        "vocab_size": int(tokenizer.vocab_size),
+        "fingerprint": tokenizer_fingerprint(tokenizer),
+    }
     if any(stored[key] != mine[key] for key in mine):
         raise DataError(
             prefix + ".json",

@@ -88,8 +88,9 @@ def read_samples(
     """
     report = ReadReport()
     samples = list(
-        iter_samples(paths, data_format, prompt_key, response_key, skip_bad_samples, report,
-                     class_key)
+        iter_samples(
+            paths, data_format, prompt_key, response_key, skip_bad_samples, report, class_key
+        )
     )
     return samples, report
 

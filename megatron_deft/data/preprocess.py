@@ -362,8 +362,11 @@ class _Progress:
             self.last = time.monotonic()
             rate = self.samples / max(self.last - self.start, 1e-9)
             share = self.done / max(self.total, 1)
-            print(f"tokenized {self.samples} samples ({share:.1%} of input, "
-                  f"{rate:.0f} samples/s)", file=sys.stderr, flush=True)
+            print(
+                f"tokenized {self.samples} samples ({share:.1%} of input, {rate:.0f} samples/s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -69,15 +69,21 @@ class EvalConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-deft-eval",
-                                     description="Held-out loss and greedy exact-match of a "
-                                                 "megatron-deft checkpoint.")
+    parser = argparse.ArgumentParser(
+        prog="megatron-deft-eval",
+        description="Held-out loss and greedy exact-match of a megatron-deft checkpoint.",
+    )
     docs = field_docs(EvalConfig)
     for item in dataclasses.fields(EvalConfig):
         kind = item.type.__args__[0] if hasattr(item.type, "__args__") else item.type
-        parser.add_argument("--" + item.name.replace("_", "-"), dest=item.name, type=kind,
-                            default=item.default, help=docs[item.name],
-                            required=item.name in ("load", "eval_data"))
+        parser.add_argument(
+            "--" + item.name.replace("_", "-"),
+            dest=item.name,
+            type=kind,
+            default=item.default,
+            help=docs[item.name],
+            required=item.name in ("load", "eval_data"),
+        )
     return parser
 
 
@@ -113,8 +119,10 @@ def parse_eval_config(argv=None, world_size: int = 1) -> EvalConfig:
         config = EvalConfig(**vars(build_parser().parse_args(argv)))
         validate(config)
         if world_size % config.tensor_model_parallel_size:
-            raise ConfigError(f"world size {world_size} is not divisible by "
-                              f"--tensor-model-parallel-size {config.tensor_model_parallel_size}")
+            raise ConfigError(
+                f"world size {world_size} is not divisible by "
+                f"--tensor-model-parallel-size {config.tensor_model_parallel_size}"
+            )
     except ConfigError as error:
         print(f"megatron-deft-eval: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -14,14 +14,15 @@ import os
 import re
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
-import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_deft.config import Config, ConfigError
 from megatron_deft.data import build_tokenizer, read_samples
 from megatron_deft.data.chat_format import (
-    ChatTemplateError, last_reply_span, tokenize_conversation,
+    ChatTemplateError,
+    last_reply_span,
+    tokenize_conversation,
 )
 from megatron_deft.evaluation.arguments import EvalConfig
 from megatron_deft.evaluation.generation import greedy_generate
@@ -79,14 +80,21 @@ def _padded_vocab(common: dict, vocab_size: int, tp: int, root: str) -> int:
         padded = common["architecture"]["padded_vocab_size"]
     else:
         saved = common["config"]
-        padded = padded_vocab_size(vocab_size, saved["model"]["make_vocab_size_divisible_by"],
-                                   saved["parallel"]["tensor_model_parallel_size"])
+        padded = padded_vocab_size(
+            vocab_size,
+            saved["model"]["make_vocab_size_divisible_by"],
+            saved["parallel"]["tensor_model_parallel_size"],
+        )
     if vocab_size > padded:
-        raise ConfigError(f"--load {root}: the tokenizer has {vocab_size} ids but the checkpoint's "
-                          f"output layer only {padded}; use the tokenizer it was trained with")
+        raise ConfigError(
+            f"--load {root}: the tokenizer has {vocab_size} ids but the checkpoint's "
+            f"output layer only {padded}; use the tokenizer it was trained with"
+        )
     if padded % tp:
-        raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the checkpoint's "
-                          f"padded vocabulary {padded}")
+        raise ConfigError(
+            f"--tensor-model-parallel-size {tp} does not divide the checkpoint's "
+            f"padded vocabulary {padded}"
+        )
     return padded
 
 
@@ -101,13 +109,16 @@ class EvalItem(NamedTuple):
     conversation: Tuple[List[int], List[bool]]  # (ids, loss flags) of the whole sample
 
 
-def eval_item(index: int, sample, tokenizer,
-              answer_pattern: Optional[re.Pattern] = None) -> EvalItem:
+def eval_item(
+    index: int, sample, tokenizer, answer_pattern: Optional[re.Pattern] = None
+) -> EvalItem:
     """The :class:`EvalItem` of one sample; with ``answer_pattern``, its expected reply must hold
     an answer (:func:`extract_answer`)."""
     if sample.messages[-1][0] != "assistant":
-        raise ConfigError(f"{sample.path}:{sample.line}: the last message must be the "
-                          "assistant's reference answer")
+        raise ConfigError(
+            f"{sample.path}:{sample.line}: the last message must be the "
+            "assistant's reference answer"
+        )
     try:
         ids, flags = tokenize_conversation(sample.messages, tokenizer)
         start, end = last_reply_span(flags)
@@ -115,8 +126,10 @@ def eval_item(index: int, sample, tokenizer,
         raise ConfigError(f"{sample.path}:{sample.line}: {error}") from None
     expected = ids[start:end]
     if answer_pattern and extract_answer(answer_pattern, tokenizer.decode(expected)) is None:
-        raise ConfigError(f"{sample.path}:{sample.line}: --answer-pattern "
-                          f"{answer_pattern.pattern!r} finds no answer in the reference reply")
+        raise ConfigError(
+            f"{sample.path}:{sample.line}: --answer-pattern "
+            f"{answer_pattern.pattern!r} finds no answer in the reference reply"
+        )
     return EvalItem(index, ids[:start], sample.messages[-1][1], expected, (ids, flags))
 
 
@@ -126,8 +139,10 @@ def _split(samples: list, config: EvalConfig, tokenizer, answer_pattern) -> list
         samples = samples[: config.num_samples]
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    return [eval_item(index, samples[index], tokenizer, answer_pattern)
-            for index in range(dp_rank, len(samples), dp_size)]
+    return [
+        eval_item(index, samples[index], tokenizer, answer_pattern)
+        for index in range(dp_rank, len(samples), dp_size)
+    ]
 
 
 def extract_answer(answer_pattern: re.Pattern, text: str) -> Optional[str]:
@@ -139,8 +154,12 @@ def extract_answer(answer_pattern: re.Pattern, text: str) -> Optional[str]:
     return (found.group(1) if answer_pattern.groups else found.group(0)).strip()
 
 
-def is_exact_match(tokenizer, generated: List[int], expected: List[int],
-                   answer_pattern: Optional[re.Pattern] = None) -> bool:
+def is_exact_match(
+    tokenizer,
+    generated: List[int],
+    expected: List[int],
+    answer_pattern: Optional[re.Pattern] = None,
+) -> bool:
     """The generation's text equals the expected ids' text (both decoded, stripped): the reply
     and the token closing the turn, which generation stops at (EOS or the template's
     end-of-turn token). With ``answer_pattern``: the answers extracted from both texts are
@@ -152,8 +171,9 @@ def is_exact_match(tokenizer, generated: List[int], expected: List[int],
     return answer is not None and answer == extract_answer(answer_pattern, expected_text)
 
 
-def evaluate_file(model, tokenizer, path: str, config: EvalConfig, objective,
-                  vocab_size: int) -> tuple:
+def evaluate_file(
+    model, tokenizer, path: str, config: EvalConfig, objective, vocab_size: int
+) -> tuple:
     """(summary, predictions) of one JSONL file; predictions only on global rank 0. Generation
     stops at EOS or at the token closing the expected replies; see :func:`is_exact_match`."""
     samples, _ = read_samples([path], config.data_format, config.prompt_key, config.response_key)
@@ -164,17 +184,33 @@ def evaluate_file(model, tokenizer, path: str, config: EvalConfig, objective,
     sums = empty_sums(device)
     predictions = []
     for start in range(0, len(mine), config.micro_batch_size):
-        batch = mine[start: start + config.micro_batch_size]
-        sums += score_batch(model, [item.conversation for item in batch], tokenizer.pad_id,
-                            objective, vocab_size, tp_group)
+        batch = mine[start : start + config.micro_batch_size]
+        sums += score_batch(
+            model,
+            [item.conversation for item in batch],
+            tokenizer.pad_id,
+            objective,
+            vocab_size,
+            tp_group,
+        )
         stop_ids = {tokenizer.eos_id} | {item.expected[-1] for item in batch}
-        generated = greedy_generate(model, [item.prompt for item in batch], stop_ids,
-                                    tokenizer.pad_id, config.max_new_tokens, vocab_size)
+        generated = greedy_generate(
+            model,
+            [item.prompt for item in batch],
+            stop_ids,
+            tokenizer.pad_id,
+            config.max_new_tokens,
+            vocab_size,
+        )
         for item, ids in zip(batch, generated):
             text = tokenizer.decode(ids)
-            prediction = {"index": item.index, "reference": item.reference, "generated": text,
-                          "expected": tokenizer.decode(item.expected),
-                          "exact": is_exact_match(tokenizer, ids, item.expected, answer_pattern)}
+            prediction = {
+                "index": item.index,
+                "reference": item.reference,
+                "generated": text,
+                "expected": tokenizer.decode(item.expected),
+                "exact": is_exact_match(tokenizer, ids, item.expected, answer_pattern),
+            }
             if answer_pattern:
                 prediction["answer"] = extract_answer(answer_pattern, text)
             predictions.append(prediction)
@@ -183,9 +219,13 @@ def evaluate_file(model, tokenizer, path: str, config: EvalConfig, objective,
     gathered = [None] * parallel_state.get_data_parallel_world_size()
     dist.all_gather_object(gathered, predictions, group=dp_group)
     predictions = sorted((p for part in gathered for p in part), key=lambda p: p["index"])
-    summary = {"data": path, "num_samples": len(predictions),
-               "exact_match": sum(p["exact"] for p in predictions) / max(len(predictions), 1),
-               "objective": str(objective), **summarize(sums, objective.family == "qlog")}
+    summary = {
+        "data": path,
+        "num_samples": len(predictions),
+        "exact_match": sum(p["exact"] for p in predictions) / max(len(predictions), 1),
+        "objective": str(objective),
+        **summarize(sums, objective.family == "qlog"),
+    }
     if answer_pattern:
         summary["answer_pattern"] = answer_pattern.pattern
     return summary, predictions
@@ -207,22 +247,30 @@ def _prepare(config: EvalConfig, root: str, iterations: List[int], tokenizer) ->
     common = dist_checkpointing.load_common_state_dict(first)
     run = run_config(common["config"], config, root)
     vocab_size = run.model.vocab_size or tokenizer.vocab_size
-    return dict(root=root, iterations=iterations, run=run, vocab_size=vocab_size,
-                padded=_padded_vocab(common, vocab_size, config.tensor_model_parallel_size, root),
-                objective=parse_objective(config.sft_objective or run.training.sft_objective))
+    return dict(
+        root=root,
+        iterations=iterations,
+        run=run,
+        vocab_size=vocab_size,
+        padded=_padded_vocab(common, vocab_size, config.tensor_model_parallel_size, root),
+        objective=parse_objective(config.sft_objective or run.training.sft_objective),
+    )
 
 
 def _evaluate_root(job: dict, model, tokenizer, config: EvalConfig, is_rank0: bool) -> tuple:
     summaries, predictions = [], []
     for iteration in job["iterations"]:
         checkpointing.load_model_weights(
-            checkpointing.checkpoint_dir(job["root"], iteration), [model])
+            checkpointing.checkpoint_dir(job["root"], iteration), [model]
+        )
         for path in config.data_paths():
-            summary, preds = evaluate_file(model, tokenizer, path, config, job["objective"],
-                                           job["vocab_size"])
+            summary, preds = evaluate_file(
+                model, tokenizer, path, config, job["objective"], job["vocab_size"]
+            )
             summaries.append({"load": job["root"], "iteration": iteration, **summary})
-            predictions += [{"load": job["root"], "iteration": iteration, "data": path, **p}
-                            for p in preds]
+            predictions += [
+                {"load": job["root"], "iteration": iteration, "data": path, **p} for p in preds
+            ]
             if is_rank0:
                 print(json.dumps(summaries[-1]), flush=True)
     return summaries, predictions
@@ -235,8 +283,9 @@ def evaluate(config: EvalConfig, keep_process_group: bool = False) -> List[Dict]
     from megatron_deft.models.gpt import build_gpt_chunks
 
     # Cheap checks first: every checkpoint and file exists before anything is built.
-    iterations = {root: checkpoint_iterations(root, config.iteration)
-                  for root in config.load_paths()}
+    iterations = {
+        root: checkpoint_iterations(root, config.iteration) for root in config.load_paths()
+    }
     for path in config.data_paths():
         if not os.path.isfile(path):
             raise ConfigError(f"--eval-data {path}: no such file")

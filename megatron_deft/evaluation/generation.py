@@ -32,8 +32,14 @@ def causal_forward(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_generate(model, prompts: Sequence[Sequence[int]], stop_ids: Collection[int],
-                    pad_id: int, max_new_tokens: int, vocab_size: int) -> List[List[int]]:
+def greedy_generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    stop_ids: Collection[int],
+    pad_id: int,
+    max_new_tokens: int,
+    vocab_size: int,
+) -> List[List[int]]:
     """Greedy continuation of each prompt until a stop id (kept, last) or ``max_new_tokens``.
 
     Args:
@@ -61,8 +67,13 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], stop_ids: Collectio
         chunk = tokens[:, start:end]  # [b, end - start]: the prefill, then one position
         positions = torch.arange(start, end, device=device).expand_as(chunk)
         mask = causal_mask(chunk) if start == 0 else None  # decode steps attend to all cached
-        logits = model(input_ids=chunk, position_ids=positions, attention_mask=mask,
-                       inference_context=context, runtime_gather_output=True)  # [b, 1, V]
+        logits = model(
+            input_ids=chunk,
+            position_ids=positions,
+            attention_mask=mask,
+            inference_context=context,
+            runtime_gather_output=True,
+        )  # [b, 1, V]
         context.sequence_len_offset += end - start
         next_ids = logits[:, -1, :vocab_size].argmax(dim=-1)  # [b]: the token at `end`
         replying = lengths <= end  # rows past their prompt: `end` holds a generated token

@@ -29,8 +29,14 @@ def empty_sums(device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_batch(model, samples: Sequence[Tuple[List[int], List[bool]]], pad_id: int, objective,
-                vocab_size: int, group=None) -> torch.Tensor:
+def score_batch(
+    model,
+    samples: Sequence[Tuple[List[int], List[bool]]],
+    pad_id: int,
+    objective,
+    vocab_size: int,
+    group=None,
+) -> torch.Tensor:
     """Sums (see :func:`empty_sums`) over the response targets of ``samples``.
 
     Args:
@@ -47,13 +53,17 @@ def score_batch(model, samples: Sequence[Tuple[List[int], List[bool]]], pad_id: 
     tokens, labels = tokens.to(device), labels.to(device)
     logits = causal_forward(model, tokens)  # [b, s, V/tp]
     # inplace: the logits are not needed afterwards, so no second [b, s, V/tp] buffer.
-    _, stats = vocab_parallel_loss(logits, labels, objective=objective, group=group,
-                                   vocab_size=vocab_size, inplace=True)
+    _, stats = vocab_parallel_loss(
+        logits, labels, objective=objective, group=group, vocab_size=vocab_size, inplace=True
+    )
     valid = stats["valid"]
     p = stats["p_target"]
     per_token = {
-        "tokens": valid.double(), "nll": stats["nll"], "gate": stats["gate"],
-        "alpha": stats.get("alpha", torch.zeros_like(p)), "p_target": p,
+        "tokens": valid.double(),
+        "nll": stats["nll"],
+        "gate": stats["gate"],
+        "alpha": stats.get("alpha", torch.zeros_like(p)),
+        "p_target": p,
         "sum_p2": torch.exp(-stats["renyi2_entropy"]) * valid,
         "renyi2_entropy": stats["renyi2_entropy"],
     }
@@ -62,9 +72,10 @@ def score_batch(model, samples: Sequence[Tuple[List[int], List[bool]]], pad_id: 
         sums[index] = per_token[key].double().sum()
     bins = (p[valid].double() * P_BINS).long().clamp(max=P_BINS - 1)
     base = len(SUM_KEYS)
-    sums[base: base + P_BINS] += torch.bincount(bins, minlength=P_BINS).double()
-    sums[base + P_BINS:] += torch.bincount(bins, weights=stats["gate"][valid].double(),
-                                           minlength=P_BINS)
+    sums[base : base + P_BINS] += torch.bincount(bins, minlength=P_BINS).double()
+    sums[base + P_BINS :] += torch.bincount(
+        bins, weights=stats["gate"][valid].double(), minlength=P_BINS
+    )
     return sums
 
 
@@ -78,8 +89,12 @@ def summarize(sums: torch.Tensor, has_alpha: bool) -> Dict[str, object]:
             out[key] = values[index] / count
     base = len(SUM_KEYS)
     out["gate_by_p_target"] = [
-        [i / P_BINS, (i + 1) / P_BINS, int(values[base + i]),
-         values[base + P_BINS + i] / values[base + i] if values[base + i] else None]
+        [
+            i / P_BINS,
+            (i + 1) / P_BINS,
+            int(values[base + i]),
+            values[base + P_BINS + i] / values[base + i] if values[base + i] else None,
+        ]
         for i in range(P_BINS)
     ]
     return out

@@ -31,8 +31,7 @@ their head size was hidden / heads)."""
 
 
 def _with_unrecorded(arch: dict) -> dict:
-    return {**UNRECORDED, "kv_channels": arch["hidden_size"] // arch["num_attention_heads"],
-            **arch}
+    return {**UNRECORDED, "kv_channels": arch["hidden_size"] // arch["num_attention_heads"], **arch}
 
 
 def _matters(arch: dict, name: str) -> bool:
@@ -65,16 +64,22 @@ def architecture_mismatch(saved: dict, run: dict, tensor_parallel_size: int) -> 
     padded, ours = saved["padded_vocab_size"], run["padded_vocab_size"]
     if padded != ours:
         # divisible_by x TP == padded rounds any vocabulary <= padded up to exactly padded
-        fix = (f"--make-vocab-size-divisible-by {padded // tensor_parallel_size}"
-               if padded % tensor_parallel_size == 0 else "a TP that divides it")
-        return (f"padded vocabulary: the checkpoint has {padded} rows, this run pads to {ours} "
-                "(--vocab-size rounded up to a multiple of --make-vocab-size-divisible-by x "
-                f"TP); use {fix}")
+        fix = (
+            f"--make-vocab-size-divisible-by {padded // tensor_parallel_size}"
+            if padded % tensor_parallel_size == 0
+            else "a TP that divides it"
+        )
+        return (
+            f"padded vocabulary: the checkpoint has {padded} rows, this run pads to {ours} "
+            "(--vocab-size rounded up to a multiple of --make-vocab-size-divisible-by x "
+            f"TP); use {fix}"
+        )
     return ""
 
 
-def trainer_flags(arch: dict, max_position_embeddings: int, make_vocab_size_divisible_by: int,
-                  bf16: bool) -> list:
+def trainer_flags(
+    arch: dict, max_position_embeddings: int, make_vocab_size_divisible_by: int, bf16: bool
+) -> list:
     """The trainer flags that build a model matching ``arch`` (e.g. for a converted model)."""
     flags = []
     for name, flag in ARCHITECTURE_FLAGS.items():
@@ -85,8 +90,12 @@ def trainer_flags(arch: dict, max_position_embeddings: int, make_vocab_size_divi
             flags += [flag] if value else []
         else:
             flags += [flag, str(value)]
-    flags += ["--vocab-size", str(arch["vocab_size"]),
-              "--make-vocab-size-divisible-by", str(make_vocab_size_divisible_by)]
+    flags += [
+        "--vocab-size",
+        str(arch["vocab_size"]),
+        "--make-vocab-size-divisible-by",
+        str(make_vocab_size_divisible_by),
+    ]
     if max_position_embeddings is not None:
         flags += ["--max-position-embeddings", str(max_position_embeddings)]
     return flags + (["--bf16"] if bf16 else [])

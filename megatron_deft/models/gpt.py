@@ -23,8 +23,8 @@ from megatron.core.transformer.transformer_block import (
 )
 
 from megatron_deft.config import Config
-from megatron_deft.models.layout import virtual_pipeline_size
 from megatron_deft.models.init import init_weights_layout_invariant
+from megatron_deft.models.layout import virtual_pipeline_size
 
 try:  # optional GPU dependency
     import transformer_engine  # noqa: F401
@@ -94,8 +94,14 @@ class LocalRMSNorm:
     sums the gradient over the TP ranks. The per-head q/k norms (``on_hidden=False``) see the
     full sequence; megatron-core sums their gradients over the TP ranks' heads anyway."""
 
-    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
-                on_hidden: bool = True, **unused):
+    def __new__(
+        cls,
+        config: TransformerConfig,
+        hidden_size: int,
+        eps: float = 1e-5,
+        on_hidden: bool = True,
+        **unused,
+    ):
         norm = torch.nn.RMSNorm(hidden_size, eps=eps)
         norm.weight.sequence_parallel = on_hidden and config.sequence_parallel
         return norm

@@ -34,7 +34,7 @@ def _global_names(model) -> dict:
         match = _LOCAL_LAYER.match(name)
         if match:
             global_index = layer_offset[int(match.group(1))]
-            name_global = f"decoder.layers.{global_index}." + name[match.end():]
+            name_global = f"decoder.layers.{global_index}." + name[match.end() :]
         elif name == "output_layer.weight" and model.share_embeddings_and_output_weights:
             name_global = "embedding.word_embeddings.weight"
         else:

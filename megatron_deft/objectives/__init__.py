@@ -1,6 +1,9 @@
 """Token-level SFT objectives on vocab-parallel logits (see vocab_parallel.py for the math)."""
 
-from megatron_deft.objectives.megatron_adapter import megatron_loss_function, use_objective_in_megatron
+from megatron_deft.objectives.megatron_adapter import (
+    megatron_loss_function,
+    use_objective_in_megatron,
+)
 from megatron_deft.objectives.registry import OBJECTIVE_NAMES, Objective, parse_objective
 from megatron_deft.objectives.vocab_parallel import IGNORE_INDEX, vocab_parallel_loss
 

@@ -46,9 +46,14 @@ def megatron_loss_function(
             raise ValueError(
                 f"label_smoothing={label_smoothing} is not supported with SFT objective {objective}"
             )
-        loss, _ = vocab_parallel_loss(vocab_parallel_logits, target, objective,
-                                      group=_tensor_parallel_group(), vocab_size=vocab_size,
-                                      inplace=inplace)
+        loss, _ = vocab_parallel_loss(
+            vocab_parallel_logits,
+            target,
+            objective,
+            group=_tensor_parallel_group(),
+            vocab_size=vocab_size,
+            inplace=inplace,
+        )
         return loss
 
     vocab_parallel_objective.__name__ = f"vocab_parallel_{objective.name}"
@@ -69,14 +74,22 @@ def use_objective_in_megatron(objective: Union[str, Objective], vocab_size: Opti
 
     objective = parse_objective(objective)
 
-    def fused(logits, labels, tp_group, *unused):  # (logits [s, b, V/tp], labels [s, b], group, ...)
-        return vocab_parallel_loss(logits, labels, objective, group=tp_group, vocab_size=vocab_size,
-                                   inplace=True)[0]
+    def fused(
+        logits, labels, tp_group, *unused
+    ):  # (logits [s, b, V/tp], labels [s, b], group, ...)
+        return vocab_parallel_loss(
+            logits, labels, objective, group=tp_group, vocab_size=vocab_size, inplace=True
+        )[0]
 
-    patches = [(tensor_parallel, "vocab_parallel_cross_entropy",
-                megatron_loss_function(objective, inplace=True, vocab_size=vocab_size)),
-               (language_module, "fused_vocab_parallel_cross_entropy", fused),
-               (language_module, "te_parallel_cross_entropy", fused)]
+    patches = [
+        (
+            tensor_parallel,
+            "vocab_parallel_cross_entropy",
+            megatron_loss_function(objective, inplace=True, vocab_size=vocab_size),
+        ),
+        (language_module, "fused_vocab_parallel_cross_entropy", fused),
+        (language_module, "te_parallel_cross_entropy", fused),
+    ]
     originals = [(module, name, getattr(module, name)) for module, name, _ in patches]
     for module, name, function in patches:
         setattr(module, name, function)

@@ -66,7 +66,7 @@ class Objective:
 
     @property
     def family(self) -> str:
-        """"qlog" (loss (1 - p^a)/a with a detached exponent) or "wnll" (loss -w log p)."""
+        """ "qlog" (loss (1 - p^a)/a with a detached exponent) or "wnll" (loss -w log p)."""
         return _FAMILY.get(self.name, "qlog")
 
     @property
@@ -110,7 +110,11 @@ def _convert(spec: str, name: str, key: str, raw) -> Union[int, float]:
     if isinstance(value, float) and not math.isfinite(value):
         raise _error(spec, f"{name} parameter {key}={raw!r} must be finite")
     # eaft's k = 1 would give a top-1 entropy of 0, hence weight 0: nothing would be trained.
-    ranges = {"q": (value > 0, "q > 0"), "k": (value >= 2, "k >= 2"), "alpha": (value >= 0, "alpha >= 0")}
+    ranges = {
+        "q": (value > 0, "q > 0"),
+        "k": (value >= 2, "k >= 2"),
+        "alpha": (value >= 0, "alpha >= 0"),
+    }
     ok, rule = ranges[key]
     if not ok:
         raise _error(spec, f"{name} needs {rule}, got {key}={raw!r}")
@@ -120,7 +124,7 @@ def _convert(spec: str, name: str, key: str, raw) -> Union[int, float]:
 def _split_spec(spec: str) -> tuple[str, dict]:
     """`name[:v | :k=v,k=v]` or a reference-code alias -> (canonical name, raw params)."""
     if spec.startswith(_TSALLIS_ALIAS_PREFIX):
-        return "tsallis", {"q": spec[len(_TSALLIS_ALIAS_PREFIX):]}
+        return "tsallis", {"q": spec[len(_TSALLIS_ALIAS_PREFIX) :]}
     name, _, arg_text = spec.partition(":")
     name = _REFERENCE_ALIASES.get(name, name.strip().lower())
     if name not in _PARAMETERS:

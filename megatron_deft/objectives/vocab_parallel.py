@@ -73,7 +73,9 @@ def cayley_exponent(
     The mean is over the valid tokens of this call's tensors; with `mean_group` it is taken over the
     union of those tokens on every rank of that group (e.g. data parallel). No valid token: f = 0.
     """
-    totals = torch.stack([torch.where(valid, p, torch.zeros_like(p)).sum(), valid.sum().to(p.dtype)])
+    totals = torch.stack(
+        [torch.where(valid, p, torch.zeros_like(p)).sum(), valid.sum().to(p.dtype)]
+    )
     if mean_group is not None and dist.get_world_size(mean_group) > 1:
         dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=mean_group)
     floor = 0.5 * totals[0] / totals[1].clamp(min=1)
@@ -137,8 +139,9 @@ def _global_max(shard: torch.Tensor, real: int, group, dtype: torch.dtype) -> to
     return row_max
 
 
-def _global_topk(shard: torch.Tensor, real: int, vocab_size: int, k: int, group,
-                 dtype: torch.dtype) -> torch.Tensor:
+def _global_topk(
+    shard: torch.Tensor, real: int, vocab_size: int, k: int, group, dtype: torch.dtype
+) -> torch.Tensor:
     """The k largest logits over the real vocab (`vocab_size` ids, this shard's first `real`
     columns), [N, V/tp] -> [N, min(k, vocab_size)] in `dtype`, descending.
 
@@ -174,8 +177,18 @@ class _VocabParallelObjective(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, valid, objective, vocab_size, group, mean_group, inplace,
-                reusable_backward):
+    def forward(
+        ctx,
+        logits,
+        target,
+        valid,
+        objective,
+        vocab_size,
+        group,
+        mean_group,
+        inplace,
+        reusable_backward,
+    ):
         world, rank = _group_size_rank(group)
         vocab_local = logits.shape[-1]
         real = min(max(vocab_size - rank * vocab_local, 0), vocab_local)  # non-padding columns
@@ -188,8 +201,9 @@ class _VocabParallelObjective(torch.autograd.Function):
 
         top_logits = None
         if objective.topk:
-            top_logits = _global_topk(logits, real, vocab_size, objective.topk, group,
-                                      compute_dtype)  # [N, k]
+            top_logits = _global_topk(
+                logits, real, vocab_size, objective.topk, group, compute_dtype
+            )  # [N, k]
             row_max = top_logits[:, 0]
         else:
             row_max = _global_max(logits, real, group, compute_dtype)  # [N]
@@ -220,12 +234,16 @@ class _VocabParallelObjective(torch.autograd.Function):
         log_p = target_shifted - sum_exp.log()
         sum_p2 = sum_exp_sq / sum_exp.square()
         top_entropy = topk_entropy(top_logits) if top_logits is not None else None
-        loss, gate, exponent = objective_terms(objective, log_p, sum_p2, valid, top_entropy, mean_group)
+        loss, gate, exponent = objective_terms(
+            objective, log_p, sum_p2, valid, top_entropy, mean_group
+        )
 
         zero = torch.zeros_like(log_p)
         loss, gate = torch.where(valid, loss, zero), torch.where(valid, gate, zero)
         stats = [gate, log_p.exp(), -log_p, -sum_p2.log(), exponent, top_entropy]
-        stats = torch.stack([torch.where(valid, s, zero) if s is not None else zero for s in stats], -1)
+        stats = torch.stack(
+            [torch.where(valid, s, zero) if s is not None else zero for s in stats], -1
+        )
 
         ctx.save_for_backward(work, gate / sum_exp, gate, local_target, owns_target)
         ctx.input_dtype = logits.dtype
@@ -249,7 +267,9 @@ class _VocabParallelObjective(torch.autograd.Function):
             grad = exp_shifted * scale
         else:
             ctx.consumed = True
-            grad = exp_shifted.mul_(scale)  # in place: softmax * gate * g, the buffer is not needed again
+            grad = exp_shifted.mul_(
+                scale
+            )  # in place: softmax * gate * g, the buffer is not needed again
         onehot_term = torch.where(owns_target, gate * grad_loss, torch.zeros_like(gate))
         grad.scatter_add_(-1, local_target.unsqueeze(-1), -onehot_term.unsqueeze(-1))
         return grad.to(ctx.input_dtype), None, None, None, None, None, None, None, None
@@ -264,15 +284,21 @@ def _check_inputs(logits, target, loss_mask, world: int, vocab_size: Optional[in
     """Validates the arguments; returns (the real vocabulary size, default all V/tp * tp ids;
     the valid-token mask [...]: not -100 and, with a loss mask, where it is not 0)."""
     if not torch.is_tensor(logits) or not logits.is_floating_point() or logits.dim() < 1:
-        raise TypeError(f"vocab_parallel_loss: logits must be a floating tensor [..., V/tp], got {logits!r:.80}")
+        raise TypeError(
+            f"vocab_parallel_loss: logits must be a floating tensor [..., V/tp], got {logits!r:.80}"
+        )
     padded = logits.shape[-1] * world
     if vocab_size is None:
         vocab_size = padded
     if not 1 <= vocab_size <= padded:
-        raise ValueError(f"vocab_parallel_loss: vocab_size {vocab_size} must be in [1, {padded}] (the "
-                         f"padded vocab V/tp * tp = {logits.shape[-1]} * {world})")
+        raise ValueError(
+            f"vocab_parallel_loss: vocab_size {vocab_size} must be in [1, {padded}] (the "
+            f"padded vocab V/tp * tp = {logits.shape[-1]} * {world})"
+        )
     if not torch.is_tensor(target) or target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"vocab_parallel_loss: target must be an int64/int32 tensor, got {getattr(target, 'dtype', type(target))}")
+        raise TypeError(
+            f"vocab_parallel_loss: target must be an int64/int32 tensor, got {getattr(target, 'dtype', type(target))}"
+        )
     if tuple(target.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
             f"vocab_parallel_loss: target shape {tuple(target.shape)} must equal logits shape without "

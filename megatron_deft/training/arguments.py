@@ -54,13 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
                 group.add_argument(flag, dest=dest, action="store_true", help=docs[item.name])
             elif kind is list:  # Megatron-style multi-value flags, e.g. --data-path 0.7 a 0.3 b
                 group.add_argument(
-                    flag, dest=dest, nargs="+", help=docs[item.name], default=argparse.SUPPRESS,
+                    flag,
+                    dest=dest,
+                    nargs="+",
+                    help=docs[item.name],
+                    default=argparse.SUPPRESS,
                     metavar=item.name.upper(),
                 )
             else:
                 group.add_argument(
-                    flag, dest=dest, type=kind, choices=CHOICES.get(item.name),
-                    help=docs[item.name], default=argparse.SUPPRESS, metavar=item.name.upper(),
+                    flag,
+                    dest=dest,
+                    type=kind,
+                    choices=CHOICES.get(item.name),
+                    help=docs[item.name],
+                    default=argparse.SUPPRESS,
+                    metavar=item.name.upper(),
                 )
     return parser
 
@@ -68,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 def accepted_flags() -> list:
     """Every flag the trainer accepts (pinned by a test)."""
     return sorted(
-        option for action in build_parser()._actions for option in action.option_strings
+        option
+        for action in build_parser()._actions
+        for option in action.option_strings
         if option.startswith("--") and option != "--help"
     )
 
@@ -143,92 +154,138 @@ def _validate_layout(config: Config, world_size: int) -> None:
     model, par, train = config.model, config.parallel, config.training
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     _require(tp >= 1 and pp >= 1, "--tensor/pipeline-model-parallel-size must be >= 1")
-    _require(world_size % (tp * pp) == 0,
-             f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
+    _require(
+        world_size % (tp * pp) == 0,
+        f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}",
+    )
     dp = data_parallel_size(config, world_size)
     per_step = train.micro_batch_size * dp
     _require(train.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
-    _require(train.global_batch_size % per_step == 0,
-             f"--global-batch-size {train.global_batch_size} is not divisible by "
-             f"--micro-batch-size x DP = {train.micro_batch_size} x {dp}")
+    _require(
+        train.global_batch_size % per_step == 0,
+        f"--global-batch-size {train.global_batch_size} is not divisible by "
+        f"--micro-batch-size x DP = {train.micro_batch_size} x {dp}",
+    )
     heads, groups = model.num_attention_heads, model.num_query_groups or model.num_attention_heads
     _require(heads % tp == 0, f"--num-attention-heads {heads} is not divisible by TP {tp}")
     _require(groups % tp == 0, f"--num-query-groups {groups} is not divisible by TP {tp}")
-    _require(heads % groups == 0,
-             f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}")
+    _require(
+        heads % groups == 0,
+        f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}",
+    )
     if model.kv_channels is None:
-        _require(model.hidden_size % heads == 0,
-                 f"--hidden-size {model.hidden_size} is not divisible by --num-attention-heads "
-                 f"{heads}; give the head size with --kv-channels")
+        _require(
+            model.hidden_size % heads == 0,
+            f"--hidden-size {model.hidden_size} is not divisible by --num-attention-heads "
+            f"{heads}; give the head size with --kv-channels",
+        )
     else:
         _require(model.kv_channels >= 1, f"--kv-channels must be >= 1, got {model.kv_channels}")
-    _require(model.num_layers % pp == 0,
-             f"--num-layers {model.num_layers} is not divisible by PP {pp}")
+    _require(
+        model.num_layers % pp == 0, f"--num-layers {model.num_layers} is not divisible by PP {pp}"
+    )
     if par.sequence_parallel:
         _require(tp > 1, "--sequence-parallel needs TP > 1")
-        _require(model.seq_length % tp == 0,
-                 f"--sequence-parallel needs --seq-length {model.seq_length} divisible by TP {tp}")
-    _require(model.rope_scaling_factor > 0,
-             f"--rope-scaling-factor must be > 0, got {model.rope_scaling_factor}")
+        _require(
+            model.seq_length % tp == 0,
+            f"--sequence-parallel needs --seq-length {model.seq_length} divisible by TP {tp}",
+        )
+    _require(
+        model.rope_scaling_factor > 0,
+        f"--rope-scaling-factor must be > 0, got {model.rope_scaling_factor}",
+    )
     if model.vocab_size is not None:
         padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
         _require(padded % tp == 0, f"TP {tp} does not divide the padded vocabulary {padded}")
     per_vstage = par.num_layers_per_virtual_pipeline_stage
     if per_vstage is not None:
         _require(pp > 1, "--num-layers-per-virtual-pipeline-stage needs PP > 1")
-        _require((model.num_layers // pp) % per_vstage == 0,
-                 f"layers per pipeline stage {model.num_layers // pp} is not divisible by "
-                 f"--num-layers-per-virtual-pipeline-stage {per_vstage}")
+        _require(
+            (model.num_layers // pp) % per_vstage == 0,
+            f"layers per pipeline stage {model.num_layers // pp} is not divisible by "
+            f"--num-layers-per-virtual-pipeline-stage {per_vstage}",
+        )
         microbatches = train.global_batch_size // per_step
-        _require(microbatches % pp == 0,
-                 f"the interleaved schedule needs micro-batches per step ({microbatches}) "
-                 f"divisible by PP {pp}")
+        _require(
+            microbatches % pp == 0,
+            f"the interleaved schedule needs micro-batches per step ({microbatches}) "
+            f"divisible by PP {pp}",
+        )
 
 
 def _validate_schedule(opt, train_iters: int) -> None:
     decay_iters = opt.lr_decay_iters or train_iters
-    _require(opt.lr_warmup_iters >= 0 and decay_iters >= 1,
-             "--lr-warmup-iters must be >= 0 and --lr-decay-iters >= 1")
+    _require(
+        opt.lr_warmup_iters >= 0 and decay_iters >= 1,
+        "--lr-warmup-iters must be >= 0 and --lr-decay-iters >= 1",
+    )
     if opt.lr_decay_style != "WSD":
-        _require(opt.lr_wsd_decay_iters is None,
-                 "--lr-wsd-decay-iters needs --lr-decay-style WSD")
+        _require(opt.lr_wsd_decay_iters is None, "--lr-wsd-decay-iters needs --lr-decay-style WSD")
         return
     _require(opt.lr_wsd_decay_iters is not None, "--lr-decay-style WSD needs --lr-wsd-decay-iters")
     stable = decay_iters - opt.lr_warmup_iters
-    _require(1 <= opt.lr_wsd_decay_iters <= stable,
-             f"--lr-wsd-decay-iters {opt.lr_wsd_decay_iters} must be in [1, {stable}] (the "
-             f"--lr-decay-iters {decay_iters} after --lr-warmup-iters {opt.lr_warmup_iters})")
+    _require(
+        1 <= opt.lr_wsd_decay_iters <= stable,
+        f"--lr-wsd-decay-iters {opt.lr_wsd_decay_iters} must be in [1, {stable}] (the "
+        f"--lr-decay-iters {decay_iters} after --lr-warmup-iters {opt.lr_warmup_iters})",
+    )
 
 
 def _validate_run(config: Config) -> None:
-    model, par, train, data, ckpt = (config.model, config.parallel, config.training,
-                                     config.data, config.checkpoint)
+    model, par, train, data, ckpt = (
+        config.model,
+        config.parallel,
+        config.training,
+        config.data,
+        config.checkpoint,
+    )
     _require(train.train_iters >= 1, "--train-iters must be >= 1")
     _require(not (train.bf16 and train.device == "cpu"), "--bf16 needs --device cuda")
-    _require(not par.overlap_param_gather or par.use_distributed_optimizer,
-             "--overlap-param-gather needs --use-distributed-optimizer")
+    _require(
+        not par.overlap_param_gather or par.use_distributed_optimizer,
+        "--overlap-param-gather needs --use-distributed-optimizer",
+    )
     _validate_schedule(config.optimizer, train.train_iters)
     max_pos = model.max_position_embeddings or model.seq_length
-    _require(model.seq_length <= max_pos,
-             f"--seq-length {model.seq_length} exceeds --max-position-embeddings {max_pos}")
-    sources = [name for name, given in [("--train-data", data.train_data is not None),
-                                        ("--data-path", bool(data.data_path)),
-                                        ("--mock-data", data.mock_data)] if given]
-    _require(len(sources) == 1, "give exactly one of --train-data, --data-path, --mock-data"
-             + (f" (got {' and '.join(sources)})" if sources else ""))
-    _require(not (data.valid_data and data.valid_data_prefix),
-             "give --valid-data or --valid-data-prefix, not both")
+    _require(
+        model.seq_length <= max_pos,
+        f"--seq-length {model.seq_length} exceeds --max-position-embeddings {max_pos}",
+    )
+    sources = [
+        name
+        for name, given in [
+            ("--train-data", data.train_data is not None),
+            ("--data-path", bool(data.data_path)),
+            ("--mock-data", data.mock_data),
+        ]
+        if given
+    ]
+    _require(
+        len(sources) == 1,
+        "give exactly one of --train-data, --data-path, --mock-data"
+        + (f" (got {' and '.join(sources)})" if sources else ""),
+    )
+    _require(
+        not (data.valid_data and data.valid_data_prefix),
+        "give --valid-data or --valid-data-prefix, not both",
+    )
     _require(not data.mock_data or model.vocab_size is not None, "--mock-data needs --vocab-size")
-    _require(not data.token_class_key or data.train_data is not None,
-             "--token-class-key needs JSONL data (--train-data): preprocessed --data-path sets "
-             "carry no per-sample fields (--mock-data samples have built-in classes)")
+    _require(
+        not data.token_class_key or data.train_data is not None,
+        "--token-class-key needs JSONL data (--train-data): preprocessed --data-path sets "
+        "carry no per-sample fields (--mock-data samples have built-in classes)",
+    )
     has_valid = data.mock_data or data.valid_data is not None or bool(data.valid_data_prefix)
-    _require(train.eval_interval == 0 or has_valid,
-             "--eval-interval needs --valid-data or --valid-data-prefix (or --mock-data)")
+    _require(
+        train.eval_interval == 0 or has_valid,
+        "--eval-interval needs --valid-data or --valid-data-prefix (or --mock-data)",
+    )
     _validate_data_sources(data)
     _require(ckpt.save_interval == 0 or ckpt.save is not None, "--save-interval needs --save")
-    _require(not ckpt.finetune or ckpt.load is not None or ckpt.pretrained_checkpoint,
-             "--finetune needs --load or --pretrained-checkpoint")
+    _require(
+        not ckpt.finetune or ckpt.load is not None or ckpt.pretrained_checkpoint,
+        "--finetune needs --load or --pretrained-checkpoint",
+    )
     try:
         objective_of(config)
     except ValueError as error:
@@ -240,16 +297,23 @@ def _validate_data_sources(data) -> None:
     from megatron_deft.data.blend import parse_data_path
     from megatron_deft.data.config import TOKENIZER_TYPES
 
-    for flag, value in (("--data-path", data.data_path), ("--valid-data-prefix", data.valid_data_prefix)):
+    for flag, value in (
+        ("--data-path", data.data_path),
+        ("--valid-data-prefix", data.valid_data_prefix),
+    ):
         if value:
             try:
                 parse_data_path(value)
             except ValueError as error:
                 raise ConfigError(f"{flag}: {error}") from None
-    _require(data.tokenizer_type is None or data.tokenizer_type in TOKENIZER_TYPES,
-             f"--tokenizer-type {data.tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}")
-    _require(data.mock_data or data.tokenizer_model is not None,
-             "--train-data/--data-path need --tokenizer-model")
+    _require(
+        data.tokenizer_type is None or data.tokenizer_type in TOKENIZER_TYPES,
+        f"--tokenizer-type {data.tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}",
+    )
+    _require(
+        data.mock_data or data.tokenizer_model is not None,
+        "--train-data/--data-path need --tokenizer-model",
+    )
 
 
 def objective_of(config: Config):
@@ -281,6 +345,8 @@ def _resolve_pretrained_checkpoint(config: Config) -> None:
     if ckpt.load is not None and os.path.isfile(os.path.join(ckpt.load, _TRACKER)):
         ckpt.finetune = False  # --finetune referred to the pretrained weights
         return
-    _require(os.path.isfile(os.path.join(ckpt.pretrained_checkpoint, _TRACKER)),
-             f"--pretrained-checkpoint {ckpt.pretrained_checkpoint}: no {_TRACKER} there")
+    _require(
+        os.path.isfile(os.path.join(ckpt.pretrained_checkpoint, _TRACKER)),
+        f"--pretrained-checkpoint {ckpt.pretrained_checkpoint}: no {_TRACKER} there",
+    )
     ckpt.load, ckpt.finetune = ckpt.pretrained_checkpoint, True

@@ -91,11 +91,16 @@ def _rng_state():
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
     return ShardedObject(
-        "rng_state", state,
-        (parallel_state.get_pipeline_model_parallel_world_size(),
-         parallel_state.get_tensor_model_parallel_world_size()),
-        (parallel_state.get_pipeline_model_parallel_rank(),
-         parallel_state.get_tensor_model_parallel_rank()),
+        "rng_state",
+        state,
+        (
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+        ),
+        (
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+        ),
         replica_id=parallel_state.get_data_parallel_rank(),
     )
 
@@ -121,8 +126,9 @@ def load_model_weights(directory: str, modules) -> None:
     chunks ``modules``, resharded to this process's TP/PP layout (evaluation, export, and
     --finetune / converted checkpoints); see the module docstring on ``_extra_state``."""
     state = _model_state(modules)
-    loaded, _, absent = dist_checkpointing.load(state, directory,
-                                                strict=StrictHandling.RETURN_UNEXPECTED)
+    loaded, _, absent = dist_checkpointing.load(
+        state, directory, strict=StrictHandling.RETURN_UNEXPECTED
+    )
     _refuse_absent_weights(absent, directory)
     for key, module in zip(state, modules):
         result = module.load_state_dict(loaded[key], strict=False)
@@ -135,8 +141,10 @@ def _refuse_absent_weights(keys, directory: str) -> None:
     """Model keys the checkpoint lacks: only ``_extra_state`` may be missing."""
     absent = sorted(key for key in keys if not key.endswith("_extra_state"))
     if absent:
-        raise CheckpointError(f"{directory} lacks model weights {absent[:8]}"
-                              + (f" and {len(absent) - 8} more" if len(absent) > 8 else ""))
+        raise CheckpointError(
+            f"{directory} lacks model weights {absent[:8]}"
+            + (f" and {len(absent) - 8} more" if len(absent) > 8 else "")
+        )
 
 
 def _sharded_state(model, optimizer, config: Config, is_loading: bool, with_rng: bool):
@@ -248,8 +256,11 @@ def _check_architecture(common: dict, directory: str, config: Config, padded_voc
     saved = common.get("architecture")
     if saved is None:
         return
-    mismatch = architecture_mismatch(saved, architecture_of(config.model, padded_vocab),
-                                     config.parallel.tensor_model_parallel_size)
+    mismatch = architecture_mismatch(
+        saved,
+        architecture_of(config.model, padded_vocab),
+        config.parallel.tensor_model_parallel_size,
+    )
     if mismatch:
         raise CheckpointError(f"--load {directory}: architecture mismatch: {mismatch}")
 
@@ -285,7 +296,8 @@ def _check_schedule(saved: dict, scheduler, directory: str, config: Config) -> N
             f"--load {directory}: this run's schedule differs from the checkpoint's: "
             f"{'; '.join(differences.values())}. Use the checkpoint's values to continue its "
             "schedule, or add --override-opt-param-scheduler to continue from its iteration "
-            "with this run's")
+            "with this run's"
+        )
 
 
 def load_checkpoint(root, model, optimizer, scheduler, loader, config: Config) -> int:
@@ -327,6 +339,8 @@ def load_checkpoint(root, model, optimizer, scheduler, loader, config: Config) -
     if same_layout:
         _set_rng_state(loaded["rng_state"])
     else:
-        logger.warning(f"resumed {directory} saved with {common['layout']} as {_layout(config)}: "
-                       "model and optimizer state resharded, RNG states reseeded")
+        logger.warning(
+            f"resumed {directory} saved with {common['layout']} as {_layout(config)}: "
+            "model and optimizer state resharded, RNG states reseeded"
+        )
     return int(loaded["iteration"])

@@ -38,8 +38,13 @@ def synthetic_samples(vocab_size: int, seq_length: int, num_samples: int, seed: 
         flags.append(np.arange(length) >= prompt)
         offsets.append(offsets[-1] + length)
         classes.append(SYNTHETIC_CLASSES.index("short" if 2 * length <= seq_length else "long"))
-    return TokenizedSamples(np.concatenate(ids), np.concatenate(flags), np.array(offsets),
-                            np.array(classes, dtype=np.int32), SYNTHETIC_CLASSES)
+    return TokenizedSamples(
+        np.concatenate(ids),
+        np.concatenate(flags),
+        np.array(offsets),
+        np.array(classes, dtype=np.int32),
+        SYNTHETIC_CLASSES,
+    )
 
 
 def _synthetic_loader(config: Config, num_samples: int, seed: int, dp_rank: int, dp_size: int):
@@ -47,10 +52,16 @@ def _synthetic_loader(config: Config, num_samples: int, seed: int, dp_rank: int,
     samples = synthetic_samples(config.model.vocab_size, seq_length, num_samples, seed)
     rows = plan_rows(samples.lengths, seq_length, config.data.pack_sequences)
     return SFTDataLoader(
-        samples, rows, seq_length=seq_length, pad_id=0,
+        samples,
+        rows,
+        seq_length=seq_length,
+        pad_id=0,
         global_batch_size=config.training.global_batch_size,
         micro_batch_size=config.training.micro_batch_size,
-        dp_rank=dp_rank, dp_size=dp_size, seed=seed, packed=config.data.pack_sequences,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=seed,
+        packed=config.data.pack_sequences,
     )
 
 
@@ -77,10 +88,16 @@ def _file_loaders(config: Config, dp_rank: int, dp_size: int):
         tokenizer_model=data.tokenizer_model,
         data_cache_dir=data.data_cache_dir,
     )
-    built = _cache_filled_by_rank0_first(lambda: build_sft_data(
-        data_config, config.training.global_batch_size, config.training.micro_batch_size,
-        dp_rank=dp_rank, dp_size=dp_size,
-    ), use_cache=bool(data.data_cache_dir))
+    built = _cache_filled_by_rank0_first(
+        lambda: build_sft_data(
+            data_config,
+            config.training.global_batch_size,
+            config.training.micro_batch_size,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+        ),
+        use_cache=bool(data.data_cache_dir),
+    )
     return built.train, built.valid, built.tokenizer.vocab_size
 
 
@@ -113,8 +130,10 @@ def build_train_valid_loaders(config: Config, dp_rank: int, dp_size: int):
     train, valid, tokenizer_vocab = _file_loaders(config, dp_rank, dp_size)
     if config.model.vocab_size is not None and config.model.vocab_size < tokenizer_vocab:
         raise DataError(
-            config.data.tokenizer_model, None,
+            config.data.tokenizer_model,
+            None,
             f"the tokenizer has {tokenizer_vocab} tokens but --vocab-size is "
-            f"{config.model.vocab_size}; drop --vocab-size or raise it", reason="vocab_size",
+            f"{config.model.vocab_size}; drop --vocab-size or raise it",
+            reason="vocab_size",
         )
     return train, valid, config.model.vocab_size or tokenizer_vocab

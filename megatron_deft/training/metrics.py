@@ -41,8 +41,16 @@ class MetricsLogger:
     writes TensorBoard scalars; every rank holds the same reduced metrics.
     """
 
-    def __init__(self, is_writer: bool, tensorboard_dir, objective, train_iters: int,
-                 tokens_per_iteration: int, class_names=(), start_iteration: int = 0):
+    def __init__(
+        self,
+        is_writer: bool,
+        tensorboard_dir,
+        objective,
+        train_iters: int,
+        tokens_per_iteration: int,
+        class_names=(),
+        start_iteration: int = 0,
+    ):
         self.is_writer = is_writer
         self.objective, self.class_names = objective, tuple(class_names)
         self.has_alpha = objective.family == "qlog"  # the exponent exists for q-log objectives
@@ -61,14 +69,16 @@ class MetricsLogger:
         self._window_start = time.perf_counter()
         self._window_counts = None  # summed token_class_counts of the window's updates
 
-    def record(self, iteration: int, metrics: dict, lr: float, samples_consumed: int,
-               log_now: bool) -> None:
+    def record(
+        self, iteration: int, metrics: dict, lr: float, samples_consumed: int, log_now: bool
+    ) -> None:
         """Add one iteration; on ``log_now`` print/write the window's means and reset it."""
         self._window.append(metrics)
         if metrics["updated"]:
             counts = metrics["token_class_counts"]
-            self._window_counts = counts if self._window_counts is None else (
-                self._window_counts + counts)
+            self._window_counts = (
+                counts if self._window_counts is None else (self._window_counts + counts)
+            )
         if not log_now:
             return
         elapsed = time.perf_counter() - self._window_start
@@ -76,8 +86,10 @@ class MetricsLogger:
         finite = [m for m in window if m["updated"]]
         per_iter = elapsed / len(window)
         # Means over the iterations that updated (nan when every iteration was skipped).
-        means = {key: sum(m[key] for m in finite) / len(finite) if finite else float("nan")
-                 for key in ("loss", "nll", "grad_norm", *OBJECTIVE_STATS)}
+        means = {
+            key: sum(m[key] for m in finite) / len(finite) if finite else float("nan")
+            for key in ("loss", "nll", "grad_norm", *OBJECTIVE_STATS)
+        }
         window_counts = self._window_counts
         self._window, self._window_start, self._window_counts = [], time.perf_counter(), None
         if not self.is_writer:
@@ -105,10 +117,15 @@ class MetricsLogger:
             histograms = split_histograms(window_counts, self.class_names, self.objective)
         self._log_classes(histograms)
         if self.writer:
-            scalars = {"loss": means["loss"], "nll": means["nll"], "lr": lr,
-                       "grad_norm": means["grad_norm"],
-                       "tokens_per_second": self.tokens_per_iteration / per_iter,
-                       "samples_consumed": samples_consumed, **stats}
+            scalars = {
+                "loss": means["loss"],
+                "nll": means["nll"],
+                "lr": lr,
+                "grad_norm": means["grad_norm"],
+                "tokens_per_second": self.tokens_per_iteration / per_iter,
+                "samples_consumed": samples_consumed,
+                **stats,
+            }
             for key, value in scalars.items():
                 self.writer.add_scalar(f"train/{key}", value, iteration)
             self._write_histograms(histograms, iteration)
@@ -122,20 +139,26 @@ class MetricsLogger:
                 continue
             stats = histograms[name]
             means = " | ".join(f"mean {stat} {h.mean:.4f}" for stat, h in stats.items())
-            logger.info(f"  class {name}: {100 * _token_fraction(histograms, name):.1f}% of "
-                        f"loss tokens | {means}")
+            logger.info(
+                f"  class {name}: {100 * _token_fraction(histograms, name):.1f}% of "
+                f"loss tokens | {means}"
+            )
 
     def _write_histograms(self, histograms: dict, iteration: int) -> None:
         for name, stats in histograms.items():
             prefix = "train" if name is None else f"train_class/{name}"
             for stat, histogram in stats.items():
-                self.writer.add_histogram_raw(f"{prefix}/{stat}_histogram",
-                                              global_step=iteration, **histogram.tensorboard_raw())
+                self.writer.add_histogram_raw(
+                    f"{prefix}/{stat}_histogram",
+                    global_step=iteration,
+                    **histogram.tensorboard_raw(),
+                )
                 if name is not None:
                     self.writer.add_scalar(f"{prefix}/{stat}", histogram.mean, iteration)
             if name is not None:
-                self.writer.add_scalar(f"{prefix}/token_fraction",
-                                       _token_fraction(histograms, name), iteration)
+                self.writer.add_scalar(
+                    f"{prefix}/token_fraction", _token_fraction(histograms, name), iteration
+                )
 
     @contextlib.contextmanager
     def paused(self):
@@ -149,8 +172,10 @@ class MetricsLogger:
     def validation(self, iteration: int, metrics: dict) -> None:
         if not self.is_writer:
             return
-        logger.info(f"validation at iteration {iteration} | loss {metrics['loss']:.6f} | "
-                    f"nll {metrics['nll']:.6f} | tokens {metrics['tokens']}")
+        logger.info(
+            f"validation at iteration {iteration} | loss {metrics['loss']:.6f} | "
+            f"nll {metrics['nll']:.6f} | tokens {metrics['tokens']}"
+        )
         if self.writer:
             self.writer.add_scalar("valid/loss", metrics["loss"], iteration)
             self.writer.add_scalar("valid/nll", metrics["nll"], iteration)
@@ -158,8 +183,10 @@ class MetricsLogger:
 
     def skipped(self, iteration: int, metrics: dict, consecutive: int) -> None:
         if self.is_writer:
-            logger.warning(f"iteration {iteration}: non-finite loss {metrics['loss']} or grad "
-                           f"norm {metrics['grad_norm']}; update skipped ({consecutive} in a row)")
+            logger.warning(
+                f"iteration {iteration}: non-finite loss {metrics['loss']} or grad "
+                f"norm {metrics['grad_norm']}; update skipped ({consecutive} in a row)"
+            )
 
     def close(self) -> None:
         if self.writer:

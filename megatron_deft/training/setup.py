@@ -41,8 +41,9 @@ def initialize_distributed(config: Config) -> None:
         if "RANK" in os.environ:
             dist.init_process_group(backend, timeout=timeout)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=timeout)
+            dist.init_process_group(
+                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
@@ -88,7 +89,9 @@ def build_model(config: Config, padded_vocab: int) -> list:
     )
     model = [
         DistributedDataParallel(
-            config=chunk.config, ddp_config=ddp_config, module=chunk,
+            config=chunk.config,
+            ddp_config=ddp_config,
+            module=chunk,
             # Megatron-LM: only the first chunk's buckets overlap with backward.
             disable_bucketing=index > 0,
         )

@@ -28,14 +28,23 @@ from megatron_deft.objectives import vocab_parallel_loss
 from megatron_deft.training.token_classes import bin_token_stats, histogram_shape
 
 # Order of the per-micro-batch report vector (sums over valid tokens, except "tokens").
-REPORT_KEYS = ("loss", "tokens", "nll", "gate", "alpha", "p_target", "renyi2_entropy",
-               "confident_conflict")
+REPORT_KEYS = (
+    "loss",
+    "tokens",
+    "nll",
+    "gate",
+    "alpha",
+    "p_target",
+    "renyi2_entropy",
+    "confident_conflict",
+)
 _LN2 = math.log(2.0)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
 
 
 def loss_func(labels, loss_mask, token_class, objective, num_classes, vocab_size, logits):
@@ -56,8 +65,13 @@ def loss_func(labels, loss_mask, token_class, objective, num_classes, vocab_size
     # inplace: the logits are not used after the loss, so their buffer holds exp(z - max) and then
     # the gradient (megatron's own cross entropy does the same); saves one [b, s, V/tp] fp32 buffer.
     loss, stats = vocab_parallel_loss(
-        logits, labels, objective=objective, loss_mask=loss_mask, group=tp_group,
-        vocab_size=vocab_size, inplace=True,
+        logits,
+        labels,
+        objective=objective,
+        loss_mask=loss_mask,
+        group=tp_group,
+        vocab_size=vocab_size,
+        inplace=True,
     )
     valid = stats["valid"]
     # Confident conflict: the model puts < 10% on the target while being peaked (sum p^2 > 0.5,
@@ -67,16 +81,21 @@ def loss_func(labels, loss_mask, token_class, objective, num_classes, vocab_size
     loss_sum = loss.sum()
     zeros = torch.zeros_like(loss)
     # Summed in float64, as the histograms: the logged means agree with theirs to rounding.
-    report = torch.stack([value.detach().double().sum() for value in (
-        loss,
-        valid,
-        stats["nll"],  # -log p_target for every objective: comparable across objectives
-        stats["gate"],
-        stats.get("alpha", zeros),
-        stats["p_target"],
-        stats["renyi2_entropy"],
-        conflict,
-    )])
+    report = torch.stack(
+        [
+            value.detach().double().sum()
+            for value in (
+                loss,
+                valid,
+                stats["nll"],  # -log p_target for every objective: comparable across objectives
+                stats["gate"],
+                stats.get("alpha", zeros),
+                stats["p_target"],
+                stats["renyi2_entropy"],
+                conflict,
+            )
+        ]
+    )
     histograms = bin_token_stats(stats, token_class, num_classes, objective)
     return loss_sum, num_tokens, {"report": torch.cat([report, histograms.reshape(-1)])}
 
@@ -90,8 +109,15 @@ def forward_step(objective, num_classes, vocab_size, data_iterator, model):
         position_ids=batch["position_ids"],
         attention_mask=batch["attention_mask"],
     )  # last stage: logits [b, s, V/tp]; other stages: hidden states [s, b, h]
-    return output, partial(loss_func, batch["labels"], batch["loss_mask"], batch["token_class"],
-                           objective, num_classes, vocab_size)
+    return output, partial(
+        loss_func,
+        batch["labels"],
+        batch["loss_mask"],
+        batch["token_class"],
+        objective,
+        num_classes,
+        vocab_size,
+    )
 
 
 def _report_length(objective, num_classes: int) -> int:
@@ -115,7 +141,7 @@ def metrics_from_sums(sums: torch.Tensor, objective, num_classes: int) -> dict:
     """Token means of the reported sums: loss, nll, gate, alpha, p_target, renyi2_entropy and
     the confident-conflict fraction; ``tokens`` is the global loss-token count;
     ``token_class_counts`` the summed histograms [num_classes + 1, Q, NUM_BINS + 2] (CPU)."""
-    scalars, histograms = sums[: len(REPORT_KEYS)], sums[len(REPORT_KEYS):]
+    scalars, histograms = sums[: len(REPORT_KEYS)], sums[len(REPORT_KEYS) :]
     values = dict(zip(REPORT_KEYS, scalars.tolist()))
     count = max(values["tokens"], 1.0)
     metrics = {key: value / count for key, value in values.items() if key != "tokens"}
@@ -124,8 +150,15 @@ def metrics_from_sums(sums: torch.Tensor, objective, num_classes: int) -> dict:
     return metrics
 
 
-def run_microbatches(model, microbatches: list, config, objective, vocab_size: int,
-                     forward_only: bool, num_classes: int = 0) -> dict:
+def run_microbatches(
+    model,
+    microbatches: list,
+    config,
+    objective,
+    vocab_size: int,
+    forward_only: bool,
+    num_classes: int = 0,
+) -> dict:
     """Forward (and backward) every micro-batch of this rank's share of one global batch;
     ``vocab_size``: the tokenizer's (unpadded) vocabulary; ``num_classes``: token classes of the
     data (``token_class`` ids of the micro-batches)."""
@@ -164,14 +197,29 @@ def _guarded_update(optimizer, loss_is_finite: bool):
     return optimizer.step_with_ready_grads(), grad_norm
 
 
-def train_step(model, optimizer, scheduler, microbatches, config, objective, vocab_size: int,
-               num_classes: int = 0) -> dict:
+def train_step(
+    model,
+    optimizer,
+    scheduler,
+    microbatches,
+    config,
+    objective,
+    vocab_size: int,
+    num_classes: int = 0,
+) -> dict:
     """Zero grads, forward+backward all micro-batches, then a guarded optimizer step."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    metrics = run_microbatches(model, microbatches, config, objective, vocab_size,
-                               forward_only=False, num_classes=num_classes)
+    metrics = run_microbatches(
+        model,
+        microbatches,
+        config,
+        objective,
+        vocab_size,
+        forward_only=False,
+        num_classes=num_classes,
+    )
     updated, grad_norm = _guarded_update(optimizer, math.isfinite(metrics["loss"]))
     if updated:
         scheduler.step(increment=1)

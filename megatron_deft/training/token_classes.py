@@ -98,9 +98,13 @@ class Histogram:
         the non-empty bins)."""
         filled = torch.nonzero(self.counts).reshape(-1)
         return dict(
-            min=float(self.edges[filled[0]]), max=float(self.edges[filled[-1] + 1]),
-            num=self.num, sum=self.sum, sum_squares=self.sum_squares,
-            bucket_limits=self.edges[1:].tolist(), bucket_counts=self.counts.tolist(),
+            min=float(self.edges[filled[0]]),
+            max=float(self.edges[filled[-1] + 1]),
+            num=self.num,
+            sum=self.sum,
+            sum_squares=self.sum_squares,
+            bucket_limits=self.edges[1:].tolist(),
+            bucket_counts=self.counts.tolist(),
         )
 
 
@@ -117,8 +121,9 @@ def split_histograms(
         out[name] = {
             stat: Histogram(
                 counts=counts[row, q, :NUM_BINS],
-                edges=torch.linspace(0.0, histogram_upper(objective, stat), NUM_BINS + 1,
-                                     dtype=torch.float64),
+                edges=torch.linspace(
+                    0.0, histogram_upper(objective, stat), NUM_BINS + 1, dtype=torch.float64
+                ),
                 sum=float(counts[row, q, NUM_BINS]),
                 sum_squares=float(counts[row, q, NUM_BINS + 1]),
             )

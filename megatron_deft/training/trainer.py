@@ -1,8 +1,8 @@
 """The training loop: build everything once, then step / log / validate / checkpoint.
 
-    trainer = Trainer(config)   # process groups, data, model (DDP), optimizer, LR, resume
-    trainer.train()             # iterations [resumed iteration, --train-iters)
-    trainer.close()             # TensorBoard, process groups
+trainer = Trainer(config)   # process groups, data, model (DDP), optimizer, LR, resume
+trainer.train()             # iterations [resumed iteration, --train-iters)
+trainer.close()             # TensorBoard, process groups
 """
 
 import torch.distributed as dist
@@ -32,7 +32,8 @@ class Trainer:
             config, dp_rank, dp_size
         )
         self.padded_vocab = padded_vocab_size(
-            self.vocab_size, config.model.make_vocab_size_divisible_by,
+            self.vocab_size,
+            config.model.make_vocab_size_divisible_by,
             config.parallel.tensor_model_parallel_size,
         )
         self.model = setup.build_model(config, self.padded_vocab)
@@ -42,11 +43,17 @@ class Trainer:
         self.iteration = 0
         if config.checkpoint.load:
             self.iteration = checkpointing.load_checkpoint(
-                config.checkpoint.load, self.model, self.optimizer, self.scheduler,
-                self.train_loader, config,
+                config.checkpoint.load,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.train_loader,
+                config,
             )
-            logger.info(f"loaded {config.checkpoint.load} at iteration {self.iteration}"
-                        + (" (weights only: --finetune)" if config.checkpoint.finetune else ""))
+            logger.info(
+                f"loaded {config.checkpoint.load} at iteration {self.iteration}"
+                + (" (weights only: --finetune)" if config.checkpoint.finetune else "")
+            )
         train = config.training
         self.metrics = MetricsLogger(
             is_writer=dist.get_rank() == dist.get_world_size() - 1,
@@ -72,16 +79,24 @@ class Trainer:
                     self.metrics.validation(it, self.evaluate())
                 if ckpt.save and ckpt.save_interval and it % ckpt.save_interval == 0:
                     self.save()
-        if stop_after is None and ckpt.save and not (
-            ckpt.save_interval and self.iteration % ckpt.save_interval == 0
+        if (
+            stop_after is None
+            and ckpt.save
+            and not (ckpt.save_interval and self.iteration % ckpt.save_interval == 0)
         ):
             self.save()
 
     def _train_one(self) -> None:
         batch = self.train_loader.next_global_batch()
         metrics = step.train_step(
-            self.model, self.optimizer, self.scheduler, batch.microbatches, self.config,
-            self.objective, self.vocab_size, num_classes=len(self.class_names),
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            batch.microbatches,
+            self.config,
+            self.objective,
+            self.vocab_size,
+            num_classes=len(self.class_names),
         )
         self.iteration += 1
         self.history.append(dict(metrics, iteration=self.iteration))
@@ -100,9 +115,7 @@ class Trainer:
                 )
         log_now = self.iteration % self.config.training.log_interval == 0
         lr = self.optimizer.param_groups[0]["lr"]
-        self.metrics.record(
-            self.iteration, metrics, lr, self.train_loader.rows_consumed, log_now
-        )
+        self.metrics.record(self.iteration, metrics, lr, self.train_loader.rows_consumed, log_now)
 
     def evaluate(self) -> dict:
         """Token-mean validation loss (the objective) and NLL over --eval-iters global batches
@@ -114,8 +127,9 @@ class Trainer:
         for index, batch in enumerate(self.valid_loader.eval_batches()):
             if index >= self.config.training.eval_iters:
                 break
-            metrics = step.eval_step(self.model, batch.microbatches, self.config, self.objective,
-                                     self.vocab_size)
+            metrics = step.eval_step(
+                self.model, batch.microbatches, self.config, self.objective, self.vocab_size
+            )
             for key in sums:
                 sums[key] += metrics[key] * metrics["tokens"]
             tokens += metrics["tokens"]
@@ -125,8 +139,13 @@ class Trainer:
 
     def save(self) -> None:
         directory = checkpointing.save_checkpoint(
-            self.config.checkpoint.save, self.iteration, self.model, self.optimizer,
-            self.scheduler, self.train_loader, self.config,
+            self.config.checkpoint.save,
+            self.iteration,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.train_loader,
+            self.config,
         )
         if dist.get_rank() == 0:
             logger.info(f"saved checkpoint {directory}")

@@ -19,8 +19,9 @@ def full_logits(trainer) -> torch.Tensor:
     dist.broadcast_object_list(shared, src=0)
     batch = shared[0]
     with torch.no_grad():
-        shard = trainer.model[0].module(batch["tokens"], batch["position_ids"],
-                                        batch["attention_mask"])
+        shard = trainer.model[0].module(
+            batch["tokens"], batch["position_ids"], batch["attention_mask"]
+        )
     tp = parallel_state.get_tensor_model_parallel_world_size()
     shards = [torch.empty_like(shard) for _ in range(tp)]
     dist.all_gather(shards, shard, group=parallel_state.get_tensor_model_parallel_group())
@@ -41,7 +42,8 @@ def main(out_dir):
     result["real_torch_cuda_available"] = torch.cuda.is_available()
     result["real_type_name"] = torch.zeros(1).type()
     result["tensor_methods_restored"] = "type" not in torch.Tensor.__dict__ and (
-        "cuda" not in torch.Tensor.__dict__)
+        "cuda" not in torch.Tensor.__dict__
+    )
     logits_tp2 = full_logits(tp2)
     tp2.close(keep_process_group=True)
     tp1 = Trainer(config_for(1, 1))  # DP=2, TP=1

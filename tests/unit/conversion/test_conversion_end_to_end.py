@@ -22,41 +22,84 @@ from safetensors.torch import load_file
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKERS = os.path.join(HERE, "workers")
 SEQ, BATCH, VOCAB = 16, 2, 300
-COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=128,
+)
 MODELS = ("llama", "qwen2", "qwen3", "mistral")
 HEAD_DIM = {"llama": 16, "qwen2": 16, "qwen3": 24, "mistral": 16}
 
 
-LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def _save_hf(directory, arch, dtype=torch.float32, seed=0):
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**COMMON, rope_theta=500000.0, rms_norm_eps=1e-6,
-                                             tie_word_embeddings=False,
-                                             rope_scaling=dict(LLAMA31_ROPE)))  # HF edits it
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                **COMMON,
+                rope_theta=500000.0,
+                rms_norm_eps=1e-6,
+                tie_word_embeddings=False,
+                rope_scaling=dict(LLAMA31_ROPE),
+            )
+        )  # HF edits it
     elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**COMMON, rope_theta=1000000.0, rms_norm_eps=1e-5,
-                                             tie_word_embeddings=True))
+        model = Qwen2ForCausalLM(
+            Qwen2Config(**COMMON, rope_theta=1000000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+        )
     elif arch == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=HEAD_DIM["qwen3"],
-                                             rope_theta=1000000.0, rms_norm_eps=1e-6,
-                                             tie_word_embeddings=True))
+        model = Qwen3ForCausalLM(
+            Qwen3Config(
+                **COMMON,
+                head_dim=HEAD_DIM["qwen3"],
+                rope_theta=1000000.0,
+                rms_norm_eps=1e-6,
+                tie_word_embeddings=True,
+            )
+        )
     else:  # Mistral 7B v0.3's form: no sliding window
-        model = MistralForCausalLM(MistralConfig(**COMMON, head_dim=HEAD_DIM["mistral"],
-                                                 sliding_window=None, rope_theta=1000000.0,
-                                                 rms_norm_eps=1e-5, tie_word_embeddings=False))
+        model = MistralForCausalLM(
+            MistralConfig(
+                **COMMON,
+                head_dim=HEAD_DIM["mistral"],
+                sliding_window=None,
+                rope_theta=1000000.0,
+                rms_norm_eps=1e-5,
+                tie_word_embeddings=False,
+            )
+        )
     with torch.no_grad():  # HF inits norms to 1 and biases to 0: make every tensor distinctive
         for name, param in model.named_parameters():
             if param.dim() == 1:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param) if "norm" in name
-                            else 0.1 * torch.randn_like(param))
+                param.copy_(
+                    1.0 + 0.1 * torch.randn_like(param)
+                    if "norm" in name
+                    else 0.1 * torch.randn_like(param)
+                )
     model.to(dtype).save_pretrained(directory)
 
 
@@ -71,9 +114,13 @@ def _hf_logits(directory, tokens):
 def _convert(work, commands):
     results = os.path.join(work, "convert_results.json")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, os.path.join(WORKERS, "convert_batch.py"), results,
-                           json.dumps(commands)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, os.path.join(WORKERS, "convert_batch.py"), results, json.dumps(commands)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     with open(results) as handle:
         outcome = json.load(handle)
@@ -92,23 +139,49 @@ def run(torchrun, tmp_path_factory):
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
     torch.save(tokens, path("tokens.pt"))
     to_megatron = ["hf-to-megatron", "--dtype", "fp32"]
-    imported = _convert(work, [
-        to_megatron + ["--hf-dir", path("hf-llama"), "--output-dir", path("llama")],
-        to_megatron + ["--hf-dir", path("hf-qwen2"), "--output-dir", path("qwen2")],
-        to_megatron + ["--hf-dir", path("hf-qwen3"), "--output-dir", path("qwen3")],
-        ["hf-to-megatron", "--hf-dir", path("hf-qwen2-bf16"), "--output-dir",
-         path("qwen2-bf16")],
-        to_megatron + ["--hf-dir", path("hf-mistral"), "--output-dir", path("mistral")],
-    ])
+    imported = _convert(
+        work,
+        [
+            to_megatron + ["--hf-dir", path("hf-llama"), "--output-dir", path("llama")],
+            to_megatron + ["--hf-dir", path("hf-qwen2"), "--output-dir", path("qwen2")],
+            to_megatron + ["--hf-dir", path("hf-qwen3"), "--output-dir", path("qwen3")],
+            [
+                "hf-to-megatron",
+                "--hf-dir",
+                path("hf-qwen2-bf16"),
+                "--output-dir",
+                path("qwen2-bf16"),
+            ],
+            to_megatron + ["--hf-dir", path("hf-mistral"), "--output-dir", path("mistral")],
+        ],
+    )
     os.makedirs(path("out"))
     results = torchrun(os.path.join(WORKERS, "trainer_from_converted.py"), 2, path("out"), work)
-    exported = _convert(work, [
-        ["megatron-to-hf", "--megatron-dir", path(name), "--output-dir", path(f"back-{name}")]
-        for name in (*MODELS, "qwen2-bf16")
-    ] + [["megatron-to-hf", "--megatron-dir", path("sft"), "--output-dir", path("back-sft"),
-          "--max-shard-size-gb", "0.0001"]])
-    return {"work": work, "tokens": tokens, "results": results, "imported": imported,
-            "exported": exported}
+    exported = _convert(
+        work,
+        [
+            ["megatron-to-hf", "--megatron-dir", path(name), "--output-dir", path(f"back-{name}")]
+            for name in (*MODELS, "qwen2-bf16")
+        ]
+        + [
+            [
+                "megatron-to-hf",
+                "--megatron-dir",
+                path("sft"),
+                "--output-dir",
+                path("back-sft"),
+                "--max-shard-size-gb",
+                "0.0001",
+            ]
+        ],
+    )
+    return {
+        "work": work,
+        "tokens": tokens,
+        "results": results,
+        "imported": imported,
+        "exported": exported,
+    }
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -151,8 +224,10 @@ def test_converted_model_has_the_hf_rope_frequencies(run, model, layout):
 
 def test_exported_llama_keeps_the_rope_scaling(run):
     for name in ("llama", "sft"):
-        assert torch.equal(_hf_inv_freq(os.path.join(run["work"], f"back-{name}")),
-                           _hf_inv_freq(os.path.join(run["work"], "hf-llama")))
+        assert torch.equal(
+            _hf_inv_freq(os.path.join(run["work"], f"back-{name}")),
+            _hf_inv_freq(os.path.join(run["work"], "hf-llama")),
+        )
     with open(os.path.join(run["work"], "back-llama", "config.json")) as handle:
         config = json.load(handle)
     assert config["rope_scaling"] == LLAMA31_ROPE  # what transformers 4.x reads
@@ -175,10 +250,20 @@ def test_exported_config_matches_the_source(run):
             source = json.load(handle)
         with open(os.path.join(run["work"], f"back-{name}", "config.json")) as handle:
             back = json.load(handle)
-        for key in ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "vocab_size",
-                    "tie_word_embeddings", "max_position_embeddings", "rope_parameters",
-                    "model_type"):
+        for key in (
+            "architectures",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "rms_norm_eps",
+            "vocab_size",
+            "tie_word_embeddings",
+            "max_position_embeddings",
+            "rope_parameters",
+            "model_type",
+        ):
             assert back[key] == source[key], (name, key)
         assert back.get("sliding_window") == source.get("sliding_window"), name
         # Qwen2's config has no head_dim (hidden / heads); ours always states it.
@@ -187,10 +272,18 @@ def test_exported_config_matches_the_source(run):
 
 def test_conversion_prints_the_trainer_flags(run):
     stdout = run["imported"][0]["stdout"]
-    for flag in ("--num-layers 2", "--hidden-size 64", "--ffn-hidden-size 128",
-                 "--num-query-groups 2", "--untie-embeddings-and-output-weights",
-                 "--rotary-base 500000", "--use-rope-scaling", "--rope-scaling-factor 8.0",
-                 "--norm-epsilon 1e-06", "--vocab-size 300"):
+    for flag in (
+        "--num-layers 2",
+        "--hidden-size 64",
+        "--ffn-hidden-size 128",
+        "--num-query-groups 2",
+        "--untie-embeddings-and-output-weights",
+        "--rotary-base 500000",
+        "--use-rope-scaling",
+        "--rope-scaling-factor 8.0",
+        "--norm-epsilon 1e-06",
+        "--vocab-size 300",
+    ):
         assert flag in stdout
     qwen = run["imported"][1]["stdout"]
     assert "--add-qkv-bias" in qwen and "--untie-embeddings" not in qwen
@@ -203,10 +296,14 @@ def test_conversion_prints_the_trainer_flags(run):
 
 def test_architecture_mismatch_is_one_line_naming_the_flag(run):
     results = run["results"]
-    assert "--rotary-base: the checkpoint has 500000, this run has 10000" in (
-        results["mismatch_rotary"])
-    assert "--rope-scaling-factor: the checkpoint has 8.0, this run has 32.0" in (
-        results["mismatch_rope_scaling"])
+    assert (
+        "--rotary-base: the checkpoint has 500000, this run has 10000"
+        in (results["mismatch_rotary"])
+    )
+    assert (
+        "--rope-scaling-factor: the checkpoint has 8.0, this run has 32.0"
+        in (results["mismatch_rope_scaling"])
+    )
     vocab = results["mismatch_vocab"]
     assert "padded vocabulary: the checkpoint has 384 rows, this run pads to 512" in vocab
     assert "use --make-vocab-size-divisible-by 192" in vocab

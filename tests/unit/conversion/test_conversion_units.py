@@ -15,8 +15,15 @@ from megatron_deft.conversion.hf_config import read_hf_config
 from megatron_deft.conversion.safetensors_io import HFTensorReader, ShardWriter
 from megatron_deft.conversion.weights import hf_parts, weight_maps
 
-MODEL = ModelConfig(num_layers=1, hidden_size=12, ffn_hidden_size=10, num_attention_heads=6,
-                    num_query_groups=2, vocab_size=7, add_qkv_bias=True)
+MODEL = ModelConfig(
+    num_layers=1,
+    hidden_size=12,
+    ffn_hidden_size=10,
+    num_attention_heads=6,
+    num_query_groups=2,
+    vocab_size=7,
+    add_qkv_bias=True,
+)
 HEAD_DIM = 2
 
 
@@ -35,8 +42,8 @@ def test_fused_qkv_is_megatrons_per_group_layout(suffix):
     # Reference, row by row: group g = [its 3 query heads, key head g, value head g].
     expected = []
     for g in range(2):
-        expected += [q[(3 * g + j) * HEAD_DIM:(3 * g + j + 1) * HEAD_DIM] for j in range(3)]
-        expected += [k[g * HEAD_DIM:(g + 1) * HEAD_DIM], v[g * HEAD_DIM:(g + 1) * HEAD_DIM]]
+        expected += [q[(3 * g + j) * HEAD_DIM : (3 * g + j + 1) * HEAD_DIM] for j in range(3)]
+        expected += [k[g * HEAD_DIM : (g + 1) * HEAD_DIM], v[g * HEAD_DIM : (g + 1) * HEAD_DIM]]
     assert torch.equal(fused, torch.cat(expected))
     back = [view.reshape(t.shape) for view, t in zip(hf_parts(fused, weight, MODEL), (q, k, v))]
     assert all(torch.equal(a, b) for a, b in zip(back, (q, k, v)))
@@ -45,8 +52,9 @@ def test_fused_qkv_is_megatrons_per_group_layout(suffix):
 def test_swiglu_fc1_is_gate_then_up_and_vocab_rows_are_the_prefix():
     gate, up = torch.randn(10, 12), torch.randn(10, 12)
     fc1 = torch.empty(20, 12)
-    for view, tensor in zip(hf_parts(fc1, _weight("decoder.layers.0.mlp.linear_fc1.weight"),
-                                     MODEL), (gate, up)):
+    for view, tensor in zip(
+        hf_parts(fc1, _weight("decoder.layers.0.mlp.linear_fc1.weight"), MODEL), (gate, up)
+    ):
         view.copy_(tensor)
     assert torch.equal(fc1[:10], gate) and torch.equal(fc1[10:], up)
     embedding = torch.zeros(16, 12)
@@ -72,8 +80,14 @@ def hf_llama(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = str(tmp_path_factory.mktemp("hf") / "llama")
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
+    config = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+    )
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory
 
@@ -101,29 +115,46 @@ def test_reads_the_architecture_from_config_json(hf_llama):
     assert model.untie_embeddings_and_output_weights and not model.add_qkv_bias
 
 
-LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
-@pytest.mark.parametrize("fields", [
-    {"rope_parameters": LLAMA31_ROPE},  # transformers 5.x
-    {"rope_parameters": None, "rope_theta": 500000.0, "rope_scaling": {  # 4.x: "type"
-        **{k: v for k, v in LLAMA31_ROPE.items() if k not in ("rope_type", "rope_theta")},
-        "type": "llama3", "factor": 32.0}},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"rope_parameters": LLAMA31_ROPE},  # transformers 5.x
+        {
+            "rope_parameters": None,
+            "rope_theta": 500000.0,
+            "rope_scaling": {  # 4.x: "type"
+                **{k: v for k, v in LLAMA31_ROPE.items() if k not in ("rope_type", "rope_theta")},
+                "type": "llama3",
+                "factor": 32.0,
+            },
+        },
+    ],
+)
 def test_reads_llama31_rope_scaling_in_either_config_generation(hf_llama, tmp_path, fields):
     model, _, _ = read_hf_config(_variant(hf_llama, tmp_path / "scaled", fields))
     assert model.rotary_base == 500000 and model.use_rope_scaling
-    assert model.rope_scaling_factor == (fields.get("rope_parameters") or
-                                         fields["rope_scaling"])["factor"]
+    assert (
+        model.rope_scaling_factor
+        == (fields.get("rope_parameters") or fields["rope_scaling"])["factor"]
+    )
     plain, _, _ = read_hf_config(hf_llama)
     assert not plain.use_rope_scaling
 
 
 @pytest.mark.parametrize("head_dim, kv_channels", [(None, None), (4, None), (8, 8)])
-def test_head_dim_other_than_hidden_over_heads_becomes_kv_channels(hf_llama, tmp_path, head_dim,
-                                                                   kv_channels):
+def test_head_dim_other_than_hidden_over_heads_becomes_kv_channels(
+    hf_llama, tmp_path, head_dim, kv_channels
+):
     model, _, _ = read_hf_config(_variant(hf_llama, tmp_path / "d", {"head_dim": head_dim}))
     assert model.kv_channels == kv_channels  # hidden 16, 4 heads: 4 is the default
     assert model.head_size == (head_dim or 4)
@@ -141,40 +172,90 @@ def _add(name):
     return lambda state: state.__setitem__(name, torch.zeros(3))
 
 
-@pytest.mark.parametrize("config_update, tensors, message", [
-    ({"architectures": ["GemmaForCausalLM"]}, None,
-     "architectures ['GemmaForCausalLM'] is not supported"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}}, None,
-     "rope type 'yarn' (RoPE scaling) is not supported"),
-    ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, None,
-     "rope type 'dynamic' (RoPE scaling) is not supported"),
-    ({"rope_parameters": {**LLAMA31_ROPE, "high_freq_factor": 2.0}}, None,
-     "rope high_freq_factor 2.0 is not supported (megatron-core's llama3 RoPE scaling fixes it "
-     "to 4.0)"),
-    ({"rope_parameters": {**LLAMA31_ROPE, "original_max_position_embeddings": None}}, None,
-     "rope original_max_position_embeddings None is not supported"),
-    ({"rope_parameters": {**LLAMA31_ROPE, "factor": 0}}, None, "rope factor 0 is not a positive"),
-    ({"head_dim": 8}, None,  # a head size the tensors do not have
-     "tensor model.layers.0.self_attn.k_proj.weight has shape [8, 16], config.json implies "
-     "[16, 16]"),
-    ({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}, None,  # v0.1
-     "sliding_window 4096 is not supported"),
-    ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, "sliding_window": 64},
-     None, "sliding_window 64 is not supported"),
-    ({"architectures": ["Qwen3ForCausalLM"]}, None,  # Qwen3 without its q/k norms
-     "missing tensor model.layers.0.self_attn.k_norm.weight"),
-    ({"hidden_act": "gelu"}, None, "hidden_act 'gelu' is not supported"),
-    ({"num_key_value_heads": 3}, None,
-     "num_attention_heads 4 is not divisible by num_key_value_heads 3"),
-    (None, _drop("model.layers.0.mlp.up_proj.weight"),
-     "missing tensor model.layers.0.mlp.up_proj.weight"),
-    (None, _reshape("model.layers.0.self_attn.k_proj.weight"),
-     "tensor model.layers.0.self_attn.k_proj.weight has shape [7, 16], config.json implies "
-     "[8, 16]"),
-    (None, _add("model.layers.0.self_attn.q_norm.weight"),
-     "tensors this architecture does not have (not supported): "
-     "model.layers.0.self_attn.q_norm.weight"),
-])
+@pytest.mark.parametrize(
+    "config_update, tensors, message",
+    [
+        (
+            {"architectures": ["GemmaForCausalLM"]},
+            None,
+            "architectures ['GemmaForCausalLM'] is not supported",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}},
+            None,
+            "rope type 'yarn' (RoPE scaling) is not supported",
+        ),
+        (
+            {"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+            None,
+            "rope type 'dynamic' (RoPE scaling) is not supported",
+        ),
+        (
+            {"rope_parameters": {**LLAMA31_ROPE, "high_freq_factor": 2.0}},
+            None,
+            "rope high_freq_factor 2.0 is not supported (megatron-core's llama3 RoPE scaling fixes it "
+            "to 4.0)",
+        ),
+        (
+            {"rope_parameters": {**LLAMA31_ROPE, "original_max_position_embeddings": None}},
+            None,
+            "rope original_max_position_embeddings None is not supported",
+        ),
+        (
+            {"rope_parameters": {**LLAMA31_ROPE, "factor": 0}},
+            None,
+            "rope factor 0 is not a positive",
+        ),
+        (
+            {"head_dim": 8},
+            None,  # a head size the tensors do not have
+            "tensor model.layers.0.self_attn.k_proj.weight has shape [8, 16], config.json implies "
+            "[16, 16]",
+        ),
+        (
+            {"architectures": ["MistralForCausalLM"], "sliding_window": 4096},
+            None,  # v0.1
+            "sliding_window 4096 is not supported",
+        ),
+        (
+            {
+                "architectures": ["Qwen2ForCausalLM"],
+                "use_sliding_window": True,
+                "sliding_window": 64,
+            },
+            None,
+            "sliding_window 64 is not supported",
+        ),
+        (
+            {"architectures": ["Qwen3ForCausalLM"]},
+            None,  # Qwen3 without its q/k norms
+            "missing tensor model.layers.0.self_attn.k_norm.weight",
+        ),
+        ({"hidden_act": "gelu"}, None, "hidden_act 'gelu' is not supported"),
+        (
+            {"num_key_value_heads": 3},
+            None,
+            "num_attention_heads 4 is not divisible by num_key_value_heads 3",
+        ),
+        (
+            None,
+            _drop("model.layers.0.mlp.up_proj.weight"),
+            "missing tensor model.layers.0.mlp.up_proj.weight",
+        ),
+        (
+            None,
+            _reshape("model.layers.0.self_attn.k_proj.weight"),
+            "tensor model.layers.0.self_attn.k_proj.weight has shape [7, 16], config.json implies "
+            "[8, 16]",
+        ),
+        (
+            None,
+            _add("model.layers.0.self_attn.q_norm.weight"),
+            "tensors this architecture does not have (not supported): "
+            "model.layers.0.self_attn.q_norm.weight",
+        ),
+    ],
+)
 def test_bad_input_fails_with_one_line(hf_llama, tmp_path, config_update, tensors, message):
     source = _variant(hf_llama, tmp_path / "bad", config_update, tensors)
     with pytest.raises(ConversionError) as error:
@@ -184,8 +265,10 @@ def test_bad_input_fails_with_one_line(hf_llama, tmp_path, config_update, tensor
 
 
 def test_tensor_parallel_size_must_divide_the_heads(hf_llama, tmp_path):
-    with pytest.raises(ConversionError, match="num_key_value_heads 2 is not divisible by "
-                                              "--target-tensor-parallel-size 4"):
+    with pytest.raises(
+        ConversionError,
+        match="num_key_value_heads 2 is not divisible by --target-tensor-parallel-size 4",
+    ):
         convert_hf_to_megatron(hf_llama, str(tmp_path / "out"), target_tensor_parallel_size=4)
 
 
@@ -196,8 +279,9 @@ def test_command_line_error_is_one_line_with_exit_code_2(hf_llama, tmp_path, cap
     import convert_checkpoint
 
     bad = _variant(hf_llama, tmp_path / "bad", {"architectures": ["GPT2LMHeadModel"]})
-    code = convert_checkpoint.main(["hf-to-megatron", "--hf-dir", bad, "--output-dir",
-                                    str(tmp_path / "out")])
+    code = convert_checkpoint.main(
+        ["hf-to-megatron", "--hf-dir", bad, "--output-dir", str(tmp_path / "out")]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("convert_checkpoint: error: ") and err.count("\n") == 1
@@ -218,8 +302,9 @@ def test_pretrained_checkpoint_loads_weights_only_until_load_holds_a_checkpoint(
     assert fresh.checkpoint.load == str(pretrained) and fresh.checkpoint.finetune
     resume.mkdir()
     (resume / "latest_checkpointed_iteration.txt").write_text("3\n")
-    restarted = _parse(["--pretrained-checkpoint", str(pretrained), "--load", str(resume),
-                        "--finetune"])
+    restarted = _parse(
+        ["--pretrained-checkpoint", str(pretrained), "--load", str(resume), "--finetune"]
+    )
     assert restarted.checkpoint.load == str(resume) and not restarted.checkpoint.finetune
 
 
@@ -237,16 +322,19 @@ def test_rope_scaling_mismatch_names_the_flag_and_old_checkpoints_mean_unscaled(
     from megatron_deft.models.architecture import architecture_mismatch, architecture_of
 
     def arch(**fields):
-        return architecture_of(ModelConfig(num_layers=2, hidden_size=64,
-                                           num_attention_heads=4, **fields), 384)
+        return architecture_of(
+            ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, **fields), 384
+        )
 
     scaled = arch(use_rope_scaling=True, rope_scaling_factor=8.0)
     plain = arch()
     assert architecture_mismatch(scaled, plain, 1) == (
-        "--use-rope-scaling: the checkpoint has True, this run has False")
+        "--use-rope-scaling: the checkpoint has True, this run has False"
+    )
     other_factor = arch(use_rope_scaling=True, rope_scaling_factor=32.0)
     assert architecture_mismatch(scaled, other_factor, 1) == (
-        "--rope-scaling-factor: the checkpoint has 8.0, this run has 32.0")
+        "--rope-scaling-factor: the checkpoint has 8.0, this run has 32.0"
+    )
     # Without scaling the factor is not part of the architecture.
     assert architecture_mismatch(plain, arch(rope_scaling_factor=32.0), 1) == ""
     # A checkpoint written before RoPE scaling existed records neither field: unscaled.

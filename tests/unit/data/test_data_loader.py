@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.unit.data.helpers import CharTokenizer, make_sentence, write_jsonl
 from megatron_deft.data import DataConfig, build_sft_data
 from megatron_deft.data.jsonl import Sample
 from megatron_deft.data.loader import SFTDataLoader
 from megatron_deft.data.packing import plan_rows
 from megatron_deft.data.sft_dataset import tokenize_samples
+from tests.unit.data.helpers import CharTokenizer, make_sentence, write_jsonl
 
 SEQ = 48
 NUM_SAMPLES = 10
@@ -174,7 +174,8 @@ def test_resume_refuses_the_same_counts_made_of_other_rows(tokenized):
     state = SFTDataLoader(tokenized, rows, SEQ, 0, 4, 2, seed=7).state_dict()
     reordered = SFTDataLoader(tokenized, rows[::-1], SEQ, 0, 4, 2, seed=7)
     assert {k: v for k, v in reordered.state_dict().items() if k != "rows_digest"} == {
-        k: v for k, v in state.items() if k != "rows_digest"}
+        k: v for k, v in state.items() if k != "rows_digest"
+    }
     with pytest.raises(ValueError, match="rows_digest=.* blend weights or order"):
         reordered.load_state_dict(state)
     older = {k: v for k, v in state.items() if k != "rows_digest"}  # checkpoint without it

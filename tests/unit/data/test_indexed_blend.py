@@ -93,8 +93,17 @@ def two_sets(tmp_path_factory, sp_model_path):
     prefixes = []
     for marker, count in (("cat", 60), ("dogs", 140)):
         data = write_jsonl(root / f"{marker}.jsonl", _records(marker, count, len(marker)))
-        argv = ["--input", data, "--output-prefix", str(root / marker), "--no-progress",
-                "--tokenizer-model", sp_model_path, "--workers", "1"]
+        argv = [
+            "--input",
+            data,
+            "--output-prefix",
+            str(root / marker),
+            "--no-progress",
+            "--tokenizer-model",
+            sp_model_path,
+            "--workers",
+            "1",
+        ]
         assert tool.main(argv) == 0
         prefixes.append(str(root / marker))
     return prefixes
@@ -117,8 +126,9 @@ def test_blend_draws_rows_in_the_given_proportions(two_sets, sp_model_path):
     cat, dogs = two_sets
 
     def build(data_path, seed=3, dp_rank=0, dp_size=1):
-        config = DataConfig(data_path=data_path, seq_length=64, seed=seed,
-                            tokenizer_model=sp_model_path)
+        config = DataConfig(
+            data_path=data_path, seq_length=64, seed=seed, tokenizer_model=sp_model_path
+        )
         return build_sft_data(config, 20, 5, dp_rank=dp_rank, dp_size=dp_size)
 
     data = build(["0.7", cat, "0.3", dogs])
@@ -185,5 +195,7 @@ def test_blended_rows_walk_each_set_through_its_own_epochs():
     for rows in epochs:
         assert sorted(row for row in rows if row[0] >= 6) == [(6,), (6,), (7,), (7,)]
     again = BlendedRows([big, small], np.array([0.5, 0.5]), seed=3)
-    assert again.epoch(2) == epochs[2] and BlendedRows(
-        [big, small], np.array([0.5, 0.5]), seed=4).epoch(1) != epochs[1]
+    assert (
+        again.epoch(2) == epochs[2]
+        and BlendedRows([big, small], np.array([0.5, 0.5]), seed=4).epoch(1) != epochs[1]
+    )

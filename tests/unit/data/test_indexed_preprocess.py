@@ -77,13 +77,22 @@ def test_preprocessed_batches_equal_jsonl_batches(tmp_path, tool, sp_model_path,
     pairs = write_jsonl(tmp_path / "pairs.jsonl", _pair_records(70, 1) + ['{"broken'])
     chats = write_jsonl(tmp_path / "chats.jsonl", [""] + _message_records(30, 2))
     valid = write_jsonl(tmp_path / "valid.jsonl", _pair_records(9, 3))
-    both = _preprocess(tool, [pairs, chats], tmp_path / "bin" / "both", sp_model_path,
-                       "--skip-bad-samples")
-    one = [_preprocess(tool, [path], tmp_path / "bin" / name, sp_model_path, "--skip-bad-samples")
-           for name, path in (("pairs", pairs), ("chats", chats))]
+    both = _preprocess(
+        tool, [pairs, chats], tmp_path / "bin" / "both", sp_model_path, "--skip-bad-samples"
+    )
+    one = [
+        _preprocess(tool, [path], tmp_path / "bin" / name, sp_model_path, "--skip-bad-samples")
+        for name, path in (("pairs", pairs), ("chats", chats))
+    ]
     valid_prefix = _preprocess(tool, [valid], tmp_path / "bin" / "valid", sp_model_path)
-    common = dict(seq_length=SEQ, pack_sequences=pack, overlong=overlong, seed=5,
-                  skip_bad_samples=True, tokenizer_model=sp_model_path)
+    common = dict(
+        seq_length=SEQ,
+        pack_sequences=pack,
+        overlong=overlong,
+        seed=5,
+        skip_bad_samples=True,
+        tokenizer_model=sp_model_path,
+    )
     jsonl_config = DataConfig(train_data_path=[pairs, chats], valid_data_path=[valid], **common)
     binary_configs = [
         DataConfig(data_path=[both], valid_data_prefix=[valid_prefix], **common),
@@ -97,9 +106,12 @@ def test_preprocessed_batches_equal_jsonl_batches(tmp_path, tool, sp_model_path,
             # More steps than rows per rank: crosses epoch boundaries (reshuffles).
             _assert_same_batches(expected.train, actual.train, steps=30)
             for want, got in zip(expected.valid.eval_batches(), actual.valid.eval_batches()):
-                assert all(torch.equal(got.microbatches[i][k], v)
-                           for i, micro in enumerate(want.microbatches)
-                           for k, v in micro.items() if torch.is_tensor(v))
+                assert all(
+                    torch.equal(got.microbatches[i][k], v)
+                    for i, micro in enumerate(want.microbatches)
+                    for k, v in micro.items()
+                    if torch.is_tensor(v)
+                )
     report = expected.reports[0]
     assert report.skipped == {"malformed_json": 1}
     assert (report.num_truncated if overlong == "truncate" else report.num_dropped_overlong) > 0
@@ -107,10 +119,24 @@ def test_preprocessed_batches_equal_jsonl_batches(tmp_path, tool, sp_model_path,
 
 def test_chat_template_tokenizer_batches_equal_jsonl_batches(tmp_path, tool, hf_chat_dir):
     chats = write_jsonl(tmp_path / "chats.jsonl", _message_records(40, 12))
-    prefix = _preprocess(tool, [chats], tmp_path / "hf", hf_chat_dir, "--tokenizer-type",
-                         "HuggingFaceTokenizer", "--workers", "2", "--chunk-lines", "8")
-    common = dict(seq_length=64, pack_sequences=True, tokenizer_model=hf_chat_dir,
-                  tokenizer_type="HuggingFaceTokenizer")
+    prefix = _preprocess(
+        tool,
+        [chats],
+        tmp_path / "hf",
+        hf_chat_dir,
+        "--tokenizer-type",
+        "HuggingFaceTokenizer",
+        "--workers",
+        "2",
+        "--chunk-lines",
+        "8",
+    )
+    common = dict(
+        seq_length=64,
+        pack_sequences=True,
+        tokenizer_model=hf_chat_dir,
+        tokenizer_type="HuggingFaceTokenizer",
+    )
     expected = build_sft_data(DataConfig(train_data_path=[chats], **common), 4, 2)
     actual = build_sft_data(DataConfig(data_path=[prefix], **common), 4, 2)
     assert actual.reports == expected.reports and expected.reports[0].num_truncated > 0
@@ -121,8 +147,17 @@ def test_workers_write_identical_files(tmp_path, tool, sp_model_path):
     records = _pair_records(150, 4) + ["[1, 2]"] + _pair_records(9, 5)
     data = write_jsonl(tmp_path / "d.jsonl", records)
     prefixes = [
-        _preprocess(tool, [data], tmp_path / f"w{workers}", sp_model_path, "--skip-bad-samples",
-                    "--workers", str(workers), "--chunk-lines", "16")
+        _preprocess(
+            tool,
+            [data],
+            tmp_path / f"w{workers}",
+            sp_model_path,
+            "--skip-bad-samples",
+            "--workers",
+            str(workers),
+            "--chunk-lines",
+            "16",
+        )
         for workers in (1, 2)
     ]
     files = [payload_paths(prefix) for prefix in prefixes]
@@ -153,11 +188,29 @@ def test_bad_lines_fail_like_jsonl(tmp_path, tool, sp_model_path, bad):
     path = write_jsonl(tmp_path / "bad.jsonl", [bad] + _pair_records(3, 6) + [bad, ""])
     with pytest.raises(DataError) as jsonl_error:
         build_sft_data(DataConfig(train_data_path=[path], tokenizer_model=sp_model_path), 1, 1)
-    argv = ["--input", path, "--output-prefix", str(tmp_path / "x"), "--tokenizer-model",
-            sp_model_path, "--no-progress", "--workers", "2", "--chunk-lines", "2"]
+    argv = [
+        "--input",
+        path,
+        "--output-prefix",
+        str(tmp_path / "x"),
+        "--tokenizer-model",
+        sp_model_path,
+        "--no-progress",
+        "--workers",
+        "2",
+        "--chunk-lines",
+        "2",
+    ]
     with pytest.raises(DataError) as tool_error:
-        tool.preprocess_sft_data([path], str(tmp_path / "x"), "SentencePieceTokenizer",
-                                 sp_model_path, tool.ReadSettings(), workers=2, chunk_lines=2)
+        tool.preprocess_sft_data(
+            [path],
+            str(tmp_path / "x"),
+            "SentencePieceTokenizer",
+            sp_model_path,
+            tool.ReadSettings(),
+            workers=2,
+            chunk_lines=2,
+        )
     assert str(tool_error.value) == str(jsonl_error.value)
     assert tool.main(argv) == 1
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]  # nothing written, no temporaries
@@ -166,8 +219,17 @@ def test_bad_lines_fail_like_jsonl(tmp_path, tool, sp_model_path, bad):
 def test_skipped_lines_and_empty_files_match_jsonl(tmp_path, tool, sp_model_path):
     records = [BAD_LINES[0]] + _pair_records(4, 7) + BAD_LINES[1:] + ["\xff"] + _pair_records(2, 8)
     path = write_jsonl(tmp_path / "mixed.jsonl", records)
-    prefix = _preprocess(tool, [path], tmp_path / "mixed", sp_model_path, "--skip-bad-samples",
-                         "--workers", "2", "--chunk-lines", "3")
+    prefix = _preprocess(
+        tool,
+        [path],
+        tmp_path / "mixed",
+        sp_model_path,
+        "--skip-bad-samples",
+        "--workers",
+        "2",
+        "--chunk-lines",
+        "3",
+    )
     config = dict(skip_bad_samples=True, tokenizer_model=sp_model_path)
     expected = build_sft_data(DataConfig(train_data_path=[path], **config), 1, 1).reports[0]
     actual = build_sft_data(DataConfig(data_path=[prefix], **config), 1, 1).reports[0]
@@ -177,8 +239,13 @@ def test_skipped_lines_and_empty_files_match_jsonl(tmp_path, tool, sp_model_path
     with pytest.raises(DataError) as jsonl_error:
         build_sft_data(DataConfig(train_data_path=[path, empty], **config), 1, 1)
     with pytest.raises(DataError) as tool_error:
-        tool.preprocess_sft_data([path, empty], str(tmp_path / "e"), "SentencePieceTokenizer",
-                                 sp_model_path, tool.ReadSettings(skip_bad_samples=True))
+        tool.preprocess_sft_data(
+            [path, empty],
+            str(tmp_path / "e"),
+            "SentencePieceTokenizer",
+            sp_model_path,
+            tool.ReadSettings(skip_bad_samples=True),
+        )
     assert str(tool_error.value) == str(jsonl_error.value)
     assert "empty.jsonl: contains no usable samples" in str(tool_error.value)
 
@@ -188,18 +255,32 @@ def test_other_tokenizer_and_damaged_sets_fail_clearly(tmp_path, tool, sp_model_
     prefix = _preprocess(tool, [data], tmp_path / "set", sp_model_path)
     # Same type and vocabulary size, different merges: only the fingerprint tells them apart.
     rng = random.Random(11)
-    corpus = write_jsonl(tmp_path / "other.jsonl", [
-        {"prompt": " ".join(rng.choice(["zebra", "quartz", "lynx", "fjord", "glyph", "onyx"])
-                            for _ in range(12)), "response": make_sentence(rng)}
-        for _ in range(300)
-    ])
-    assert load_train_tokenizer_tool().main(
-        ["--input", corpus, "--vocab-size", "400", "--model-prefix", str(tmp_path / "other")]
-    ) == 0
+    corpus = write_jsonl(
+        tmp_path / "other.jsonl",
+        [
+            {
+                "prompt": " ".join(
+                    rng.choice(["zebra", "quartz", "lynx", "fjord", "glyph", "onyx"])
+                    for _ in range(12)
+                ),
+                "response": make_sentence(rng),
+            }
+            for _ in range(300)
+        ],
+    )
+    assert (
+        load_train_tokenizer_tool().main(
+            ["--input", corpus, "--vocab-size", "400", "--model-prefix", str(tmp_path / "other")]
+        )
+        == 0
+    )
     other = DataConfig(data_path=[prefix], tokenizer_model=str(tmp_path / "other.model"))
-    with pytest.raises(DataError, match=r"set\.json: was preprocessed with tokenizer "
-                       r"SentencePieceTokenizer .*\(vocab 400, fingerprint (\w+)\) but this run "
-                       r"uses SentencePieceTokenizer \(vocab 400, fingerprint (?!\1)\w+\)"):
+    with pytest.raises(
+        DataError,
+        match=r"set\.json: was preprocessed with tokenizer "
+        r"SentencePieceTokenizer .*\(vocab 400, fingerprint (\w+)\) but this run "
+        r"uses SentencePieceTokenizer \(vocab 400, fingerprint (?!\1)\w+\)",
+    ):
         build_sft_data(other, 1, 1)
 
     paths = payload_paths(prefix)
@@ -208,12 +289,18 @@ def test_other_tokenizer_and_damaged_sets_fail_clearly(tmp_path, tool, sp_model_
     with pytest.raises(DataError, match=r"inconsistent preprocessed data set.*_tokens\.bin has"):
         IndexedSamples(prefix, SEQ)
     os.unlink(paths["lossmask_idx"])
-    with pytest.raises(DataError, match=r"not a complete preprocessed data set: missing .*"
-                       r"_lossmask\.idx"):
+    with pytest.raises(
+        DataError,
+        match=r"not a complete preprocessed data set: missing .*"
+        r"_lossmask\.idx",
+    ):
         IndexedSamples(prefix, SEQ)
     with pytest.raises(DataError, match="nowhere: is not a complete"):
-        build_sft_data(DataConfig(data_path=["0.5", "nowhere", "0.5", prefix],
-                                  tokenizer_model=sp_model_path), 1, 1)
+        build_sft_data(
+            DataConfig(data_path=["0.5", "nowhere", "0.5", prefix], tokenizer_model=sp_model_path),
+            1,
+            1,
+        )
 
 
 def test_opening_maps_the_data_without_reading_it(tmp_path, tool, sp_model_path):
@@ -221,8 +308,12 @@ def test_opening_maps_the_data_without_reading_it(tmp_path, tool, sp_model_path)
     same measurement does see the files once every token is read (so it can fail)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    prefix = _preprocess(tool, [write_jsonl(tmp_path / "d.jsonl", _pair_records(3, 10))],
-                         tmp_path / "big", sp_model_path)
+    prefix = _preprocess(
+        tool,
+        [write_jsonl(tmp_path / "d.jsonl", _pair_records(3, 10))],
+        tmp_path / "big",
+        sp_model_path,
+    )
     # Replace the payload with 200k synthetic samples of 50-250 tokens (sidecar updated).
     rng = np.random.default_rng(0)
     lengths = rng.integers(50, 250, size=200_000)

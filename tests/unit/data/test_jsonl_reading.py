@@ -2,9 +2,9 @@
 
 import pytest
 
-from tests.unit.data.helpers import write_jsonl
 from megatron_deft.data.config import DataConfig
 from megatron_deft.data.jsonl import DataError, read_samples
+from tests.unit.data.helpers import write_jsonl
 
 PAIR = {"prompt": "p", "response": "r"}
 CHAT = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.unit.data.helpers import CharTokenizer
 from megatron_deft.data.batch import collate_rows, unpack_batch
 from megatron_deft.data.jsonl import Sample
 from megatron_deft.data.packing import build_row, plan_rows
 from megatron_deft.data.sft_dataset import tokenize_samples
+from tests.unit.data.helpers import CharTokenizer
 
 SEQ = 96
 
@@ -157,8 +157,8 @@ def test_packing_does_not_change_any_sample_loss():
             )
     # The comparison is not vacuous: a plain causal mask over the packed row changes losses.
     leaky = _packed_batch(tokenized, rows)
-    leaky["attention_mask"] = (
-        ~torch.ones(SEQ, SEQ, dtype=torch.bool).tril().expand(len(rows), 1, SEQ, SEQ)
+    leaky["attention_mask"] = ~torch.ones(SEQ, SEQ, dtype=torch.bool).tril().expand(
+        len(rows), 1, SEQ, SEQ
     )
     assert not torch.allclose(_per_token_loss(model, leaky), packed_loss)
 

@@ -5,12 +5,12 @@ import jinja2
 import numpy as np
 import pytest
 
-from tests.unit.data.helpers import CHATML_TEMPLATE, CharTokenizer, write_jsonl
 from megatron_deft.data.chat_format import ROLE_MARKERS, last_reply_span, tokenize_conversation
 from megatron_deft.data.jsonl import DataError, ReadReport, Sample, read_samples
 from megatron_deft.data.packing import IGNORE_INDEX, build_row
 from megatron_deft.data.sft_dataset import tokenize_samples
 from megatron_deft.data.tokenizer import build_tokenizer
+from tests.unit.data.helpers import CHATML_TEMPLATE, CharTokenizer, write_jsonl
 
 MULTI_TURN = {
     "messages": [
@@ -215,8 +215,9 @@ def test_generation_prompt_is_the_training_prefix(tokenizers, tokenizer_name):
         earlier = [{"role": role, "content": content} for role, content in messages[:-1]]
         expected_prompt = tokenizer.encode_with_offsets(tokenizer.render_chat(earlier, True))[0]
     else:
-        expected_prompt = (tokenize_conversation(messages[:-1], tokenizer)[0]
-                           + tokenizer.encode(ROLE_MARKERS["assistant"] + "\n"))
+        expected_prompt = tokenize_conversation(messages[:-1], tokenizer)[0] + tokenizer.encode(
+            ROLE_MARKERS["assistant"] + "\n"
+        )
     assert prompt == expected_prompt
     reply = tokenizer.encode(messages[-1][1]) + [tokenizer.eos_id]
     assert end == start + len(reply)

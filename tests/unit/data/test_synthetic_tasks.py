@@ -35,5 +35,7 @@ def test_seeded_and_written_atomically(tmp_path):
 
 
 def test_unknown_task_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown synthetic task.*valid: \\['addition', 'reverse', 'sort'\\]"):
+    with pytest.raises(
+        ValueError, match="unknown synthetic task.*valid: \\['addition', 'reverse', 'sort'\\]"
+    ):
         generate(["multiplication"], 3, seed=0)

@@ -6,8 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from megatron_deft.data import DataConfig, DataError, build_sft_data
-from megatron_deft.data import builder
+from megatron_deft.data import DataConfig, DataError, build_sft_data, builder
 from megatron_deft.data.jsonl import read_samples
 from tests.unit.data.helpers import write_jsonl
 
@@ -38,17 +37,23 @@ def test_jsonl_reads_the_class_and_rejects_a_non_string(tmp_path):
     assert [s.token_class for s in samples] == [tag for *_, tag in RECORDS]
     without, _ = read_samples([path])
     assert all(s.token_class is None for s in without)
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b", "tag": "x"},
-                                               {"prompt": "a", "response": "b", "tag": 3}])
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [{"prompt": "a", "response": "b", "tag": "x"}, {"prompt": "a", "response": "b", "tag": 3}],
+    )
     with pytest.raises(DataError, match=r"bad\.jsonl:2: .*'tag' must be a non-empty string"):
         read_samples([bad], class_key="tag")
 
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_every_token_of_a_sample_carries_its_class(tmp_path, sp_model_path, pack):
-    config = DataConfig(train_data_path=[_write(tmp_path / "d.jsonl")], seq_length=64,
-                        pack_sequences=pack, tokenizer_model=sp_model_path,
-                        token_class_key="tag")
+    config = DataConfig(
+        train_data_path=[_write(tmp_path / "d.jsonl")],
+        seq_length=64,
+        pack_sequences=pack,
+        tokenizer_model=sp_model_path,
+        token_class_key="tag",
+    )
     data = build_sft_data(config, global_batch_size=len(RECORDS), micro_batch_size=len(RECORDS))
     names = data.train.class_names
     assert names == ("b", "clean", "noisy")  # sorted distinct labels
@@ -72,8 +77,13 @@ def test_every_token_of_a_sample_carries_its_class(tmp_path, sp_model_path, pack
 def test_the_cache_keeps_classes_and_the_key_is_part_of_it(tmp_path, sp_model_path, monkeypatch):
     path = _write(tmp_path / "d.jsonl")
     cache = str(tmp_path / "cache")
-    config = DataConfig(train_data_path=[path], seq_length=64, tokenizer_model=sp_model_path,
-                        token_class_key="tag", data_cache_dir=cache)
+    config = DataConfig(
+        train_data_path=[path],
+        seq_length=64,
+        tokenizer_model=sp_model_path,
+        token_class_key="tag",
+        data_cache_dir=cache,
+    )
     fresh = build_sft_data(config, 1, 1).train.samples
 
     def must_not_tokenize(*args):

@@ -6,8 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from megatron_deft.data import DataConfig, build_sft_data
-from megatron_deft.data import builder
+from megatron_deft.data import DataConfig, build_sft_data, builder
 from tests.unit.data.helpers import make_sentence, write_jsonl
 
 

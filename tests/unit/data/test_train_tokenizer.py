@@ -4,8 +4,8 @@ import os
 
 import sentencepiece
 
-from tests.unit.data.helpers import load_train_tokenizer_tool, write_jsonl
 from megatron_deft.data.chat_format import ROLE_MARKERS
+from tests.unit.data.helpers import load_train_tokenizer_tool, write_jsonl
 
 
 def test_model_has_fixed_specials_markers_and_exact_roundtrip(sp_model_path):
@@ -59,7 +59,15 @@ def test_field_mapped_input_and_errors(tmp_path, capsys):
 
 def test_vocabulary_below_the_alphabet_is_a_one_line_error(tmp_path, capsys):
     tool = load_train_tokenizer_tool()
-    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(50)])
-    assert tool.main(["--input", path, "--vocab-size", "20", "--model-prefix", str(tmp_path / "m")]) == 1
+    path = write_jsonl(
+        tmp_path / "t.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(50)]
+    )
+    assert (
+        tool.main(["--input", path, "--vocab-size", "20", "--model-prefix", str(tmp_path / "m")])
+        == 1
+    )
     err = capsys.readouterr().err
-    assert err.startswith("error: sentencepiece could not train a 20-piece model:") and "Traceback" not in err
+    assert (
+        err.startswith("error: sentencepiece could not train a 20-piece model:")
+        and "Traceback" not in err
+    )

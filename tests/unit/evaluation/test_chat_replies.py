@@ -27,9 +27,12 @@ ITEM_MESSAGES = (("user", "how much money"), ("assistant", "12 apples"))
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    path = save_hf_tokenizer(tmp_path_factory.mktemp("qwen3_like"), QWEN3_LIKE,
-                             eos_token="<|endoftext|>",
-                             extra_specials=["<|endoftext|>", "<think>", "</think>"])
+    path = save_hf_tokenizer(
+        tmp_path_factory.mktemp("qwen3_like"),
+        QWEN3_LIKE,
+        eos_token="<|endoftext|>",
+        extra_specials=["<|endoftext|>", "<think>", "</think>"],
+    )
     return build_tokenizer("HuggingFaceTokenizer", path)
 
 
@@ -39,17 +42,19 @@ def item(tokenizer):
 
 
 def test_prompt_is_the_trained_prefix_and_the_reply_ends_with_the_end_of_turn_token(
-        tokenizer, item):
+    tokenizer, item
+):
     index, prompt, reference, expected, (ids, flags) = item
     assert index == 7 and reference == "12 apples"
     assert tokenizer.decode(prompt) == (
-        "<|im_start|>user\nhow much money<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nhow much money<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert tokenizer.decode(expected) == "<think>\n\n</think>\n\n12 apples<|im_end|>"
     (im_end,) = tokenizer.encode("<|im_end|>")
     assert expected[-1] == im_end != tokenizer.eos_id
     n = len(prompt)
     assert ids[: n + len(expected)] == prompt + expected
-    assert not any(flags[:n]) and all(flags[n: n + len(expected)])
+    assert not any(flags[:n]) and all(flags[n : n + len(expected)])
 
 
 class TeacherModel(torch.nn.Module):
@@ -61,8 +66,9 @@ class TeacherModel(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # greedy_generate reads the device
         self.script, self.vocab, self.junk = script, vocab, junk
 
-    def forward(self, input_ids, position_ids, attention_mask, inference_context,
-                runtime_gather_output):
+    def forward(
+        self, input_ids, position_ids, attention_mask, inference_context, runtime_gather_output
+    ):
         """Logits of the last position only, like megatron-core under an inference context."""
         assert inference_context is not None and runtime_gather_output
         t = int(position_ids[0, -1])
@@ -77,12 +83,14 @@ def test_generation_stops_at_the_end_of_turn_token_and_matches(tokenizer, item):
     junk = tokenizer.encode(" apples")[-1]
     model = TeacherModel(prompt + expected, tokenizer.vocab_size, junk)
     stop_ids = {tokenizer.eos_id, expected[-1]}
-    (generated,) = greedy_generate(model, [prompt], stop_ids, tokenizer.pad_id, 40,
-                                   tokenizer.vocab_size)
+    (generated,) = greedy_generate(
+        model, [prompt], stop_ids, tokenizer.pad_id, 40, tokenizer.vocab_size
+    )
     assert generated == expected and is_exact_match(tokenizer, generated, expected)
     # Stopping at EOS only (the former behaviour) runs past the reply: never an exact match.
-    (runaway,) = greedy_generate(model, [prompt], {tokenizer.eos_id}, tokenizer.pad_id, 40,
-                                 tokenizer.vocab_size)
+    (runaway,) = greedy_generate(
+        model, [prompt], {tokenizer.eos_id}, tokenizer.pad_id, 40, tokenizer.vocab_size
+    )
     assert len(runaway) == 40 and runaway[: len(expected)] == expected
     assert not is_exact_match(tokenizer, runaway, expected)
     # The answer alone (no think block, no end-of-turn) is not what the model was trained to say.
@@ -126,12 +134,14 @@ def test_answer_pattern_compares_the_extracted_answers(tokenizer, item):
     assert not is_exact_match(tokenizer, tokenizer.encode("some apples"), expected, number)
 
     gsm8k = re.compile(r"####\s*(-?[0-9.,]+)")
-    sample = Sample(messages=(("user", "3 + 4?"), ("assistant", "3 + 4 = 7.\n#### 7")),
-                    path="gsm8k.jsonl", line=5)
+    sample = Sample(
+        messages=(("user", "3 + 4?"), ("assistant", "3 + 4 = 7.\n#### 7")),
+        path="gsm8k.jsonl",
+        line=5,
+    )
     with_answer = eval_item(0, sample, tokenizer, gsm8k)
     other_reasoning = tokenizer.encode("4 + 3 makes 7\n#### 7<|im_end|>")
     assert is_exact_match(tokenizer, other_reasoning, with_answer.expected, gsm8k)
     assert not is_exact_match(tokenizer, other_reasoning, with_answer.expected)
     with pytest.raises(ConfigError, match=r"eval.jsonl:3: --answer-pattern .*finds no answer"):
-        eval_item(7, Sample(messages=ITEM_MESSAGES, path="eval.jsonl", line=3), tokenizer,
-                  gsm8k)
+        eval_item(7, Sample(messages=ITEM_MESSAGES, path="eval.jsonl", line=3), tokenizer, gsm8k)

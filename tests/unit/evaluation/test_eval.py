@@ -30,9 +30,22 @@ def _tokenizer(tmp_path):
     corpus = [{"prompt": "abcdefghijklmnopqrstuvwxyz " * 3, "response": "0123456789" * 3}]
     path = write_jsonl(tmp_path / "corpus.jsonl", corpus)
     prefix = str(tmp_path / "char")
-    assert load_train_tokenizer_tool().main([
-        "--input", str(path), "--model-type", "char", "--no-byte-fallback", "--vocab-size", "48",
-        "--model-prefix", prefix]) == 0
+    assert (
+        load_train_tokenizer_tool().main(
+            [
+                "--input",
+                str(path),
+                "--model-type",
+                "char",
+                "--no-byte-fallback",
+                "--vocab-size",
+                "48",
+                "--model-prefix",
+                prefix,
+            ]
+        )
+        == 0
+    )
     return prefix + ".model"
 
 
@@ -57,16 +70,28 @@ def forced(torchrun, tmp_path_factory):
     responses = [x + y, x + y, x, y + x, x + y + x]
     records = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
     data = str(write_jsonl(tmp / "eval.jsonl", records))
-    spans = [(ids, last_reply_span(flags)[0]) for ids, flags in (
-        tokenize_conversation([("user", p), ("assistant", r)], tokenizer)
-        for p, r in zip(prompts, responses))]
+    spans = [
+        (ids, last_reply_span(flags)[0])
+        for ids, flags in (
+            tokenize_conversation([("user", p), ("assistant", r)], tokenizer)
+            for p, r in zip(prompts, responses)
+        )
+    ]
     last = {ids[start - 1] for ids, start in spans}  # the prompts' last token
     assert len(last) == 1, "every prompt must end in the same template token"
     ids = (last.pop(), tokenizer.encode(x)[0], tokenizer.encode(y)[0])
     assert len(set(ids)) == 3 and tokenizer.eos_id not in ids
     results = torchrun(WORKER, 2, tmp, model_path, data, *ids)
-    return dict(results=results, tokenizer=tokenizer, records=records, ids=ids, padded=padded,
-                tmp=tmp, forced_text=x + y, first_text=x)
+    return dict(
+        results=results,
+        tokenizer=tokenizer,
+        records=records,
+        ids=ids,
+        padded=padded,
+        tmp=tmp,
+        forced_text=x + y,
+        first_text=x,
+    )
 
 
 def _hand_nll(forced) -> float:
@@ -111,7 +136,8 @@ def test_answer_pattern_compares_what_it_extracts(forced):
     first = forced["first_text"]
     references = [r["response"] for r in forced["records"]]
     assert summary["exact_match"] == pytest.approx(
-        sum(r[0] == first for r in references) / len(references))
+        sum(r[0] == first for r in references) / len(references)
+    )
     assert summary["exact_match"] == pytest.approx(0.8) and summary["answer_pattern"] == "^(.)"
     with open(forced["tmp"] / "tp2_first_char.jsonl") as handle:
         assert {json.loads(line)["answer"] for line in handle} == {first}
@@ -122,8 +148,9 @@ def test_predictions_file_holds_each_sample_in_order(forced):
         rows = [json.loads(line) for line in handle]
     assert [r["index"] for r in rows] == list(range(5))
     assert {r["generated"] for r in rows} == {forced["forced_text"]}
-    assert [r["exact"] for r in rows] == [r["response"] == forced["forced_text"]
-                                          for r in forced["records"]]
+    assert [r["exact"] for r in rows] == [
+        r["response"] == forced["forced_text"] for r in forced["records"]
+    ]
 
 
 def test_kv_cache_generation_equals_recomputing_every_step(torchrun, tmp_path):

@@ -10,15 +10,25 @@ def _one_process(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
 
 
-@pytest.mark.parametrize("extra, message", [
-    ([], "--tokenizer-model is required"),
-    (["--tokenizer-model", "t.model", "--iteration", "last"], "--iteration 'last'"),
-    (["--tokenizer-model", "t.model", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["--tokenizer-model", "t.model", "--answer-pattern", "####(\\d+"],
-     "--answer-pattern '####(\\\\d+': missing ), unterminated subpattern"),
-    (["--tokenizer-model", "t.model", "--tensor-model-parallel-size", "2"],
-     "world size 1 is not divisible by --tensor-model-parallel-size 2"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "--tokenizer-model is required"),
+        (["--tokenizer-model", "t.model", "--iteration", "last"], "--iteration 'last'"),
+        (
+            ["--tokenizer-model", "t.model", "--max-new-tokens", "0"],
+            "--max-new-tokens must be >= 1",
+        ),
+        (
+            ["--tokenizer-model", "t.model", "--answer-pattern", "####(\\d+"],
+            "--answer-pattern '####(\\\\d+': missing ), unterminated subpattern",
+        ),
+        (
+            ["--tokenizer-model", "t.model", "--tensor-model-parallel-size", "2"],
+            "world size 1 is not divisible by --tensor-model-parallel-size 2",
+        ),
+    ],
+)
 def test_bad_flags_exit_2_with_one_line(extra, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         eval_cli.main(["--load", "ckpt", "--eval-data", "x.jsonl", *extra])
@@ -28,16 +38,38 @@ def test_bad_flags_exit_2_with_one_line(extra, message, capsys):
 
 
 def test_missing_checkpoint_names_the_directory(tmp_path, capsys):
-    code = eval_cli.main(["--load", str(tmp_path), "--eval-data", "x.jsonl",
-                          "--tokenizer-model", "t.model", "--device", "cpu"])
+    code = eval_cli.main(
+        [
+            "--load",
+            str(tmp_path),
+            "--eval-data",
+            "x.jsonl",
+            "--tokenizer-model",
+            "t.model",
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 1 and str(tmp_path) in err and "latest_checkpointed_iteration" in err, err
 
 
 def test_missing_iteration_is_reported(tmp_path, capsys):
     (tmp_path / "iter_0000005").mkdir()
-    code = eval_cli.main(["--load", str(tmp_path), "--iteration", "5,7", "--eval-data", "x",
-                          "--tokenizer-model", "t.model", "--device", "cpu"])
+    code = eval_cli.main(
+        [
+            "--load",
+            str(tmp_path),
+            "--iteration",
+            "5,7",
+            "--eval-data",
+            "x",
+            "--tokenizer-model",
+            "t.model",
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 1 and "no checkpoint for iteration 7" in err, err
 
@@ -78,8 +110,9 @@ def test_padded_vocab_of_trained_converted_and_older_checkpoints():
     assert _padded_vocab(converted, 32000, 4, "/hf") == 32256
     with pytest.raises(ConfigError, match="tensor-model-parallel-size 5 does not divide"):
         _padded_vocab(converted, 32000, 5, "/hf")
-    with pytest.raises(ConfigError, match="tokenizer has 40000 ids but the checkpoint's output "
-                                          "layer only 32256"):
+    with pytest.raises(
+        ConfigError, match="tokenizer has 40000 ids but the checkpoint's output layer only 32256"
+    ):
         _padded_vocab(converted, 40000, 1, "/hf")
     old = Config()
     old.model.make_vocab_size_divisible_by = 128

@@ -61,18 +61,33 @@ def test_summary_puts_each_variants_last_exact_match_side_by_side_under_the_prio
     from benchmarks.objectives_regimes.report import _summary_table
 
     def summaries(offset, seed):  # checkpoints 10 and 20; only the last counts
-        return [{"data": f"/d/{stem}.jsonl", "iteration": it,
-                 "exact_match": 0.0 if it == 10 else offset + i / 10 + seed / 100}
-                for i, stem in enumerate(("a_heldout", "b_heldout", "a_noisy"))
-                for it in (10, 20)]
+        return [
+            {
+                "data": f"/d/{stem}.jsonl",
+                "iteration": it,
+                "exact_match": 0.0 if it == 10 else offset + i / 10 + seed / 100,
+            }
+            for i, stem in enumerate(("a_heldout", "b_heldout", "a_noisy"))
+            for it in (10, 20)
+        ]
 
-    offsets = {("mix", "nll"): 0.5, ("mix", "deft"): 0.3, ("scratch", "nll"): 0.1,
-               ("scratch", "deft"): 0.2}
-    results = {"config": {"objectives": ["nll", "deft"]}, "runs": {
-        f"{variant}/{objective}/{seed}": summaries(offset, seed)
-        for (variant, objective), offset in offsets.items() for seed in (1, 3)}}
+    offsets = {
+        ("mix", "nll"): 0.5,
+        ("mix", "deft"): 0.3,
+        ("scratch", "nll"): 0.1,
+        ("scratch", "deft"): 0.2,
+    }
+    results = {
+        "config": {"objectives": ["nll", "deft"]},
+        "runs": {
+            f"{variant}/{objective}/{seed}": summaries(offset, seed)
+            for (variant, objective), offset in offsets.items()
+            for seed in (1, 3)
+        },
+    }
     header, _, prior, nll, deft = _summary_table(
-        results, ["mix", "scratch"], {"clean A": 0.96, "B": 0.0, "noisy A": 0.01})
+        results, ["mix", "scratch"], {"clean A": 0.96, "B": 0.0, "noisy A": 0.01}
+    )
 
     def cells(line):
         return [c.strip() for c in line.strip("|").split("|")]
@@ -80,15 +95,20 @@ def test_summary_puts_each_variants_last_exact_match_side_by_side_under_the_prio
     assert cells(header) == ["objective", "mix: clean A", "mix: B", "mix: noisy A", "scratch: B"]
     assert cells(prior)[1:] == ["0.960", "0.000", "0.010", "-"]  # scratch starts from no prior
     # seeds 1 and 3: mean offset + class + 0.02, sample sd 0.01414
-    assert cells(nll) == ["nll", "0.520 ± 0.014", "0.620 ± 0.014", "0.720 ± 0.014",
-                          "0.220 ± 0.014"]
-    assert cells(deft) == ["deft", "0.320 ± 0.014", "0.420 ± 0.014", "0.520 ± 0.014",
-                           "0.320 ± 0.014"]
+    assert cells(nll) == ["nll", "0.520 ± 0.014", "0.620 ± 0.014", "0.720 ± 0.014", "0.220 ± 0.014"]
+    assert cells(deft) == [
+        "deft",
+        "0.320 ± 0.014",
+        "0.420 ± 0.014",
+        "0.520 ± 0.014",
+        "0.320 ± 0.014",
+    ]
 
 
 def test_data_held_out_prompts_never_in_training_and_corruption_is_wrong(tmp_path):
-    config = dataclasses.replace(preset("smoke"), noise_rate=0.5, eval_samples=50,
-                                 phase2_a_samples=400)
+    config = dataclasses.replace(
+        preset("smoke"), noise_rate=0.5, eval_samples=50, phase2_a_samples=400
+    )
     paths = tasks.write_data(config, str(tmp_path))
     held_out_a = {s["prompt"] for s in _read(paths["a_heldout"])}
     held_out_b = {s["prompt"] for s in _read(paths["b_heldout"])}
@@ -116,14 +136,21 @@ def test_mean_and_sd_over_seeds_at_each_checkpoint():
     def summary(data, iteration, em):
         return {"data": f"/x/{data}.jsonl", "iteration": iteration, "exact_match": em}
 
-    runs = [trajectories([summary("b_heldout", 10, 0.2), summary("b_heldout", 20, 0.5)]),
-            trajectories([summary("b_heldout", 10, 0.4), summary("b_heldout", 20, 0.7),
-                          summary("b_heldout", 30, 0.9)])]
+    runs = [
+        trajectories([summary("b_heldout", 10, 0.2), summary("b_heldout", 20, 0.5)]),
+        trajectories(
+            [
+                summary("b_heldout", 10, 0.4),
+                summary("b_heldout", 20, 0.7),
+                summary("b_heldout", 30, 0.9),
+            ]
+        ),
+    ]
     steps, means, sds = curve(runs, "B", "exact_match")
     assert steps == [10, 20]  # only checkpoints every seed has
     assert means == pytest.approx([0.3, 0.6])
-    assert sds == pytest.approx([2 ** 0.5 * 0.1, 2 ** 0.5 * 0.1])  # sample sd of two values
-    assert over_seeds(runs, "B", "exact_match") == pytest.approx((0.7, 2 ** 0.5 * 0.2))
+    assert sds == pytest.approx([2**0.5 * 0.1, 2**0.5 * 0.1])  # sample sd of two values
+    assert over_seeds(runs, "B", "exact_match") == pytest.approx((0.7, 2**0.5 * 0.2))
 
 
 def test_evaluations_reused_until_the_checkpoint_root_is_retrained(tmp_path, monkeypatch):
@@ -174,14 +201,20 @@ def test_phase2_runs_get_the_presets_schedule_and_start_from_the_prior(tmp_path,
     from benchmarks.objectives_regimes import run, runner
 
     commands = {}
-    monkeypatch.setattr(runner, "train", lambda config, name, run_dir, args, concurrent, slot:
-                        commands.update({name: [str(a) for a in args]}))
+    monkeypatch.setattr(
+        runner,
+        "train",
+        lambda config, name, run_dir, args, concurrent, slot: commands.update(
+            {name: [str(a) for a in args]}
+        ),
+    )
     data = {name: f"{name}.jsonl" for name in run.TRAIN_FILE.values()}
     for name, style in (("cpu-horizon", "cosine"), ("cpu-plateau", "constant")):
         config = preset(name)
         for variant in ("mix", "scratch"):
-            run.train_phase2(config, str(tmp_path / name), data, "tok.model", "/prior",
-                             variant, "deft", 1)
+            run.train_phase2(
+                config, str(tmp_path / name), data, "tok.model", "/prior", variant, "deft", 1
+            )
             args = commands.pop(runner.run_name(variant, "deft", 1))
             flags = dict(zip(args, args[1:]))
             assert flags["--lr-decay-style"] == style
@@ -191,7 +224,8 @@ def test_phase2_runs_get_the_presets_schedule_and_start_from_the_prior(tmp_path,
 
 
 def test_interrupted_phase2_run_resumes_only_when_launched_with_the_same_arguments(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     from benchmarks.objectives_regimes import run, runner
 
     launches = []
@@ -200,10 +234,16 @@ def test_interrupted_phase2_run_resumes_only_when_launched_with_the_same_argumen
         args = [str(a) for a in args]
         save = args[args.index("--save") + 1]
         # What the launch finds: its checkpoints and its TensorBoard log at that moment.
-        launches.append({"args": args, "resumed": resumed,
-                         "tracker": runner.finished(save, 800),
-                         "tensorboard": os.listdir(args[args.index("--tensorboard-dir") + 1])
-                         if os.path.isdir(args[args.index("--tensorboard-dir") + 1]) else []})
+        launches.append(
+            {
+                "args": args,
+                "resumed": resumed,
+                "tracker": runner.finished(save, 800),
+                "tensorboard": os.listdir(args[args.index("--tensorboard-dir") + 1])
+                if os.path.isdir(args[args.index("--tensorboard-dir") + 1])
+                else [],
+            }
+        )
 
     def interrupted_at_800(save, run_dir):  # the killed run's last checkpoint and its log
         with open(os.path.join(save, runner.TRACKER), "w") as handle:
@@ -254,10 +294,15 @@ def test_wall_time_keeps_an_invocation_killed_before_it_finished(tmp_path):
         "from benchmarks.objectives_regimes.run import WallClock\n"
         f"with WallClock({str(tmp_path)!r}, period=0.05):\n"
         "    time.sleep(0.6)\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
     started = time.time()
-    done = subprocess.run([sys.executable, "-c", killed], cwd=REPO_ROOT, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", killed],
+        cwd=REPO_ROOT,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+    )
     upper = time.time() - started
     assert done.returncode == -9
     recorded = float((tmp_path / "wall_seconds.txt").read_text())
@@ -303,11 +348,13 @@ def test_jobs_train_phase2_runs_concurrently_with_split_threads(tmp_path, monkey
     monkeypatch.setattr(runner, "run_logged", fake_run_logged)
     monkeypatch.setattr(runner, "train_tokenizer", lambda inputs, prefix, log: prefix + ".model")
     monkeypatch.setattr(runner, "visible_gpu_count", lambda: 4)
-    config = dataclasses.replace(preset("smoke"), objectives=("nll", "deft"), seeds=(1, 2),
-                                 device=device, nproc=2)
+    config = dataclasses.replace(
+        preset("smoke"), objectives=("nll", "deft"), seeds=(1, 2), device=device, nproc=2
+    )
     results = run.run_experiment(config, str(tmp_path), jobs=2)
     assert sorted(results["runs"]) == sorted(
-        f"mix/{o}/{s}" for o in ("nll", "deft") for s in (1, 2))
+        f"mix/{o}/{s}" for o in ("nll", "deft") for s in (1, 2)
+    )
     for key, summaries in results["runs"].items():
         variant, objective, seed = key.split("/")
         assert summaries[0]["load"].endswith(runner.run_name(variant, objective, int(seed)))
@@ -322,10 +369,23 @@ def test_jobs_train_phase2_runs_concurrently_with_split_threads(tmp_path, monkey
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("regimes")
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.objectives_regimes.run", "--config", "smoke",
-         "--jobs", "2", "--out", str(out)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
-        env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.objectives_regimes.run",
+            "--config",
+            "smoke",
+            "--jobs",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
 
@@ -349,8 +409,9 @@ def test_smoke_results_cover_every_checkpoint_file_and_objective(smoke_run):
     results = json.loads((smoke_run / "results.json").read_text())
     config = preset("smoke")
     assert sorted(results["runs"]) == sorted(f"mix/{o}/1" for o in OBJECTIVES)
-    expected_steps = list(range(config.save_interval, config.phase2_iters + 1,
-                                config.save_interval))
+    expected_steps = list(
+        range(config.save_interval, config.phase2_iters + 1, config.save_interval)
+    )
     for key, summaries in results["runs"].items():
         runs = trajectories(summaries)
         for label, points in runs.items():
@@ -366,8 +427,13 @@ def test_smoke_plots_written_embedded_and_published(smoke_run, tmp_path):
     pytest.importorskip("matplotlib")
     from benchmarks.objectives_regimes.report import publish
 
-    names = ("accuracy_mix.png", "gate_vs_p_mix.png", "alpha_mix.png",
-             "train_classes_mix.png", "gate_histograms_mix.png")
+    names = (
+        "accuracy_mix.png",
+        "gate_vs_p_mix.png",
+        "alpha_mix.png",
+        "train_classes_mix.png",
+        "gate_histograms_mix.png",
+    )
     report = (smoke_run / "report.md").read_text()
     for name in names:
         path = smoke_run / name
@@ -389,8 +455,9 @@ def test_smoke_training_logs_per_token_class(smoke_run):
         run = read_run(str(smoke_run / "tensorboard" / f"mix-{objective}-s1"))
         assert sorted(run["classes"]) == ["b", "clean_a", "noisy_a"]
         steps = run["scalars"]["gate"][0]
-        assert steps == list(range(config.save_interval, config.phase2_iters + 1,
-                                   config.save_interval))
+        assert steps == list(
+            range(config.save_interval, config.phase2_iters + 1, config.save_interval)
+        )
         shares = [run["classes"][c]["token_fraction"] for c in run["classes"]]
         assert all(s[0] == steps for s in shares)
         assert [sum(v) for v in zip(*(s[1] for s in shares))] == pytest.approx([1.0] * len(steps))
@@ -402,7 +469,8 @@ def test_smoke_training_logs_per_token_class(smoke_run):
             assert (everyone["counts"].sum(axis=1) == everyone["num"]).all()
             for name in run["classes"]:
                 assert by_class[name]["mean"] == pytest.approx(
-                    run["classes"][name][stat][1], rel=1e-5)  # float32 scalars
+                    run["classes"][name][stat][1], rel=1e-5
+                )  # float32 scalars
         gates = run["histograms"]["gate"][None]["counts"]
         if objective == "nll":  # gate 1: every token in the top bin
             assert (gates[:, -1] == gates.sum(axis=1)).all()

@@ -44,10 +44,12 @@ HISTOGRAMS = {
     ("train_class/noisy/a/gate_histogram", 20): (EDGES_1, [0, 0, 0, 0, 0, 0, 0, 3], 2.875),
     ("train_class/b/alpha_histogram", 10): (EDGES_2, [0, 0, 5, 2], 8.0),
 }
-CLASS_SCALARS = {"train_class/b/gate": {10: 0.5, 20: 0.75},
-                 "train_class/b/token_fraction": {10: 0.875, 20: 0.75},
-                 "train_class/noisy/a/gate": {20: 0.96875},
-                 "train_class/noisy/a/p_target": {20: 0.25}}
+CLASS_SCALARS = {
+    "train_class/b/gate": {10: 0.5, 20: 0.75},
+    "train_class/b/token_fraction": {10: 0.875, 20: 0.75},
+    "train_class/noisy/a/gate": {20: 0.96875},
+    "train_class/noisy/a/p_target": {20: 0.25},
+}
 
 
 def _write_class_run(directory, with_alpha: bool = True):
@@ -63,10 +65,17 @@ def _write_class_run(directory, with_alpha: bool = True):
         if "alpha" in tag and not with_alpha:
             continue
         filled = np.nonzero(counts)[0]
-        writer.add_histogram_raw(tag, min=edges[filled[0]], max=edges[filled[-1] + 1],
-                                 num=sum(counts), sum=total, sum_squares=total,
-                                 bucket_limits=edges[1:].tolist(), bucket_counts=counts,
-                                 global_step=step)
+        writer.add_histogram_raw(
+            tag,
+            min=edges[filled[0]],
+            max=edges[filled[-1] + 1],
+            num=sum(counts),
+            sum=total,
+            sum_squares=total,
+            bucket_limits=edges[1:].tolist(),
+            bucket_counts=counts,
+            global_step=step,
+        )
     writer.close()
 
 
@@ -96,16 +105,18 @@ def test_reads_back_class_scalars_and_histograms_exactly(tmp_path):
     # Class "noisy/a" contains the tag separator: the statistic is the last component.
     expected = {}
     for tag, points in CLASS_SCALARS.items():
-        name, stat = tag[len("train_class/"):].rsplit("/", 1)
+        name, stat = tag[len("train_class/") :].rsplit("/", 1)
         expected.setdefault(name, {})[stat] = (list(points), list(points.values()))
     assert run["classes"] == expected
     histograms = run["histograms"]
     assert {stat: sorted(by_class, key=str) for stat, by_class in histograms.items()} == {
-        "gate": [None, "b", "noisy/a"], "alpha": ["b"]}  # None: all tokens
+        "gate": [None, "b", "noisy/a"],
+        "alpha": ["b"],
+    }  # None: all tokens
     for (tag, step), (edges, counts, total) in HISTOGRAMS.items():
         head, stat = tag.rsplit("/", 1)
-        name = None if head == "train" else head[len("train_class/"):]
-        series = histograms[stat[:-len("_histogram")]][name]
+        name = None if head == "train" else head[len("train_class/") :]
+        series = histograms[stat[: -len("_histogram")]][name]
         at = list(series["steps"]).index(step)
         np.testing.assert_array_equal(series["edges"], edges)
         np.testing.assert_array_equal(series["counts"][at], counts)
@@ -120,12 +131,21 @@ def test_histogram_bins_that_change_between_steps_are_a_clear_error(tmp_path):
 
     writer = SummaryWriter(log_dir=str(tmp_path))
     for step, upper in ((1, 1.0), (2, 2.0)):
-        writer.add_histogram_raw("train/alpha_histogram", min=0.0, max=upper, num=1, sum=0.5,
-                                 sum_squares=0.25, bucket_limits=[upper / 2, upper],
-                                 bucket_counts=[1, 0], global_step=step)
+        writer.add_histogram_raw(
+            "train/alpha_histogram",
+            min=0.0,
+            max=upper,
+            num=1,
+            sum=0.5,
+            sum_squares=0.25,
+            bucket_limits=[upper / 2, upper],
+            bucket_counts=[1, 0],
+            global_step=step,
+        )
     writer.close()
-    with pytest.raises(ValueError, match="train/alpha_histogram: the histogram bins change at "
-                                         "step 2"):
+    with pytest.raises(
+        ValueError, match="train/alpha_histogram: the histogram bins change at step 2"
+    ):
         _tool().read_run(str(tmp_path))
 
 
@@ -135,18 +155,26 @@ def test_class_figures_written_next_to_out(tmp_path, capsys):
     _write_class_run(tmp_path / "logs" / "deft")
     _write_run(tmp_path / "logs" / "dft", with_alpha=False)
     out = tmp_path / "dyn.png"
-    assert tool.main([str(tmp_path / "logs" / "deft"), str(tmp_path / "logs" / "dft"),
-                      "--out", str(out)]) == 0
+    assert (
+        tool.main(
+            [str(tmp_path / "logs" / "deft"), str(tmp_path / "logs" / "dft"), "--out", str(out)]
+        )
+        == 0
+    )
     names = ["dyn.png", "dyn_classes.png", "dyn_gate_histograms.png", "dyn_alpha_histograms.png"]
     for name in names:
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC, name
-    assert capsys.readouterr().out.split() == [w for n in names for w in ("wrote",
-                                                                          str(tmp_path / n))]
+    assert capsys.readouterr().out.split() == [
+        w for n in names for w in ("wrote", str(tmp_path / n))
+    ]
     # Classes but no exponent histograms (dft, eaft): no alpha figure.
     _write_class_run(tmp_path / "logs" / "eaft", with_alpha=False)
     assert tool.main([str(tmp_path / "logs" / "eaft"), "--out", str(tmp_path / "e.png")]) == 0
     assert sorted(p.name for p in tmp_path.glob("e*.png")) == [
-        "e.png", "e_classes.png", "e_gate_histograms.png"]
+        "e.png",
+        "e_classes.png",
+        "e_gate_histograms.png",
+    ]
 
 
 def test_run_labels_stay_distinct():

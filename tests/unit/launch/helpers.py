@@ -10,8 +10,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ROOT / "examples"
 SCRIPTS = ("train_single_node.sh", "train_multi_node.sh", "train_slurm.sbatch")
-PRESETS = ("llama3-70b", "llama3-8b", "llama3.1-8b", "qwen2.5-0.5b", "qwen2.5-7b", "qwen3-4b",
-           "qwen3-8b", "tiny")
+PRESETS = (
+    "llama3-70b",
+    "llama3-8b",
+    "llama3.1-8b",
+    "qwen2.5-0.5b",
+    "qwen2.5-7b",
+    "qwen3-4b",
+    "qwen3-8b",
+    "tiny",
+)
 
 
 def run_script(script, env=None, args=(), stub_dir=None, cwd=ROOT, timeout=30):
@@ -19,11 +27,20 @@ def run_script(script, env=None, args=(), stub_dir=None, cwd=ROOT, timeout=30):
     path = [str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")]
     if stub_dir is not None:
         path.insert(0, str(stub_dir))
-    full_env = {"PATH": os.pathsep.join(path), "HOME": os.environ.get("HOME", "/tmp"),
-                "LC_ALL": "C"}
+    full_env = {
+        "PATH": os.pathsep.join(path),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "LC_ALL": "C",
+    }
     full_env.update(env or {})
-    return subprocess.run(["bash", str(EXAMPLES / script), *args], env=full_env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(EXAMPLES / script), *args],
+        env=full_env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def dry_run(script, env, args=(), stub_dir=None):
@@ -44,7 +61,7 @@ def split_torchrun(argv):
         name = tokens.pop(0)
         has_value = tokens and not tokens[0].startswith("--")
         options[name] = tokens.pop(0) if has_value else True
-    return options, argv[module_at + 2:]
+    return options, argv[module_at + 2 :]
 
 
 def last_values(flags):
@@ -69,29 +86,46 @@ def write_stub(directory, name, body):
 
 def torchrun_stub(directory):
     """A `torchrun` printing one JSON line: argv, SLURM_NODEID, CUDA_DEVICE_MAX_CONNECTIONS."""
-    return write_stub(directory, "torchrun", f"""#!{sys.executable}
+    return write_stub(
+        directory,
+        "torchrun",
+        f"""#!{sys.executable}
 import json, os, sys
 print(json.dumps({{"argv": sys.argv[1:], "node": os.environ.get("SLURM_NODEID"),
                   "cuda_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")}}))
-""")
+""",
+    )
 
 
 def slurm_stubs(directory, hosts):
     """`scontrol show hostnames LIST` printing `hosts`; `srun` running its command once per node
     (SLURM_NODEID 0..nodes-1) after recording its own options in srun_options.txt."""
-    write_stub(directory, "scontrol", f"""#!/usr/bin/env bash
+    write_stub(
+        directory,
+        "scontrol",
+        f"""#!/usr/bin/env bash
 [[ $1 == show && $2 == hostnames && -n $3 ]] || {{ echo "scontrol stub: bad args $*" >&2; exit 1; }}
-printf '%s\\n' {' '.join(hosts)}
-""")
-    write_stub(directory, "srun", f"""#!/usr/bin/env bash
+printf '%s\\n' {" ".join(hosts)}
+""",
+    )
+    write_stub(
+        directory,
+        "srun",
+        f"""#!/usr/bin/env bash
 options=()
 while [[ $1 == --* ]]; do options+=("$1"); shift; done
 printf '%s\\n' "${{options[@]}}" > {directory}/srun_options.txt
 nodes=$(printf '%s\\n' "${{options[@]}}" | sed -n 's/^--nodes=//p')
 for ((node = 0; node < nodes; node++)); do SLURM_NODEID=$node "$@" || exit; done
-""")
+""",
+    )
 
 
 def slurm_env(nodes, nodelist="gpu[07-09]"):
-    return {"SLURM_JOB_NODELIST": nodelist, "SLURM_JOB_NUM_NODES": str(nodes),
-            "SLURM_CPUS_ON_NODE": "96", "SLURM_GPUS_PER_NODE": "8", "SLURM_SUBMIT_DIR": str(ROOT)}
+    return {
+        "SLURM_JOB_NODELIST": nodelist,
+        "SLURM_JOB_NUM_NODES": str(nodes),
+        "SLURM_CPUS_ON_NODE": "96",
+        "SLURM_GPUS_PER_NODE": "8",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+    }

@@ -11,40 +11,133 @@ import subprocess
 import pytest
 
 from tests.unit.launch.helpers import (
-    EXAMPLES, PRESETS, SCRIPTS, dry_run, last_values, run_script, slurm_env, split_torchrun,
+    EXAMPLES,
+    PRESETS,
+    SCRIPTS,
+    dry_run,
+    last_values,
+    run_script,
+    slurm_env,
+    split_torchrun,
 )
 
 # Public config.json facts: layers, hidden, SwiGLU inner, heads, kv heads, vocab (embedding rows),
 # RoPE theta, RMSNorm eps, context, tied embeddings, q/k/v bias; where the model has them: RoPE
 # scaling factor (llama3 type), head size other than hidden / heads, q/k RMSNorm.
 ARCHITECTURES = {
-    "llama3-8b": dict(layers=32, hidden=4096, ffn=14336, heads=32, groups=8, vocab=128256,
-                      theta=500000, eps=1e-5, context=8192, tied=False, qkv_bias=False),
-    "llama3.1-8b": dict(layers=32, hidden=4096, ffn=14336, heads=32, groups=8, vocab=128256,
-                        theta=500000, eps=1e-5, context=131072, tied=False, qkv_bias=False,
-                        rope_scaling=8.0),
-    "llama3-70b": dict(layers=80, hidden=8192, ffn=28672, heads=64, groups=8, vocab=128256,
-                       theta=500000, eps=1e-5, context=8192, tied=False, qkv_bias=False),
-    "qwen2.5-7b": dict(layers=28, hidden=3584, ffn=18944, heads=28, groups=4, vocab=152064,
-                       theta=1000000, eps=1e-6, context=32768, tied=False, qkv_bias=True),
-    "qwen2.5-0.5b": dict(layers=24, hidden=896, ffn=4864, heads=14, groups=2, vocab=151936,
-                         theta=1000000, eps=1e-6, context=32768, tied=True, qkv_bias=True),
-    "qwen3-4b": dict(layers=36, hidden=2560, ffn=9728, heads=32, groups=8, vocab=151936,
-                     theta=1000000, eps=1e-6, context=40960, tied=True, qkv_bias=False,
-                     head_dim=128, qk_norm=True),
-    "qwen3-8b": dict(layers=36, hidden=4096, ffn=12288, heads=32, groups=8, vocab=151936,
-                     theta=1000000, eps=1e-6, context=40960, tied=False, qkv_bias=False,
-                     qk_norm=True),
+    "llama3-8b": dict(
+        layers=32,
+        hidden=4096,
+        ffn=14336,
+        heads=32,
+        groups=8,
+        vocab=128256,
+        theta=500000,
+        eps=1e-5,
+        context=8192,
+        tied=False,
+        qkv_bias=False,
+    ),
+    "llama3.1-8b": dict(
+        layers=32,
+        hidden=4096,
+        ffn=14336,
+        heads=32,
+        groups=8,
+        vocab=128256,
+        theta=500000,
+        eps=1e-5,
+        context=131072,
+        tied=False,
+        qkv_bias=False,
+        rope_scaling=8.0,
+    ),
+    "llama3-70b": dict(
+        layers=80,
+        hidden=8192,
+        ffn=28672,
+        heads=64,
+        groups=8,
+        vocab=128256,
+        theta=500000,
+        eps=1e-5,
+        context=8192,
+        tied=False,
+        qkv_bias=False,
+    ),
+    "qwen2.5-7b": dict(
+        layers=28,
+        hidden=3584,
+        ffn=18944,
+        heads=28,
+        groups=4,
+        vocab=152064,
+        theta=1000000,
+        eps=1e-6,
+        context=32768,
+        tied=False,
+        qkv_bias=True,
+    ),
+    "qwen2.5-0.5b": dict(
+        layers=24,
+        hidden=896,
+        ffn=4864,
+        heads=14,
+        groups=2,
+        vocab=151936,
+        theta=1000000,
+        eps=1e-6,
+        context=32768,
+        tied=True,
+        qkv_bias=True,
+    ),
+    "qwen3-4b": dict(
+        layers=36,
+        hidden=2560,
+        ffn=9728,
+        heads=32,
+        groups=8,
+        vocab=151936,
+        theta=1000000,
+        eps=1e-6,
+        context=40960,
+        tied=True,
+        qkv_bias=False,
+        head_dim=128,
+        qk_norm=True,
+    ),
+    "qwen3-8b": dict(
+        layers=36,
+        hidden=4096,
+        ffn=12288,
+        heads=32,
+        groups=8,
+        vocab=151936,
+        theta=1000000,
+        eps=1e-6,
+        context=40960,
+        tied=False,
+        qkv_bias=False,
+        qk_norm=True,
+    ),
 }
 
 
 # Run defaults every preset shares (launch_lib.sh, the one place they are set), as trainer flags,
 # and what each preset overrides. Values are those the presets carried before they were shared.
 SHARED_RUN_DEFAULTS = {
-    "--device": "cuda", "--tensor-model-parallel-size": "1", "--pipeline-model-parallel-size": "1",
-    "--seq-length": "4096", "--micro-batch-size": "1", "--global-batch-size": "128",
-    "--lr": "1e-5", "--min-lr": "1e-6", "--lr-warmup-iters": "50", "--train-iters": "1000",
-    "--tokenizer-type": "HuggingFaceTokenizer", "--mock-data": None,
+    "--device": "cuda",
+    "--tensor-model-parallel-size": "1",
+    "--pipeline-model-parallel-size": "1",
+    "--seq-length": "4096",
+    "--micro-batch-size": "1",
+    "--global-batch-size": "128",
+    "--lr": "1e-5",
+    "--min-lr": "1e-6",
+    "--lr-warmup-iters": "50",
+    "--train-iters": "1000",
+    "--tokenizer-type": "HuggingFaceTokenizer",
+    "--mock-data": None,
 }
 PRESET_RUN_OVERRIDES = {
     "llama3-8b": {"--tensor-model-parallel-size": "2"},
@@ -54,26 +147,44 @@ PRESET_RUN_OVERRIDES = {
     "qwen3-8b": {"--tensor-model-parallel-size": "2"},
     "qwen3-4b": {},
     "qwen2.5-0.5b": {"--micro-batch-size": "4", "--lr": "2e-5", "--min-lr": "2e-6"},
-    "tiny": {"--device": "cpu", "--seq-length": "64", "--micro-batch-size": "2",
-             "--global-batch-size": "8", "--lr": "1e-3", "--min-lr": "1e-4",
-             "--lr-warmup-iters": "2", "--train-iters": "20",
-             "--tokenizer-type": "SentencePieceTokenizer", "--mock-data": True},
+    "tiny": {
+        "--device": "cpu",
+        "--seq-length": "64",
+        "--micro-batch-size": "2",
+        "--global-batch-size": "8",
+        "--lr": "1e-3",
+        "--min-lr": "1e-4",
+        "--lr-warmup-iters": "2",
+        "--train-iters": "20",
+        "--tokenizer-type": "SentencePieceTokenizer",
+        "--mock-data": True,
+    },
 }
 # The DEFAULT_<knob> variable behind each flag above.
 RUN_DEFAULT_VARIABLES = {
-    "--device": "DEVICE", "--tensor-model-parallel-size": "TP",
-    "--pipeline-model-parallel-size": "PP", "--seq-length": "SEQ_LENGTH",
-    "--micro-batch-size": "MICRO_BATCH_SIZE", "--global-batch-size": "GLOBAL_BATCH_SIZE",
-    "--lr": "LR", "--min-lr": "MIN_LR", "--lr-warmup-iters": "LR_WARMUP_ITERS",
-    "--train-iters": "TRAIN_ITERS", "--tokenizer-type": "TOKENIZER_TYPE", "--mock-data": "MOCK_DATA",
+    "--device": "DEVICE",
+    "--tensor-model-parallel-size": "TP",
+    "--pipeline-model-parallel-size": "PP",
+    "--seq-length": "SEQ_LENGTH",
+    "--micro-batch-size": "MICRO_BATCH_SIZE",
+    "--global-batch-size": "GLOBAL_BATCH_SIZE",
+    "--lr": "LR",
+    "--min-lr": "MIN_LR",
+    "--lr-warmup-iters": "LR_WARMUP_ITERS",
+    "--train-iters": "TRAIN_ITERS",
+    "--tokenizer-type": "TOKENIZER_TYPE",
+    "--mock-data": "MOCK_DATA",
 }
 
 
 def architecture_flags(spec):
     return {
-        "--num-layers": str(spec["layers"]), "--hidden-size": str(spec["hidden"]),
-        "--ffn-hidden-size": str(spec["ffn"]), "--num-attention-heads": str(spec["heads"]),
-        "--num-query-groups": str(spec["groups"]), "--vocab-size": str(spec["vocab"]),
+        "--num-layers": str(spec["layers"]),
+        "--hidden-size": str(spec["hidden"]),
+        "--ffn-hidden-size": str(spec["ffn"]),
+        "--num-attention-heads": str(spec["heads"]),
+        "--num-query-groups": str(spec["groups"]),
+        "--vocab-size": str(spec["vocab"]),
         "--max-position-embeddings": str(spec["context"]),
     }
 
@@ -110,8 +221,9 @@ def run_defaults(values):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_resolve_to_the_shared_run_defaults_unless_they_override(preset):
     # TOKENIZER_MODEL makes --tokenizer-type appear; it changes nothing else.
-    _, flags = split_torchrun(dry_run("train_single_node.sh",
-                                      {"PRESET": preset, "TOKENIZER_MODEL": "/tok"}))
+    _, flags = split_torchrun(
+        dry_run("train_single_node.sh", {"PRESET": preset, "TOKENIZER_MODEL": "/tok"})
+    )
     expected = {**SHARED_RUN_DEFAULTS, **PRESET_RUN_OVERRIDES[preset]}
     assert run_defaults(last_values(flags)) == expected
 
@@ -135,17 +247,30 @@ def test_a_preset_holding_only_its_architecture_gets_the_shared_run_defaults(tmp
     (examples / "presets").mkdir(parents=True)
     for name in ("launch_lib.sh", "train_single_node.sh"):
         (examples / name).write_text((EXAMPLES / name).read_text())
-    presets = {"arch-only": "MODEL_ARGS=(--num-layers 3 --hidden-size 96)\nDEFAULT_QKV_BIAS=0\n",
-               "no-model": "DEFAULT_QKV_BIAS=0\n",
-               "no-bias": "MODEL_ARGS=(--num-layers 3)\n"}
+    presets = {
+        "arch-only": "MODEL_ARGS=(--num-layers 3 --hidden-size 96)\nDEFAULT_QKV_BIAS=0\n",
+        "no-model": "DEFAULT_QKV_BIAS=0\n",
+        "no-bias": "MODEL_ARGS=(--num-layers 3)\n",
+    }
     for name, text in presets.items():
         (examples / "presets" / f"{name}.sh").write_text(text)
 
     def launch(preset):
-        env = {"PATH": os.environ["PATH"], "DRY_RUN": "1", "PRESET": preset,
-               "TOKENIZER_MODEL": "/tok", "MODEL_ARGS": "--num-layers 99", "DEFAULT_QKV_BIAS": "1"}
-        return subprocess.run(["bash", str(examples / "train_single_node.sh")], env=env,
-                              capture_output=True, text=True, timeout=30)
+        env = {
+            "PATH": os.environ["PATH"],
+            "DRY_RUN": "1",
+            "PRESET": preset,
+            "TOKENIZER_MODEL": "/tok",
+            "MODEL_ARGS": "--num-layers 99",
+            "DEFAULT_QKV_BIAS": "1",
+        }
+        return subprocess.run(
+            ["bash", str(examples / "train_single_node.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
     result = launch("arch-only")
     assert result.returncode == 0, result.stderr
@@ -155,27 +280,33 @@ def test_a_preset_holding_only_its_architecture_gets_the_shared_run_defaults(tmp
     # The architecture is the preset's, never a same-named variable from the environment.
     assert flags.count("--num-layers") == 1 and values["--num-layers"] == "3"
     assert "--add-qkv-bias" not in values
-    for preset, message in (("no-model", "sets no MODEL_ARGS"),
-                            ("no-bias", "must set DEFAULT_QKV_BIAS to 0 or 1")):
+    for preset, message in (
+        ("no-model", "sets no MODEL_ARGS"),
+        ("no-bias", "must set DEFAULT_QKV_BIAS to 0 or 1"),
+    ):
         result = launch(preset)
         assert result.returncode == 2 and result.stdout == ""
-        line, = result.stderr.strip().splitlines()
+        (line,) = result.stderr.strip().splitlines()
         assert f"{preset}.sh" in line and message in line, line
 
 
 def test_qkv_bias_knob_drops_the_flag():
-    _, flags = split_torchrun(dry_run("train_single_node.sh",
-                                      {"PRESET": "qwen2.5-7b", "QKV_BIAS": "0"}))
+    _, flags = split_torchrun(
+        dry_run("train_single_node.sh", {"PRESET": "qwen2.5-7b", "QKV_BIAS": "0"})
+    )
     assert "--add-qkv-bias" not in flags
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({"PRESET": "llama3-8b"}, True),  # cuda, TP 2
-    ({"PRESET": "llama3-8b", "SEQUENCE_PARALLEL": "0"}, False),
-    ({"PRESET": "qwen3-4b"}, False),  # cuda, TP 1
-    ({"PRESET": "tiny", "TP": "2"}, False),  # cpu
-    ({"PRESET": "tiny", "TP": "2", "SEQUENCE_PARALLEL": "1"}, True),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"PRESET": "llama3-8b"}, True),  # cuda, TP 2
+        ({"PRESET": "llama3-8b", "SEQUENCE_PARALLEL": "0"}, False),
+        ({"PRESET": "qwen3-4b"}, False),  # cuda, TP 1
+        ({"PRESET": "tiny", "TP": "2"}, False),  # cpu
+        ({"PRESET": "tiny", "TP": "2", "SEQUENCE_PARALLEL": "1"}, True),
+    ],
+)
 def test_sequence_parallel_comes_with_tp_on_gpus(env, expected):
     _, flags = split_torchrun(dry_run("train_single_node.sh", env))
     assert ("--sequence-parallel" in flags) == expected
@@ -193,10 +324,19 @@ def test_tiny_preset_defaults_to_one_cpu_process_on_mock_data():
     assert argv[0] == "torchrun"
     assert options == {"--standalone": True, "--nnodes": "1", "--nproc_per_node": "1"}
     values = last_values(flags)
-    expected = {"--num-layers": "2", "--hidden-size": "64", "--ffn-hidden-size": "128",
-                "--num-attention-heads": "4", "--num-query-groups": "2", "--seq-length": "64",
-                "--device": "cpu", "--mock-data": True, "--sft-objective": "nll",
-                "--tensor-model-parallel-size": "1", "--pipeline-model-parallel-size": "1"}
+    expected = {
+        "--num-layers": "2",
+        "--hidden-size": "64",
+        "--ffn-hidden-size": "128",
+        "--num-attention-heads": "4",
+        "--num-query-groups": "2",
+        "--seq-length": "64",
+        "--device": "cpu",
+        "--mock-data": True,
+        "--sft-objective": "nll",
+        "--tensor-model-parallel-size": "1",
+        "--pipeline-model-parallel-size": "1",
+    }
     assert {k: values.get(k) for k in expected} == expected
     assert "--bf16" not in values and "--train-data" not in values
 
@@ -217,13 +357,16 @@ def test_preset_name_cannot_be_a_path():
     assert result.returncode != 0 and "unknown PRESET" in result.stderr
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"DEVICE": "tpu"}, "DEVICE must be cpu or cuda"),
-    ({"TP": "0"}, "TP must be a positive integer"),
-    ({"PP": "two"}, "PP must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"DEVICE": "tpu"}, "DEVICE must be cpu or cuda"),
+        ({"TP": "0"}, "TP must be a positive integer"),
+        ({"PP": "two"}, "PP must be a positive integer"),
+    ],
+)
 def test_bad_knob_fails_with_one_line(env, message):
     result = run_script("train_single_node.sh", env)
     assert result.returncode == 2 and result.stdout == ""
-    line, = result.stderr.strip().splitlines()
+    (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"train_single_node.sh: error: {message}"), line

@@ -23,8 +23,11 @@ def reference(logits, target, objective, loss_mask=None, frozen=None):
     log_p = log_probs.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     p = log_p.exp()
     sum_p2 = (log_probs.exp() ** 2).sum(-1)
-    stats = {"p_target": p.detach(), "nll": -log_p.detach(),
-             "renyi2_entropy": -torch.log(sum_p2).detach()}
+    stats = {
+        "p_target": p.detach(),
+        "nll": -log_p.detach(),
+        "renyi2_entropy": -torch.log(sum_p2).detach(),
+    }
     name = objective.name
     if name in ("dft", "eaft"):
         if name == "dft":
@@ -56,10 +59,14 @@ def reference(logits, target, objective, loss_mask=None, frozen=None):
         if frozen is not None:
             a = frozen["alpha"].double()
         p_pow_a = torch.exp(a * log_p)  # p ** a, differentiable at p = 0
-        loss = torch.where(a == 0, -log_p, (1 - p_pow_a) / torch.where(a == 0, torch.ones_like(a), a))
+        loss = torch.where(
+            a == 0, -log_p, (1 - p_pow_a) / torch.where(a == 0, torch.ones_like(a), a)
+        )
         stats["alpha"] = a
         stats["gate"] = p_pow_a.detach()
     zero = torch.zeros_like(loss)
     loss = torch.where(valid, loss, zero)
-    stats = {key: torch.where(valid, value, torch.zeros_like(value)) for key, value in stats.items()}
+    stats = {
+        key: torch.where(valid, value, torch.zeros_like(value)) for key, value in stats.items()
+    }
     return loss, stats

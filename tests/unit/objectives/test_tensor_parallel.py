@@ -16,12 +16,29 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_deft.objectives import megatron_loss_function, use_objective_in_megatron, vocab_parallel_loss
+from megatron_deft.objectives import (
+    megatron_loss_function,
+    use_objective_in_megatron,
+    vocab_parallel_loss,
+)
 
 OBJECTIVES = ["nll", "p", "dft", "tsallis:q=0.5", "deft", "cayley", "eaft", "eaft:k=3"]
-COLLECTIVES = ["all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter",
-               "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv", "reduce",
-               "gather", "scatter", "barrier"]
+COLLECTIVES = [
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "all_to_all_single",
+    "send",
+    "recv",
+    "reduce",
+    "gather",
+    "scatter",
+    "barrier",
+]
 RTOL, ATOL = 1e-6, 1e-7
 
 
@@ -68,7 +85,11 @@ def make_cases(world, vocab_local):
     return {
         "random": (logits, random_target, mask),
         "last_id_of_each_shard": (logits, last_ids[torch.arange(12) % world].reshape(shape), None),
-        "all_targets_on_last_rank": (logits, torch.randint(vocab - vocab_local, vocab, shape, generator=g), None),
+        "all_targets_on_last_rank": (
+            logits,
+            torch.randint(vocab - vocab_local, vocab, shape, generator=g),
+            None,
+        ),
         "fully_masked": (logits, torch.full(shape, -100), None),
         "peaked_logits": (logits * 1e3, random_target, mask),
     }
@@ -106,13 +127,15 @@ def check_tensor_parallel(rank, world, counter, checks, vocab_local=12):
         weights = torch.linspace(0.5, 1.5, target.numel()).reshape(target.shape)
         for objective in OBJECTIVES:
             key = f"{case}/{objective}"
-            ref_loss, ref_stats, ref_x, _ = loss_and_grad(logits, target, objective, mask, weights,
-                                                          vocab_size=vocab_size)
+            ref_loss, ref_stats, ref_x, _ = loss_and_grad(
+                logits, target, objective, mask, weights, vocab_size=vocab_size
+            )
             (ref_loss * weights).sum().backward()
             x = logits[..., lo:hi].clone().requires_grad_(True)
             with counter.count() as forward:
-                loss, stats = vocab_parallel_loss(x, target, objective, loss_mask=mask, group=group,
-                                                  vocab_size=vocab_size)
+                loss, stats = vocab_parallel_loss(
+                    x, target, objective, loss_mask=mask, group=group, vocab_size=vocab_size
+                )
             forward = dict(forward)
             with counter.count() as backward:
                 (loss * weights).sum().backward()
@@ -140,11 +163,15 @@ def check_cayley_mean_group(rank, world, counter, checks):
     target = torch.randint(0, vocab, (dp, 5, 3), generator=g)
     target[0, 0] = -100
     ref, _ = vocab_parallel_loss(logits.reshape(-1, 3, vocab), target.reshape(-1, 3), "cayley")
-    shard = logits[dp_rank, ..., tp_rank * vocab_local:(tp_rank + 1) * vocab_local]
+    shard = logits[dp_rank, ..., tp_rank * vocab_local : (tp_rank + 1) * vocab_local]
     with counter.count() as forward:
-        ours, _ = vocab_parallel_loss(shard, target[dp_rank], "cayley",
-                                      group=tp_groups[dp_rank] if tp > 1 else None,
-                                      mean_group=dp_groups[tp_rank])
+        ours, _ = vocab_parallel_loss(
+            shard,
+            target[dp_rank],
+            "cayley",
+            group=tp_groups[dp_rank] if tp > 1 else None,
+            mean_group=dp_groups[tp_rank],
+        )
     checks["cayley_mean_group/collectives"] = {"forward": dict(forward), "backward": {}, "tp": tp}
     compare("cayley_mean_group/loss", ours, ref.reshape(dp, 5, 3)[dp_rank], checks)
 
@@ -156,15 +183,19 @@ def check_megatron_drop_in(rank, world, checks):
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
     logits, target, _ = make_cases(world, 12)["random"]
     target = target.clamp(min=0)  # megatron's CE has no ignore index
-    shard = logits[..., rank * 12:(rank + 1) * 12]
+    shard = logits[..., rank * 12 : (rank + 1) * 12]
     theirs = tensor_parallel.vocab_parallel_cross_entropy(shard.clone(), target)
     ours = megatron_loss_function("nll")(shard.clone(), target)
     compare("megatron/nll_matches_vocab_parallel_cross_entropy", ours, theirs, checks)
-    deft_loss, _ = vocab_parallel_loss(shard, target, "deft", group=parallel_state.get_tensor_model_parallel_group())
+    deft_loss, _ = vocab_parallel_loss(
+        shard, target, "deft", group=parallel_state.get_tensor_model_parallel_group()
+    )
     with use_objective_in_megatron("deft"):
         installed = tensor_parallel.vocab_parallel_cross_entropy(shard.clone(), target)
     compare("megatron/installed_deft", installed, deft_loss, checks)
-    checks["megatron/restored"] = {"ok": tensor_parallel.vocab_parallel_cross_entropy.__module__.startswith("megatron")}
+    checks["megatron/restored"] = {
+        "ok": tensor_parallel.vocab_parallel_cross_entropy.__module__.startswith("megatron")
+    }
     # GPTModel's loss path with cross_entropy_loss_fusion (native and TE kernels) and a padded vocab.
     from types import SimpleNamespace
 
@@ -174,21 +205,29 @@ def check_megatron_drop_in(rank, world, checks):
     real_target = target.clamp(max=19)  # ids 20..23 are padding here
     expected, _ = vocab_parallel_loss(shard, real_target, "deft", group=group, vocab_size=20)
     for impl in ("native", "te"):
-        model = SimpleNamespace(config=SimpleNamespace(cross_entropy_loss_fusion=True,
-                                                       cross_entropy_fusion_impl=impl),
-                                pg_collection=SimpleNamespace(tp=group))
+        model = SimpleNamespace(
+            config=SimpleNamespace(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl=impl),
+            pg_collection=SimpleNamespace(tp=group),
+        )
         with use_objective_in_megatron("deft", vocab_size=20):
             fused = language_module.LanguageModule.compute_language_model_loss(
-                model, real_target.t(), shard.clone())  # labels [b, s] -> loss [b, s]
+                model, real_target.t(), shard.clone()
+            )  # labels [b, s] -> loss [b, s]
         compare(f"megatron/fused_{impl}_deft", fused.t(), expected, checks)
-    checks["megatron/fused_restored"] = {"ok": language_module.fused_vocab_parallel_cross_entropy.__module__
-                                         .startswith("megatron")}
+    checks["megatron/fused_restored"] = {
+        "ok": language_module.fused_vocab_parallel_cross_entropy.__module__.startswith("megatron")
+    }
     parallel_state.destroy_model_parallel()
 
 
 def worker(rank, world, init_file, out_dir, with_megatron):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=3))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(minutes=3),
+    )
     torch.set_num_threads(1)
     counter = CollectiveCounter()
     checks = {}
@@ -205,18 +244,25 @@ def worker(rank, world, init_file, out_dir, with_megatron):
 def rank_checks(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"tp{world}")
-    mp.spawn(worker, args=(world, str(out / "store"), str(out), world == 2), nprocs=world, join=True)
+    mp.spawn(
+        worker, args=(world, str(out / "store"), str(out), world == 2), nprocs=world, join=True
+    )
     return world, [json.load(open(out / f"rank{r}.json")) for r in range(world)]
 
 
 def test_values_match_tensor_parallel_1(rank_checks):
     world, per_rank = rank_checks
-    failures = [f"rank{r} {name}: max_abs_err={c['max_abs_err']:.3g}"
-                for r, checks in enumerate(per_rank) for name, c in checks.items()
-                if "max_abs_err" in c and not c["ok"]]
+    failures = [
+        f"rank{r} {name}: max_abs_err={c['max_abs_err']:.3g}"
+        for r, checks in enumerate(per_rank)
+        for name, c in checks.items()
+        if "max_abs_err" in c and not c["ok"]
+    ]
     assert not failures, "\n".join(failures)
     compared = [name for name, c in per_rank[0].items() if "max_abs_err" in c]
-    assert len(compared) >= 6 * len(OBJECTIVES) * 4  # every case x objective reached its comparisons
+    assert (
+        len(compared) >= 6 * len(OBJECTIVES) * 4
+    )  # every case x objective reached its comparisons
 
 
 def test_collective_counts(rank_checks):
@@ -240,6 +286,12 @@ def test_megatron_drop_in(rank_checks):
     if world != 2:
         pytest.skip("the megatron-core drop-in is checked in the 2-rank launch")
     for checks in per_rank:
-        for name in ["megatron/nll_matches_vocab_parallel_cross_entropy", "megatron/installed_deft", "megatron/restored",
-                     "megatron/fused_native_deft", "megatron/fused_te_deft", "megatron/fused_restored"]:
+        for name in [
+            "megatron/nll_matches_vocab_parallel_cross_entropy",
+            "megatron/installed_deft",
+            "megatron/restored",
+            "megatron/fused_native_deft",
+            "megatron/fused_te_deft",
+            "megatron/fused_restored",
+        ]:
             assert checks[name]["ok"], (name, checks[name])

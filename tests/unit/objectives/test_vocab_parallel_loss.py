@@ -8,7 +8,17 @@ import torch
 from megatron_deft.objectives import vocab_parallel_loss
 from tests.unit.objectives.reference import reference
 
-OBJECTIVES = ["nll", "p", "dft", "tsallis:q=0.5", "tsallis:q=2", "deft", "cayley", "eaft", "eaft:k=4,alpha=0.5"]
+OBJECTIVES = [
+    "nll",
+    "p",
+    "dft",
+    "tsallis:q=0.5",
+    "tsallis:q=2",
+    "deft",
+    "cayley",
+    "eaft",
+    "eaft:k=4,alpha=0.5",
+]
 
 
 def make_batch(seq=7, batch=3, vocab=37, seed=0, scale=3.0):
@@ -34,7 +44,9 @@ def run(logits, target, objective, loss_mask=None, **kw):
 def run_reference(logits, target, objective, loss_mask=None):
     x = logits.detach().double().requires_grad_(True)
     loss, stats = reference(x, target, objective, loss_mask)
-    (loss * torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape)).sum().backward()
+    (
+        loss * torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape)
+    ).sum().backward()
     return loss.detach(), stats, x.grad
 
 
@@ -78,7 +90,9 @@ def test_gradcheck_float64_with_stop_gradients_held_fixed(objective):
     _, frozen_stats = vocab_parallel_loss(logits, target, objective, loss_mask=loss_mask)
 
     def composite(z):
-        ours, _ = vocab_parallel_loss(z, target, objective, loss_mask=loss_mask, reusable_backward=True)
+        ours, _ = vocab_parallel_loss(
+            z, target, objective, loss_mask=loss_mask, reusable_backward=True
+        )
         ref, _ = reference(z, target, objective, loss_mask, frozen=frozen_stats)
         return ref.detach() + ours - ours.detach()
 
@@ -158,8 +172,9 @@ def test_padding_ids_are_outside_the_softmax(objective, padding_logit):
     (0 as after HF conversion, or larger than every real logit: it would win the max and the top-k),
     and the padding gets gradient 0."""
     logits, target, loss_mask = make_batch(vocab=37)
-    padded = torch.cat([logits, torch.full((*logits.shape[:-1], 11), padding_logit,
-                                           dtype=logits.dtype)], dim=-1)  # [s, b, 48]
+    padded = torch.cat(
+        [logits, torch.full((*logits.shape[:-1], 11), padding_logit, dtype=logits.dtype)], dim=-1
+    )  # [s, b, 48]
     padded[..., 37:] += torch.randn(*logits.shape[:-1], 11, dtype=logits.dtype)
     loss, stats, grad = run(padded.float(), target, objective, loss_mask, vocab_size=37)
     ref_loss, ref_stats, ref_grad = run_reference(logits.float(), target, objective, loss_mask)
@@ -171,7 +186,9 @@ def test_padding_ids_are_outside_the_softmax(objective, padding_logit):
     if padding_logit > 0:  # the same logits without vocab_size: padding dominates the softmax
         unmasked, _, _ = run(padded.float(), target, objective, loss_mask)
         assert not torch.allclose(unmasked.double(), ref_loss, rtol=1e-3, atol=1e-4)
-    with pytest.raises(ValueError, match=r"target id 40 .* outside \[0, 37\) \(vocab size 37, padded to 48"):
+    with pytest.raises(
+        ValueError, match=r"target id 40 .* outside \[0, 37\) \(vocab size 37, padded to 48"
+    ):
         vocab_parallel_loss(padded.float(), torch.full_like(target, 40), objective, vocab_size=37)
     with pytest.raises(ValueError, match=r"vocab_size 49 must be in \[1, 48\]"):
         vocab_parallel_loss(padded.float(), target, objective, vocab_size=49)
@@ -191,7 +208,9 @@ def test_cayley_mean_uses_only_valid_tokens():
     changed[0] += 50 * torch.randn_like(changed[0])  # row 0 is all -100
     loss_b, _ = vocab_parallel_loss(changed.float(), target, "cayley", loss_mask)
     torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
-    fully_masked, stats = vocab_parallel_loss(logits.float(), torch.full_like(target, -100), "cayley")
+    fully_masked, stats = vocab_parallel_loss(
+        logits.float(), torch.full_like(target, -100), "cayley"
+    )
     assert torch.all(fully_masked == 0) and not stats["valid"].any()
 
 
@@ -230,7 +249,8 @@ def test_second_backward_needs_reusable_backward():
 
 
 @pytest.mark.parametrize(
-    "target_value, match", [(37, r"target id 37 .* outside \[0, 37\)"), (-1, "target id -1"), (-7, "-100")]
+    "target_value, match",
+    [(37, r"target id 37 .* outside \[0, 37\)"), (-1, "target id -1"), (-7, "-100")],
 )
 def test_out_of_range_targets_raise_clear_error(target_value, match):
     logits, target, _ = make_batch()

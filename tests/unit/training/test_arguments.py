@@ -13,29 +13,83 @@ BASE = ["--mock-data", "--vocab-size", "500", "--device", "cpu"]
 
 # Adding or renaming a flag is a user-visible change: update this list deliberately.
 EXPECTED_FLAGS = [
-    "--adam-beta1", "--adam-beta2", "--adam-eps", "--add-qkv-bias", "--attention-dropout",
-    "--bf16", "--clip-grad", "--config", "--data-cache-dir", "--data-format", "--data-path",
+    "--adam-beta1",
+    "--adam-beta2",
+    "--adam-eps",
+    "--add-qkv-bias",
+    "--attention-dropout",
+    "--bf16",
+    "--clip-grad",
+    "--config",
+    "--data-cache-dir",
+    "--data-format",
+    "--data-path",
     "--device",
-    "--distributed-timeout-minutes", "--eaft-alpha", "--eaft-k", "--eval-interval",
-    "--eval-iters", "--ffn-hidden-size", "--finetune", "--global-batch-size",
-    "--hidden-dropout", "--hidden-size", "--init-method-std", "--kv-channels", "--load",
+    "--distributed-timeout-minutes",
+    "--eaft-alpha",
+    "--eaft-k",
+    "--eval-interval",
+    "--eval-iters",
+    "--ffn-hidden-size",
+    "--finetune",
+    "--global-batch-size",
+    "--hidden-dropout",
+    "--hidden-size",
+    "--init-method-std",
+    "--kv-channels",
+    "--load",
     "--log-interval",
-    "--lr", "--lr-decay-iters", "--lr-decay-style", "--lr-warmup-iters",
-    "--lr-wsd-decay-iters", "--lr-wsd-decay-style",
-    "--make-vocab-size-divisible-by", "--max-position-embeddings", "--max-skipped-iters",
-    "--micro-batch-size", "--min-lr", "--mock-data", "--norm-epsilon", "--num-attention-heads",
-    "--num-layers", "--num-layers-per-virtual-pipeline-stage", "--num-query-groups",
-    "--overlap-grad-reduce", "--overlap-param-gather", "--overlong",
-    "--override-opt-param-scheduler", "--pack-sequences",
-    "--pipeline-model-parallel-size", "--pretrained-checkpoint", "--prompt-key", "--qk-layernorm",
-    "--response-key", "--rope-scaling-factor", "--rotary-base",
-    "--save", "--save-interval", "--seed", "--seq-length", "--sequence-parallel", "--sft-objective",
+    "--lr",
+    "--lr-decay-iters",
+    "--lr-decay-style",
+    "--lr-warmup-iters",
+    "--lr-wsd-decay-iters",
+    "--lr-wsd-decay-style",
+    "--make-vocab-size-divisible-by",
+    "--max-position-embeddings",
+    "--max-skipped-iters",
+    "--micro-batch-size",
+    "--min-lr",
+    "--mock-data",
+    "--norm-epsilon",
+    "--num-attention-heads",
+    "--num-layers",
+    "--num-layers-per-virtual-pipeline-stage",
+    "--num-query-groups",
+    "--overlap-grad-reduce",
+    "--overlap-param-gather",
+    "--overlong",
+    "--override-opt-param-scheduler",
+    "--pack-sequences",
+    "--pipeline-model-parallel-size",
+    "--pretrained-checkpoint",
+    "--prompt-key",
+    "--qk-layernorm",
+    "--response-key",
+    "--rope-scaling-factor",
+    "--rotary-base",
+    "--save",
+    "--save-interval",
+    "--seed",
+    "--seq-length",
+    "--sequence-parallel",
+    "--sft-objective",
     "--skip-bad-samples",
-    "--tensor-model-parallel-size", "--tensorboard-dir", "--token-class-key", "--tokenizer-model",
-    "--tokenizer-type", "--train-data", "--train-iters", "--tsallis-q",
-    "--untie-embeddings-and-output-weights", "--use-distributed-optimizer",
-    "--use-rope-scaling", "--valid-data",
-    "--valid-data-prefix", "--vocab-size", "--weight-decay",
+    "--tensor-model-parallel-size",
+    "--tensorboard-dir",
+    "--token-class-key",
+    "--tokenizer-model",
+    "--tokenizer-type",
+    "--train-data",
+    "--train-iters",
+    "--tsallis-q",
+    "--untie-embeddings-and-output-weights",
+    "--use-distributed-optimizer",
+    "--use-rope-scaling",
+    "--valid-data",
+    "--valid-data-prefix",
+    "--vocab-size",
+    "--weight-decay",
 ]
 
 
@@ -44,11 +98,31 @@ def test_accepted_flags_are_pinned():
 
 
 def test_flags_map_onto_config_fields():
-    config = parse_config(BASE + [
-        "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-        "--num-layers", "4", "--micro-batch-size", "2", "--global-batch-size", "8",
-        "--lr", "2e-5", "--use-distributed-optimizer", "--sft-objective", "tsallis",
-        "--tsallis-q", "0.5", "--lr-decay-style", "linear"], world_size=8)
+    config = parse_config(
+        BASE
+        + [
+            "--tensor-model-parallel-size",
+            "2",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--num-layers",
+            "4",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "8",
+            "--lr",
+            "2e-5",
+            "--use-distributed-optimizer",
+            "--sft-objective",
+            "tsallis",
+            "--tsallis-q",
+            "0.5",
+            "--lr-decay-style",
+            "linear",
+        ],
+        world_size=8,
+    )
     assert config.parallel.tensor_model_parallel_size == 2
     assert config.parallel.pipeline_model_parallel_size == 2
     assert config.parallel.use_distributed_optimizer is True
@@ -57,51 +131,115 @@ def test_flags_map_onto_config_fields():
     assert config.data.mock_data is True and config.model.vocab_size == 500
 
 
-@pytest.mark.parametrize("argv, world, message", [
-    (["--global-batch-size", "6", "--micro-batch-size", "2"], 2,
-     "--global-batch-size 6 is not divisible by --micro-batch-size x DP = 2 x 2"),
-    (["--num-attention-heads", "3", "--tensor-model-parallel-size", "2"], 2,
-     "--num-attention-heads 3 is not divisible by TP 2"),
-    (["--num-query-groups", "1", "--tensor-model-parallel-size", "2"], 2,
-     "--num-query-groups 1 is not divisible by TP 2"),
-    (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], 2,
-     "--num-layers 3 is not divisible by PP 2"),
-    (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not divisible by TP x PP = 2 x 1"),
-    (["--num-layers-per-virtual-pipeline-stage", "1"], 1,
-     "--num-layers-per-virtual-pipeline-stage needs PP > 1"),
-    (["--hidden-size", "66"], 1,
-     "--hidden-size 66 is not divisible by --num-attention-heads 4; give the head size with "
-     "--kv-channels"),
-    (["--kv-channels", "0"], 1, "--kv-channels must be >= 1, got 0"),
-    (["--sequence-parallel"], 1, "--sequence-parallel needs TP > 1"),
-    (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--seq-length", "33",
-      "--max-position-embeddings", "64"], 2,
-     "--sequence-parallel needs --seq-length 33 divisible by TP 2"),
-    (["--use-rope-scaling", "--rope-scaling-factor", "0"], 1,
-     "--rope-scaling-factor must be > 0, got 0.0"),
-    (["--sft-objective", "tsallis"], 1, "tsallis needs parameter q"),
-    (["--sft-objective", "bogus"], 1, "unknown name 'bogus'"),
-    (["--bf16"], 1, "--bf16 needs --device cuda"),
-    (["--save-interval", "5"], 1, "--save-interval needs --save"),
-    (["--overlap-param-gather"], 1, "--overlap-param-gather needs --use-distributed-optimizer"),
-    (["--lr-decay-style", "step"], 1, "argument --lr-decay-style: invalid choice: 'step'"),
-    (["--lr", "fast"], 1, "argument --lr: invalid float value: 'fast'"),
-    (["--lr-warmup-iters", "-1"], 1, "--lr-warmup-iters must be >= 0 and --lr-decay-iters >= 1"),
-    (["--lr-decay-iters", "-5"], 1, "--lr-warmup-iters must be >= 0 and --lr-decay-iters >= 1"),
-    (["--lr-decay-style", "WSD"], 1, "--lr-decay-style WSD needs --lr-wsd-decay-iters"),
-    (["--lr-wsd-decay-iters", "5"], 1, "--lr-wsd-decay-iters needs --lr-decay-style WSD"),
-    (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "95", "--lr-warmup-iters", "10",
-      "--train-iters", "100"], 1,
-     "--lr-wsd-decay-iters 95 must be in [1, 90] (the --lr-decay-iters 100 after "
-     "--lr-warmup-iters 10)"),
-    (["--no-such-flag"], 1, "unrecognized arguments: --no-such-flag"),
-    (["--data-path", "p"], 1, "give exactly one of --train-data, --data-path, --mock-data "
-                              "(got --data-path and --mock-data)"),
-    (["--overlong", "wrap"], 1, "argument --overlong: invalid choice: 'wrap'"),
-    (["--tokenizer-type", "GPT2BPETokenizer"], 1, "--tokenizer-type 'GPT2BPETokenizer' is not one of"),
-    (["--valid-data", "v.jsonl", "--valid-data-prefix", "v"], 1,
-     "give --valid-data or --valid-data-prefix, not both"),
-])
+@pytest.mark.parametrize(
+    "argv, world, message",
+    [
+        (
+            ["--global-batch-size", "6", "--micro-batch-size", "2"],
+            2,
+            "--global-batch-size 6 is not divisible by --micro-batch-size x DP = 2 x 2",
+        ),
+        (
+            ["--num-attention-heads", "3", "--tensor-model-parallel-size", "2"],
+            2,
+            "--num-attention-heads 3 is not divisible by TP 2",
+        ),
+        (
+            ["--num-query-groups", "1", "--tensor-model-parallel-size", "2"],
+            2,
+            "--num-query-groups 1 is not divisible by TP 2",
+        ),
+        (
+            ["--num-layers", "3", "--pipeline-model-parallel-size", "2"],
+            2,
+            "--num-layers 3 is not divisible by PP 2",
+        ),
+        (
+            ["--tensor-model-parallel-size", "2"],
+            3,
+            "world size 3 is not divisible by TP x PP = 2 x 1",
+        ),
+        (
+            ["--num-layers-per-virtual-pipeline-stage", "1"],
+            1,
+            "--num-layers-per-virtual-pipeline-stage needs PP > 1",
+        ),
+        (
+            ["--hidden-size", "66"],
+            1,
+            "--hidden-size 66 is not divisible by --num-attention-heads 4; give the head size with "
+            "--kv-channels",
+        ),
+        (["--kv-channels", "0"], 1, "--kv-channels must be >= 1, got 0"),
+        (["--sequence-parallel"], 1, "--sequence-parallel needs TP > 1"),
+        (
+            [
+                "--sequence-parallel",
+                "--tensor-model-parallel-size",
+                "2",
+                "--seq-length",
+                "33",
+                "--max-position-embeddings",
+                "64",
+            ],
+            2,
+            "--sequence-parallel needs --seq-length 33 divisible by TP 2",
+        ),
+        (
+            ["--use-rope-scaling", "--rope-scaling-factor", "0"],
+            1,
+            "--rope-scaling-factor must be > 0, got 0.0",
+        ),
+        (["--sft-objective", "tsallis"], 1, "tsallis needs parameter q"),
+        (["--sft-objective", "bogus"], 1, "unknown name 'bogus'"),
+        (["--bf16"], 1, "--bf16 needs --device cuda"),
+        (["--save-interval", "5"], 1, "--save-interval needs --save"),
+        (["--overlap-param-gather"], 1, "--overlap-param-gather needs --use-distributed-optimizer"),
+        (["--lr-decay-style", "step"], 1, "argument --lr-decay-style: invalid choice: 'step'"),
+        (["--lr", "fast"], 1, "argument --lr: invalid float value: 'fast'"),
+        (
+            ["--lr-warmup-iters", "-1"],
+            1,
+            "--lr-warmup-iters must be >= 0 and --lr-decay-iters >= 1",
+        ),
+        (["--lr-decay-iters", "-5"], 1, "--lr-warmup-iters must be >= 0 and --lr-decay-iters >= 1"),
+        (["--lr-decay-style", "WSD"], 1, "--lr-decay-style WSD needs --lr-wsd-decay-iters"),
+        (["--lr-wsd-decay-iters", "5"], 1, "--lr-wsd-decay-iters needs --lr-decay-style WSD"),
+        (
+            [
+                "--lr-decay-style",
+                "WSD",
+                "--lr-wsd-decay-iters",
+                "95",
+                "--lr-warmup-iters",
+                "10",
+                "--train-iters",
+                "100",
+            ],
+            1,
+            "--lr-wsd-decay-iters 95 must be in [1, 90] (the --lr-decay-iters 100 after "
+            "--lr-warmup-iters 10)",
+        ),
+        (["--no-such-flag"], 1, "unrecognized arguments: --no-such-flag"),
+        (
+            ["--data-path", "p"],
+            1,
+            "give exactly one of --train-data, --data-path, --mock-data "
+            "(got --data-path and --mock-data)",
+        ),
+        (["--overlong", "wrap"], 1, "argument --overlong: invalid choice: 'wrap'"),
+        (
+            ["--tokenizer-type", "GPT2BPETokenizer"],
+            1,
+            "--tokenizer-type 'GPT2BPETokenizer' is not one of",
+        ),
+        (
+            ["--valid-data", "v.jsonl", "--valid-data-prefix", "v"],
+            1,
+            "give --valid-data or --valid-data-prefix, not both",
+        ),
+    ],
+)
 def test_inconsistent_settings_stop_with_one_line(capsys, argv, world, message):
     with pytest.raises(SystemExit) as stop:
         parse_config(BASE + argv, world_size=world)
@@ -117,12 +255,15 @@ def test_training_data_is_required(capsys):
     assert "give exactly one of --train-data, --data-path, --mock-data" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--data-path", "0.7", "a", "0.3"], "--data-path: "),
-    (["--data-path", "-1", "a"], "--data-path: "),
-    (["--data-path", "a"], "--train-data/--data-path need --tokenizer-model"),
-    (["--data-path", "a", "--token-class-key", "tag"], "--token-class-key needs JSONL data"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data-path", "0.7", "a", "0.3"], "--data-path: "),
+        (["--data-path", "-1", "a"], "--data-path: "),
+        (["--data-path", "a"], "--train-data/--data-path need --tokenizer-model"),
+        (["--data-path", "a", "--token-class-key", "tag"], "--token-class-key needs JSONL data"),
+    ],
+)
 def test_preprocessed_data_flags_are_checked_at_startup(capsys, argv, message):
     with pytest.raises(SystemExit):
         parse_config(["--device", "cpu"] + argv, world_size=1)
@@ -131,20 +272,26 @@ def test_preprocessed_data_flags_are_checked_at_startup(capsys, argv, message):
 
 def test_data_path_takes_megatron_weight_prefix_pairs_from_flags_and_yaml(tmp_path):
     base = ["--device", "cpu", "--tokenizer-model", "tok.model"]
-    config = parse_config(base + ["--data-path", "0.7", "a", "0.3", "b", "--skip-bad-samples",
-                                  "--overlong", "drop"], world_size=1)
+    config = parse_config(
+        base + ["--data-path", "0.7", "a", "0.3", "b", "--skip-bad-samples", "--overlong", "drop"],
+        world_size=1,
+    )
     assert config.data.data_path == ["0.7", "a", "0.3", "b"]
     assert config.data.skip_bad_samples is True and config.data.overlong == "drop"
     path = tmp_path / "run.yaml"
     path.write_text("data-path: [0.5, x, 0.5, y]\nvalid_data_prefix: v\n")
     config = parse_config(base + ["--config", str(path)], world_size=1)
-    assert config.data.data_path == ["0.5", "x", "0.5", "y"] and config.data.valid_data_prefix == ["v"]
+    assert config.data.data_path == ["0.5", "x", "0.5", "y"] and config.data.valid_data_prefix == [
+        "v"
+    ]
 
 
 def test_yaml_config_with_dashes_or_underscores_and_flag_override(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("mock-data: true\nvocab_size: 500\ndevice: cpu\nlr: 3.0e-4\n"
-                    "global-batch-size: 16\nsft_objective: deft\n")
+    path.write_text(
+        "mock-data: true\nvocab_size: 500\ndevice: cpu\nlr: 3.0e-4\n"
+        "global-batch-size: 16\nsft_objective: deft\n"
+    )
     config = parse_config(["--config", str(path), "--lr", "1e-3"], world_size=1)
     assert config.optimizer.lr == 1e-3  # the flag wins
     assert config.training.global_batch_size == 16 and config.training.sft_objective == "deft"
@@ -161,27 +308,71 @@ def test_yaml_unknown_key_names_file_and_key(tmp_path, capsys):
 
 def test_entry_point_rejects_bad_flags_before_any_work():
     done = subprocess.run(
-        [sys.executable, "-m", "megatron_deft.train", "--mock-data", "--vocab-size", "500",
-         "--device", "cpu", "--num-layers", "3", "--pipeline-model-parallel-size", "2"],
-        env=dict(os.environ, PYTHONPATH=REPO_ROOT, WORLD_SIZE="2"), capture_output=True,
-        text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "megatron_deft.train",
+            "--mock-data",
+            "--vocab-size",
+            "500",
+            "--device",
+            "cpu",
+            "--num-layers",
+            "3",
+            "--pipeline-model-parallel-size",
+            "2",
+        ],
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT, WORLD_SIZE="2"),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 2
     assert done.stderr.strip() == (
-        "megatron-deft-train: error: --num-layers 3 is not divisible by PP 2")
+        "megatron-deft-train: error: --num-layers 3 is not divisible by PP 2"
+    )
 
 
 def test_entry_point_runs_as_a_single_process_without_torchrun(tmp_path):
     """No RANK in the environment: one process, in-memory store, no torchrun needed."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     done = subprocess.run(
-        [sys.executable, "-m", "megatron_deft.train", "--mock-data", "--vocab-size", "64",
-         "--device", "cpu", "--num-layers", "1", "--hidden-size", "16",
-         "--num-attention-heads", "2", "--seq-length", "16", "--micro-batch-size", "2",
-         "--global-batch-size", "4", "--train-iters", "2", "--log-interval", "1",
-         "--save", str(tmp_path / "ckpt")],
-        env=dict(env, PYTHONPATH=REPO_ROOT), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "megatron_deft.train",
+            "--mock-data",
+            "--vocab-size",
+            "64",
+            "--device",
+            "cpu",
+            "--num-layers",
+            "1",
+            "--hidden-size",
+            "16",
+            "--num-attention-heads",
+            "2",
+            "--seq-length",
+            "16",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "4",
+            "--train-iters",
+            "2",
+            "--log-interval",
+            "1",
+            "--save",
+            str(tmp_path / "ckpt"),
+        ],
+        env=dict(env, PYTHONPATH=REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "iteration      2/2 | loss " in done.stderr + done.stdout

@@ -27,7 +27,8 @@ def test_killed_and_resumed_run_reproduces_uninterrupted_losses_and_weights(resu
     # Same process layout, same data, same restored state: bitwise identical.
     assert [h["loss"] for h in result["after_resume"]] == uninterrupted[3:]
     assert [h["grad_norm"] for h in result["after_resume"]] == [
-        h["grad_norm"] for h in result["uninterrupted"][3:]]
+        h["grad_norm"] for h in result["uninterrupted"][3:]
+    ]
     assert result["max_weight_difference"] == 0.0
     assert len(set(uninterrupted)) == 6  # training changes the loss: the check above has teeth
 
@@ -53,7 +54,10 @@ def test_interrupted_save_leaves_previous_checkpoint_loadable(results, run):
     assert result["tracker_after"] == 6
     # The completed save of iteration 6 replaced the debris; nothing partial or temporary remains.
     assert result["checkpoint_entries"] == [
-        "iter_0000003", "iter_0000006", "latest_checkpointed_iteration.txt"]
+        "iter_0000003",
+        "iter_0000006",
+        "latest_checkpointed_iteration.txt",
+    ]
 
 
 def test_resharded_load_reproduces_weights_and_validation_loss(results):
@@ -119,7 +123,10 @@ def test_re_save_interrupted_between_its_renames_reads_the_moved_aside_copy(tmp_
     stopped in between, the tracker's iteration is read from the .stale copy. Pure file system:
     no checkpoint content is needed."""
     from megatron_deft.training.checkpointing import (
-        CheckpointError, _publish, checkpoint_dir, existing_checkpoint_dir,
+        CheckpointError,
+        _publish,
+        checkpoint_dir,
+        existing_checkpoint_dir,
     )
 
     root = str(tmp_path)
@@ -129,7 +136,10 @@ def test_re_save_interrupted_between_its_renames_reads_the_moved_aside_copy(tmp_
         open(os.path.join(partial, "marker"), "w").write(attempt)
         _publish(partial, checkpoint_dir(root, 5), root, 5)
         final = existing_checkpoint_dir(root, 5)
-        assert final == checkpoint_dir(root, 5) and open(os.path.join(final, "marker")).read() == attempt
+        assert (
+            final == checkpoint_dir(root, 5)
+            and open(os.path.join(final, "marker")).read() == attempt
+        )
     assert sorted(os.listdir(root)) == ["iter_0000005", "latest_checkpointed_iteration.txt"]
     os.rename(checkpoint_dir(root, 5), checkpoint_dir(root, 5) + ".stale")  # the window
     assert existing_checkpoint_dir(root, 5) == checkpoint_dir(root, 5) + ".stale"

@@ -7,8 +7,21 @@ import pytest
 from megatron_deft.training.arguments import parse_config
 from megatron_deft.training.setup import build_scheduler
 
-BASE = ["--mock-data", "--vocab-size", "500", "--device", "cpu", "--train-iters", "100",
-        "--lr", "1.0", "--min-lr", "0.1", "--lr-warmup-iters", "10"]
+BASE = [
+    "--mock-data",
+    "--vocab-size",
+    "500",
+    "--device",
+    "cpu",
+    "--train-iters",
+    "100",
+    "--lr",
+    "1.0",
+    "--min-lr",
+    "0.1",
+    "--lr-warmup-iters",
+    "10",
+]
 
 
 def _reference(step: int, style: str, anneal: int = 0, anneal_style: str = "") -> float:
@@ -28,9 +41,12 @@ def _reference(step: int, style: str, anneal: int = 0, anneal_style: str = "") -
     if step <= 100 - anneal:
         return 1.0
     fraction = (step - (100 - anneal)) / anneal
-    coefficient = {"linear": 1 - fraction, "cosine": 0.5 * (1 + math.cos(math.pi * fraction)),
-                   "exponential": 2 * 0.5 ** fraction - 1,
-                   "minus_sqrt": 1 - fraction ** 0.5}[anneal_style]
+    coefficient = {
+        "linear": 1 - fraction,
+        "cosine": 0.5 * (1 + math.cos(math.pi * fraction)),
+        "exponential": 2 * 0.5**fraction - 1,
+        "minus_sqrt": 1 - fraction**0.5,
+    }[anneal_style]
     return 0.1 + 0.9 * coefficient
 
 
@@ -41,17 +57,24 @@ class _Optimizer:
         self.param_groups = [{"lr": None, "weight_decay": None}]
 
 
-@pytest.mark.parametrize("style, extra, anneal, anneal_style", [
-    ("constant", [], 0, ""),
-    ("linear", [], 0, ""),
-    ("cosine", [], 0, ""),
-    ("inverse-square-root", [], 0, ""),
-    ("WSD", ["--lr-wsd-decay-iters", "30", "--lr-wsd-decay-style", "linear"], 30, "linear"),
-    ("WSD", ["--lr-wsd-decay-iters", "20", "--lr-wsd-decay-style", "cosine"], 20, "cosine"),
-    ("WSD", ["--lr-wsd-decay-iters", "40"], 40, "exponential"),  # Megatron-LM's default shape
-    ("WSD", ["--lr-wsd-decay-iters", "25", "--lr-wsd-decay-style", "minus_sqrt"], 25,
-     "minus_sqrt"),
-])
+@pytest.mark.parametrize(
+    "style, extra, anneal, anneal_style",
+    [
+        ("constant", [], 0, ""),
+        ("linear", [], 0, ""),
+        ("cosine", [], 0, ""),
+        ("inverse-square-root", [], 0, ""),
+        ("WSD", ["--lr-wsd-decay-iters", "30", "--lr-wsd-decay-style", "linear"], 30, "linear"),
+        ("WSD", ["--lr-wsd-decay-iters", "20", "--lr-wsd-decay-style", "cosine"], 20, "cosine"),
+        ("WSD", ["--lr-wsd-decay-iters", "40"], 40, "exponential"),  # Megatron-LM's default shape
+        (
+            "WSD",
+            ["--lr-wsd-decay-iters", "25", "--lr-wsd-decay-style", "minus_sqrt"],
+            25,
+            "minus_sqrt",
+        ),
+    ],
+)
 def test_schedule_follows_its_closed_form(style, extra, anneal, anneal_style):
     config = parse_config(BASE + ["--lr-decay-style", style] + extra, world_size=1)
     optimizer = _Optimizer()

@@ -20,9 +20,22 @@ def test_synthetic_samples_are_deterministic_and_uneven():
 
 
 def test_mock_loaders_follow_the_batch_interface_and_split_over_dp():
-    config = parse_config(["--mock-data", "--vocab-size", "100", "--device", "cpu",
-                           "--seq-length", "16", "--micro-batch-size", "2",
-                           "--global-batch-size", "8"], world_size=2)
+    config = parse_config(
+        [
+            "--mock-data",
+            "--vocab-size",
+            "100",
+            "--device",
+            "cpu",
+            "--seq-length",
+            "16",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "8",
+        ],
+        world_size=2,
+    )
     shares = [build_train_valid_loaders(config, rank, 2) for rank in (0, 1)]
     batches = [train.next_global_batch() for train, _, _ in shares]
     assert shares[0][2] == 100
@@ -37,9 +50,23 @@ def test_mock_loaders_follow_the_batch_interface_and_split_over_dp():
 
 
 def test_mock_samples_carry_their_length_class_to_every_token():
-    config = parse_config(["--mock-data", "--vocab-size", "100", "--device", "cpu",
-                           "--seq-length", "16", "--micro-batch-size", "4",
-                           "--global-batch-size", "8", "--pack-sequences"], world_size=1)
+    config = parse_config(
+        [
+            "--mock-data",
+            "--vocab-size",
+            "100",
+            "--device",
+            "cpu",
+            "--seq-length",
+            "16",
+            "--micro-batch-size",
+            "4",
+            "--global-batch-size",
+            "8",
+            "--pack-sequences",
+        ],
+        world_size=1,
+    )
     train, _, _ = build_train_valid_loaders(config, 0, 1)
     assert train.class_names == ("long", "short")
     seen = set()
@@ -51,6 +78,7 @@ def test_mock_samples_carry_their_length_class_to_every_token():
                 where = segments == segment
                 expected = "short" if 2 * int(where.sum()) <= 16 else "long"
                 assert classes[where].tolist() == [train.class_names.index(expected)] * int(
-                    where.sum())
+                    where.sum()
+                )
                 seen.add(expected)
     assert seen == {"long", "short"}

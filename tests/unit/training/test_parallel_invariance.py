@@ -99,8 +99,9 @@ def test_loss_curve_grad_norms_and_weights_match_single_process(runs, case):
         assert got["updated"] and want["updated"]
         for key in ("loss", "nll", "grad_norm", "gate", "alpha", "p_target", "renyi2_entropy"):
             _assert_close(got[key], want[key], f"{case} iteration {it + 1} {key}")
-        _assert_histograms_close(got["token_class_counts"], want["token_class_counts"],
-                                 f"{case} iteration {it + 1}")
+        _assert_histograms_close(
+            got["token_class_counts"], want["token_class_counts"], f"{case} iteration {it + 1}"
+        )
     final, expected = _weights(runs, case), _weights(runs, _reference_of(case))
     assert sorted(final) == sorted(expected)
     rtol = max(WEIGHT_RTOL.get(part, RTOL) for part in case.split("-"))
@@ -140,8 +141,10 @@ def test_training_moved_the_weights_and_batches_differ_in_token_counts(runs):
     reference = results[f"{REFERENCE}-deft-plain"]
     assert len({h["tokens"] for h in reference}) == 3  # variable loss-token counts
     assert reference[0]["loss"] != reference[-1]["loss"]
-    initial, final = _weights(runs, f"{REFERENCE}-deft-plain-init"), _weights(
-        runs, f"{REFERENCE}-deft-plain")
+    initial, final = (
+        _weights(runs, f"{REFERENCE}-deft-plain-init"),
+        _weights(runs, f"{REFERENCE}-deft-plain"),
+    )
     moved = max((final[k] - initial[k]).abs().max().item() for k in initial)
     assert moved > 1e-3
 
@@ -149,8 +152,9 @@ def test_training_moved_the_weights_and_batches_differ_in_token_counts(runs):
 def test_qk_norm_weights_trained_with_their_head_size(runs):
     """Guards the qknorm comparison: the per-head norms exist with d = 24 and moved from 1."""
     weights = _weights(runs, "tp2pp2dp1-deft-plain-qknorm")
-    norms = {k: v for k, v in weights.items() if k.endswith(("q_layernorm.weight",
-                                                             "k_layernorm.weight"))}
+    norms = {
+        k: v for k, v in weights.items() if k.endswith(("q_layernorm.weight", "k_layernorm.weight"))
+    }
     assert len(norms) == 2 * 4  # q and k, 4 layers
     for name, weight in norms.items():
         assert weight.shape == (24,) and (weight - 1).abs().max() > 1e-4, name
@@ -169,8 +173,10 @@ def test_initial_weights_are_layout_invariant(runs):
 def test_objectives_differ(runs):
     """Guards the per-objective comparisons: each case trained its own objective."""
     results = _all_results(runs)
-    first = {objective: results[f"{REFERENCE}-{objective}-plain"][0]
-             for objective in ("deft", "nll", "cayley", "eaft")}
+    first = {
+        objective: results[f"{REFERENCE}-{objective}-plain"][0]
+        for objective in ("deft", "nll", "cayley", "eaft")
+    }
     losses = sorted(record["loss"] for record in first.values())
     assert min(b - a for a, b in zip(losses, losses[1:])) > 1e-3
     assert first["deft"]["alpha"] > 0 and first["nll"]["alpha"] == 0

@@ -19,14 +19,19 @@ def histories(torchrun, tmp_path_factory):
     root = tmp_path_factory.mktemp("preprocessed")
     jsonl = str(root / "train.jsonl")
     write_jsonl(jsonl, generate(["addition", "reverse"], 400, seed=5))
-    assert load_train_tokenizer_tool().main(
-        ["--input", jsonl, "--vocab-size", "400", "--model-prefix", str(root / "sp")]) == 0
+    assert (
+        load_train_tokenizer_tool().main(
+            ["--input", jsonl, "--vocab-size", "400", "--model-prefix", str(root / "sp")]
+        )
+        == 0
+    )
     tokenizer = str(root / "sp.model")
     prefix = str(root / "bin" / "train")
     preprocess_sft_data([jsonl], prefix, "SentencePieceTokenizer", tokenizer)
     (root / "out").mkdir()
-    return torchrun(os.path.join(WORKER_DIR, "preprocessed_data.py"), 2, root / "out",
-                    jsonl, prefix, tokenizer)
+    return torchrun(
+        os.path.join(WORKER_DIR, "preprocessed_data.py"), 2, root / "out", jsonl, prefix, tokenizer
+    )
 
 
 def test_preprocessed_data_trains_exactly_like_its_jsonl(histories):

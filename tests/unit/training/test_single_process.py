@@ -12,8 +12,9 @@ WORKER_DIR = os.path.join(os.path.dirname(__file__), "workers")
 
 @pytest.fixture(scope="module")
 def results(torchrun, tmp_path_factory):
-    return torchrun(os.path.join(WORKER_DIR, "single_process.py"), 1,
-                    tmp_path_factory.mktemp("single"))
+    return torchrun(
+        os.path.join(WORKER_DIR, "single_process.py"), 1, tmp_path_factory.mktemp("single")
+    )
 
 
 def test_uneven_micro_batches_give_the_single_batch_loss_and_gradient(results):
@@ -63,14 +64,24 @@ def test_checkpoint_is_never_written_from_non_finite_weights(results):
 def test_log_lines_carry_every_required_field(results):
     lines = results["non_finite"]["log_lines"]
     first = next(line for line in lines if line.startswith("iteration      1/10"))
-    for field in ("loss ", "nll ", "lr ", "grad norm ", "tokens/s ", "samples 8", "ETA ",
-                  "mean gate ",
-                  "mean alpha ", "mean p_target ", "mean renyi2 entropy ",
-                  "confident-conflict fraction "):
+    for field in (
+        "loss ",
+        "nll ",
+        "lr ",
+        "grad norm ",
+        "tokens/s ",
+        "samples 8",
+        "ETA ",
+        "mean gate ",
+        "mean alpha ",
+        "mean p_target ",
+        "mean renyi2 entropy ",
+        "confident-conflict fraction ",
+    ):
         assert field in first, field
     assert any("iteration 2: non-finite loss nan" in line for line in lines)
     # the mock data's token classes get one line each: share of loss tokens and means
-    after_first = lines[lines.index(first) + 1:lines.index(first) + 3]
+    after_first = lines[lines.index(first) + 1 : lines.index(first) + 3]
     for line, name in zip(after_first, ("long", "short")):
         assert line.startswith(f"  class {name}: ") and "% of loss tokens | mean gate " in line
     assert any(line.startswith("validation at iteration 3 | loss ") for line in lines)
@@ -79,8 +90,9 @@ def test_log_lines_carry_every_required_field(results):
 def test_tensorboard_receives_training_and_validation_scalars(results):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(results["non_finite"]["tensorboard_dir"],
-                              size_guidance={"histograms": 0})
+    events = EventAccumulator(
+        results["non_finite"]["tensorboard_dir"], size_guidance={"histograms": 0}
+    )
     events.Reload()
     histograms = set(events.Tags()["histograms"])
     for stat in ("gate", "p_target", "alpha"):  # deft has an exponent
@@ -90,9 +102,18 @@ def test_tensorboard_receives_training_and_validation_scalars(results):
     for name in ("long", "short"):
         for stat in ("gate", "p_target", "alpha", "token_fraction"):
             assert f"train_class/{name}/{stat}" in tags
-    for tag in ("train/loss", "train/nll", "valid/nll", "train/lr", "train/grad_norm",
-                "train/gate", "train/p_target",
-                "train/renyi2_entropy", "train/confident_conflict", "valid/loss"):
+    for tag in (
+        "train/loss",
+        "train/nll",
+        "valid/nll",
+        "train/lr",
+        "train/grad_norm",
+        "train/gate",
+        "train/p_target",
+        "train/renyi2_entropy",
+        "train/confident_conflict",
+        "valid/loss",
+    ):
         assert tag in tags, tag
     logged = [event.step for event in events.Scalars("train/loss")]
     assert logged[:3] == [1, 2, 3]

@@ -40,13 +40,18 @@ def _reference(stats, token_class, num_classes, names, uppers):
             values = stats[name].numpy().reshape(-1)[selected].astype(np.float64)
             out[row, q, :NUM_BINS] = np.histogram(values, bins=NUM_BINS, range=(0, uppers[q]))[0]
             out[row, q, NUM_BINS] = values.sum()
-            out[row, q, NUM_BINS + 1] = (values ** 2).sum()
+            out[row, q, NUM_BINS + 1] = (values**2).sum()
     return out
 
 
-@pytest.mark.parametrize("objective_name, upper_alpha", [
-    ("deft", 1.0), ("dft", 1.0), ("tsallis:q=2.5", 2.5),
-])
+@pytest.mark.parametrize(
+    "objective_name, upper_alpha",
+    [
+        ("deft", 1.0),
+        ("dft", 1.0),
+        ("tsallis:q=2.5", 2.5),
+    ],
+)
 def test_binning_matches_numpy_per_class(objective_name, upper_alpha):
     rng = np.random.default_rng(0)
     objective = parse_objective(objective_name)
@@ -66,8 +71,10 @@ def test_binning_matches_numpy_per_class(objective_name, upper_alpha):
 
 def test_split_histograms_drops_empty_classes_and_gives_tensorboard_arguments():
     objective = parse_objective("deft")
-    stats = {name: torch.tensor([[0.05, 0.31, 0.99]], dtype=torch.float64)
-             for name in ("gate", "p_target", "alpha")}
+    stats = {
+        name: torch.tensor([[0.05, 0.31, 0.99]], dtype=torch.float64)
+        for name in ("gate", "p_target", "alpha")
+    }
     stats["valid"] = torch.tensor([[True, True, True]])
     counts = bin_token_stats(stats, torch.tensor([[0, 0, -1]]), 2, objective)
     histograms = split_histograms(counts, ("a", "b"), objective)
@@ -78,7 +85,7 @@ def test_split_histograms_drops_empty_classes_and_gives_tensorboard_arguments():
     assert raw["min"] == pytest.approx(0.04) and raw["max"] == pytest.approx(0.32)
     assert len(raw["bucket_limits"]) == len(raw["bucket_counts"]) == NUM_BINS
     assert raw["bucket_counts"][2] == 1 and raw["bucket_counts"][15] == 1
-    assert raw["sum_squares"] == pytest.approx(0.05 ** 2 + 0.31 ** 2)
+    assert raw["sum_squares"] == pytest.approx(0.05**2 + 0.31**2)
 
 
 def _read_tensorboard(logdir):
@@ -96,21 +103,43 @@ def test_logger_sums_the_window_of_updated_iterations_and_writes_per_class(tmp_p
     for _ in range(3):
         stats = _stats(rng, (2, 16))
         token_class = torch.from_numpy(rng.choice([-1, 0, 1], size=(2, 16)))
-        per_iteration.append((stats, token_class, bin_token_stats(stats, token_class, 2, objective)))
-    logger = MetricsLogger(is_writer=True, tensorboard_dir=str(tmp_path), objective=objective,
-                           train_iters=3, tokens_per_iteration=32, class_names=("clean", "noisy"))
-    base = dict(loss=1.0, nll=1.0, grad_norm=1.0, gate=0.5, alpha=0.5, p_target=0.5,
-                renyi2_entropy=1.0, confident_conflict=0.0)
+        per_iteration.append(
+            (stats, token_class, bin_token_stats(stats, token_class, 2, objective))
+        )
+    logger = MetricsLogger(
+        is_writer=True,
+        tensorboard_dir=str(tmp_path),
+        objective=objective,
+        train_iters=3,
+        tokens_per_iteration=32,
+        class_names=("clean", "noisy"),
+    )
+    base = dict(
+        loss=1.0,
+        nll=1.0,
+        grad_norm=1.0,
+        gate=0.5,
+        alpha=0.5,
+        p_target=0.5,
+        renyi2_entropy=1.0,
+        confident_conflict=0.0,
+    )
     for iteration, (_, _, counts) in enumerate(per_iteration, start=1):
         updated = iteration != 2  # iteration 2 was skipped: not part of the window's statistics
-        logger.record(iteration, dict(base, updated=updated, token_class_counts=counts),
-                      lr=1e-3, samples_consumed=iteration, log_now=iteration == 3)
+        logger.record(
+            iteration,
+            dict(base, updated=updated, token_class_counts=counts),
+            lr=1e-3,
+            samples_consumed=iteration,
+            log_now=iteration == 3,
+        )
     logger.close()
     events = _read_tensorboard(tmp_path)
     kept = [per_iteration[0], per_iteration[2]]
     for row, name in ((1, "clean"), (2, "noisy")):
-        values = np.concatenate([
-            s["gate"].numpy()[s["valid"].numpy() & (c.numpy() == row - 1)] for s, c, _ in kept])
+        values = np.concatenate(
+            [s["gate"].numpy()[s["valid"].numpy() & (c.numpy() == row - 1)] for s, c, _ in kept]
+        )
         (mean,) = events.Scalars(f"train_class/{name}/gate")
         assert mean.step == 3 and mean.value == pytest.approx(values.mean(), rel=1e-6)
         (histogram,) = events.Histograms(f"train_class/{name}/gate_histogram")
@@ -120,7 +149,8 @@ def test_logger_sums_the_window_of_updated_iterations_and_writes_per_class(tmp_p
     all_valid = sum(int(s["valid"].sum()) for s, _, _ in kept)
     (everything,) = events.Histograms("train/alpha_histogram")
     assert everything.histogram_value.num == all_valid
-    fractions = [events.Scalars(f"train_class/{n}/token_fraction")[0].value
-                 for n in ("clean", "noisy")]
+    fractions = [
+        events.Scalars(f"train_class/{n}/token_fraction")[0].value for n in ("clean", "noisy")
+    ]
     labeled = sum(int((s["valid"] & (c >= 0)).sum()) for s, c, _ in kept)
     assert sum(fractions) == pytest.approx(labeled / all_valid, rel=1e-6)

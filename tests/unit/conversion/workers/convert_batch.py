@@ -20,8 +20,9 @@ def main(results_path, commands):
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = convert_checkpoint.main(argv)
-        results.append({"argv": argv, "exit_code": code, "stdout": out.getvalue(),
-                        "stderr": err.getvalue()})
+        results.append(
+            {"argv": argv, "exit_code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+        )
     with open(results_path, "w") as handle:
         json.dump(results, handle, indent=1)
 

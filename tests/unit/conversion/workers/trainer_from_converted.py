@@ -25,9 +25,21 @@ import torch.distributed as dist  # noqa: E402
 
 from megatron_deft.training.arguments import parse_config  # noqa: E402
 
-RUN_FLAGS = ["--device", "cpu", "--mock-data", "--seq-length", "16", "--micro-batch-size", "2",
-             "--global-batch-size", "4", "--log-interval", "1000",
-             "--distributed-timeout-minutes", "2"]
+RUN_FLAGS = [
+    "--device",
+    "cpu",
+    "--mock-data",
+    "--seq-length",
+    "16",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--log-interval",
+    "1000",
+    "--distributed-timeout-minutes",
+    "2",
+]
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
 
 
@@ -36,8 +48,17 @@ def trainer_for(work_dir, model, tp, pp, extra=()):
 
     with open(os.path.join(work_dir, model, "megatron_deft_args.json")) as handle:
         flags = json.load(handle)["trainer_flags"]
-    argv = flags + RUN_FLAGS + ["--tensor-model-parallel-size", str(tp),
-                                "--pipeline-model-parallel-size", str(pp), *map(str, extra)]
+    argv = (
+        flags
+        + RUN_FLAGS
+        + [
+            "--tensor-model-parallel-size",
+            str(tp),
+            "--pipeline-model-parallel-size",
+            str(pp),
+            *map(str, extra),
+        ]
+    )
     return Trainer(parse_config(argv, world_size=int(os.environ["WORLD_SIZE"])))
 
 
@@ -48,8 +69,11 @@ def full_logits(trainer, tokens):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     b, s = tokens.shape
-    batch = {"tokens": tokens, "position_ids": torch.arange(s).expand(b, s),
-             "attention_mask": torch.ones(s, s, dtype=torch.bool).triu(1).expand(b, 1, s, s)}
+    batch = {
+        "tokens": tokens,
+        "position_ids": torch.arange(s).expand(b, s),
+        "attention_mask": torch.ones(s, s, dtype=torch.bool).triu(1).expand(b, 1, s, s),
+    }
     captured = []
 
     def capture(logits):
@@ -58,15 +82,24 @@ def full_logits(trainer, tokens):
 
     def forward_step(data_iterator, model):
         x = next(data_iterator)
-        output = model(input_ids=x["tokens"], position_ids=x["position_ids"],
-                       attention_mask=x["attention_mask"])
+        output = model(
+            input_ids=x["tokens"],
+            position_ids=x["position_ids"],
+            attention_mask=x["attention_mask"],
+        )
         return output, capture
 
     for chunk in trainer.model:
         chunk.eval()
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([batch]), model=trainer.model[0],
-        num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True)
+        forward_step_func=forward_step,
+        data_iterator=iter([batch]),
+        model=trainer.model[0],
+        num_microbatches=1,
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=True,
+    )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     local = captured[0]  # [b, s, V_pad / tp]
@@ -80,8 +113,10 @@ def save_logits(trainer, tokens, out_dir, name):
     from megatron.core import parallel_state
 
     logits = full_logits(trainer, tokens)
-    first_copy = (parallel_state.get_tensor_model_parallel_rank() == 0
-                  and parallel_state.get_data_parallel_rank() == 0)
+    first_copy = (
+        parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
     if logits is not None and first_copy:
         torch.save(logits, os.path.join(out_dir, f"{name}.logits.pt"))
 
@@ -110,19 +145,32 @@ def main(out_dir, work_dir):
             source = ["--load", converted] if pp == 1 else ["--pretrained-checkpoint", converted]
             trainer = trainer_for(work_dir, model, tp, pp, extra + source)
             results[f"{model}-{name}-iteration"] = trainer.iteration
-            results[f"{model}-{name}-inv_freq"] = (
-                trainer.model[0].module.rotary_pos_emb.inv_freq.tolist())
+            results[f"{model}-{name}-inv_freq"] = trainer.model[
+                0
+            ].module.rotary_pos_emb.inv_freq.tolist()
             save_logits(trainer, tokens, out_dir, f"{model}-{name}")
             trainer.close(keep_process_group=True)
     llama = os.path.join(work_dir, "llama")
     results["mismatch_vocab"] = expect_failure(work_dir, "llama", 2, 1, ["--load", llama])
     results["mismatch_rotary"] = expect_failure(
-        work_dir, "llama", 1, 1, ["--load", llama, "--rotary-base", 10000])
+        work_dir, "llama", 1, 1, ["--load", llama, "--rotary-base", 10000]
+    )
     results["mismatch_rope_scaling"] = expect_failure(
-        work_dir, "llama", 1, 1, ["--load", llama, "--rope-scaling-factor", 32])
+        work_dir, "llama", 1, 1, ["--load", llama, "--rope-scaling-factor", 32]
+    )
     sft_dir = os.path.join(work_dir, "sft")
-    sft = ["--pretrained-checkpoint", llama, "--save", sft_dir, "--train-iters", 3,
-           "--lr", "3e-3", "--make-vocab-size-divisible-by", 64]
+    sft = [
+        "--pretrained-checkpoint",
+        llama,
+        "--save",
+        sft_dir,
+        "--train-iters",
+        3,
+        "--lr",
+        "3e-3",
+        "--make-vocab-size-divisible-by",
+        64,
+    ]
     trainer = trainer_for(work_dir, "llama", 2, 1, sft)
     results["sft_start_iteration"] = trainer.iteration
     trainer.train()

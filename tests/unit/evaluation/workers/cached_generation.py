@@ -8,10 +8,9 @@ Writes {layout: {"cached": [...], "recomputed": [...]}} to OUT_DIR/results.json.
 
 import sys
 
-from common import config_for, write_results  # noqa: E402  (tests/unit/training/workers)
-
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from common import config_for, write_results  # noqa: E402  (tests/unit/training/workers)
 from megatron.core import parallel_state  # noqa: E402
 
 from megatron_deft.evaluation.generation import causal_forward, greedy_generate  # noqa: E402

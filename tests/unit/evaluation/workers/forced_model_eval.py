@@ -8,9 +8,8 @@ predict next(L) = X, next(X) = Y and EOS after every other token (see the test's
 import os
 import sys
 
-from common import config_for, write_results  # noqa: E402  (tests/unit/training/workers)
-
 import torch  # noqa: E402
+from common import config_for, write_results  # noqa: E402  (tests/unit/training/workers)
 
 from megatron_deft.data import build_tokenizer  # noqa: E402
 from megatron_deft.evaluation import EvalConfig, evaluate  # noqa: E402
@@ -39,11 +38,26 @@ def force_bigram_weights(module, successor: dict, eos_id: int) -> None:
 
 def save_forced_checkpoint(out_dir, tokenizer, successor) -> str:
     save = os.path.join(out_dir, "ckpt")
-    config = config_for(tp=1, extra=[
-        "--vocab-size", tokenizer.vocab_size, "--num-layers", 1, "--hidden-size", HIDDEN,
-        "--ffn-hidden-size", 64, "--make-vocab-size-divisible-by", 8,
-        "--untie-embeddings-and-output-weights", "--save", save, "--train-iters", 1,
-    ])
+    config = config_for(
+        tp=1,
+        extra=[
+            "--vocab-size",
+            tokenizer.vocab_size,
+            "--num-layers",
+            1,
+            "--hidden-size",
+            HIDDEN,
+            "--ffn-hidden-size",
+            64,
+            "--make-vocab-size-divisible-by",
+            8,
+            "--untie-embeddings-and-output-weights",
+            "--save",
+            save,
+            "--train-iters",
+            1,
+        ],
+    )
     trainer = Trainer(config)
     force_bigram_weights(trainer.model[0].module, successor, tokenizer.eos_id)
     trainer.save()
@@ -56,19 +70,37 @@ def main():
     tokenizer = build_tokenizer("SentencePieceTokenizer", tokenizer_model)
     successor = {int(last): int(x), int(x): int(y)}
     save = save_forced_checkpoint(out_dir, tokenizer, successor)
-    common = dict(load=save, eval_data=data, tokenizer_model=tokenizer_model, device="cpu",
-                  micro_batch_size=2, sft_objective="nll")
+    common = dict(
+        load=save,
+        eval_data=data,
+        tokenizer_model=tokenizer_model,
+        device="cpu",
+        micro_batch_size=2,
+        sft_objective="nll",
+    )
     results = {}
     for tag, tp, max_new in (("tp1", 1, 8), ("tp2", 2, 8), ("tp2_one_token", 2, 1)):
-        summaries = evaluate(EvalConfig(tensor_model_parallel_size=tp, max_new_tokens=max_new,
-                                        output=os.path.join(out_dir, f"{tag}.jsonl"), **common),
-                             keep_process_group=True)
+        summaries = evaluate(
+            EvalConfig(
+                tensor_model_parallel_size=tp,
+                max_new_tokens=max_new,
+                output=os.path.join(out_dir, f"{tag}.jsonl"),
+                **common,
+            ),
+            keep_process_group=True,
+        )
         results[tag] = summaries
     # exact-match on the first character only: the forced "XY" matches every reply starting X
     results["tp2_first_char"] = evaluate(
-        EvalConfig(tensor_model_parallel_size=2, max_new_tokens=8, answer_pattern="^(.)",
-                   output=os.path.join(out_dir, "tp2_first_char.jsonl"), **common),
-        keep_process_group=True)
+        EvalConfig(
+            tensor_model_parallel_size=2,
+            max_new_tokens=8,
+            answer_pattern="^(.)",
+            output=os.path.join(out_dir, "tp2_first_char.jsonl"),
+            **common,
+        ),
+        keep_process_group=True,
+    )
     write_results(out_dir, results)
 
 

@@ -36,11 +36,16 @@ def resume_case(out_dir, name, tp, pp, extra):
     reference_weights = full_weights(uninterrupted.model)
     uninterrupted.close(keep_process_group=True)
 
-    logged = ["--tensorboard-dir", os.path.join(out_dir, f"tensorboard-{name}"),
-              "--log-interval", 1]
+    logged = [
+        "--tensorboard-dir",
+        os.path.join(out_dir, f"tensorboard-{name}"),
+        "--log-interval",
+        1,
+    ]
     result["tensorboard_dir"] = logged[1]
-    killed = Trainer(config_for(
-        tp, pp, ITERS + extra + logged + ["--save", ckpt, "--save-interval", 3]))
+    killed = Trainer(
+        config_for(tp, pp, ITERS + extra + logged + ["--save", ckpt, "--save-interval", 3])
+    )
     killed.train(stop_after=5)
     result["before_kill"] = history_summary(killed.history)
     killed.close(keep_process_group=True)
@@ -53,8 +58,11 @@ def resume_case(out_dir, name, tp, pp, extra):
     dist.barrier()
     result["tracker_before_resume"] = checkpointing.read_tracker(ckpt)
 
-    resumed = Trainer(config_for(
-        tp, pp, ITERS + extra + logged + ["--load", ckpt, "--save", ckpt, "--save-interval", 3]))
+    resumed = Trainer(
+        config_for(
+            tp, pp, ITERS + extra + logged + ["--load", ckpt, "--save", ckpt, "--save-interval", 3]
+        )
+    )
     result["resumed_from"] = resumed.iteration
     resumed.train()
     result["after_resume"] = history_summary(resumed.history)
@@ -123,8 +131,9 @@ def extra_state_case(ckpt) -> dict:
     import torch
 
     trainer = Trainer(config_for(1, 2, ITERS))
-    norms = [layer.input_layernorm
-             for chunk in trainer.model for layer in chunk.module.decoder.layers]
+    norms = [
+        layer.input_layernorm for chunk in trainer.model for layer in chunk.module.decoder.layers
+    ]
     calls = []
 
     class WithExtraState(type(norms[0])):
@@ -188,7 +197,8 @@ def main(out_dir):
     results = {}
     results["tp2_plain"], ckpt, weights = resume_case(out_dir, "tp2", 2, 1, [])
     results["dp2_distopt"], distopt_ckpt, _ = resume_case(
-        out_dir, "dp2", 1, 1, ["--use-distributed-optimizer"])
+        out_dir, "dp2", 1, 1, ["--use-distributed-optimizer"]
+    )
     results["reshard"] = gather_stage_results(reshard_case(out_dir, ckpt, weights, distopt_ckpt))
     results["extra_state"] = gather_stage_results(extra_state_case(ckpt))
     results["schedule"] = schedule_case(ckpt)

@@ -17,18 +17,49 @@ import torch.distributed as dist  # noqa: E402
 from megatron_deft.training.arguments import parse_config  # noqa: E402
 
 TINY_MODEL = [
-    "--device", "cpu", "--mock-data", "--vocab-size", "500", "--num-layers", "4",
-    "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
-    "--num-query-groups", "2", "--seq-length", "32", "--micro-batch-size", "2",
-    "--global-batch-size", "8", "--lr", "3e-3", "--lr-warmup-iters", "1", "--clip-grad", "0.5",
-    "--weight-decay", "0.1", "--log-interval", "1000", "--distributed-timeout-minutes", "2",
+    "--device",
+    "cpu",
+    "--mock-data",
+    "--vocab-size",
+    "500",
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "64",
+    "--ffn-hidden-size",
+    "128",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "8",
+    "--lr",
+    "3e-3",
+    "--lr-warmup-iters",
+    "1",
+    "--clip-grad",
+    "0.5",
+    "--weight-decay",
+    "0.1",
+    "--log-interval",
+    "1000",
+    "--distributed-timeout-minutes",
+    "2",
 ]
 
 
 def config_for(tp=1, pp=1, extra=()):
     """Validated tiny config for a TP x PP layout on the current world (DP = world / TP / PP)."""
     argv = TINY_MODEL + [
-        "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+        "--tensor-model-parallel-size",
+        str(tp),
+        "--pipeline-model-parallel-size",
+        str(pp),
         *map(str, extra),
     ]
     return parse_config(argv, world_size=int(os.environ["WORLD_SIZE"]))
@@ -71,10 +102,22 @@ def save_weights(model, out_dir: str, tag: str) -> None:
 
 
 def history_summary(history: list) -> list:
-    keys = ("loss", "nll", "grad_norm", "tokens", "updated", "gate", "alpha", "p_target",
-            "renyi2_entropy", "confident_conflict")
-    return [{**{k: h[k] for k in keys}, "token_class_counts": h["token_class_counts"].tolist()}
-            for h in history]
+    keys = (
+        "loss",
+        "nll",
+        "grad_norm",
+        "tokens",
+        "updated",
+        "gate",
+        "alpha",
+        "p_target",
+        "renyi2_entropy",
+        "confident_conflict",
+    )
+    return [
+        {**{k: h[k] for k in keys}, "token_class_counts": h["token_class_counts"].tolist()}
+        for h in history
+    ]
 
 
 def write_results(out_dir: str, results: dict) -> None:

@@ -38,8 +38,15 @@ def main(out_dir):
                 name = f"tp{tp}pp{pp}dp{dp}-{objective}-{'distopt' if distributed else 'plain'}"
                 extra = ["--sft-objective", objective, "--train-iters", ITERATIONS]
                 extra += ["--use-distributed-optimizer"] if distributed else []
-                run_case(out_dir, results, name, tp, pp, extra,
-                         save_init=objective == "deft" and not distributed)
+                run_case(
+                    out_dir,
+                    results,
+                    name,
+                    tp,
+                    pp,
+                    extra,
+                    save_init=objective == "deft" and not distributed,
+                )
         # the other exponents' inputs: cayley's micro-batch mean p, eaft's gathered top-k
         for objective in ("cayley", "eaft"):
             extra = ["--sft-objective", objective, "--train-iters", ITERATIONS]
@@ -47,21 +54,53 @@ def main(out_dir):
     # Qwen3-style attention: per-head q/k RMSNorm (replicated over TP; megatron-core sums its
     # gradient over the TP ranks' heads) and a head size other than hidden / heads.
     tp, pp = LAYOUTS[world][0]  # the most tensor-parallel layout of this world size
-    qk_norm = ["--sft-objective", "deft", "--train-iters", ITERATIONS, "--qk-layernorm",
-               "--kv-channels", 24]
-    run_case(out_dir, results, f"tp{tp}pp{pp}dp{world // (tp * pp)}-deft-plain-qknorm", tp, pp,
-             qk_norm)
+    qk_norm = [
+        "--sft-objective",
+        "deft",
+        "--train-iters",
+        ITERATIONS,
+        "--qk-layernorm",
+        "--kv-channels",
+        24,
+    ]
+    run_case(
+        out_dir, results, f"tp{tp}pp{pp}dp{world // (tp * pp)}-deft-plain-qknorm", tp, pp, qk_norm
+    )
     if tp > 1:  # sequence parallelism: the same model, its activations split differently
-        sequence_parallel = ["--sft-objective", "deft", "--train-iters", ITERATIONS,
-                             "--sequence-parallel"]
-        run_case(out_dir, results, f"tp{tp}pp{pp}dp{world // (tp * pp)}-deft-plain-sp", tp, pp,
-                 sequence_parallel)
+        sequence_parallel = [
+            "--sft-objective",
+            "deft",
+            "--train-iters",
+            ITERATIONS,
+            "--sequence-parallel",
+        ]
+        run_case(
+            out_dir,
+            results,
+            f"tp{tp}pp{pp}dp{world // (tp * pp)}-deft-plain-sp",
+            tp,
+            pp,
+            sequence_parallel,
+        )
     if world == 2:
-        interleaved = ["--sft-objective", "deft", "--train-iters", ITERATIONS,
-                       "--num-layers-per-virtual-pipeline-stage", 1]
+        interleaved = [
+            "--sft-objective",
+            "deft",
+            "--train-iters",
+            ITERATIONS,
+            "--num-layers-per-virtual-pipeline-stage",
+            1,
+        ]
         run_case(out_dir, results, "tp1pp2dp1-deft-plain-interleaved", 1, 2, interleaved)
-        overlap = ["--sft-objective", "deft", "--train-iters", ITERATIONS,
-                   "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
+        overlap = [
+            "--sft-objective",
+            "deft",
+            "--train-iters",
+            ITERATIONS,
+            "--use-distributed-optimizer",
+            "--overlap-grad-reduce",
+            "--overlap-param-gather",
+        ]
         run_case(out_dir, results, "tp1pp1dp2-deft-distopt-overlap", 1, 1, overlap)
     write_results(out_dir, results)
 

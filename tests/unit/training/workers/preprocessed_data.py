@@ -17,8 +17,16 @@ MODEL = [a for a in TINY_MODEL if a not in ("--mock-data", "--vocab-size", "500"
 
 
 def train(data_args, tokenizer) -> list:
-    argv = MODEL + ["--tokenizer-model", tokenizer, "--pack-sequences", "--train-iters", "4",
-                    "--sft-objective", "deft", *data_args]
+    argv = MODEL + [
+        "--tokenizer-model",
+        tokenizer,
+        "--pack-sequences",
+        "--train-iters",
+        "4",
+        "--sft-objective",
+        "deft",
+        *data_args,
+    ]
     trainer = Trainer(parse_config(argv, world_size=int(os.environ["WORLD_SIZE"])))
     trainer.train()
     history = history_summary(trainer.history)
@@ -38,8 +46,9 @@ def _tokenizing_ranks(out_dir, jsonl, tokenizer):
         return real(*args)
 
     builder._tokenize_split = counted
-    history = train(["--train-data", jsonl, "--data-cache-dir", os.path.join(out_dir, "cache")],
-                    tokenizer)
+    history = train(
+        ["--train-data", jsonl, "--data-cache-dir", os.path.join(out_dir, "cache")], tokenizer
+    )
     builder._tokenize_split = real
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, len(calls))

@@ -24,29 +24,43 @@ def _main_grads(model) -> dict:
 def per_token_normalisation(result: dict) -> None:
     """Megatron schedule over 4 uneven micro-batches vs one autograd pass over the whole batch
     with loss = sum(token CE) / global token count (F.cross_entropy on the real vocab's logits)."""
-    trainer = Trainer(config_for(1, 1, ["--micro-batch-size", 1, "--global-batch-size", 4,
-                                        "--sft-objective", "nll"]))
+    trainer = Trainer(
+        config_for(
+            1, 1, ["--micro-batch-size", 1, "--global-batch-size", 4, "--sft-objective", "nll"]
+        )
+    )
     model = trainer.model
     microbatches = trainer.train_loader.next_global_batch().microbatches
     counts = [int(mb["loss_mask"].sum()) for mb in microbatches]
 
     for chunk in model:
         chunk.zero_grad_buffer()
-    metrics = step.run_microbatches(model, microbatches, trainer.config, trainer.objective,
-                                    trainer.vocab_size, forward_only=False)
+    metrics = step.run_microbatches(
+        model,
+        microbatches,
+        trainer.config,
+        trainer.objective,
+        trainer.vocab_size,
+        forward_only=False,
+    )
     schedule_grads = _main_grads(model)
 
     for chunk in model:
         chunk.zero_grad_buffer()
-    whole = {key: torch.cat([mb[key] for mb in microbatches]) for key in
-             ("tokens", "position_ids", "attention_mask", "labels")}
+    whole = {
+        key: torch.cat([mb[key] for mb in microbatches])
+        for key in ("tokens", "position_ids", "attention_mask", "labels")
+    }
     logits = model[0].module(whole["tokens"], whole["position_ids"], whole["attention_mask"])
     # The padding ids of the output layer (vocab 500 padded to 512) are outside the softmax.
     assert logits.shape[-1] > trainer.vocab_size == 500
     logits = logits[..., : trainer.vocab_size]
-    token_losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(),
-                                   whole["labels"].reshape(-1), ignore_index=-100,
-                                   reduction="none")
+    token_losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).double(),
+        whole["labels"].reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    )
     loss = token_losses.sum() / sum(counts)
     loss.backward()
     reference_grads = _main_grads(model)
@@ -58,12 +72,15 @@ def per_token_normalisation(result: dict) -> None:
         schedule_nll=metrics["nll"],
         schedule_tokens=metrics["tokens"],
         reference_loss=loss.item(),
-        mean_of_microbatch_means=sum(
-            (s / c).item() for s, c in zip(per_micro, counts) if c) / sum(1 for c in counts if c),
+        mean_of_microbatch_means=sum((s / c).item() for s, c in zip(per_micro, counts) if c)
+        / sum(1 for c in counts if c),
         max_grad_relative_error=max(
-            ((schedule_grads[k] - reference_grads[k]).abs().max()
-             / reference_grads[k].abs().max().clamp_min(1e-30)).item()
-            for k in reference_grads),
+            (
+                (schedule_grads[k] - reference_grads[k]).abs().max()
+                / reference_grads[k].abs().max().clamp_min(1e-30)
+            ).item()
+            for k in reference_grads
+        ),
         grad_norm=sum(g.double().pow(2).sum() for g in reference_grads.values()).sqrt().item(),
     )
     trainer.close(keep_process_group=True)
@@ -87,10 +104,30 @@ def non_finite_handling(result: dict, out_dir: str) -> None:
     logging.getLogger("megatron_deft").setLevel(logging.INFO)
     tensorboard = os.path.join(out_dir, "tensorboard")
     ckpt = os.path.join(out_dir, "nan-ckpt")
-    trainer = Trainer(config_for(1, 1, [
-        "--train-iters", 10, "--max-skipped-iters", 2, "--log-interval", 1,
-        "--tensorboard-dir", tensorboard, "--sft-objective", "deft", "--save", ckpt,
-        "--eval-interval", 3, "--eval-iters", 1]))
+    trainer = Trainer(
+        config_for(
+            1,
+            1,
+            [
+                "--train-iters",
+                10,
+                "--max-skipped-iters",
+                2,
+                "--log-interval",
+                1,
+                "--tensorboard-dir",
+                tensorboard,
+                "--sft-objective",
+                "deft",
+                "--save",
+                ckpt,
+                "--eval-interval",
+                3,
+                "--eval-iters",
+                1,
+            ],
+        )
+    )
     injector = _NaNInjector()
     trainer.model[0].module.decoder.final_layernorm.register_forward_hook(injector)
 
@@ -102,7 +139,8 @@ def non_finite_handling(result: dict, out_dir: str) -> None:
     after_skip = full_weights(trainer.model)
     result["skipped_updated_flag"] = trainer.history[-1]["updated"]
     result["weights_changed_by_skipped_iteration"] = any(
-        not torch.equal(before[k], after_skip[k]) for k in before)
+        not torch.equal(before[k], after_skip[k]) for k in before
+    )
     result["scheduler_advanced_on_skip"] = trainer.scheduler.num_steps != lr_steps_before
     injector.active = False
     trainer.train(stop_after=3)
@@ -134,8 +172,12 @@ def non_finite_handling(result: dict, out_dir: str) -> None:
 
 def _token_losses(model, tokens, position_ids, attention_mask, labels) -> torch.Tensor:
     logits = model(tokens, position_ids, attention_mask)  # [b, s, V]
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                             ignore_index=-100, reduction="none")
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    )
     return losses[labels.reshape(-1) != -100]
 
 
@@ -144,23 +186,47 @@ def packing_matches_separate_samples(result: dict) -> None:
     model gives it when its sample runs alone; the plain causal mask would not."""
     from megatron_deft.data import unpack_batch
 
-    trainer = Trainer(config_for(1, 1, ["--pack-sequences", "--micro-batch-size", 1,
-                                        "--global-batch-size", 4, "--seq-length", 64]))
+    trainer = Trainer(
+        config_for(
+            1,
+            1,
+            [
+                "--pack-sequences",
+                "--micro-batch-size",
+                1,
+                "--global-batch-size",
+                4,
+                "--seq-length",
+                64,
+            ],
+        )
+    )
     model = trainer.model[0].module
-    batch = next(mb for mb in trainer.train_loader.next_global_batch().microbatches
-                 if mb["segment_ids"].max() >= 2)
+    batch = next(
+        mb
+        for mb in trainer.train_loader.next_global_batch().microbatches
+        if mb["segment_ids"].max() >= 2
+    )
     with torch.no_grad():
-        packed = _token_losses(model, batch["tokens"], batch["position_ids"],
-                               batch["attention_mask"], batch["labels"])
+        packed = _token_losses(
+            model, batch["tokens"], batch["position_ids"], batch["attention_mask"], batch["labels"]
+        )
         causal_only = torch.ones(64, 64, dtype=torch.bool).triu(1)[None, None]
-        leaky = _token_losses(model, batch["tokens"], batch["position_ids"], causal_only,
-                              batch["labels"])
+        leaky = _token_losses(
+            model, batch["tokens"], batch["position_ids"], causal_only, batch["labels"]
+        )
         alone = []
         for sample in unpack_batch(batch)[0]:
             n = len(sample["tokens"])
-            alone.append(_token_losses(
-                model, sample["tokens"][None], torch.arange(n)[None],
-                torch.ones(n, n, dtype=torch.bool).triu(1)[None, None], sample["labels"][None]))
+            alone.append(
+                _token_losses(
+                    model,
+                    sample["tokens"][None],
+                    torch.arange(n)[None],
+                    torch.ones(n, n, dtype=torch.bool).triu(1)[None, None],
+                    sample["labels"][None],
+                )
+            )
         alone = torch.cat(alone)
     result.update(
         segments=int(batch["segment_ids"].max()) + 1,
