@@ -28,7 +28,7 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "matplotlib>=3.8"],
+        "test": ["pytest>=8", "matplotlib>=3.8", "ruff==0.17.6"],
         "plots": ["matplotlib>=3.8"],
         "gpu": ["transformer-engine[pytorch]>=2.0", "flash-attn>=2.6"],
     },

@@ -1,17 +1,19 @@
 """Benchmark: vocab_parallel_loss (every objective) vs megatron-core's vocab_parallel_cross_entropy.
 
-Forward + backward time (median over repeats) and peak extra memory of one call, at the same shapes
-and tensor-parallel size, printed as ratios against megatron's cross entropy measured in the same run.
+Forward + backward time (median over repeats) and peak extra memory of one call, at the same
+shapes and tensor-parallel size, printed as ratios against megatron's cross entropy measured in
+the same run.
 
-    python benchmarks/loss_bench.py                          # 4096 tokens x 32000 vocab, TP 1 and 2, CPU
+    python benchmarks/loss_bench.py          # 4096 tokens x 32000 vocab, TP 1 and 2, CPU
     python benchmarks/loss_bench.py --device cuda --tokens 16384 --vocab 128256 --tp 1 2 4 8
 
 Every call gets a fresh copy of the same logits (megatron's CE and `inplace=True` overwrite their
 input); the copy is outside the timed region. Candidates are timed round-robin within each repeat.
 The gradient is taken with torch.autograd.grad, as for logits inside a model: `.backward()` on a
 leaf would add autograd's accumulation copy when a function hands back its input buffer as the
-gradient (megatron's CE does), which a model's non-leaf logits never pay. Peak memory is the high-water mark above what was
-allocated before the call (CUDA allocator stats on GPU; the profiler's allocation events on CPU).
+gradient (megatron's CE does), which a model's non-leaf logits never pay. Peak memory is the
+high-water mark above what was allocated before the call (CUDA allocator stats on GPU; the
+profiler's allocation events on CPU).
 """
 
 import argparse
@@ -153,7 +155,8 @@ def main(argv=None):
         base_time, base_peak = rows[0][1], rows[0][2]
         print(f"## TP={tp} (per rank: {args.tokens} x {args.vocab // tp})\n")
         print(
-            "| loss | fwd+bwd ms | time vs megatron CE | peak extra MiB | peak minus megatron CE's |"
+            "| loss | fwd+bwd ms | time vs megatron CE | peak extra MiB "
+            "| peak minus megatron CE's |"
         )
         print("|---|---:|---:|---:|---:|")
         for name, seconds, peak in rows:

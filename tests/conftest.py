@@ -1,4 +1,11 @@
-"""Shared fixture: launch a multi-process test worker under torchrun (gloo, CPU)."""
+"""Shared fixture: launch a multi-process test worker under torchrun (gloo, CPU).
+
+Tests are in two sets: the fast unit subset (``python -m pytest -q -m "not integration" tests``)
+and the ``integration`` set, which launches training or evaluation processes (every test using
+the ``torchrun`` fixture is marked automatically; others that start the trainer, the quick start
+or an experiment driver carry ``@pytest.mark.integration``). ``python -m pytest -q tests`` runs
+both, as CI does.
+"""
 
 import json
 import os
@@ -49,3 +56,15 @@ def run_torchrun(script: str, nproc: int, out_dir, *args, timeout: int = 300) ->
 @pytest.fixture(scope="session")
 def torchrun():
     return run_torchrun
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "integration: launches training/evaluation processes (multi-process, slow)"
+    )
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "torchrun" in item.fixturenames:
+            item.add_marker(pytest.mark.integration)

@@ -1,1 +1,2 @@
-"""Command-line tools (scripts); a package so the experiment and tests can import their functions."""
+"""Command-line tools (scripts); a package so the experiment and tests can import their
+functions."""

@@ -1,6 +1,7 @@
 """Writes synthetic SFT JSONL files ({"prompt","response"}) for smoke runs and experiments.
 
-python tools/make_synthetic_sft.py --out-dir runs/data --tasks addition reverse --train 4000 --valid 200
+python tools/make_synthetic_sft.py --out-dir runs/data --tasks addition reverse \
+    --train 4000 --valid 200
 """
 
 import argparse

@@ -90,7 +90,8 @@ class SFTDataLoader:
         return self.rows_consumed // self.num_rows
 
     def stream_rows(self, start: int, count: int) -> np.ndarray:
-        """Row indices at stream positions ``[start, start + count)``, each into its epoch's rows."""
+        """Row indices at stream positions ``[start, start + count)``, each into its epoch's
+        rows."""
         positions = np.arange(start, start + count)
         out = np.empty(count, dtype=np.int64)
         for epoch in np.unique(positions // self.num_rows):
@@ -105,7 +106,8 @@ class SFTDataLoader:
         return self._share(rows, loss_tokens)
 
     def rows_at(self, start: int, count: int) -> Tuple[List[Row], int]:
-        """(the rows at stream positions ``[start, start + count)``, their loss-carrying targets)."""
+        """(the rows at stream positions ``[start, start + count)``, their loss-carrying
+        targets)."""
         indices = self.stream_rows(start, count)
         epochs = np.arange(start, start + count) // self.num_rows
         rows, loss_tokens = [], 0

@@ -46,7 +46,8 @@ class EvalConfig:
     answer_pattern: Optional[str] = None
     """Regular expression: exact-match compares what it finds (its first group, or the whole
     match) in the generated and in the expected reply instead of the whole replies, e.g.
-    '####\\s*(-?[0-9.,]+)' for GSM8K's final answers. A reference it finds nothing in is an error."""
+    '####\\s*(-?[0-9.,]+)' for GSM8K's final answers. A reference it finds nothing in is an
+    error."""
     num_samples: int = 0
     """Evaluate only the first this many samples of each file (0: all)."""
     micro_batch_size: int = 32

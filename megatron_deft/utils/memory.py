@@ -14,7 +14,8 @@ import torch
 
 @contextlib.contextmanager
 def stderr_silenced():
-    """Redirects file descriptor 2 (the CPU profiler's native code prints start/stop lines there)."""
+    """Redirects file descriptor 2 (the CPU profiler's native code prints start/stop lines
+    there)."""
     saved = os.dup(2)
     try:
         with open(os.devnull, "w") as devnull:

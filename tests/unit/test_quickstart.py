@@ -8,9 +8,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.integration
 def test_quickstart_trains_evaluates_saves_and_resumes(tmp_path):
     run_dir = tmp_path / "qs"
     env = dict(

@@ -193,8 +193,8 @@ def _add(name):
         (
             {"rope_parameters": {**LLAMA31_ROPE, "high_freq_factor": 2.0}},
             None,
-            "rope high_freq_factor 2.0 is not supported (megatron-core's llama3 RoPE scaling fixes it "
-            "to 4.0)",
+            "rope high_freq_factor 2.0 is not supported (megatron-core's llama3 RoPE scaling "
+            "fixes it to 4.0)",
         ),
         (
             {"rope_parameters": {**LLAMA31_ROPE, "original_max_position_embeddings": None}},

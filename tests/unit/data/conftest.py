@@ -1,4 +1,5 @@
-"""Session fixtures for the data-pipeline tests: tiny tokenizers trained in-process, no downloads."""
+"""Session fixtures for the data-pipeline tests: tiny tokenizers trained in-process, no
+downloads."""
 
 import random
 

@@ -1,4 +1,5 @@
-"""Synthetic SFT tasks: answers are right (recomputed from the prompt text), seeded, errors are clear."""
+"""Synthetic SFT tasks: answers are right (recomputed from the prompt text), seeded, errors are
+clear."""
 
 import json
 import re

@@ -15,7 +15,8 @@ from tests.unit.data.helpers import save_hf_tokenizer
 QWEN3_LIKE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' and loop.last %}"
-    "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message['content']"
+    " + '<|im_end|>\\n' }}"
     "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endif %}"

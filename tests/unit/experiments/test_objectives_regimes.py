@@ -390,6 +390,7 @@ def smoke_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.integration
 def test_smoke_report_has_a_row_of_numbers_per_objective(smoke_run):
     report = (smoke_run / "report.md").read_text()
     table = report.split("## Variant `mix`")[1].split("\n\n")[1].splitlines()
@@ -405,6 +406,7 @@ def test_smoke_report_has_a_row_of_numbers_per_objective(smoke_run):
     assert "Phase 1" in report and "Diagnostics per token class" in report
 
 
+@pytest.mark.integration
 def test_smoke_results_cover_every_checkpoint_file_and_objective(smoke_run):
     results = json.loads((smoke_run / "results.json").read_text())
     config = preset("smoke")
@@ -423,6 +425,7 @@ def test_smoke_results_cover_every_checkpoint_file_and_objective(smoke_run):
     assert [s["iteration"] for s in results["prior"]] == [config.prior_iters] * 3
 
 
+@pytest.mark.integration
 def test_smoke_plots_written_embedded_and_published(smoke_run, tmp_path):
     pytest.importorskip("matplotlib")
     from benchmarks.objectives_regimes.report import publish
@@ -445,6 +448,7 @@ def test_smoke_plots_written_embedded_and_published(smoke_run, tmp_path):
     assert "](evidence/train_classes_mix.png)" in (tmp_path / "evidence.md").read_text()
 
 
+@pytest.mark.integration
 def test_smoke_training_logs_per_token_class(smoke_run):
     """The trainer's per-class TensorBoard data, read back by the plotting tool, is consistent:
     the classes partition the loss tokens, and the gates are what each objective defines."""
@@ -479,6 +483,7 @@ def test_smoke_training_logs_per_token_class(smoke_run):
         assert ("alpha" in run["histograms"]) == (objective in ("nll", "p", "deft", "cayley"))
 
 
+@pytest.mark.integration
 def test_report_only_rebuilds_the_same_report_without_running(smoke_run, monkeypatch):
     from benchmarks.objectives_regimes import run
 

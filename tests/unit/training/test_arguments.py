@@ -333,6 +333,7 @@ def test_entry_point_rejects_bad_flags_before_any_work():
     )
 
 
+@pytest.mark.integration
 def test_entry_point_runs_as_a_single_process_without_torchrun(tmp_path):
     """No RANK in the environment: one process, in-memory store, no torchrun needed."""
     env = {
