@@ -1,5 +1,6 @@
 """Token-level SFT objectives on vocab-parallel logits (see vocab_parallel.py for the math)."""
 
+from megatron_deft.objectives.linear_vocab_parallel import linear_vocab_parallel_loss
 from megatron_deft.objectives.megatron_adapter import (
     megatron_loss_function,
     use_objective_in_megatron,
@@ -11,6 +12,7 @@ __all__ = [
     "IGNORE_INDEX",
     "OBJECTIVE_NAMES",
     "Objective",
+    "linear_vocab_parallel_loss",
     "megatron_loss_function",
     "parse_objective",
     "use_objective_in_megatron",

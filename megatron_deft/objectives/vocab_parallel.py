@@ -41,7 +41,7 @@ IGNORE_INDEX = -100
 CAYLEY_EXPONENT_MIN = 1e-3
 
 # Per-token statistics returned by the autograd Function, in column order of its stats tensor.
-_STAT_NAMES = ("gate", "p_target", "nll", "renyi2_entropy", "alpha", "topk_entropy")
+STAT_NAMES = ("gate", "p_target", "nll", "renyi2_entropy", "alpha", "topk_entropy")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,44 +116,89 @@ def objective_terms(
     return qlog_loss(log_p, exponent), gate, exponent
 
 
+def terms_from_partials(
+    objective: Objective,
+    partials: torch.Tensor,
+    top_logits: Optional[torch.Tensor],
+    valid: torch.Tensor,
+    mean_group: Optional[dist.ProcessGroup] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss [N], gate [N], stats [N, len(STAT_NAMES)]), 0 at invalid tokens, from the summed
+    partials [N, 3] = [z_y - m, S1, S2] (m the global max) and, for eaft, the global top-k
+    logits [N, k]: log p = (z_y - m) - log S1, sum_v p_v^2 = S2 / S1^2."""
+    target_shifted, sum_exp, sum_exp_sq = partials.unbind(-1)
+    log_p = target_shifted - sum_exp.log()
+    sum_p2 = sum_exp_sq / sum_exp.square()
+    top_entropy = topk_entropy(top_logits) if top_logits is not None else None
+    loss, gate, exponent = objective_terms(objective, log_p, sum_p2, valid, top_entropy, mean_group)
+    zero = torch.zeros_like(log_p)
+    loss, gate = torch.where(valid, loss, zero), torch.where(valid, gate, zero)
+    stats = [gate, log_p.exp(), -log_p, -sum_p2.log(), exponent, top_entropy]
+    stats = torch.stack([torch.where(valid, s, zero) if s is not None else zero for s in stats], -1)
+    return loss, gate, stats
+
+
+def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """The loss runs in fp32 (fp64 for fp64 inputs), whatever the logits' dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def real_columns(vocab_local: int, rank: int, vocab_size: int) -> int:
+    """How many of rank's V/tp columns are real ids (< vocab_size); the rest are padding."""
+    return min(max(vocab_size - rank * vocab_local, 0), vocab_local)
+
+
+def target_columns(
+    target: torch.Tensor, valid: torch.Tensor, rank: int, vocab_local: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each valid target's column in rank's shard, 0 where not owned; whether rank owns it)."""
+    local_target = target - rank * vocab_local
+    owns_target = valid & (local_target >= 0) & (local_target < vocab_local)
+    return torch.where(owns_target, local_target, torch.zeros_like(local_target)), owns_target
+
+
 # ---------------------------------------------------------------------------------------------------
 # Communication helpers (each is exactly one collective when the group has more than one rank)
 # ---------------------------------------------------------------------------------------------------
 
 
-def _group_size_rank(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+def group_size_rank(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+    """(size, rank) of the TP group; (1, 0) for None."""
     if group is None:
         return 1, 0
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _global_max(shard: torch.Tensor, real: int, group, dtype: torch.dtype) -> torch.Tensor:
-    """max over the real vocab of [N, V/tp] (its first `real` columns) -> [N] in `dtype`: one MAX
-    all-reduce. A shard of padding only contributes -inf."""
+def local_max(shard: torch.Tensor, real: int, dtype: torch.dtype) -> torch.Tensor:
+    """max over the first `real` columns of [N, V/tp] -> [N] in `dtype`; -inf if real = 0."""
     if real == 0:
-        row_max = torch.full(shard.shape[:-1], float("-inf"), dtype=dtype, device=shard.device)
-    else:  # amax, not max: max(dim) also computes the argmax indices, which are never used.
-        row_max = shard[..., :real].amax(dim=-1).to(dtype)
-    if _group_size_rank(group)[0] > 1:
+        return torch.full(shard.shape[:-1], float("-inf"), dtype=dtype, device=shard.device)
+    # amax, not max: max(dim) also computes the argmax indices, which are never used.
+    return shard[..., :real].amax(dim=-1).to(dtype)
+
+
+def all_reduce_max(row_max: torch.Tensor, group) -> torch.Tensor:
+    """The global max [N] of every rank's `row_max` [N] (in place): one MAX all-reduce."""
+    if group_size_rank(group)[0] > 1:
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
     return row_max
 
 
-def _global_topk(
-    shard: torch.Tensor, real: int, vocab_size: int, k: int, group, dtype: torch.dtype
-) -> torch.Tensor:
-    """The k largest logits over the real vocab (`vocab_size` ids, this shard's first `real`
-    columns), [N, V/tp] -> [N, min(k, vocab_size)] in `dtype`, descending.
-
-    Each rank contributes its local top-min(k, V/tp), -inf where its shard has fewer real
-    columns (equal shapes for the gather); one all-gather of [N, k_local] per rank.
-    """
-    world, _ = _group_size_rank(group)
+def local_topk(shard: torch.Tensor, real: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The top-min(k, V/tp) of the first `real` columns of [N, V/tp], descending, in `dtype`,
+    filled with -inf where the shard has fewer real columns (equal shapes on every rank)."""
     k_local = min(k, shard.shape[-1])
     local = shard[..., :real].topk(min(k_local, real), dim=-1).values.to(dtype)  # [N, <= k_local]
     if local.shape[-1] < k_local:
         fill = local.new_full((*local.shape[:-1], k_local - local.shape[-1]), float("-inf"))
         local = torch.cat([local, fill], dim=-1)
+    return local
+
+
+def gather_topk(local: torch.Tensor, k: int, vocab_size: int, group) -> torch.Tensor:
+    """The global top-min(k, vocab_size) [N, .] of every rank's `local_topk` [N, k_local],
+    descending (its first column is the global max): one all-gather of [N, k_local]."""
+    world, _ = group_size_rank(group)
     if world > 1:
         gathered = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(gathered, local.contiguous(), group=group)
@@ -189,24 +234,19 @@ class _VocabParallelObjective(torch.autograd.Function):
         inplace,
         reusable_backward,
     ):
-        world, rank = _group_size_rank(group)
+        world, rank = group_size_rank(group)
         vocab_local = logits.shape[-1]
-        real = min(max(vocab_size - rank * vocab_local, 0), vocab_local)  # non-padding columns
-        compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-        # Which rank owns each target, and its column on that rank.
-        local_target = target - rank * vocab_local
-        owns_target = valid & (local_target >= 0) & (local_target < vocab_local)
-        local_target = torch.where(owns_target, local_target, torch.zeros_like(local_target))
+        real = real_columns(vocab_local, rank, vocab_size)
+        compute_dtype = compute_dtype_of(logits.dtype)
+        local_target, owns_target = target_columns(target, valid, rank, vocab_local)
 
         top_logits = None
         if objective.topk:
-            top_logits = _global_topk(
-                logits, real, vocab_size, objective.topk, group, compute_dtype
-            )  # [N, k]
+            local = local_topk(logits, real, objective.topk, compute_dtype)
+            top_logits = gather_topk(local, objective.topk, vocab_size, group)  # [N, k]
             row_max = top_logits[:, 0]
         else:
-            row_max = _global_max(logits, real, group, compute_dtype)  # [N]
+            row_max = all_reduce_max(local_max(logits, real, compute_dtype), group)  # [N]
 
         if logits.dtype != compute_dtype:
             # bf16/fp16: the fp32 copy is the only new shard-sized buffer. (A promoting torch.sub would
@@ -229,23 +269,9 @@ class _VocabParallelObjective(torch.autograd.Function):
         partials = torch.stack([target_shifted, sum_exp, sum_exp_sq], dim=-1)  # [N, 3]
         if world > 1:
             dist.all_reduce(partials, op=dist.ReduceOp.SUM, group=group)
-        target_shifted, sum_exp, sum_exp_sq = partials.unbind(-1)
+        loss, gate, stats = terms_from_partials(objective, partials, top_logits, valid, mean_group)
 
-        log_p = target_shifted - sum_exp.log()
-        sum_p2 = sum_exp_sq / sum_exp.square()
-        top_entropy = topk_entropy(top_logits) if top_logits is not None else None
-        loss, gate, exponent = objective_terms(
-            objective, log_p, sum_p2, valid, top_entropy, mean_group
-        )
-
-        zero = torch.zeros_like(log_p)
-        loss, gate = torch.where(valid, loss, zero), torch.where(valid, gate, zero)
-        stats = [gate, log_p.exp(), -log_p, -sum_p2.log(), exponent, top_entropy]
-        stats = torch.stack(
-            [torch.where(valid, s, zero) if s is not None else zero for s in stats], -1
-        )
-
-        ctx.save_for_backward(work, gate / sum_exp, gate, local_target, owns_target)
+        ctx.save_for_backward(work, gate / partials[:, 1], gate, local_target, owns_target)
         ctx.input_dtype = logits.dtype
         ctx.reusable_backward = reusable_backward
         ctx.consumed = False
@@ -287,27 +313,51 @@ def _check_inputs(logits, target, loss_mask, world: int, vocab_size: Optional[in
         raise TypeError(
             f"vocab_parallel_loss: logits must be a floating tensor [..., V/tp], got {logits!r:.80}"
         )
-    padded = logits.shape[-1] * world
+    return check_target(
+        "vocab_parallel_loss",
+        target,
+        loss_mask,
+        tuple(logits.shape[:-1]),
+        logits.shape[-1],
+        world,
+        vocab_size,
+        f"logits {tuple(logits.shape)}",
+    )
+
+
+def check_target(
+    caller: str,
+    target,
+    loss_mask,
+    batch_shape: tuple,
+    vocab_local: int,
+    world: int,
+    vocab_size: Optional[int],
+    shapes: str,
+):
+    """Validates target / loss_mask against the token shape `batch_shape` and the vocabulary
+    (V/tp = vocab_local on each of `world` ranks); returns (vocab size, valid mask). `shapes`
+    names the caller's tensors in the messages."""
+    padded = vocab_local * world
     if vocab_size is None:
         vocab_size = padded
     if not 1 <= vocab_size <= padded:
         raise ValueError(
-            f"vocab_parallel_loss: vocab_size {vocab_size} must be in [1, {padded}] (the "
-            f"padded vocab V/tp * tp = {logits.shape[-1]} * {world})"
+            f"{caller}: vocab_size {vocab_size} must be in [1, {padded}] (the padded vocab "
+            f"V/tp * tp = {vocab_local} * {world})"
         )
     if not torch.is_tensor(target) or target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(
-            f"vocab_parallel_loss: target must be an int64/int32 tensor, got {getattr(target, 'dtype', type(target))}"
-        )
-    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        kind = getattr(target, "dtype", type(target))
+        raise TypeError(f"{caller}: target must be an int64/int32 tensor, got {kind}")
+    if tuple(target.shape) != batch_shape:
         raise ValueError(
-            f"vocab_parallel_loss: target shape {tuple(target.shape)} must equal logits shape without "
-            f"the vocab dim {tuple(logits.shape[:-1])} (logits {tuple(logits.shape)})"
+            f"{caller}: target shape {tuple(target.shape)} must equal the token shape "
+            f"{batch_shape} ({shapes})"
         )
-    if loss_mask is not None and tuple(loss_mask.shape) != tuple(target.shape):
+    if loss_mask is not None and tuple(loss_mask.shape) != batch_shape:
         raise ValueError(
-            f"vocab_parallel_loss: loss_mask shape {tuple(loss_mask.shape)} must equal target shape "
-            f"{tuple(target.shape)}"
+            f"{caller}: loss_mask shape {tuple(loss_mask.shape)} must equal target shape "
+            f"{batch_shape}"
         )
     valid = target != IGNORE_INDEX
     if loss_mask is not None:
@@ -318,8 +368,8 @@ def _check_inputs(logits, target, loss_mask, world: int, vocab_size: Optional[in
         position = tuple(int(i) for i in bad.nonzero()[0])
         padding = f", padded to {padded}" if padded != vocab_size else ""
         raise ValueError(
-            f"vocab_parallel_loss: target id {int(target[position])} at index {position} is outside "
-            f"[0, {vocab_size}) (vocab size {vocab_size}{padding}; V/tp = {logits.shape[-1]}, "
+            f"{caller}: target id {int(target[position])} at index {position} is outside "
+            f"[0, {vocab_size}) (vocab size {vocab_size}{padding}; V/tp = {vocab_local}, "
             f"tp = {world}); use {IGNORE_INDEX} for tokens without loss"
         )
     return vocab_size, valid
@@ -370,10 +420,9 @@ def vocab_parallel_loss(
             other than -100 where the loss mask is not 0.
     """
     objective = parse_objective(objective)
-    world, _ = _group_size_rank(group)
+    world, _ = group_size_rank(group)
     vocab_size, valid = _check_inputs(logits, target, loss_mask, world, vocab_size)
 
-    batch_shape = target.shape
     loss, stats = _VocabParallelObjective.apply(
         logits.reshape(-1, logits.shape[-1]),
         target.reshape(-1).long(),
@@ -385,10 +434,16 @@ def vocab_parallel_loss(
         inplace,
         reusable_backward,
     )
-    stat_dict = {name: stats[:, i].reshape(batch_shape) for i, name in enumerate(_STAT_NAMES)}
+    return loss.reshape(target.shape), stats_dict(stats, objective, valid)
+
+
+def stats_dict(stats: torch.Tensor, objective: Objective, valid: torch.Tensor) -> dict:
+    """The Function's stats columns [N, len(STAT_NAMES)] as {name: [...]} in valid's shape, only
+    those the objective has, plus `valid`."""
+    named = {name: stats[:, i].reshape(valid.shape) for i, name in enumerate(STAT_NAMES)}
     if objective.family != "qlog":
-        del stat_dict["alpha"]
+        del named["alpha"]
     if not objective.topk:
-        del stat_dict["topk_entropy"]
-    stat_dict["valid"] = valid
-    return loss.reshape(batch_shape), stat_dict
+        del named["topk_entropy"]
+    named["valid"] = valid
+    return named

@@ -1,0 +1,256 @@
+"""The output layer and the objective fused: per-token loss from hidden states, logits never held.
+
+``linear_vocab_parallel_loss(hidden, weight, target, ...)`` returns what
+``vocab_parallel_loss(hidden @ weight.T, target, ...)`` returns, without a [tokens, V/tp] tensor.
+Only the tokens that carry loss (``valid``) are computed; they are taken in chunks of
+``chunk_size`` tokens, each chunk's logits [C, V/tp] formed, reduced and dropped.
+
+Forward, per chunk, on this rank's vocab shard (real columns only, padding ids excluded):
+
+    z   = h_c @ W^T                         [C, V/tp]  (the input dtype's matmul, then fp32)
+    m_r = max_v z_v                         local max
+    S1_r = sum_v exp(z_v - m_r),  S2_r = sum_v exp(2 (z_v - m_r)),  t_r = z_y - m_r (owner only)
+    (eaft: the local top-k of z)
+
+then, for the whole call, the same two collectives as ``vocab_parallel_loss``: the global max m
+(a MAX all-reduce of m_r; eaft: the all-gather of the local top-k, whose first column is m) and
+one SUM all-reduce of the rescaled [t_r + m_r - m, S1_r e^(m_r - m), S2_r e^(2 (m_r - m))]. The
+objective (``terms_from_partials``, shared with the unfused path) gives loss, gate and stats.
+
+Saved for backward: the inputs (hidden, weight) and per-token vectors [N_valid]: m, gate / S1,
+gate, the target's local column and an owns-target mask. Backward recomputes each chunk's logits
+and turns them into its gradient in place,
+
+    dz = g * gate * (softmax(z) - onehot(y)),   softmax(z) = exp(z - m) / S1 (0 on padding),
+    d h_c = dz @ W,   d W += dz^T @ h_c         (fp32 accumulation across chunks),
+
+with no collective: ``d hidden`` is this rank's share; the output layer's own collective sums it
+over the TP ranks (the all-reduce of ColumnParallelLinear's input, or its reduce-scatter under
+sequence parallelism), applied here by megatron-core's region mappings. Four matmuls instead of
+the unfused three (the logits are recomputed once).
+"""
+
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from megatron_deft.objectives.registry import Objective, parse_objective
+from megatron_deft.objectives.vocab_parallel import (
+    all_reduce_max,
+    check_target,
+    compute_dtype_of,
+    gather_topk,
+    group_size_rank,
+    local_max,
+    local_topk,
+    real_columns,
+    stats_dict,
+    target_columns,
+    terms_from_partials,
+)
+
+CHUNK_ELEMENTS = 1 << 24
+"""Default chunk: about this many logits (64 MiB in fp32) per chunk, at least one token."""
+
+
+def _chunk_partials(h, weight, local_target, owns_target, real, k, dtype):
+    """One chunk's local reductions over its real columns: [C, 4] = [m_r, t_r, S1_r, S2_r], and
+    the local top-k. A rank without real columns has m_r = -inf, zeros elsewhere."""
+    logits = (h @ weight.t()).to(dtype)[:, :real]  # [C, real]: the chunk's logits buffer
+    row_max = local_max(logits, real, dtype)
+    top = local_topk(logits, real, k, dtype) if k else None
+    if real == 0:
+        zeros = torch.zeros((h.shape[0], 3), dtype=dtype, device=h.device)
+        return torch.cat([row_max.unsqueeze(-1), zeros], -1), top
+    target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)  # read before exp
+    shifted = torch.where(owns_target, target_logit - row_max, 0.0)
+    exp = logits.sub_(row_max.unsqueeze(-1)).exp_()  # in place: no second chunk-sized buffer
+    sum_exp_sq = torch.linalg.vector_norm(exp, dim=-1).square()  # no exp * exp temporary
+    return torch.stack([row_max, shifted, exp.sum(-1), sum_exp_sq], -1), top
+
+
+def _logits_grad(h, weight, row_max, scale, onehot, local_target, real, dtype):
+    """dz [C, V/tp] of one chunk in `dtype`: exp(z - m) * scale, minus onehot at the target,
+    0 on the padding ids; the recomputed logits buffer becomes the gradient in place."""
+    grad = (h @ weight.t()).to(dtype)
+    grad[:, :real].sub_(row_max.unsqueeze(-1)).exp_().mul_(scale.unsqueeze(-1))
+    grad[:, real:] = 0
+    return grad.scatter_add_(-1, local_target.unsqueeze(-1), -onehot.unsqueeze(-1))
+
+
+class _LinearVocabParallelObjective(torch.autograd.Function):
+    """hidden [N, h] (replicated over TP), weight [V/tp, h], target / valid [N] -> loss [N],
+    stats [N, len(STAT_NAMES)]; see the module docstring for what is saved and communicated."""
+
+    @staticmethod
+    def forward(
+        ctx, hidden, weight, target, valid, objective, vocab_size, group, mean_group, chunk
+    ):
+        world, rank = group_size_rank(group)
+        real = real_columns(weight.shape[0], rank, vocab_size)
+        dtype = compute_dtype_of(hidden.dtype)
+        rows = valid.nonzero().squeeze(-1)  # only tokens with loss are computed
+        h = hidden.index_select(0, rows)
+        local_target, owns = target_columns(target[rows], valid[rows], rank, weight.shape[0])
+        k = objective.topk
+        pieces = [
+            _chunk_partials(
+                h[i : i + chunk],
+                weight,
+                local_target[i : i + chunk],
+                owns[i : i + chunk],
+                real,
+                k,
+                dtype,
+            )
+            for i in range(0, len(rows), chunk)
+        ]
+        if pieces:
+            local = torch.cat([piece for piece, _ in pieces])
+            tops = torch.cat([top for _, top in pieces]) if k else None
+        else:  # no token with loss (the same on every TP rank: the targets are replicated)
+            local = h.new_zeros((0, 4), dtype=dtype)
+            tops = h.new_zeros((0, min(k, weight.shape[0])), dtype=dtype)
+        row_max, shifted, sum_exp, sum_exp_sq = local.unbind(-1)
+        top = None
+        if k:
+            top = gather_topk(tops, k, vocab_size, group)
+            global_max = top[:, 0]
+        else:
+            global_max = all_reduce_max(row_max.clone(), group)
+        rescale = torch.exp(row_max - global_max)  # 0 where this rank has no real column
+        partials = torch.stack(
+            [
+                torch.where(owns, shifted + row_max - global_max, 0.0),
+                sum_exp * rescale,
+                sum_exp_sq * rescale.square(),
+            ],
+            -1,
+        )
+        if world > 1:
+            dist.all_reduce(partials, op=dist.ReduceOp.SUM, group=group)
+        loss, gate, stats = terms_from_partials(objective, partials, top, valid[rows], mean_group)
+        gate_over_sum = gate / partials[:, 1]
+        ctx.save_for_backward(
+            hidden, weight, rows, global_max, gate_over_sum, gate, local_target, owns
+        )
+        ctx.real, ctx.chunk, ctx.dtype = real, chunk, dtype
+        full_loss = loss.new_zeros(target.shape).index_copy_(0, rows, loss)
+        full_stats = stats.new_zeros((*target.shape, stats.shape[-1])).index_copy_(0, rows, stats)
+        ctx.mark_non_differentiable(full_stats)
+        return full_loss, full_stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        hidden, weight, rows, row_max, gate_over_sum, gate, local_target, owns = ctx.saved_tensors
+        g = grad_loss.index_select(0, rows).to(ctx.dtype)
+        scale, onehot = gate_over_sum * g, torch.where(owns, gate * g, 0.0)
+        h = hidden.index_select(0, rows)
+        grad_h = torch.zeros_like(h)
+        # d W accumulates over chunks in the compute dtype (fp32), cast once at the end.
+        grad_w = torch.zeros_like(weight, dtype=ctx.dtype) if ctx.needs_input_grad[1] else None
+        for i in range(0, len(rows), ctx.chunk):
+            part = slice(i, i + ctx.chunk)
+            dz = _logits_grad(
+                h[part],
+                weight,
+                row_max[part],
+                scale[part],
+                onehot[part],
+                local_target[part],
+                ctx.real,
+                ctx.dtype,
+            )
+            grad_h[part] = dz.to(h.dtype) @ weight
+            if grad_w is not None:
+                grad_w.addmm_(dz.t(), h[part].to(ctx.dtype))
+        grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_h)
+        grad_weight = grad_w.to(weight.dtype) if grad_w is not None else None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+def _enter_output_layer(hidden, group, sequence_parallel: bool):
+    """What megatron-core's ColumnParallelLinear does to its input: under sequence parallelism
+    all-gather the sequence (backward: reduce-scatter), else an identity whose backward sums the
+    TP ranks' input gradients (all-reduce). Nothing without TP."""
+    if group_size_rank(group)[0] == 1:
+        return hidden
+    from megatron.core.tensor_parallel import mappings
+
+    if sequence_parallel:
+        return mappings.gather_from_sequence_parallel_region(hidden, True, group)
+    return mappings.copy_to_tensor_model_parallel_region(hidden, group)
+
+
+def linear_vocab_parallel_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    objective: Union[str, Objective] = "deft",
+    loss_mask: Optional[torch.Tensor] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    vocab_size: Optional[int] = None,
+    *,
+    mean_group: Optional[dist.ProcessGroup] = None,
+    sequence_parallel: bool = False,
+    chunk_size: Optional[int] = None,
+) -> tuple[torch.Tensor, dict]:
+    """Per-token SFT objective of the output layer ``hidden @ weight.T``, never materialising
+    the logits. Not reduced: the caller sums / counts.
+
+    Args:
+        hidden: final-norm output [s, b, h] (all tokens; with ``sequence_parallel`` this rank's
+            [s/tp, b, h], gathered here). Any float dtype; the matmul runs in it, the loss in fp32.
+        weight: this rank's output-layer shard [V/tp, h] (the embedding when tied); rank r of
+            `group` holds vocab ids [r*V/tp, (r+1)*V/tp).
+        target: global token ids [s, b]; -100 marks tokens without loss.
+        objective, loss_mask, group, vocab_size, mean_group: as for ``vocab_parallel_loss``.
+        sequence_parallel: `hidden` is sequence-parallel (all-gathered forward, reduce-scattered
+            backward, as megatron-core's output layer does).
+        chunk_size: tokens per chunk (default: about CHUNK_ELEMENTS logits per chunk).
+
+    Returns:
+        (loss [s, b] fp32, stats): exactly ``vocab_parallel_loss``'s outputs for the logits
+        ``hidden @ weight.T``; gradients flow to `hidden` (summed over the TP ranks by the output
+        layer's collective) and `weight`.
+    """
+    objective = parse_objective(objective)
+    if not (torch.is_tensor(hidden) and hidden.is_floating_point() and hidden.dim() >= 2):
+        raise TypeError(
+            "linear_vocab_parallel_loss: hidden must be a float [s, b, h] tensor, "
+            f"got {hidden!r:.80}"
+        )
+    if not torch.is_tensor(weight) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"linear_vocab_parallel_loss: weight must be [V/tp, h] with h = {hidden.shape[-1]}, "
+            f"got {tuple(getattr(weight, 'shape', ()))}"
+        )
+    hidden = _enter_output_layer(hidden, group, sequence_parallel)
+    world, _ = group_size_rank(group)
+    shapes = f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}"
+    vocab_size, valid = check_target(
+        "linear_vocab_parallel_loss",
+        target,
+        loss_mask,
+        tuple(hidden.shape[:-1]),
+        weight.shape[0],
+        world,
+        vocab_size,
+        shapes,
+    )
+    chunk = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    if chunk < 1:
+        raise ValueError(f"linear_vocab_parallel_loss: chunk_size must be >= 1, got {chunk}")
+    loss, stats = _LinearVocabParallelObjective.apply(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        target.reshape(-1).long(),
+        valid.reshape(-1),
+        objective,
+        vocab_size,
+        group,
+        mean_group,
+        chunk,
+    )
+    return loss.reshape(target.shape), stats_dict(stats, objective, valid)
