@@ -156,6 +156,10 @@ class TrainingConfig:
     """eaft: number of top logits whose entropy gates the loss (default 20)."""
     eaft_alpha: Optional[float] = None
     """eaft: power of the normalised top-k entropy weight (default 1.0)."""
+    unfused_output_loss: bool = False
+    """Form the full vocab-parallel logits [b, s, V/tp] and run the objective on them (the
+    unfused path, kept for comparison) instead of the output layer fused with the objective,
+    which takes the final hidden states to the loss chunk by chunk and never holds the logits."""
     log_interval: int = 1
     """Log every this many iterations."""
     eval_interval: int = 0

@@ -2,12 +2,16 @@
 optional per-head q/k RMSNorm (Qwen3) and a head size other than hidden / heads.
 
 The model is megatron-core's ``GPTModel`` with the Transformer Engine layer spec when TE is
-importable on CUDA, the local (pure PyTorch) spec otherwise. It is always called without labels
-so the last stage returns vocab-parallel logits [b, s, V/tp]; the loss is ours (objectives).
+importable on CUDA, the local (pure PyTorch) spec otherwise. It is always called without labels;
+the loss is ours (objectives). The last stage hands back either vocab-parallel logits
+[b, s, V/tp] or, with ``fused_output_loss`` (:class:`SFTGPTModel`), the final-norm hidden states
+and the output weight, which the loss takes to the logits chunk by chunk itself.
 
 Weight init is layout-invariant (see :mod:`megatron_deft.models.init`): the same seed gives the
 same full weights for every TP/PP/VP layout.
 """
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,33 @@ try:  # optional GPU dependency
     HAVE_TE = True
 except ImportError:  # CPU machines and plain-PyTorch GPU installs
     HAVE_TE = False
+
+
+class OutputLayerInput(NamedTuple):
+    """What the last stage hands the loss instead of logits: the output layer's input and weight."""
+
+    hidden: torch.Tensor
+    """Final-norm hidden states [s, b, h] ([s/tp, b, h] under sequence parallelism)."""
+    weight: torch.Tensor
+    """This rank's output-layer weight [V/tp, h] (the word embedding when tied)."""
+
+
+class SFTGPTModel(GPTModel):
+    """megatron-core's GPTModel whose last stage, when ``fused_output_loss`` is set, returns
+    :class:`OutputLayerInput` instead of running the output layer: no logits are formed (and
+    not the extra [b, s, V/tp] copy GPTModel makes when called without labels). Inference (a
+    KV-cache context) always gets logits."""
+
+    fused_output_loss: bool = False
+
+    def _postprocess(self, hidden_states, *args, inference_context=None, **kwargs):
+        if self.post_process and self.fused_output_loss and inference_context is None:
+            tied = self.share_embeddings_and_output_weights
+            weight = self.shared_embedding_or_output_weight() if tied else self.output_layer.weight
+            return OutputLayerInput(hidden_states, weight)
+        return super()._postprocess(
+            hidden_states, *args, inference_context=inference_context, **kwargs
+        )
 
 
 def transformer_config(config: Config) -> TransformerConfig:
@@ -155,7 +186,7 @@ def build_gpt_chunks(config: Config, vocab_size: int, initialize: bool = True) -
         stage = None if vp_size == 1 else vp_stage
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-        chunk = GPTModel(
+        chunk = SFTGPTModel(
             config=tf_config,
             transformer_layer_spec=decoder_spec(config, tf_config, stage),
             vocab_size=vocab_size,

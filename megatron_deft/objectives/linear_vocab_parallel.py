@@ -57,9 +57,10 @@ CHUNK_ELEMENTS = 1 << 24
 def _chunk_partials(h, weight, local_target, owns_target, real, k, dtype):
     """One chunk's local reductions over its real columns: [C, 4] = [m_r, t_r, S1_r, S2_r], and
     the local top-k. A rank without real columns has m_r = -inf, zeros elsewhere."""
-    logits = (h @ weight.t()).to(dtype)[:, :real]  # [C, real]: the chunk's logits buffer
+    logits = (h @ weight.t()).to(dtype)  # [C, V/tp]: the chunk's logits buffer
+    top = local_topk(logits, real, k, dtype) if k else None  # [C, min(k, V/tp)] on every rank
+    logits = logits[:, :real]
     row_max = local_max(logits, real, dtype)
-    top = local_topk(logits, real, k, dtype) if k else None
     if real == 0:
         zeros = torch.zeros((h.shape[0], 3), dtype=dtype, device=h.device)
         return torch.cat([row_max.unsqueeze(-1), zeros], -1), top

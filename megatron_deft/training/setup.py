@@ -79,6 +79,8 @@ def build_model(config: Config, padded_vocab: int) -> list:
 
     par = config.parallel
     chunks = build_gpt_chunks(config, padded_vocab)
+    for chunk in chunks:  # the last stage hands the loss its hidden states, not logits
+        chunk.fused_output_loss = not config.training.unfused_output_loss
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=par.overlap_grad_reduce,

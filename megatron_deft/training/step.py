@@ -24,7 +24,8 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_deft.objectives import vocab_parallel_loss
+from megatron_deft.models.gpt import OutputLayerInput
+from megatron_deft.objectives import linear_vocab_parallel_loss, vocab_parallel_loss
 from megatron_deft.training.token_classes import bin_token_stats, histogram_shape
 
 # Order of the per-micro-batch report vector (sums over valid tokens, except "tokens").
@@ -47,7 +48,36 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     }
 
 
-def loss_func(labels, loss_mask, token_class, objective, num_classes, vocab_size, logits):
+def objective_loss(output, labels, loss_mask, objective, vocab_size, config):
+    """(per-token loss, stats) of the last stage's output, in the output's token layout:
+    OutputLayerInput (hidden [s, b, h] and the output weight) -> the fused output layer +
+    objective, [s, b]; logits [b, s, V/tp] -> the objective on them, [b, s]."""
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    if isinstance(output, OutputLayerInput):
+        return linear_vocab_parallel_loss(
+            output.hidden,
+            output.weight,
+            labels.t(),
+            objective,
+            loss_mask.t(),
+            tp_group,
+            vocab_size,
+            sequence_parallel=config.parallel.sequence_parallel,
+        )
+    # inplace: the logits are not used after the loss, so their buffer holds exp(z - max) and then
+    # the gradient (megatron's own cross entropy does the same); saves one [b, s, V/tp] fp32 buffer.
+    return vocab_parallel_loss(
+        output,
+        labels,
+        objective=objective,
+        loss_mask=loss_mask,
+        group=tp_group,
+        vocab_size=vocab_size,
+        inplace=True,
+    )
+
+
+def loss_func(labels, loss_mask, token_class, objective, num_classes, vocab_size, config, output):
     """Per-micro-batch loss on the last stage: (sum loss, #tokens, {"report": sums}).
 
     The report is float64 [len(REPORT_KEYS) + prod(histogram_shape)]: the token sums of
@@ -59,20 +89,11 @@ def loss_func(labels, loss_mask, token_class, objective, num_classes, vocab_size
         token_class: [b, s] class id per token (-1: unlabeled).
         num_classes: classes of the training data (0: histogram of all tokens only).
         vocab_size: the tokenizer's vocabulary; the padding ids above it are not in the softmax.
-        logits: [b, s, V/tp] this rank's vocab shard (never gathered).
+        output: the last stage's output (``objective_loss``); the logits are never gathered.
     """
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    # inplace: the logits are not used after the loss, so their buffer holds exp(z - max) and then
-    # the gradient (megatron's own cross entropy does the same); saves one [b, s, V/tp] fp32 buffer.
-    loss, stats = vocab_parallel_loss(
-        logits,
-        labels,
-        objective=objective,
-        loss_mask=loss_mask,
-        group=tp_group,
-        vocab_size=vocab_size,
-        inplace=True,
-    )
+    loss, stats = objective_loss(output, labels, loss_mask, objective, vocab_size, config)
+    if isinstance(output, OutputLayerInput):
+        token_class = token_class.t()  # the stats are [s, b]
     valid = stats["valid"]
     # Confident conflict: the model puts < 10% on the target while being peaked (sum p^2 > 0.5,
     # i.e. Renyi-2 entropy < ln 2).
@@ -100,7 +121,7 @@ def loss_func(labels, loss_mask, token_class, objective, num_classes, vocab_size
     return loss_sum, num_tokens, {"report": torch.cat([report, histograms.reshape(-1)])}
 
 
-def forward_step(objective, num_classes, vocab_size, data_iterator, model):
+def forward_step(config, objective, num_classes, vocab_size, data_iterator, model):
     """megatron-core forward_step_func: run one micro-batch through this model chunk."""
     device = next(model.parameters()).device
     batch = _to_device(next(data_iterator), device)
@@ -108,7 +129,7 @@ def forward_step(objective, num_classes, vocab_size, data_iterator, model):
         input_ids=batch["tokens"],
         position_ids=batch["position_ids"],
         attention_mask=batch["attention_mask"],
-    )  # last stage: logits [b, s, V/tp]; other stages: hidden states [s, b, h]
+    )  # last stage: OutputLayerInput or logits [b, s, V/tp]; other stages: hidden [s, b, h]
     return output, partial(
         loss_func,
         batch["labels"],
@@ -117,6 +138,7 @@ def forward_step(objective, num_classes, vocab_size, data_iterator, model):
         objective,
         num_classes,
         vocab_size,
+        config,
     )
 
 
@@ -166,7 +188,7 @@ def run_microbatches(
     # Each model chunk (virtual stage) walks the same micro-batches.
     iterators = [iter(microbatches) for _ in model]
     outputs = forward_backward(
-        forward_step_func=partial(forward_step, objective, num_classes, vocab_size),
+        forward_step_func=partial(forward_step, config, objective, num_classes, vocab_size),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(microbatches),

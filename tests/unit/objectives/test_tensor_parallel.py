@@ -1,5 +1,6 @@
-"""Real multi-process tensor parallelism (gloo): TP = 2 and 4 give TP = 1's loss, gradient and stats,
-with the documented number of collectives (2 forward, eaft 1 all-gather + 1 all-reduce; 0 backward).
+"""Real multi-process tensor parallelism (gloo): TP = 2 and 4 give TP = 1's loss, gradient and
+stats, with the documented number of collectives (2 forward, eaft 1 all-gather + 1 all-reduce;
+0 backward), for the loss on logits and for the output layer fused with it.
 
 Each world size is one `torch.multiprocessing.spawn` launch that runs every case; ranks write their
 check results to JSON and the pytest test asserts on them.
@@ -17,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_deft.objectives import (
+    linear_vocab_parallel_loss,
     megatron_loss_function,
     use_objective_in_megatron,
     vocab_parallel_loss,
@@ -151,7 +153,8 @@ def check_tensor_parallel(rank, world, counter, checks, vocab_local=12):
 
 def check_cayley_mean_group(rank, world, counter, checks):
     """cayley's mean p over a data-parallel group equals the single-process mean over all tokens.
-    With 4 ranks: TP groups {0,1},{2,3} and DP groups {0,2},{1,3} (both kinds of subgroup at once)."""
+    With 4 ranks: TP groups {0,1},{2,3} and DP groups {0,2},{1,3} (both kinds of subgroup at
+    once)."""
     tp = 2 if world == 4 else 1
     dp = world // tp
     tp_groups = [dist.new_group(list(range(d * tp, (d + 1) * tp))) for d in range(dp)]
@@ -196,7 +199,7 @@ def check_megatron_drop_in(rank, world, checks):
     checks["megatron/restored"] = {
         "ok": tensor_parallel.vocab_parallel_cross_entropy.__module__.startswith("megatron")
     }
-    # GPTModel's loss path with cross_entropy_loss_fusion (native and TE kernels) and a padded vocab.
+    # GPTModel's loss path with cross_entropy_loss_fusion (native and TE kernels), padded vocab.
     from types import SimpleNamespace
 
     from megatron.core.models.common.language_module import language_module
@@ -220,6 +223,56 @@ def check_megatron_drop_in(rank, world, checks):
     parallel_state.destroy_model_parallel()
 
 
+def check_linear_fused(rank, world, counter, checks, vocab_local=12, hidden_size=8):
+    """linear_vocab_parallel_loss on this rank's weight rows: loss, stats, d hidden (summed over
+    the ranks by the output layer's collective) and d weight rows equal the single-process
+    unfused path on the full logits; with sequence parallelism each rank holds s/tp of hidden.
+    Collectives: the loss's forward ones, and only the output layer's one in backward."""
+    from megatron_deft.compat import cpu
+
+    cpu.enable()  # megatron-core's sequence-parallel gather allocates on "cuda"
+    group = dist.group.WORLD
+    seq = 2 * world
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(seq, 2, hidden_size, generator=g)
+    weight = torch.randn(world * vocab_local, hidden_size, generator=g)
+    vocab = world * vocab_local - 3  # the last 3 rows are padding
+    target = torch.randint(0, vocab, (seq, 2), generator=g)
+    target[1, 0] = -100
+    weights = torch.linspace(0.5, 1.5, target.numel()).reshape(target.shape)
+    rows, tokens = (
+        slice(rank * vocab_local, (rank + 1) * vocab_local),
+        slice(rank * 2, rank * 2 + 2),
+    )
+    for sequence_parallel in (False, True):
+        for objective in OBJECTIVES:
+            key = f"fused/sp{int(sequence_parallel)}/{objective}"
+            h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+            ref_loss, ref_stats = vocab_parallel_loss(
+                h @ w.t(), target, objective, vocab_size=vocab
+            )
+            (ref_loss * weights).sum().backward()
+            mine = hidden[tokens] if sequence_parallel else hidden
+            h_rank = mine.clone().requires_grad_(True)
+            w_rank = weight[rows].clone().requires_grad_(True)
+            with counter.count() as forward:
+                loss, stats = linear_vocab_parallel_loss(
+                    h_rank, w_rank, target, objective, group=group, vocab_size=vocab,
+                    sequence_parallel=sequence_parallel, chunk_size=5,
+                )  # fmt: skip
+            forward = dict(forward)
+            with counter.count() as backward:
+                (loss * weights).sum().backward()
+            checks[f"{key}/collectives"] = {"forward": forward, "backward": dict(backward)}
+            compare(f"{key}/loss", loss, ref_loss, checks, atol=1e-6)
+            ref_dh = h.grad[tokens] if sequence_parallel else h.grad
+            compare(f"{key}/d_hidden", h_rank.grad, ref_dh, checks, atol=1e-6)
+            compare(f"{key}/d_weight", w_rank.grad, w.grad[rows], checks, atol=1e-6)
+            for stat, value in ref_stats.items():
+                if stat != "valid":
+                    compare(f"{key}/stat/{stat}", stats[stat], value, checks, atol=2e-6)
+
+
 def worker(rank, world, init_file, out_dir, with_megatron):
     dist.init_process_group(
         "gloo",
@@ -235,6 +288,7 @@ def worker(rank, world, init_file, out_dir, with_megatron):
     check_cayley_mean_group(rank, world, counter, checks)
     if with_megatron:
         check_megatron_drop_in(rank, world, checks)
+    check_linear_fused(rank, world, counter, checks)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(checks, f)
     dist.destroy_process_group()
@@ -269,7 +323,7 @@ def test_collective_counts(rank_checks):
     world, per_rank = rank_checks
     for checks in per_rank:
         for name, c in checks.items():
-            if not name.endswith("/collectives"):
+            if not name.endswith("/collectives") or name.startswith("fused/"):
                 continue
             assert c["backward"] == {}, name
             if name.startswith("cayley_mean_group"):
@@ -279,6 +333,23 @@ def test_collective_counts(rank_checks):
             else:
                 expected = {"all_reduce": 2}
             assert c["forward"] == expected, (name, c["forward"])
+
+
+def test_fused_output_layer_collectives(rank_checks):
+    """Forward: the objective's two (eaft: all-gather + all-reduce), after the sequence-parallel
+    all-gather of hidden; backward: only the output layer's all-reduce (SP: reduce-scatter)."""
+    world, per_rank = rank_checks
+    for checks in per_rank:
+        fused = {n: c for n, c in checks.items() if n.startswith("fused/") and "collectives" in n}
+        assert len(fused) == 2 * len(OBJECTIVES)
+        for name, c in fused.items():
+            sp = name.startswith("fused/sp1")
+            forward = {"all_gather": 1, "all_reduce": 1} if "/eaft" in name else {"all_reduce": 2}
+            if sp:
+                forward["all_gather_into_tensor"] = 1
+            assert c["forward"] == forward, (name, c["forward"])
+            backward = {"reduce_scatter_tensor": 1} if sp else {"all_reduce": 1}
+            assert c["backward"] == backward, (name, c["backward"])
 
 
 def test_megatron_drop_in(rank_checks):

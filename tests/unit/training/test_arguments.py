@@ -83,6 +83,7 @@ EXPECTED_FLAGS = [
     "--train-data",
     "--train-iters",
     "--tsallis-q",
+    "--unfused-output-loss",
     "--untie-embeddings-and-output-weights",
     "--use-distributed-optimizer",
     "--use-rope-scaling",

@@ -1,7 +1,9 @@
 """The same global batches and seed give the same losses, grad norms and final weights for every
 (TP, PP, DP) layout: deft and nll with the plain and the distributed optimizer, cayley (mean p
 over the micro-batch) and eaft (top-k gathered over TP) with the plain one; 1F1B and interleaved,
-sequence parallelism, and Qwen3-style attention (q/k RMSNorm, head size 24 != 64 / 4).
+sequence parallelism, and Qwen3-style attention (q/k RMSNorm, head size 24 != 64 / 4). Every run
+uses the output layer fused with the objective except the `unfused` case (the objective on the
+full logits), which must match the fused reference too.
 
 Three torchrun launches (1, 2 and 4 ranks) train 3 iterations per case; the reference is the
 single-process (1,1,1) run. fp32 on CPU: only the summation order differs between layouts, so
@@ -72,6 +74,7 @@ def _cases():
                 yield f"{layout}-{objective}-plain"
     yield "tp1pp2dp1-deft-plain-interleaved"
     yield "tp1pp1dp2-deft-distopt-overlap"
+    yield "tp2pp1dp1-deft-plain-unfused"
     for layout in ("tp1pp1dp1", "tp2pp1dp1", "tp2pp2dp1"):
         yield f"{layout}-deft-plain-qknorm"
     for layout in ("tp2pp1dp1", "tp2pp2dp1"):

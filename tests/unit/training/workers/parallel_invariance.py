@@ -102,6 +102,9 @@ def main(out_dir):
             "--overlap-param-gather",
         ]
         run_case(out_dir, results, "tp1pp1dp2-deft-distopt-overlap", 1, 1, overlap)
+        # the objective on the full logits, against the (fused output layer) reference
+        unfused = ["--sft-objective", "deft", "--train-iters", ITERATIONS, "--unfused-output-loss"]
+        run_case(out_dir, results, "tp2pp1dp1-deft-plain-unfused", 2, 1, unfused)
     write_results(out_dir, results)
 
 
