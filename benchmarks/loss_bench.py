@@ -1,19 +1,23 @@
-"""Benchmark: vocab_parallel_loss (every objective) vs megatron-core's vocab_parallel_cross_entropy.
+"""Benchmark: vocab_parallel_loss (every objective) vs megatron-core's vocab_parallel_cross_entropy,
+and (``--output-layer``) the output layer + loss: megatron-core's ColumnParallelLinear + its cross
+entropy, our unfused path, and the fused linear_vocab_parallel_loss.
 
 Forward + backward time (median over repeats) and peak extra memory of one call, at the same
-shapes and tensor-parallel size, printed as ratios against megatron's cross entropy measured in
-the same run.
+shapes and tensor-parallel size, printed as ratios against megatron-core measured in the same run.
 
     python benchmarks/loss_bench.py          # 4096 tokens x 32000 vocab, TP 1 and 2, CPU
     python benchmarks/loss_bench.py --device cuda --tokens 16384 --vocab 128256 --tp 1 2 4 8
+    python benchmarks/loss_bench.py --output-layer   # 8192 tokens, h 1024, V 128256 (Llama 3)
 
-Every call gets a fresh copy of the same logits (megatron's CE and `inplace=True` overwrite their
-input); the copy is outside the timed region. Candidates are timed round-robin within each repeat.
-The gradient is taken with torch.autograd.grad, as for logits inside a model: `.backward()` on a
-leaf would add autograd's accumulation copy when a function hands back its input buffer as the
+Every call gets fresh copies of the same inputs (megatron's CE and `inplace=True` overwrite their
+input); the copies are outside the timed region. Candidates are timed round-robin within each
+repeat. The gradient is taken with torch.autograd.grad, as for logits inside a model: `.backward()`
+on a leaf would add autograd's accumulation copy when a function hands back its input buffer as the
 gradient (megatron's CE does), which a model's non-leaf logits never pay. Peak memory is the
 high-water mark above what was allocated before the call (CUDA allocator stats on GPU; the
-profiler's allocation events on CPU).
+profiler's allocation events on CPU); in the output-layer mode it includes the gradients the call
+returns (d hidden [N, h] and d weight [V/tp, h], the same for every candidate), and the table also
+gives the peak without them (the workspace).
 """
 
 import argparse
@@ -30,20 +34,39 @@ import torch.multiprocessing as mp
 
 from megatron_deft.utils.memory import peak_extra_bytes
 
-OBJECTIVES = ["nll", "p", "dft", "tsallis:q=0.5", "deft", "cayley", "eaft"]
+LOSS_DEFAULTS = {
+    "tokens": 4096,
+    "vocab": 32000,
+    "objectives": ["nll", "p", "dft", "tsallis:q=0.5", "deft", "cayley", "eaft"],
+}
+OUTPUT_LAYER_DEFAULTS = {
+    "tokens": 8192,
+    "vocab": 128256,
+    "objectives": ["nll", "deft", "cayley", "eaft"],
+}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per call (s*b)")
-    parser.add_argument("--vocab", type=int, default=32000, help="full vocabulary size V")
+    parser.add_argument("--output-layer", action="store_true",
+                        help="benchmark the output layer + loss from hidden states")  # fmt: skip
+    parser.add_argument("--tokens", type=int, help="tokens per call (default 4096; 8192 with "
+                        "--output-layer)")  # fmt: skip
+    parser.add_argument("--vocab", type=int, help="full vocabulary size V (default 32000; "
+                        "128256 with --output-layer)")  # fmt: skip
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size h (--output-layer)")
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="tensor-parallel sizes")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="logits dtype")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="input dtype")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls")
-    parser.add_argument("--objectives", nargs="+", default=OBJECTIVES)
+    parser.add_argument("--objectives", nargs="+")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    defaults = OUTPUT_LAYER_DEFAULTS if args.output_layer else LOSS_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def _sync(device):
@@ -52,7 +75,8 @@ def _sync(device):
     dist.barrier()
 
 
-def _candidates(objectives, group):
+def _loss_candidates(objectives, group):
+    """Loss on logits [N, V/tp]: {name: fn(logits, target)}."""
     from megatron.core import tensor_parallel
 
     from megatron_deft.objectives import vocab_parallel_loss
@@ -69,6 +93,53 @@ def _candidates(objectives, group):
     return candidates
 
 
+def _output_layer_candidates(objectives, group, hidden_size, vocab):
+    """Output layer + loss from hidden [N, 1, h] and weight [V/tp, h]: {name: fn(h, w, target)}."""
+    from megatron.core import tensor_parallel
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    from megatron_deft.objectives import linear_vocab_parallel_loss, vocab_parallel_loss
+
+    world = dist.get_world_size(group)
+    layer = tensor_parallel.ColumnParallelLinear(
+        hidden_size, vocab, config=ModelParallelConfig(tensor_model_parallel_size=world),
+        init_method=None, bias=False, gather_output=False, skip_weight_param_allocation=True,
+        tp_group=group,
+    )  # fmt: skip
+
+    def megatron(h, w, y):
+        return tensor_parallel.vocab_parallel_cross_entropy(layer(h, weight=w)[0], y)
+
+    def unfused(objective):
+        return lambda h, w, y: vocab_parallel_loss(
+            layer(h, weight=w)[0], y, objective, group=group, inplace=True
+        )[0]
+
+    def fused(objective):
+        return lambda h, w, y: linear_vocab_parallel_loss(h, w, y, objective, group=group)[0]
+
+    candidates = {"megatron ColumnParallelLinear + vocab_parallel_cross_entropy": megatron}
+    for objective in objectives:
+        candidates[f"{objective} unfused (linear + vocab_parallel_loss)"] = unfused(objective)
+        candidates[f"{objective} fused (linear_vocab_parallel_loss)"] = fused(objective)
+    return candidates
+
+
+def _inputs(args, rank, world, device, dtype):
+    """(master inputs on this rank, target [N] or [N, 1]); every call gets fresh copies."""
+    g = torch.Generator().manual_seed(1000 + rank)
+    target = torch.randint(
+        0, args.vocab, (args.tokens,), generator=torch.Generator().manual_seed(7)
+    )
+    if not args.output_layer:
+        logits = torch.randn(args.tokens, args.vocab // world, generator=g) * 4
+        return [logits.to(device=device, dtype=dtype)], target.to(device)
+    shared = torch.Generator().manual_seed(1)  # hidden is replicated over the TP ranks
+    hidden = torch.randn(args.tokens, 1, args.hidden, generator=shared)
+    weight = torch.randn(args.vocab // world, args.hidden, generator=g) * (4 / args.hidden**0.5)
+    return [t.to(device=device, dtype=dtype) for t in (hidden, weight)], target[:, None].to(device)
+
+
 def _worker(rank, world, args, init_file, out_file):
     from megatron.core import parallel_state
 
@@ -77,31 +148,34 @@ def _worker(rank, world, args, init_file, out_file):
         torch.cuda.set_device(rank)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        if args.output_layer:  # megatron-core's linear layer assumes CUDA in places
+            from megatron_deft.compat import cpu
+
+            cpu.enable()
     dist.init_process_group(
         "nccl" if device == "cuda" else "gloo",
         init_method=f"file://{init_file}",
         rank=rank,
         world_size=world,
-        timeout=datetime.timedelta(minutes=10),
+        timeout=datetime.timedelta(minutes=30),
     )
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
     group = parallel_state.get_tensor_model_parallel_group()
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
-    g = torch.Generator().manual_seed(1000 + rank)
-    master = (torch.randn(args.tokens, args.vocab // world, generator=g) * 4).to(
-        device=device, dtype=dtype
-    )
-    target = torch.randint(
-        0, args.vocab, (args.tokens,), generator=torch.Generator().manual_seed(7)
-    ).to(device)
+    masters, target = _inputs(args, rank, world, device, dtype)
+    if args.output_layer:
+        candidates = _output_layer_candidates(args.objectives, group, args.hidden, args.vocab)
+    else:
+        candidates = _loss_candidates(args.objectives, group)
 
-    candidates = _candidates(args.objectives, group)
+    def fwd_bwd(fn, inputs):
+        return torch.autograd.grad(fn(*inputs, target).sum(), inputs)
 
     def timed_call(fn):
-        x = master.clone().requires_grad_(True)  # fresh input: some candidates overwrite it
+        inputs = [m.clone().requires_grad_(True) for m in masters]  # some candidates overwrite
         _sync(device)
         start = time.perf_counter()
-        torch.autograd.grad(fn(x, target).sum(), x)
+        fwd_bwd(fn, inputs)
         _sync(device)
         return time.perf_counter() - start
 
@@ -115,13 +189,12 @@ def _worker(rank, world, args, init_file, out_file):
                 times[name].append(seconds)
 
     rows = []
+    grads_bytes = sum(m.numel() * m.element_size() for m in masters) if args.output_layer else 0
     for name, fn in candidates.items():
-        x = master.clone().requires_grad_(True)  # allocated before the measured region
-        peak = peak_extra_bytes(
-            lambda fn=fn, x=x: torch.autograd.grad(fn(x, target).sum(), x), device
-        )
-        del x
-        rows.append((name, statistics.median(times[name]), peak))
+        inputs = [m.clone().requires_grad_(True) for m in masters]  # allocated before measuring
+        peak = peak_extra_bytes(lambda fn=fn, inputs=inputs: fwd_bwd(fn, inputs), device)
+        del inputs
+        rows.append((name, statistics.median(times[name]), peak, peak - grads_bytes))
     if rank == 0:
         torch.save(rows, out_file)
     parallel_state.destroy_model_parallel()
@@ -136,13 +209,16 @@ def _device_name(device):
 
 def main(argv=None):
     args = parse_args(argv)
-    shard_mib = args.tokens * args.vocab * 4 / 2**20
+    logits_mib = args.tokens * args.vocab * 4 / 2**20
+    what = f"output layer (h {args.hidden}) + loss" if args.output_layer else "loss"
     print(
-        f"# loss benchmark: {args.tokens} tokens x {args.vocab} vocab, {args.dtype} logits, "
+        f"# {what} benchmark: {args.tokens} tokens x {args.vocab} vocab, {args.dtype} inputs, "
         f"{args.device} ({_device_name(args.device)}), torch {torch.__version__}, "
         f"median of {args.repeats} (after {args.warmup} warm-up)"
     )
-    print(f"# one fp32 full-vocab logits buffer = {shard_mib:.0f} MiB (divide by TP for a shard)\n")
+    print(
+        f"# one fp32 full-vocab logits buffer = {logits_mib:.0f} MiB (divide by TP for a shard)\n"
+    )
     for tp in args.tp:
         if args.vocab % tp:
             raise SystemExit(f"--vocab {args.vocab} is not divisible by TP={tp}")
@@ -152,19 +228,25 @@ def main(argv=None):
                 _worker, args=(tp, args, os.path.join(tmp, "store"), out_file), nprocs=tp, join=True
             )
             rows = torch.load(out_file)
-        base_time, base_peak = rows[0][1], rows[0][2]
-        print(f"## TP={tp} (per rank: {args.tokens} x {args.vocab // tp})\n")
-        print(
-            "| loss | fwd+bwd ms | time vs megatron CE | peak extra MiB "
-            "| peak minus megatron CE's |"
-        )
-        print("|---|---:|---:|---:|---:|")
-        for name, seconds, peak in rows:
-            print(
-                f"| {name} | {seconds * 1e3:.1f} | {seconds / base_time:.2f}x | "
-                f"{peak / 2**20:.1f} | {(peak - base_peak) / 2**20:+.1f} MiB |"
-            )
-        print()
+        _print_table(tp, args, rows)
+
+
+def _print_table(tp, args, rows):
+    """Markdown table of one TP size; ratios against the first row (megatron-core)."""
+    base_time, base_peak, base_work = rows[0][1:]
+    print(f"## TP={tp} (per rank: {args.tokens} x {args.vocab // tp})\n")
+    columns = ["loss", "fwd+bwd ms", "time vs megatron", "peak extra MiB", "peak vs megatron"]
+    if args.output_layer:
+        columns += ["workspace MiB (peak minus the returned grads)", "workspace vs megatron"]
+    print("| " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * (len(columns) - 1))
+    for name, seconds, peak, work in rows:
+        cells = [name, f"{seconds * 1e3:.1f}", f"{seconds / base_time:.2f}x",
+                 f"{peak / 2**20:.1f}", f"{peak / max(base_peak, 1):.3f}x"]  # fmt: skip
+        if args.output_layer:
+            cells += [f"{work / 2**20:.1f}", f"{work / max(base_work, 1):.3f}x"]
+        print("| " + " | ".join(cells) + " |")
+    print()
 
 
 if __name__ == "__main__":
