@@ -195,7 +195,7 @@ def _class_field(record: dict, class_key: Optional[str]) -> Optional[str]:
         raise _BadRecord(
             "invalid", f"token class key '{class_key}' must be a non-empty string, got {value!r}"
         )
-    return value
+    return _check_unicode(value, f"token class key '{class_key}'")
 
 
 def _string_field(record: dict, key: str, allow_empty: bool, where: str = "record"):
@@ -210,6 +210,22 @@ def _string_field(record: dict, key: str, allow_empty: bool, where: str = "recor
         raise _BadRecord(
             "empty_response", f"{where} key '{key}' is empty (a response must have text)"
         )
+    return _check_unicode(value, f"{where} key '{key}'")
+
+
+def _check_unicode(value: str, what: str) -> str:
+    """``value`` if it is valid Unicode text. JSON's ``\\uXXXX`` escapes can encode a lone UTF-16
+    surrogate (``"\\ud800"``), which Python keeps in a ``str`` but no tokenizer can encode (the
+    C++ tokenizers fail without naming the line), so it is rejected here, at its line."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = value[error.start : error.end].encode("unicode_escape").decode("ascii")
+        raise _BadRecord(
+            "invalid_unicode",
+            f"{what} holds the lone surrogate escape {bad} at character {error.start}, "
+            "which is not valid Unicode text",
+        ) from None
     return value
 
 

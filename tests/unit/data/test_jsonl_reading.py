@@ -2,6 +2,7 @@
 
 import pytest
 
+from megatron_deft.data import build_sft_data
 from megatron_deft.data.config import DataConfig
 from megatron_deft.data.jsonl import DataError, read_samples
 from tests.unit.data.helpers import write_jsonl
@@ -89,6 +90,18 @@ BAD_CASES = {
     ),
     "empty_messages": ({"messages": []}, "non-empty list", "invalid"),
     "other_keys_after_detection": ({"text": "t"}, "missing key 'prompt'", "missing_key"),
+    # JSON escapes of lone UTF-16 surrogates decode to str values no tokenizer can encode.
+    "lone_surrogate_response": (
+        '{"prompt": "p", "response": "ok \\ud800"}',
+        "lone surrogate escape \\ud800 at character 3",
+        "invalid_unicode",
+    ),
+    "lone_surrogate_content": (
+        '{"messages": [{"role": "user", "content": "\\udfff"}, '
+        '{"role": "assistant", "content": "a"}]}',
+        "messages[0] key 'content' holds the lone surrogate",
+        "invalid_unicode",
+    ),
 }
 
 
@@ -156,6 +169,17 @@ def test_skip_bad_samples_counts_every_reason(tmp_path):
     assert dict(report.skipped) == {"malformed_json": 1, "missing_key": 2, "empty_response": 1}
     assert report.num_skipped == 4 and report.num_samples == 2
     assert report.examples[0].startswith(f"{path}:2: malformed JSON")
+
+
+def test_lone_surrogate_fails_at_its_line_or_is_counted(tmp_path, sp_model_path):
+    """Through the real SentencePiece tokenizer (whose C++ binding cannot take such a str)."""
+    path = write_jsonl(tmp_path / "s.jsonl", [PAIR, '{"prompt": "\\ud800", "response": "r"}', PAIR])
+    config = dict(train_data_path=[path], tokenizer_model=sp_model_path, seq_length=32)
+    with pytest.raises(DataError, match=f"^{path}:2: record key 'prompt' holds the lone"):
+        build_sft_data(DataConfig(**config), 1, 1)
+    built = build_sft_data(DataConfig(**config, skip_bad_samples=True), 1, 1)
+    assert built.reports[0].skipped == {"invalid_unicode": 1}
+    assert built.reports[0].num_samples == 2
 
 
 def test_config_rejects_unknown_choices():
