@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from megatron_deft.data.blend import build_indexed_split
-from megatron_deft.data.cache import cache_key, load_cached, save_cached
+from megatron_deft.data.cache import cache_key, file_digest, load_cached, save_cached
 from megatron_deft.data.config import DataConfig
 from megatron_deft.data.jsonl import ReadReport, iter_samples
 from megatron_deft.data.loader import SFTDataLoader
@@ -135,20 +135,23 @@ def _build_split(name: str, paths: List[str], config: DataConfig, tokenizer: Tok
 
 def _cached_tokenize_split(paths: List[str], config: DataConfig, tokenizer: Tokenizer):
     if not config.data_cache_dir:
-        return _tokenize_split(paths, config, tokenizer)
+        return _tokenize_split(paths, config, tokenizer)[:2]
     settings = {name: getattr(config, name) for name in _TOKENIZATION_SETTINGS}
-    key = cache_key(paths, config.tokenizer_model, settings)
+    key = cache_key([file_digest(path) for path in paths], config.tokenizer_model, settings)
     cached = load_cached(config.data_cache_dir, key)
     if cached is not None:
         logger.info("tokenized %s from cache entry %s", paths, key)
         return cached
-    samples, counts = _tokenize_split(paths, config, tokenizer)
-    save_cached(config.data_cache_dir, key, samples, counts)
+    samples, counts, digests = _tokenize_split(paths, config, tokenizer)
+    # Keyed by the bytes tokenized (hashed while read): equal to `key` unless a file changed.
+    read_key = cache_key([digests[path] for path in paths], config.tokenizer_model, settings)
+    save_cached(config.data_cache_dir, read_key, samples, counts)
     return samples, counts
 
 
 def _tokenize_split(paths: List[str], config: DataConfig, tokenizer: Tokenizer):
-    """Returns the tokenized samples and the SplitReport counts of reading and tokenizing."""
+    """Returns the tokenized samples, the SplitReport counts of reading and tokenizing, and
+    ``{path: SHA-256 of its bytes as read}``."""
     read_report = ReadReport()
     conversations = iter_samples(
         paths,
@@ -177,4 +180,4 @@ def _tokenize_split(paths: List[str], config: DataConfig, tokenizer: Tokenizer):
         num_tokens=token_report.num_tokens,
         num_loss_tokens=token_report.num_loss_tokens,
     )
-    return samples, counts
+    return samples, counts, read_report.digests

@@ -74,8 +74,8 @@ class DataConfig:
 
     data_cache_dir: Optional[str] = None
     """Directory for tokenized-data caches (None: tokenize on every start). Entries are keyed by
-    the data and tokenizer files' paths, sizes and mtimes plus the settings above, so changed
-    inputs are re-tokenized, never served stale."""
+    a hash of the data and tokenizer files' contents plus the settings above, so changed inputs
+    are re-tokenized, never served stale."""
 
     def __post_init__(self):
         self.train_data_path = _path_list(self.train_data_path)

@@ -16,6 +16,7 @@ counted per reason in a :class:`ReadReport` instead. Blank lines are not samples
 """
 
 import collections
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ class ReadReport:
     skipped: Dict[str, int] = field(default_factory=collections.Counter)
     examples: List[str] = field(default_factory=list)
     """The first few skipped lines as ``file:line: message``."""
+    digests: Dict[str, str] = field(default_factory=dict)
+    """SHA-256 hex digest of each file's bytes as read (the tokenized-data cache's key)."""
 
     def record_skip(self, error: DataError) -> None:
         self.skipped[error.reason] += 1
@@ -254,8 +257,10 @@ def decode_record(raw: bytes, path: str, line: int) -> Optional[dict]:
 def _iter_records(path: str, report: ReadReport, skip: bool) -> Iterator[Tuple[int, dict]]:
     """Yields ``(line_number, json_object)``; undecodable lines fail or are skipped here."""
     # Binary read + per-line decode so that a bad byte is reported at its line, not for the file.
+    digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for line, raw in enumerate(handle, start=1):
+            digest.update(raw)
             try:
                 record = decode_record(raw, path, line)
             except DataError as error:
@@ -263,6 +268,7 @@ def _iter_records(path: str, report: ReadReport, skip: bool) -> Iterator[Tuple[i
                 continue
             if record is not None:
                 yield line, record
+    report.digests[path] = digest.hexdigest()
 
 
 def _fail_or_skip(error: DataError, report: ReadReport, skip: bool) -> None:
