@@ -22,6 +22,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from megatron_deft.data.config import RecordFormat
+
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED_EXAMPLES = 5
 
@@ -77,33 +79,24 @@ class ReadReport:
 
 def read_samples(
     paths: Sequence[str],
-    data_format: str = "auto",
-    prompt_key: str = "prompt",
-    response_key: str = "response",
-    skip_bad_samples: bool = False,
+    records: Optional[RecordFormat] = None,
     class_key: Optional[str] = None,
 ) -> Tuple[List[Sample], ReadReport]:
-    """Reads and validates all files in order; returns the samples and a report of skips.
+    """Reads and validates all files in order as ``records`` says (default: ``RecordFormat()``);
+    returns the samples and a report of skips.
 
     Raises:
         DataError: a missing/empty file (always), or the first bad line unless
-            ``skip_bad_samples``.
+            ``records.skip_bad_samples``.
     """
     report = ReadReport()
-    samples = list(
-        iter_samples(
-            paths, data_format, prompt_key, response_key, skip_bad_samples, report, class_key
-        )
-    )
+    samples = list(iter_samples(paths, records or RecordFormat(), report, class_key))
     return samples, report
 
 
 def iter_samples(
     paths: Sequence[str],
-    data_format: str,
-    prompt_key: str,
-    response_key: str,
-    skip_bad_samples: bool,
+    records: RecordFormat,
     report: ReadReport,
     class_key: Optional[str] = None,
 ) -> Iterator[Sample]:
@@ -113,19 +106,18 @@ def iter_samples(
         raise ValueError("no data files given")
     for path in paths:
         _check_file(path)
+    keys, skip = (records.prompt_key, records.response_key), records.skip_bad_samples
     for path in paths:
-        file_format = None if data_format == "auto" else data_format
+        file_format = None if records.data_format == "auto" else records.data_format
         kept = 0
-        for line, record in _iter_records(path, report, skip_bad_samples):
+        for line, record in _iter_records(path, report, skip):
             try:
                 if file_format is None:
-                    file_format = detect_format(record, prompt_key, response_key)
-                messages = parse_record(record, file_format, prompt_key, response_key)
+                    file_format = detect_format(record, *keys)
+                messages = parse_record(record, file_format, *keys)
                 token_class = _class_field(record, class_key)
             except _BadRecord as error:
-                _fail_or_skip(
-                    DataError(path, line, str(error), error.reason), report, skip_bad_samples
-                )
+                _fail_or_skip(DataError(path, line, str(error), error.reason), report, skip)
                 continue
             kept += 1
             report.num_samples += 1
