@@ -115,7 +115,10 @@ def data_parallel_size(config: Config, world_size: int) -> int:
 def _validate_layout(config: Config, world_size: int) -> None:
     model, par, train = config.model, config.parallel, config.training
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    _require(tp >= 1 and pp >= 1, "--tensor/pipeline-model-parallel-size must be >= 1")
+    _require(
+        tp >= 1 and pp >= 1,
+        "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1",
+    )
     _require(
         world_size % (tp * pp) == 0,
         f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}",
