@@ -1,17 +1,23 @@
 """Trainer configuration: dataclasses with one docstring per field, parsed once at entry.
 
 Every field maps onto one command-line flag: ``--`` + the field name with dashes (Megatron-LM's
-names, e.g. ``--tensor-model-parallel-size``). Boolean fields are ``store_true`` flags. A YAML
-file given with ``--config`` holds the same keys (dashes or underscores); flags override it.
-The help text of each flag is the field's docstring (read from this file's source), so the
-docstring is the single place a field is described.
+names, e.g. ``--tensor-model-parallel-size``), made by :func:`add_config_flags`, which the
+evaluator and the tools use too. The data sections (records, tokenizer, data sources) are
+declared in ``megatron_deft.data.config`` and embedded here. Boolean fields are
+``store_true`` flags. A YAML file given with ``--config`` holds the same keys (dashes or
+underscores); flags override it. The help text of each flag is the field's docstring (read from
+its class's source), so the docstring is the single place a field is described.
 """
 
+import argparse
 import ast
 import dataclasses
 import inspect
+import typing
 from dataclasses import dataclass, field
 from typing import Optional
+
+from megatron_deft.data.config import DataConfig, RecordFormat, TokenizerConfig
 
 
 class ConfigError(ValueError):
@@ -173,44 +179,6 @@ class TrainingConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where micro-batches come from; the data pipeline reads these fields."""
-
-    train_data: Optional[str] = None
-    """Training data file(s), comma separated."""
-    valid_data: Optional[str] = None
-    """Validation data file(s), comma separated."""
-    data_format: str = "auto"
-    """Record format of the data files: auto, prompt_response or messages."""
-    prompt_key: str = "prompt"
-    """JSON key of the prompt in prompt_response records (e.g. question for GSM8K)."""
-    response_key: str = "response"
-    """JSON key of the response in prompt_response records (e.g. answer for GSM8K)."""
-    token_class_key: Optional[str] = None
-    """JSON key whose string value names the class of a sample's tokens (e.g. "noisy"): the
-    gate and exponent are then also logged per class (TensorBoard histograms). JSONL only."""
-    pack_sequences: bool = False
-    """Pack several samples into one row of seq_length tokens."""
-    tokenizer_type: Optional[str] = None
-    """Tokenizer family (see the data pipeline)."""
-    tokenizer_model: Optional[str] = None
-    """Tokenizer model file or directory."""
-    mock_data: bool = False
-    """Train on the built-in deterministic synthetic rows (needs --vocab-size)."""
-    data_path: Optional[list] = None
-    """Preprocessed training data (tools/preprocess_sft_data.py --output-prefix), instead of
-    --train-data: one prefix, several prefixes, or weight/prefix pairs (--data-path 0.7 a 0.3 b)."""
-    valid_data_prefix: Optional[list] = None
-    """Preprocessed validation data in the --data-path syntax, instead of --valid-data."""
-    overlong: str = "truncate"
-    """Samples longer than --seq-length: truncate (keep the first seq_length tokens) or drop."""
-    skip_bad_samples: bool = False
-    """Skip (count and report) malformed or invalid JSONL lines instead of stopping at the first."""
-    data_cache_dir: Optional[str] = None
-    """Cache tokenized JSONL here so restarts skip tokenization."""
-
-
-@dataclass
 class CheckpointConfig:
     """megatron-core dist_checkpointing (torch_dist) checkpoints."""
 
@@ -245,6 +213,10 @@ class Config:
     """Loop settings."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data sources."""
+    records: RecordFormat = field(default_factory=RecordFormat)
+    """How JSONL records are read."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Tokenizer."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing."""
 
@@ -261,3 +233,71 @@ def field_docs(cls) -> dict:
         if isinstance(previous, ast.AnnAssign) and is_doc:
             docs[previous.target.id] = " ".join(node.value.value.split())
     return docs
+
+
+def _flag_type(annotation):
+    """The scalar type behind Optional[X]."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def add_config_flags(parser, cls, dest_prefix: str = "", choices: Optional[dict] = None) -> None:
+    """Adds one ``--flag`` per field of the dataclass ``cls`` to ``parser``: the field name with
+    dashes, help = its docstring, dest = ``dest_prefix + name``. A field that is itself a
+    dataclass (a section) becomes an argument group whose flags get dest ``name.field``.
+
+    Bool fields are ``store_true`` flags, ``list`` fields take one or more values (Megatron-style
+    ``--data-path 0.7 a 0.3 b``). Defaults stay out of the namespace (``argparse.SUPPRESS``) so
+    the dataclass's own defaults apply; allowed values come from the field's
+    ``metadata["choices"]`` or ``choices[name]``; ``metadata["required"]`` makes a flag required.
+    """
+    docs = field_docs(cls)
+    for item in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(item.type):
+            group = parser.add_argument_group(item.name, item.type.__doc__)
+            add_config_flags(group, item.type, f"{dest_prefix}{item.name}.", choices)
+            continue
+        flag, kind = "--" + item.name.replace("_", "-"), _flag_type(item.type)
+        common = dict(dest=dest_prefix + item.name, help=docs[item.name], default=argparse.SUPPRESS)
+        common["required"] = item.metadata.get("required", False)
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", **common)
+            continue
+        allowed = item.metadata.get("choices") or (choices or {}).get(item.name)
+        parser.add_argument(
+            flag,
+            metavar=item.name.upper(),
+            **(dict(nargs="+") if kind is list else dict(type=kind, choices=allowed)),
+            **common,
+        )
+
+
+def config_from_flags(cls, values: dict, dest_prefix: str = ""):
+    """The dataclass ``cls`` built from ``{dest: value}`` named as :func:`add_config_flags` names
+    them; a field without a value keeps its default. Every section is constructed (not assigned
+    field by field), so its ``__post_init__`` checks run; they raise ValueError."""
+    kwargs = {}
+    for item in dataclasses.fields(cls):
+        dest = dest_prefix + item.name
+        if dataclasses.is_dataclass(item.type):
+            kwargs[item.name] = config_from_flags(item.type, values, dest + ".")
+        elif dest in values:
+            kwargs[item.name] = values[dest]
+    return cls(**kwargs)
+
+
+def parse_sections(parser: argparse.ArgumentParser, sections: dict, argv=None):
+    """For tools with a few flags of their own plus config sections: adds each section's flags
+    as an argument group (dest ``name.field``), parses ``argv`` and returns ``(namespace,
+    {name: section built from its flags})``. A section's own check failing is reported like a
+    bad flag (one line, exit 2)."""
+    for name, cls in sections.items():
+        add_config_flags(parser.add_argument_group(name, cls.__doc__), cls, name + ".")
+    args = parser.parse_args(argv)
+    try:
+        built = {
+            name: config_from_flags(cls, vars(args), name + ".") for name, cls in sections.items()
+        }
+    except ValueError as error:
+        parser.error(str(error))
+    return args, built

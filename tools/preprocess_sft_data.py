@@ -7,7 +7,7 @@ errors) with ``--workers`` processes, and writes ``PREFIX_tokens.bin/.idx`` (ids
 ``PREFIX.json`` (tokenizer fingerprint, settings, skipped-line counts), atomically. Samples are
 stored whole; ``--seq-length`` and ``--overlong`` apply when training reads them, so one set
 serves every sequence length. Training with ``--data-path PREFIX`` gives the same batches as
-``--train-data-path`` on the JSONL; ``--data-path 0.7 PREFIX_A 0.3 PREFIX_B`` blends sets.
+``--train-data`` on the JSONL; ``--data-path 0.7 PREFIX_A 0.3 PREFIX_B`` blends sets.
 
 Example (GSM8K):
     python tools/preprocess_sft_data.py --input data/gsm8k/train.jsonl \\
@@ -21,30 +21,26 @@ import argparse
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 # Runnable from a checkout without `pip install -e .`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_deft.data.config import TOKENIZER_TYPES, add_jsonl_input_arguments  # noqa: E402
+from megatron_deft.config import parse_sections  # noqa: E402
+from megatron_deft.data.config import RecordFormat, TokenizerConfig  # noqa: E402
 from megatron_deft.data.jsonl import DataError  # noqa: E402
-from megatron_deft.data.preprocess import (  # noqa: E402
-    CHUNK_LINES,
-    ReadSettings,
-    preprocess_sft_data,
-)
+from megatron_deft.data.preprocess import CHUNK_LINES, preprocess_sft_data  # noqa: E402
+
+SECTIONS = {"records": RecordFormat, "tokenizer": TokenizerConfig}
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Dict]:
+    """(tool flags, {"records": RecordFormat, "tokenizer": TokenizerConfig})."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_jsonl_input_arguments(parser, "JSONL files, read in order")
+    parser.add_argument("--input", nargs="+", required=True, help="JSONL files, read in order")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX_* and PREFIX.json")
-    parser.add_argument(
-        "--tokenizer-type", default="SentencePieceTokenizer", choices=TOKENIZER_TYPES
-    )
-    parser.add_argument("--tokenizer-model", required=True)
     parser.add_argument(
         "--workers",
         type=int,
@@ -53,22 +49,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--chunk-lines", type=int, default=CHUNK_LINES, help="lines per task")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
-    return parser.parse_args(argv)
+    args, sections = parse_sections(parser, SECTIONS, argv)
+    if sections["tokenizer"].tokenizer_model is None:
+        parser.error("the following arguments are required: --tokenizer-model")
+    return args, sections
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    settings = ReadSettings(
-        args.data_format, args.prompt_key, args.response_key, args.skip_bad_samples
-    )
+    args, sections = parse_args(argv)
     start = time.monotonic()
     try:
         sidecar = preprocess_sft_data(
             args.input,
             args.output_prefix,
-            args.tokenizer_type,
-            args.tokenizer_model,
-            settings,
+            sections["tokenizer"],
+            sections["records"],
             workers=args.workers,
             chunk_lines=args.chunk_lines,
             progress=args.progress,

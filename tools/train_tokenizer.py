@@ -21,16 +21,18 @@ from typing import Iterator, List, Optional
 # Runnable from a checkout without `pip install -e .` (the quickstart's first step).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_deft.config import parse_sections  # noqa: E402
 from megatron_deft.data.chat_format import ROLE_MARKERS  # noqa: E402
-from megatron_deft.data.config import add_jsonl_input_arguments  # noqa: E402
+from megatron_deft.data.config import RecordFormat  # noqa: E402
 from megatron_deft.data.jsonl import DataError, Sample, read_samples  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The tool's flags; ``records`` is the RecordFormat of the --data-format/... flags."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_jsonl_input_arguments(parser, "JSONL files to learn from")
+    parser.add_argument("--input", nargs="+", required=True, help="JSONL files to learn from")
     parser.add_argument(
         "--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab"
     )
@@ -50,7 +52,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="train on a random subset of this many messages (0: all); bounds trainer memory",
     )
     parser.add_argument("--num-threads", type=int, default=os.cpu_count() or 1)
-    return parser.parse_args(argv)
+    args, sections = parse_sections(parser, {"records": RecordFormat}, argv)
+    args.records = sections["records"]
+    return args
 
 
 def iter_texts(samples: List[Sample]) -> Iterator[str]:
@@ -66,9 +70,7 @@ def train(args: argparse.Namespace) -> str:
     import sentencepiece
 
     # Read and validate everything first: a bad line fails here with file:line, not mid-training.
-    samples, report = read_samples(
-        args.input, args.data_format, args.prompt_key, args.response_key, args.skip_bad_samples
-    )
+    samples, report = read_samples(args.input, args.records)
     if report.num_skipped:
         print(f"skipped {report.num_skipped} bad lines {dict(report.skipped)}", file=sys.stderr)
     out_dir = os.path.dirname(os.path.abspath(args.model_prefix))

@@ -4,7 +4,7 @@
 
 - ``[prefix]``: one preprocessed set; rows exactly as the JSONL it was made from would give.
 - ``[prefix_1, prefix_2, ...]``: the union of their samples in that order, packed together,
-  exactly like listing the JSONL files in ``train_data_path``.
+  exactly like listing the JSONL files in ``--train-data``.
 - ``[w_1, prefix_1, w_2, prefix_2, ...]``: a blend. Each set is packed on its own into
   ``R_i`` rows; a blend epoch has ``N = sum_i R_i`` rows of which ``n_i`` (largest-remainder
   rounding of ``N * w_i / sum(w)``) come from set ``i``: the next ``n_i`` entries of its own
@@ -170,40 +170,41 @@ class BlendedRows:
         return np.concatenate(permutations)[offset : offset + count] if count else np.empty(0, int)
 
 
-def build_indexed_split(data_path, config, tokenizer):
+def build_indexed_split(data_path, tokenizer_type, tokenizer, seq_length, data, seed):
     """``(samples, rows, report counts)`` of preprocessed sets named by ``data_path``.
 
     Args:
-        config: a ``DataConfig`` (uses seq_length, overlong, pack_sequences, seed,
-            tokenizer_type); every set must have been made with this run's tokenizer.
-        tokenizer: this run's tokenizer (checked against each set's sidecar).
+        tokenizer: this run's tokenizer (of ``tokenizer_type``); every set must have been made
+            with it (checked against each set's sidecar).
+        data: the ``DataConfig`` (uses overlong and pack_sequences).
+        seed: the run's seed (a blend's row streams).
     Returns:
         counts: the keyword arguments of ``SplitReport`` except ``name``.
     """
     prefixes, weights = parse_data_path(data_path)
     parts = []
     for prefix in prefixes:
-        part = IndexedSamples(prefix, config.seq_length, config.overlong)
-        check_tokenizer(prefix, part.sidecar, config.tokenizer_type, tokenizer)
+        part = IndexedSamples(prefix, seq_length, data.overlong)
+        check_tokenizer(prefix, part.sidecar, tokenizer_type, tokenizer)
         parts.append(part)
     samples = parts[0] if len(parts) == 1 else ConcatenatedSamples(parts)
     if weights is None or len(parts) == 1:
-        rows = plan_rows(samples.lengths, config.seq_length, config.pack_sequences)
+        rows = plan_rows(samples.lengths, seq_length, data.pack_sequences)
         row_tokens = int(samples.lengths.sum())
     else:
         rows_per_set = []
         for start, part in zip(samples.starts[:-1].tolist(), parts):
-            own_rows = plan_rows(part.lengths, config.seq_length, config.pack_sequences)
+            own_rows = plan_rows(part.lengths, seq_length, data.pack_sequences)
             if not own_rows:
                 raise ValueError(f"{part.prefix}: no samples left to blend (all dropped)")
             rows_per_set.append([tuple(start + k for k in row) for row in own_rows])
-        rows = BlendedRows(rows_per_set, weights, config.seed)
+        rows = BlendedRows(rows_per_set, weights, seed)
         flat = np.fromiter((k for row in rows for k in row), dtype=np.int64)
         row_tokens = int(samples.lengths[flat].sum())
     counts = _merged_counts(parts)
     counts.update(
         num_rows=len(rows),
-        packing_efficiency=row_tokens / max(1, len(rows) * config.seq_length),
+        packing_efficiency=row_tokens / max(1, len(rows) * seq_length),
     )
     return samples, rows, counts
 

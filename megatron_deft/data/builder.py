@@ -1,12 +1,13 @@
 """The one entry point the trainer calls: config -> tokenizer + train/valid loaders + report."""
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from megatron_deft.data.blend import build_indexed_split
-from megatron_deft.data.cache import cache_key, load_cached, save_cached
-from megatron_deft.data.config import DataConfig
+from megatron_deft.data.cache import cache_key, file_digest, load_cached, save_cached
+from megatron_deft.data.config import DataConfig, RecordFormat, TokenizerConfig
 from megatron_deft.data.jsonl import ReadReport, iter_samples
 from megatron_deft.data.loader import SFTDataLoader
 from megatron_deft.data.packing import packing_efficiency, plan_rows
@@ -14,18 +15,6 @@ from megatron_deft.data.sft_dataset import tokenize_samples
 from megatron_deft.data.tokenizer import Tokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
-
-# DataConfig fields that change tokenization output (part of the cache key).
-_TOKENIZATION_SETTINGS = (
-    "data_format",
-    "prompt_key",
-    "response_key",
-    "token_class_key",
-    "seq_length",
-    "overlong",
-    "skip_bad_samples",
-    "tokenizer_type",
-)
 
 
 @dataclass
@@ -70,7 +59,12 @@ class SFTData:
 
 
 def build_sft_data(
-    config: DataConfig,
+    data: DataConfig,
+    records: RecordFormat,
+    tokenizer: TokenizerConfig,
+    *,
+    seq_length: int,
+    seed: int,
     global_batch_size: int,
     micro_batch_size: int,
     dp_rank: int = 0,
@@ -80,40 +74,47 @@ def build_sft_data(
     """Builds tokenizer and loaders; every rank builds the same rows (deterministic), then reads
     only its slice. Counts of skipped/truncated/dropped samples are logged and returned.
 
-    A split comes from JSONL files (``train_data_path`` / ``valid_data_path``) or from sets
-    preprocessed by ``tools/preprocess_sft_data.py`` (``data_path`` / ``valid_data_prefix``,
+    A split comes from JSONL files (``data.train_data`` / ``valid_data``) or from sets
+    preprocessed by ``tools/preprocess_sft_data.py`` (``data.data_path`` / ``valid_data_prefix``,
     Megatron ``--data-path`` syntax, memory-mapped; see ``megatron_deft.data.blend``). Both
     give the same rows for the same samples.
 
     Args:
+        seq_length: tokens per row ``s``; every micro-batch is ``[b, s]``.
+        seed: seed of the row shuffle; epoch ``e`` uses the permutation drawn from ``(seed, e)``.
         global_batch_size: rows per optimizer step over all DP ranks (``G``).
         micro_batch_size: rows per forward pass (``b``); ``G % (b * dp_size) == 0``.
         with_attention_mask: False skips the ``[b, 1, s, s]`` mask (THD/cu_seqlens GPU runs).
     """
-    tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)
+    if seq_length < 2:
+        raise ValueError(f"--seq-length must be >= 2 (one input and one target), got {seq_length}")
+    built = build_tokenizer(tokenizer.tokenizer_type, tokenizer.tokenizer_model)
     loader_args = dict(
-        seq_length=config.seq_length,
-        pad_id=tokenizer.pad_id,
+        seq_length=seq_length,
+        pad_id=built.pad_id,
         global_batch_size=global_batch_size,
         micro_batch_size=micro_batch_size,
         dp_rank=dp_rank,
         dp_size=dp_size,
-        seed=config.seed,
-        packed=config.pack_sequences,
+        seed=seed,
+        packed=data.pack_sequences,
         with_attention_mask=with_attention_mask,
     )
+    reading = _Reading(data, records, tokenizer, built, seq_length)
     reports = []
     loaders = []
     splits = (
-        ("train", config.train_data_path, config.data_path),
-        ("valid", config.valid_data_path, config.valid_data_prefix),
+        ("train", data.train_paths(), data.data_path),
+        ("valid", data.valid_paths(), data.valid_data_prefix),
     )
     for name, paths, prefixes in splits:
         if prefixes:
-            samples, rows, counts = build_indexed_split(prefixes, config, tokenizer)
+            samples, rows, counts = build_indexed_split(
+                prefixes, tokenizer.tokenizer_type, built, seq_length, data, seed
+            )
             report = SplitReport(name=name, **counts)
         elif paths:
-            samples, rows, report = _build_split(name, paths, config, tokenizer)
+            samples, rows, report = _build_split(name, paths, reading)
         else:
             loaders.append(None)
             continue
@@ -121,50 +122,69 @@ def build_sft_data(
         reports.append(report)
         loaders.append(SFTDataLoader(samples, rows, **loader_args))
     if loaders[0] is None:
-        raise ValueError("no training data: set --train-data-path or --data-path")
-    return SFTData(tokenizer, loaders[0], loaders[1], reports)
+        raise ValueError("no training data: set --train-data or --data-path")
+    return SFTData(built, loaders[0], loaders[1], reports)
 
 
-def _build_split(name: str, paths: List[str], config: DataConfig, tokenizer: Tokenizer):
-    samples, counts = _cached_tokenize_split(paths, config, tokenizer)
-    rows = plan_rows(samples.lengths, config.seq_length, config.pack_sequences)
-    efficiency = packing_efficiency(samples.lengths, len(rows), config.seq_length)
+@dataclass(frozen=True)
+class _Reading:
+    """What reading and tokenizing a JSONL split depends on."""
+
+    data: DataConfig
+    records: RecordFormat
+    tokenizer_config: TokenizerConfig
+    tokenizer: Tokenizer
+    seq_length: int
+
+    def cache_settings(self) -> dict:
+        """The settings that change tokenization output (part of the cache key)."""
+        return dict(
+            dataclasses.asdict(self.records),
+            token_class_key=self.data.token_class_key,
+            seq_length=self.seq_length,
+            overlong=self.data.overlong,
+            tokenizer_type=self.tokenizer_config.tokenizer_type,
+        )
+
+
+def _build_split(name: str, paths: List[str], reading: _Reading):
+    samples, counts = _cached_tokenize_split(paths, reading)
+    seq_length, packed = reading.seq_length, reading.data.pack_sequences
+    rows = plan_rows(samples.lengths, seq_length, packed)
+    efficiency = packing_efficiency(samples.lengths, len(rows), seq_length)
     report = SplitReport(name=name, num_rows=len(rows), packing_efficiency=efficiency, **counts)
     return samples, rows, report
 
 
-def _cached_tokenize_split(paths: List[str], config: DataConfig, tokenizer: Tokenizer):
-    if not config.data_cache_dir:
-        return _tokenize_split(paths, config, tokenizer)
-    settings = {name: getattr(config, name) for name in _TOKENIZATION_SETTINGS}
-    key = cache_key(paths, config.tokenizer_model, settings)
-    cached = load_cached(config.data_cache_dir, key)
+def _cached_tokenize_split(paths: List[str], reading: _Reading):
+    cache_dir = reading.data.data_cache_dir
+    if not cache_dir:
+        return _tokenize_split(paths, reading)[:2]
+    settings, model = reading.cache_settings(), reading.tokenizer_config.tokenizer_model
+    key = cache_key([file_digest(path) for path in paths], model, settings)
+    cached = load_cached(cache_dir, key)
     if cached is not None:
         logger.info("tokenized %s from cache entry %s", paths, key)
         return cached
-    samples, counts = _tokenize_split(paths, config, tokenizer)
-    save_cached(config.data_cache_dir, key, samples, counts)
+    samples, counts, digests = _tokenize_split(paths, reading)
+    # Keyed by the bytes tokenized (hashed while read): equal to `key` unless a file changed.
+    read_key = cache_key([digests[path] for path in paths], model, settings)
+    save_cached(cache_dir, read_key, samples, counts)
     return samples, counts
 
 
-def _tokenize_split(paths: List[str], config: DataConfig, tokenizer: Tokenizer):
-    """Returns the tokenized samples and the SplitReport counts of reading and tokenizing."""
+def _tokenize_split(paths: List[str], reading: _Reading):
+    """Returns the tokenized samples, the SplitReport counts of reading and tokenizing, and
+    ``{path: SHA-256 of its bytes as read}``."""
     read_report = ReadReport()
-    conversations = iter_samples(
-        paths,
-        config.data_format,
-        config.prompt_key,
-        config.response_key,
-        config.skip_bad_samples,
-        read_report,
-        config.token_class_key,
-    )
+    skip = reading.records.skip_bad_samples
+    conversations = iter_samples(paths, reading.records, read_report, reading.data.token_class_key)
     samples, token_report = tokenize_samples(
         conversations,
-        tokenizer,
-        config.seq_length,
-        config.overlong,
-        config.skip_bad_samples,
+        reading.tokenizer,
+        reading.seq_length,
+        reading.data.overlong,
+        skip,
         read_report,
     )
     counts = dict(
@@ -177,4 +197,4 @@ def _tokenize_split(paths: List[str], config: DataConfig, tokenizer: Tokenizer):
         num_tokens=token_report.num_tokens,
         num_loss_tokens=token_report.num_loss_tokens,
     )
-    return samples, counts
+    return samples, counts, read_report.digests

@@ -1,128 +1,140 @@
-"""Configuration of the SFT data pipeline (one dataclass, parsed once at entry)."""
+"""The data side's settings, declared once: how a record is read, which tokenizer, where the data
+comes from.
+
+Three sections, each a dataclass with a docstring under every field (the CLI help) and its own
+checks in ``__post_init__``:
+
+- :class:`RecordFormat`: how a JSONL line becomes a conversation; read by the trainer, the
+  evaluator, ``tools/preprocess_sft_data.py`` and ``tools/train_tokenizer.py``.
+- :class:`TokenizerConfig`: the tokenizer (Megatron-LM's ``--tokenizer-type/--tokenizer-model``);
+  same users.
+- :class:`DataConfig`: the trainer's data sources and row settings.
+
+The trainer's config tree (``megatron_deft.config.Config``), the evaluator's and the tools'
+embed these classes and generate their flags from them (``megatron_deft.config.add_config_flags``),
+so a field's name, default, choices and help are written only here. Errors name the flags.
+"""
 
 from dataclasses import dataclass, field
 from typing import List, Optional
-
-from megatron_deft.data.blend import data_path_items, parse_data_path
 
 DATA_FORMATS = ("auto", "prompt_response", "messages")
 OVERLONG_POLICIES = ("truncate", "drop")
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
 
 
+def _choices(default: str, choices):
+    """A str field whose allowed values the generated flag enforces (``metadata['choices']``)."""
+    return field(default=default, metadata={"choices": choices})
+
+
 @dataclass
-class DataConfig:
-    """Where the SFT data lives, how it is read, tokenized, packed and ordered."""
+class RecordFormat:
+    """How a JSONL record is read (megatron_deft.data.jsonl)."""
 
-    train_data_path: List[str] = field(default_factory=list)
-    """JSONL files of training samples, read in the order given (``--train-data-path``); a
-    comma-separated string is accepted too."""
-
-    valid_data_path: List[str] = field(default_factory=list)
-    """JSONL files of validation samples; empty means no validation set (``--valid-data-path``)."""
-
-    data_path: List[str] = field(default_factory=list)
-    """Preprocessed training data (``--data-path``, Megatron syntax) used instead of
-    ``train_data_path``: the ``--output-prefix`` of ``tools/preprocess_sft_data.py``; several
-    prefixes (their union, like several JSONL files); or weight/prefix pairs
-    ``0.7 set_a 0.3 set_b`` (a blend: that share of rows from each set, see
-    ``megatron_deft.data.blend``). Memory-mapped. A string is split on whitespace and commas."""
-
-    valid_data_prefix: List[str] = field(default_factory=list)
-    """Preprocessed validation data in the ``data_path`` syntax, used instead of
-    ``valid_data_path`` (``--valid-data-prefix``)."""
-
-    data_format: str = "auto"
-    """Sample shape (``--data-format``): ``prompt_response`` (one pair per line under
-    ``prompt_key``/``response_key``), ``messages`` (``{"messages": [{"role", "content"}, ...]}``),
-    or ``auto`` (detected per file from its first sample)."""
-
+    data_format: str = _choices("auto", DATA_FORMATS)
+    """Record format: prompt_response (one pair per line under --prompt-key/--response-key),
+    messages ({"messages": [{"role", "content"}, ...]}), or auto (detected per file from its
+    first record)."""
     prompt_key: str = "prompt"
-    """JSON key of the prompt in ``prompt_response`` lines, e.g. ``question`` for GSM8K."""
-
+    """JSON key of the prompt in prompt_response records (e.g. question for GSM8K)."""
     response_key: str = "response"
-    """JSON key of the response in ``prompt_response`` lines, e.g. ``answer`` for GSM8K."""
-
-    token_class_key: Optional[str] = None
-    """JSON key whose string value names the class of a sample's tokens (e.g. ``"noisy"``), for
-    per-class training histograms of the objective's gate and exponent (``--token-class-key``).
-    Records without the key are unlabeled. JSONL input only; training is unchanged."""
-
-    seq_length: int = 2048
-    """Tokens per row ``s``: every micro-batch is ``[b, s]``; a sample must fit in one row."""
-
-    pack_sequences: bool = False
-    """Pack several samples into one row (block-diagonal attention, per-sample position ids)
-    instead of one padded sample per row (``--pack-sequences``)."""
-
-    overlong: str = "truncate"
-    """What to do with a sample longer than ``seq_length`` tokens: ``truncate`` keeps its first
-    ``seq_length`` tokens, ``drop`` leaves it out. Either way the count is reported."""
-
+    """JSON key of the response in prompt_response records (e.g. answer for GSM8K)."""
     skip_bad_samples: bool = False
-    """Count and report malformed lines instead of stopping at the first one with an error."""
+    """Skip (count and report) malformed or invalid JSONL lines instead of stopping at the first."""
 
-    seed: int = 1234
-    """Seed of the row shuffle; epoch ``e`` uses the permutation drawn from ``(seed, e)``."""
+    def __post_init__(self):
+        _check_choice("--data-format", self.data_format, DATA_FORMATS)
+        if not self.prompt_key or not self.response_key:
+            raise ValueError("--prompt-key and --response-key must be non-empty")
+        if self.prompt_key == self.response_key:
+            raise ValueError(
+                f"--prompt-key and --response-key are both {self.prompt_key!r}: the prompt "
+                "would be trained as its own response"
+            )
 
-    tokenizer_type: str = "SentencePieceTokenizer"
-    """``SentencePieceTokenizer`` (a ``.model`` file) or ``HuggingFaceTokenizer`` (a local
-    directory saved by ``save_pretrained``; never fetched from a hub)."""
 
+@dataclass
+class TokenizerConfig:
+    """The tokenizer (nothing is downloaded)."""
+
+    tokenizer_type: str = _choices("SentencePieceTokenizer", TOKENIZER_TYPES)
+    """SentencePieceTokenizer (a .model file, e.g. from tools/train_tokenizer.py) or
+    HuggingFaceTokenizer (a local directory written by save_pretrained)."""
     tokenizer_model: Optional[str] = None
     """Path of the SentencePiece model file or of the Hugging Face tokenizer directory."""
 
+    def __post_init__(self):
+        _check_choice("--tokenizer-type", self.tokenizer_type, TOKENIZER_TYPES)
+        if self.tokenizer_model == "":
+            raise ValueError("--tokenizer-model is empty")
+
+
+@dataclass
+class DataConfig:
+    """Where the trainer's samples come from and how they become rows."""
+
+    train_data: Optional[str] = None
+    """Training data file(s) (JSONL), comma separated, read in the order given."""
+    valid_data: Optional[str] = None
+    """Validation data file(s) (JSONL), comma separated."""
+    data_path: Optional[list] = None
+    """Preprocessed training data (tools/preprocess_sft_data.py --output-prefix), instead of
+    --train-data: one prefix, several prefixes, or weight/prefix pairs (--data-path 0.7 a 0.3 b).
+    Memory-mapped."""
+    valid_data_prefix: Optional[list] = None
+    """Preprocessed validation data in the --data-path syntax, instead of --valid-data."""
+    mock_data: bool = False
+    """Train on the built-in deterministic synthetic rows (needs --vocab-size)."""
+    token_class_key: Optional[str] = None
+    """JSON key whose string value names the class of a sample's tokens (e.g. "noisy"): the
+    gate and exponent are then also logged per class (TensorBoard histograms). JSONL only."""
+    pack_sequences: bool = False
+    """Pack several samples into one row of seq_length tokens."""
+    overlong: str = _choices("truncate", OVERLONG_POLICIES)
+    """Samples longer than --seq-length: truncate (keep the first seq_length tokens) or drop."""
     data_cache_dir: Optional[str] = None
-    """Directory for tokenized-data caches (None: tokenize on every start). Entries are keyed by
-    the data and tokenizer files' paths, sizes and mtimes plus the settings above, so changed
-    inputs are re-tokenized, never served stale."""
+    """Cache tokenized JSONL here so restarts skip tokenization (keyed by the files' contents)."""
 
     def __post_init__(self):
-        self.train_data_path = _path_list(self.train_data_path)
-        self.valid_data_path = _path_list(self.valid_data_path)
-        for name, jsonl_name in (
-            ("data_path", "train_data_path"),
-            ("valid_data_prefix", "valid_data_path"),
+        # Imported here: blend's modules import jsonl, which imports this module.
+        from megatron_deft.data.blend import data_path_items, parse_data_path
+
+        _check_choice("--overlong", self.overlong, OVERLONG_POLICIES)
+        for flag, name in (
+            ("--data-path", "data_path"),
+            ("--valid-data-prefix", "valid_data_prefix"),
         ):
-            setattr(self, name, data_path_items(getattr(self, name)))
-            if getattr(self, name):
-                parse_data_path(getattr(self, name))  # syntax errors surface at startup
-                if getattr(self, jsonl_name):
-                    raise ValueError(f"set {name} (preprocessed) or {jsonl_name} (JSONL), not both")
-                if self.token_class_key:
-                    raise ValueError(
-                        f"token_class_key needs JSONL data: the preprocessed sets of {name} "
-                        "carry no per-sample fields besides the tokens"
-                    )
-        _check_choice("data_format", self.data_format, DATA_FORMATS)
-        _check_choice("overlong", self.overlong, OVERLONG_POLICIES)
-        _check_choice("tokenizer_type", self.tokenizer_type, TOKENIZER_TYPES)
-        if self.seq_length < 2:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, data_path_items(value))
+                try:
+                    parse_data_path(value)  # syntax errors surface at startup
+                except ValueError as error:
+                    raise ValueError(f"{flag}: {error}") from None
+        if self.train_data is not None and self.data_path:
+            raise ValueError("give --train-data (JSONL) or --data-path (preprocessed), not both")
+        if self.valid_data is not None and self.valid_data_prefix:
+            raise ValueError("give --valid-data or --valid-data-prefix, not both")
+        if self.token_class_key and self.train_data is None:
             raise ValueError(
-                f"seq_length must be >= 2 (one input and one target), got {self.seq_length}"
+                "--token-class-key needs JSONL data (--train-data): preprocessed --data-path "
+                "sets carry no per-sample fields (--mock-data samples have built-in classes)"
             )
-        if not self.prompt_key or not self.response_key:
-            raise ValueError("prompt_key and response_key must be non-empty strings")
+
+    def train_paths(self) -> List[str]:
+        """--train-data as a list of files."""
+        return _path_list(self.train_data)
+
+    def valid_paths(self) -> List[str]:
+        """--valid-data as a list of files."""
+        return _path_list(self.valid_data)
 
 
-def _path_list(paths) -> List[str]:
-    """Accepts a list of paths or one comma-separated string (as launch scripts pass them)."""
-    if isinstance(paths, str):
-        return [path for path in paths.split(",") if path]
-    return list(paths)
+def _path_list(paths: Optional[str]) -> List[str]:
+    return [path for path in (paths or "").split(",") if path]
 
 
-def _check_choice(name: str, value: str, choices) -> None:
+def _check_choice(flag: str, value: str, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
-
-
-def add_jsonl_input_arguments(parser, input_help: str) -> None:
-    """The JSONL-reading flags shared by the data tools (same names as the trainer's)."""
-    parser.add_argument("--input", nargs="+", required=True, help=input_help)
-    parser.add_argument("--data-format", default="auto", choices=DATA_FORMATS)
-    parser.add_argument("--prompt-key", default="prompt")
-    parser.add_argument("--response-key", default="response")
-    parser.add_argument(
-        "--skip-bad-samples", action="store_true", help="count bad lines instead of failing"
-    )
+        raise ValueError(f"{flag} {value!r} is not one of {', '.join(choices)}")

@@ -16,10 +16,13 @@ counted per reason in a :class:`ReadReport` instead. Blank lines are not samples
 """
 
 import collections
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from megatron_deft.data.config import RecordFormat
 
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED_EXAMPLES = 5
@@ -61,6 +64,8 @@ class ReadReport:
     skipped: Dict[str, int] = field(default_factory=collections.Counter)
     examples: List[str] = field(default_factory=list)
     """The first few skipped lines as ``file:line: message``."""
+    digests: Dict[str, str] = field(default_factory=dict)
+    """SHA-256 hex digest of each file's bytes as read (the tokenized-data cache's key)."""
 
     def record_skip(self, error: DataError) -> None:
         self.skipped[error.reason] += 1
@@ -74,33 +79,24 @@ class ReadReport:
 
 def read_samples(
     paths: Sequence[str],
-    data_format: str = "auto",
-    prompt_key: str = "prompt",
-    response_key: str = "response",
-    skip_bad_samples: bool = False,
+    records: Optional[RecordFormat] = None,
     class_key: Optional[str] = None,
 ) -> Tuple[List[Sample], ReadReport]:
-    """Reads and validates all files in order; returns the samples and a report of skips.
+    """Reads and validates all files in order as ``records`` says (default: ``RecordFormat()``);
+    returns the samples and a report of skips.
 
     Raises:
         DataError: a missing/empty file (always), or the first bad line unless
-            ``skip_bad_samples``.
+            ``records.skip_bad_samples``.
     """
     report = ReadReport()
-    samples = list(
-        iter_samples(
-            paths, data_format, prompt_key, response_key, skip_bad_samples, report, class_key
-        )
-    )
+    samples = list(iter_samples(paths, records or RecordFormat(), report, class_key))
     return samples, report
 
 
 def iter_samples(
     paths: Sequence[str],
-    data_format: str,
-    prompt_key: str,
-    response_key: str,
-    skip_bad_samples: bool,
+    records: RecordFormat,
     report: ReadReport,
     class_key: Optional[str] = None,
 ) -> Iterator[Sample]:
@@ -110,19 +106,18 @@ def iter_samples(
         raise ValueError("no data files given")
     for path in paths:
         _check_file(path)
+    keys, skip = (records.prompt_key, records.response_key), records.skip_bad_samples
     for path in paths:
-        file_format = None if data_format == "auto" else data_format
+        file_format = None if records.data_format == "auto" else records.data_format
         kept = 0
-        for line, record in _iter_records(path, report, skip_bad_samples):
+        for line, record in _iter_records(path, report, skip):
             try:
                 if file_format is None:
-                    file_format = detect_format(record, prompt_key, response_key)
-                messages = parse_record(record, file_format, prompt_key, response_key)
+                    file_format = detect_format(record, *keys)
+                messages = parse_record(record, file_format, *keys)
                 token_class = _class_field(record, class_key)
             except _BadRecord as error:
-                _fail_or_skip(
-                    DataError(path, line, str(error), error.reason), report, skip_bad_samples
-                )
+                _fail_or_skip(DataError(path, line, str(error), error.reason), report, skip)
                 continue
             kept += 1
             report.num_samples += 1
@@ -195,7 +190,7 @@ def _class_field(record: dict, class_key: Optional[str]) -> Optional[str]:
         raise _BadRecord(
             "invalid", f"token class key '{class_key}' must be a non-empty string, got {value!r}"
         )
-    return value
+    return _check_unicode(value, f"token class key '{class_key}'")
 
 
 def _string_field(record: dict, key: str, allow_empty: bool, where: str = "record"):
@@ -210,6 +205,22 @@ def _string_field(record: dict, key: str, allow_empty: bool, where: str = "recor
         raise _BadRecord(
             "empty_response", f"{where} key '{key}' is empty (a response must have text)"
         )
+    return _check_unicode(value, f"{where} key '{key}'")
+
+
+def _check_unicode(value: str, what: str) -> str:
+    """``value`` if it is valid Unicode text. JSON's ``\\uXXXX`` escapes can encode a lone UTF-16
+    surrogate (``"\\ud800"``), which Python keeps in a ``str`` but no tokenizer can encode (the
+    C++ tokenizers fail without naming the line), so it is rejected here, at its line."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = value[error.start : error.end].encode("unicode_escape").decode("ascii")
+        raise _BadRecord(
+            "invalid_unicode",
+            f"{what} holds the lone surrogate escape {bad} at character {error.start}, "
+            "which is not valid Unicode text",
+        ) from None
     return value
 
 
@@ -238,8 +249,10 @@ def decode_record(raw: bytes, path: str, line: int) -> Optional[dict]:
 def _iter_records(path: str, report: ReadReport, skip: bool) -> Iterator[Tuple[int, dict]]:
     """Yields ``(line_number, json_object)``; undecodable lines fail or are skipped here."""
     # Binary read + per-line decode so that a bad byte is reported at its line, not for the file.
+    digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for line, raw in enumerate(handle, start=1):
+            digest.update(raw)
             try:
                 record = decode_record(raw, path, line)
             except DataError as error:
@@ -247,6 +260,7 @@ def _iter_records(path: str, report: ReadReport, skip: bool) -> Iterator[Tuple[i
                 continue
             if record is not None:
                 yield line, record
+    report.digests[path] = digest.hexdigest()
 
 
 def _fail_or_skip(error: DataError, report: ReadReport, skip: bool) -> None:

@@ -17,13 +17,13 @@ import multiprocessing
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from megatron_deft.data.chat_format import ChatTemplateError, tokenize_conversation
-from megatron_deft.data.config import DATA_FORMATS
+from megatron_deft.data.config import RecordFormat, TokenizerConfig
 from megatron_deft.data.indexed import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -45,16 +45,6 @@ from megatron_deft.data.tokenizer import Tokenizer, build_tokenizer
 CHUNK_LINES = 1024
 CHUNKS_IN_FLIGHT_PER_WORKER = 4
 NEVER = float("inf")
-
-
-@dataclass(frozen=True)
-class ReadSettings:
-    """How lines become conversations (the fields of ``DataConfig`` with the same names)."""
-
-    data_format: str = "auto"
-    prompt_key: str = "prompt"
-    response_key: str = "response"
-    skip_bad_samples: bool = False
 
 
 @dataclass
@@ -82,20 +72,23 @@ class _ChunkResult:
 def preprocess_sft_data(
     inputs: Sequence[str],
     output_prefix: str,
-    tokenizer_type: str,
-    tokenizer_model: str,
-    settings: ReadSettings = ReadSettings(),
+    tokenizer_config: TokenizerConfig,
+    settings: Optional[RecordFormat] = None,
     workers: int = 1,
     chunk_lines: int = CHUNK_LINES,
     progress: bool = False,
 ) -> Dict:
-    """Tokenizes ``inputs`` (in order) into ``output_prefix``'s files; returns the sidecar.
+    """Tokenizes ``inputs`` (in order) into ``output_prefix``'s files, reading records as
+    ``settings`` says (default ``RecordFormat()``); returns the sidecar.
 
     Raises:
         DataError: a missing/empty file, or the first bad line unless ``skip_bad_samples``.
     """
-    if settings.data_format not in DATA_FORMATS:
-        raise ValueError(f"data_format={settings.data_format!r} is not one of {DATA_FORMATS}")
+    settings = settings or RecordFormat()
+    tokenizer_type, tokenizer_model = (
+        tokenizer_config.tokenizer_type,
+        tokenizer_config.tokenizer_model,
+    )
     if workers < 1 or chunk_lines < 1:
         raise ValueError(f"workers={workers} and chunk_lines={chunk_lines} must be >= 1")
     if not inputs:
@@ -129,7 +122,7 @@ def preprocess_sft_data(
     return sidecar
 
 
-def _consume(results, writer, settings: ReadSettings, progress) -> ReadReport:
+def _consume(results, writer, settings: RecordFormat, progress) -> ReadReport:
     """Writes results in order; records (or raises) bad lines; enforces non-empty files."""
     report = ReadReport()
     parsed: Dict[str, int] = collections.Counter()
@@ -156,7 +149,7 @@ def _check_not_empty(path: Optional[str], parsed: Dict[str, int]) -> None:
         raise DataError(path, None, "contains no usable samples", reason="empty_file")
 
 
-def _read_chunks(paths: Sequence[str], settings: ReadSettings, chunk_lines: int):
+def _read_chunks(paths: Sequence[str], settings: RecordFormat, chunk_lines: int):
     """Yields every file's raw lines in chunks (at least one chunk per file, maybe empty)."""
     for path in paths:
         file_format, detected_at = _file_format(path, settings)
@@ -171,7 +164,7 @@ def _read_chunks(paths: Sequence[str], settings: ReadSettings, chunk_lines: int)
                 yield _Chunk(path, first, lines, file_format, detected_at)
 
 
-def _file_format(path: str, settings: ReadSettings) -> Tuple[Optional[str], float]:
+def _file_format(path: str, settings: RecordFormat) -> Tuple[Optional[str], float]:
     """``(format, line it was detected at)``: the configured one, or with ``auto`` the format of
     the first JSON object a format can be detected from (``iter_samples`` detects the same)."""
     if settings.data_format != "auto":
@@ -211,7 +204,7 @@ def _init_worker(tokenizer_type: str, tokenizer_model: str) -> None:
     _WORKER_TOKENIZER = build_tokenizer(tokenizer_type, tokenizer_model)
 
 
-def _tokenize_chunk(chunk: _Chunk, settings: ReadSettings, tokenizer=None) -> _ChunkResult:
+def _tokenize_chunk(chunk: _Chunk, settings: RecordFormat, tokenizer=None) -> _ChunkResult:
     """Validates and tokenizes one chunk; without ``skip_bad_samples`` stops at its first error
     (the main process raises it: earlier chunks had none)."""
     tokenizer = tokenizer or _WORKER_TOKENIZER
@@ -243,7 +236,7 @@ def _tokenize_chunk(chunk: _Chunk, settings: ReadSettings, tokenizer=None) -> _C
     )
 
 
-def _parse_line(raw: bytes, number: int, chunk: _Chunk, settings: ReadSettings):
+def _parse_line(raw: bytes, number: int, chunk: _Chunk, settings: RecordFormat):
     """The conversation of one line, None for a blank line; DataError as ``jsonl`` words it."""
     path = chunk.path
     record = decode_record(raw, path, number)
@@ -258,19 +251,13 @@ def _parse_line(raw: bytes, number: int, chunk: _Chunk, settings: ReadSettings):
         raise DataError(path, number, str(error), error.reason) from error
 
 
-def _sidecar(inputs, tokenizer_type, tokenizer_model, tokenizer, settings: ReadSettings) -> Dict:
+def _sidecar(inputs, tokenizer_type, tokenizer_model, tokenizer, settings: RecordFormat) -> Dict:
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "tool": "tools/preprocess_sft_data.py",
         "tokenizer": tokenizer_description(tokenizer_type, tokenizer_model, tokenizer),
-        "data": {
-            "inputs": [os.path.abspath(path) for path in inputs],
-            "data_format": settings.data_format,
-            "prompt_key": settings.prompt_key,
-            "response_key": settings.response_key,
-            "skip_bad_samples": settings.skip_bad_samples,
-        },
+        "data": {"inputs": [os.path.abspath(path) for path in inputs], **asdict(settings)},
     }
 
 

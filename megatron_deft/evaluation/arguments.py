@@ -5,38 +5,32 @@ config. Only the layout (TP) and the device are chosen here; the weights are res
 """
 
 import argparse
-import dataclasses
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional
 
-from megatron_deft.config import ConfigError, field_docs
-from megatron_deft.data.config import DATA_FORMATS
+from megatron_deft.config import ConfigError, add_config_flags, config_from_flags
+from megatron_deft.data.config import RecordFormat, TokenizerConfig
 
 
 @dataclass
 class EvalConfig:
-    """Settings of one evaluation (every field is one ``--flag``)."""
+    """Settings of one evaluation (every field is one ``--flag``; the records and tokenizer
+    sections are the trainer's)."""
 
-    load: str = ""
+    load: str = field(default="", metadata={"required": True})
     """Checkpoint directory written by megatron-deft-train (its --save); comma separated for
     several runs evaluated in one launch."""
     iteration: str = "latest"
     """Which checkpoint(s) under --load: latest (the tracker's), all, or comma-separated numbers."""
-    eval_data: str = ""
+    eval_data: str = field(default="", metadata={"required": True})
     """JSONL file(s), comma separated; each is scored and reported separately."""
-    data_format: str = "auto"
-    """Record format: auto, prompt_response or messages (the last assistant turn is the
-    reference)."""
-    prompt_key: str = "prompt"
-    """JSON key of the prompt in prompt_response records."""
-    response_key: str = "response"
-    """JSON key of the reference response in prompt_response records."""
-    tokenizer_type: str = "SentencePieceTokenizer"
-    """Tokenizer family, as for training."""
-    tokenizer_model: Optional[str] = None
-    """Tokenizer model file or directory, as for training."""
+    records: RecordFormat = field(default_factory=RecordFormat)
+    """How the files' records are read, as for training (the last assistant turn is the
+    reference); lines skipped with --skip-bad-samples are counted in the summary's "skipped"."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """The tokenizer, as for training."""
     tensor_model_parallel_size: int = 1
     """TP of this evaluation (any TP dividing the checkpoint's padded vocabulary and heads)."""
     device: str = "cuda"
@@ -74,17 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megatron-deft-eval",
         description="Held-out loss and greedy exact-match of a megatron-deft checkpoint.",
     )
-    docs = field_docs(EvalConfig)
-    for item in dataclasses.fields(EvalConfig):
-        kind = item.type.__args__[0] if hasattr(item.type, "__args__") else item.type
-        parser.add_argument(
-            "--" + item.name.replace("_", "-"),
-            dest=item.name,
-            type=kind,
-            default=item.default,
-            help=docs[item.name],
-            required=item.name in ("load", "eval_data"),
-        )
+    add_config_flags(parser, EvalConfig)
     return parser
 
 
@@ -96,10 +80,9 @@ def validate(config: EvalConfig) -> None:
         (config.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
         (config.num_samples >= 0, "--num-samples must be >= 0"),
         (config.micro_batch_size >= 1, "--micro-batch-size must be >= 1"),
-        (config.data_format in DATA_FORMATS, f"--data-format must be one of {DATA_FORMATS}"),
         (bool(config.data_paths()), "--eval-data names no file"),
         (bool(config.load_paths()), "--load names no directory"),
-        (bool(config.tokenizer_model), "--tokenizer-model is required"),
+        (bool(config.tokenizer.tokenizer_model), "--tokenizer-model is required"),
     ]
     for ok, message in checks:
         if not ok:
@@ -117,7 +100,10 @@ def validate(config: EvalConfig) -> None:
 def parse_eval_config(argv=None, world_size: int = 1) -> EvalConfig:
     """Parse and validate; on a bad setting print one line and exit 2."""
     try:
-        config = EvalConfig(**vars(build_parser().parse_args(argv)))
+        try:
+            config = config_from_flags(EvalConfig, vars(build_parser().parse_args(argv)))
+        except ValueError as error:  # a section's own check
+            raise ConfigError(str(error)) from None
         validate(config)
         if world_size % config.tensor_model_parallel_size:
             raise ConfigError(

@@ -176,7 +176,7 @@ def evaluate_file(
 ) -> tuple:
     """(summary, predictions) of one JSONL file; predictions only on global rank 0. Generation
     stops at EOS or at the token closing the expected replies; see :func:`is_exact_match`."""
-    samples, _ = read_samples([path], config.data_format, config.prompt_key, config.response_key)
+    samples, report = read_samples([path], config.records)
     answer_pattern = re.compile(config.answer_pattern) if config.answer_pattern else None
     mine = _split(samples, config, tokenizer, answer_pattern)
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -228,6 +228,8 @@ def evaluate_file(
     }
     if answer_pattern:
         summary["answer_pattern"] = answer_pattern.pattern
+    if config.records.skip_bad_samples:
+        summary["skipped"] = dict(report.skipped)
     return summary, predictions
 
 
@@ -289,7 +291,7 @@ def evaluate(config: EvalConfig, keep_process_group: bool = False) -> List[Dict]
     for path in config.data_paths():
         if not os.path.isfile(path):
             raise ConfigError(f"--eval-data {path}: no such file")
-    tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)
+    tokenizer = build_tokenizer(config.tokenizer.tokenizer_type, config.tokenizer.tokenizer_model)
     jobs = [_prepare(config, root, its, tokenizer) for root, its in iterations.items()]
     setup.initialize_distributed(jobs[0]["run"])
     is_rank0 = dist.get_rank() == 0

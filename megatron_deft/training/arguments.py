@@ -7,22 +7,19 @@ keys; explicit flags override it. Any unknown or inconsistent setting raises
 """
 
 import argparse
-import dataclasses
 import os
 import sys
-import typing
 from typing import Optional
 
 import yaml
 
-from megatron_deft.config import SECTIONS, Config, ConfigError, field_docs
+from megatron_deft.config import Config, ConfigError, add_config_flags, config_from_flags
 from megatron_deft.models.layout import padded_vocab_size
 
 CHOICES = {
     "device": ("cpu", "cuda"),
     "lr_decay_style": ("cosine", "linear", "constant", "inverse-square-root", "WSD"),
     "lr_wsd_decay_style": ("exponential", "linear", "cosine", "minus_sqrt"),
-    "overlong": ("truncate", "drop"),
 }
 
 
@@ -33,44 +30,11 @@ class _OneLineParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def _flag_type(annotation):
-    """The scalar type behind Optional[X]."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args else annotation
-
-
 def build_parser() -> argparse.ArgumentParser:
     """One flag per config field; dest is 'section.field'."""
     parser = _OneLineParser(prog="megatron-deft-train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with the same keys.")
-    for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(section, cls.__doc__)
-        docs = field_docs(cls)
-        for item in dataclasses.fields(cls):
-            flag = "--" + item.name.replace("_", "-")
-            dest = f"{section}.{item.name}"
-            kind = _flag_type(item.type)
-            if kind is bool:
-                group.add_argument(flag, dest=dest, action="store_true", help=docs[item.name])
-            elif kind is list:  # Megatron-style multi-value flags, e.g. --data-path 0.7 a 0.3 b
-                group.add_argument(
-                    flag,
-                    dest=dest,
-                    nargs="+",
-                    help=docs[item.name],
-                    default=argparse.SUPPRESS,
-                    metavar=item.name.upper(),
-                )
-            else:
-                group.add_argument(
-                    flag,
-                    dest=dest,
-                    type=kind,
-                    choices=CHOICES.get(item.name),
-                    help=docs[item.name],
-                    default=argparse.SUPPRESS,
-                    metavar=item.name.upper(),
-                )
+    add_config_flags(parser, Config, choices=CHOICES)
     return parser
 
 
@@ -111,13 +75,11 @@ def _yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
 
 
 def _to_config(namespace: argparse.Namespace) -> Config:
-    config = Config()
-    for dest, value in vars(namespace).items():
-        if dest == "config":
-            continue
-        section, name = dest.split(".")
-        setattr(getattr(config, section), name, value)
-    return config
+    """Every section constructed from its flags, so its own checks run (one-line ConfigError)."""
+    try:
+        return config_from_flags(Config, vars(namespace))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def parse_config(argv: Optional[list] = None, world_size: int = 1) -> Config:
@@ -153,7 +115,10 @@ def data_parallel_size(config: Config, world_size: int) -> int:
 def _validate_layout(config: Config, world_size: int) -> None:
     model, par, train = config.model, config.parallel, config.training
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    _require(tp >= 1 and pp >= 1, "--tensor/pipeline-model-parallel-size must be >= 1")
+    _require(
+        tp >= 1 and pp >= 1,
+        "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1",
+    )
     _require(
         world_size % (tp * pp) == 0,
         f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}",
@@ -265,22 +230,13 @@ def _validate_run(config: Config) -> None:
         "give exactly one of --train-data, --data-path, --mock-data"
         + (f" (got {' and '.join(sources)})" if sources else ""),
     )
-    _require(
-        not (data.valid_data and data.valid_data_prefix),
-        "give --valid-data or --valid-data-prefix, not both",
-    )
     _require(not data.mock_data or model.vocab_size is not None, "--mock-data needs --vocab-size")
-    _require(
-        not data.token_class_key or data.train_data is not None,
-        "--token-class-key needs JSONL data (--train-data): preprocessed --data-path sets "
-        "carry no per-sample fields (--mock-data samples have built-in classes)",
-    )
     has_valid = data.mock_data or data.valid_data is not None or bool(data.valid_data_prefix)
     _require(
         train.eval_interval == 0 or has_valid,
         "--eval-interval needs --valid-data or --valid-data-prefix (or --mock-data)",
     )
-    _validate_data_sources(data)
+    _validate_data_sources(data, config.tokenizer)
     _require(ckpt.save_interval == 0 or ckpt.save is not None, "--save-interval needs --save")
     _require(
         not ckpt.finetune or ckpt.load is not None or ckpt.pretrained_checkpoint,
@@ -292,26 +248,10 @@ def _validate_run(config: Config) -> None:
         raise ConfigError(f"--sft-objective: {error}") from None
 
 
-def _validate_data_sources(data) -> None:
-    """--data-path syntax and the tokenizer family, checked before any data is read."""
-    from megatron_deft.data.blend import parse_data_path
-    from megatron_deft.data.config import TOKENIZER_TYPES
-
-    for flag, value in (
-        ("--data-path", data.data_path),
-        ("--valid-data-prefix", data.valid_data_prefix),
-    ):
-        if value:
-            try:
-                parse_data_path(value)
-            except ValueError as error:
-                raise ConfigError(f"{flag}: {error}") from None
+def _validate_data_sources(data, tokenizer) -> None:
+    """File data needs a tokenizer (the sections check their own fields when they are built)."""
     _require(
-        data.tokenizer_type is None or data.tokenizer_type in TOKENIZER_TYPES,
-        f"--tokenizer-type {data.tokenizer_type!r} is not one of {', '.join(TOKENIZER_TYPES)}",
-    )
-    _require(
-        data.mock_data or data.tokenizer_model is not None,
+        data.mock_data or tokenizer.tokenizer_model is not None,
         "--train-data/--data-path need --tokenizer-model",
     )
 

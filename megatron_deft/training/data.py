@@ -66,37 +66,21 @@ def _synthetic_loader(config: Config, num_samples: int, seed: int, dp_rank: int,
 
 
 def _file_loaders(config: Config, dp_rank: int, dp_size: int):
-    from megatron_deft.data import DataConfig, build_sft_data
+    from megatron_deft.data import build_sft_data
 
-    data = config.data
-    split = lambda paths: [p for p in (paths or "").split(",") if p]  # noqa: E731
-    data_config = DataConfig(
-        train_data_path=split(data.train_data),
-        valid_data_path=split(data.valid_data),
-        data_path=data.data_path or [],
-        valid_data_prefix=data.valid_data_prefix or [],
-        data_format=data.data_format,
-        prompt_key=data.prompt_key,
-        response_key=data.response_key,
-        token_class_key=data.token_class_key,
-        seq_length=config.model.seq_length,
-        pack_sequences=data.pack_sequences,
-        overlong=data.overlong,
-        skip_bad_samples=data.skip_bad_samples,
-        seed=config.training.seed,
-        tokenizer_type=data.tokenizer_type or "SentencePieceTokenizer",
-        tokenizer_model=data.tokenizer_model,
-        data_cache_dir=data.data_cache_dir,
-    )
     built = _cache_filled_by_rank0_first(
         lambda: build_sft_data(
-            data_config,
-            config.training.global_batch_size,
-            config.training.micro_batch_size,
+            config.data,
+            config.records,
+            config.tokenizer,
+            seq_length=config.model.seq_length,
+            seed=config.training.seed,
+            global_batch_size=config.training.global_batch_size,
+            micro_batch_size=config.training.micro_batch_size,
             dp_rank=dp_rank,
             dp_size=dp_size,
         ),
-        use_cache=bool(data.data_cache_dir),
+        use_cache=bool(config.data.data_cache_dir),
     )
     return built.train, built.valid, built.tokenizer.vocab_size
 
@@ -130,7 +114,7 @@ def build_train_valid_loaders(config: Config, dp_rank: int, dp_size: int):
     train, valid, tokenizer_vocab = _file_loaders(config, dp_rank, dp_size)
     if config.model.vocab_size is not None and config.model.vocab_size < tokenizer_vocab:
         raise DataError(
-            config.data.tokenizer_model,
+            config.tokenizer.tokenizer_model,
             None,
             f"the tokenizer has {tokenizer_vocab} tokens but --vocab-size is "
             f"{config.model.vocab_size}; drop --vocab-size or raise it",

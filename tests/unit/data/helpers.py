@@ -83,3 +83,30 @@ def save_hf_tokenizer(directory, chat_template, eos_token="<|im_end|>", extra_sp
         fast.chat_template = chat_template
     fast.save_pretrained(str(directory))
     return str(directory)
+
+
+def build_data(settings: dict, global_batch_size: int = 1, micro_batch_size: int = 1, **kwargs):
+    """``build_sft_data`` with flat settings, each routed to the section that owns the field
+    (DataConfig, RecordFormat, TokenizerConfig); ``seq_length`` (default 2048) and ``seed``
+    (default 1234) are passed as is; a list for ``train_data``/``valid_data`` is comma-joined."""
+    from megatron_deft.data import DataConfig, RecordFormat, TokenizerConfig, build_sft_data
+
+    settings = dict(settings)
+    row_settings = dict(
+        seq_length=settings.pop("seq_length", 2048), seed=settings.pop("seed", 1234)
+    )
+    sections = (DataConfig, RecordFormat, TokenizerConfig)
+    values = {cls: {} for cls in sections}
+    for key, value in settings.items():
+        (owner,) = [cls for cls in sections if key in cls.__dataclass_fields__]
+        if key in ("train_data", "valid_data") and isinstance(value, list):
+            value = ",".join(value)
+        values[owner][key] = value
+    built = [cls(**values[cls]) for cls in sections]
+    return build_sft_data(
+        *built,
+        **row_settings,
+        global_batch_size=global_batch_size,
+        micro_batch_size=micro_batch_size,
+        **kwargs,
+    )

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_deft.data import DataConfig, build_sft_data
 from megatron_deft.data.jsonl import Sample
 from megatron_deft.data.loader import SFTDataLoader
 from megatron_deft.data.packing import plan_rows
 from megatron_deft.data.sft_dataset import tokenize_samples
-from tests.unit.data.helpers import CharTokenizer, make_sentence, write_jsonl
+from tests.unit.data.helpers import CharTokenizer, build_data, make_sentence, write_jsonl
 
 SEQ = 48
 NUM_SAMPLES = 10
@@ -133,9 +132,9 @@ def test_build_sft_data_end_to_end(tmp_path, sp_model_path):
     train[5] = '{"question": "broken'
     train[9] = {"question": "no answer"}
     train[11] = {"question": "q", "answer": " ".join(["the cat"] * 200)}  # over-long
-    config = DataConfig(
-        train_data_path=[write_jsonl(tmp_path / "train.jsonl", train)],
-        valid_data_path=[write_jsonl(tmp_path / "valid.jsonl", train[20:30])],
+    config = dict(
+        train_data=[write_jsonl(tmp_path / "train.jsonl", train)],
+        valid_data=[write_jsonl(tmp_path / "valid.jsonl", train[20:30])],
         prompt_key="question",
         response_key="answer",
         seq_length=128,
@@ -146,7 +145,7 @@ def test_build_sft_data_end_to_end(tmp_path, sp_model_path):
         tokenizer_type="SentencePieceTokenizer",
         tokenizer_model=sp_model_path,
     )
-    data = build_sft_data(config, global_batch_size=4, micro_batch_size=2, dp_rank=1, dp_size=2)
+    data = build_data(config, global_batch_size=4, micro_batch_size=2, dp_rank=1, dp_size=2)
     train_report = data.reports[0]
     assert train_report.skipped == {"malformed_json": 1, "missing_key": 1}
     assert train_report.num_dropped_overlong == 1 and train_report.num_samples == 37

@@ -8,9 +8,9 @@ import random
 import numpy as np
 import pytest
 
-from megatron_deft.data import DataConfig, build_sft_data, parse_data_path
+from megatron_deft.data import DataConfig, parse_data_path
 from megatron_deft.data.blend import blend_counts, interleave
-from tests.unit.data.helpers import REPO_ROOT, write_jsonl
+from tests.unit.data.helpers import REPO_ROOT, build_data, write_jsonl
 
 
 @pytest.mark.parametrize(
@@ -53,10 +53,10 @@ def test_bad_data_path_fails_at_config(data_path, message):
 
 
 def test_jsonl_and_preprocessed_are_exclusive():
-    with pytest.raises(ValueError, match="data_path .* or train_data_path"):
-        DataConfig(data_path=["a"], train_data_path=["a.jsonl"])
-    with pytest.raises(ValueError, match="valid_data_prefix .* or valid_data_path"):
-        DataConfig(valid_data_prefix=["a"], valid_data_path=["a.jsonl"])
+    with pytest.raises(ValueError, match="--train-data .* or --data-path .*, not both"):
+        DataConfig(data_path=["a"], train_data="a.jsonl")
+    with pytest.raises(ValueError, match="--valid-data or --valid-data-prefix, not both"):
+        DataConfig(valid_data_prefix=["a"], valid_data="a.jsonl")
 
 
 def test_counts_and_interleave_by_hand():
@@ -126,10 +126,8 @@ def test_blend_draws_rows_in_the_given_proportions(two_sets, sp_model_path):
     cat, dogs = two_sets
 
     def build(data_path, seed=3, dp_rank=0, dp_size=1):
-        config = DataConfig(
-            data_path=data_path, seq_length=64, seed=seed, tokenizer_model=sp_model_path
-        )
-        return build_sft_data(config, 20, 5, dp_rank=dp_rank, dp_size=dp_size)
+        config = dict(data_path=data_path, seq_length=64, seed=seed, tokenizer_model=sp_model_path)
+        return build_data(config, 20, 5, dp_rank=dp_rank, dp_size=dp_size)
 
     data = build(["0.7", cat, "0.3", dogs])
     # A blend epoch has 60 + 140 = 200 rows: 140 from `cat` (each row 2-3x), 60 from `dogs`.
@@ -163,12 +161,12 @@ def test_blend_draws_rows_in_the_given_proportions(two_sets, sp_model_path):
 def test_union_and_single_prefix_use_every_sample_once(two_sets, sp_model_path):
     cat, dogs = two_sets
     config = dict(seq_length=64, tokenizer_model=sp_model_path)
-    union = build_sft_data(DataConfig(data_path=[cat, dogs], **config), 20, 5)
+    union = build_data(dict(data_path=[cat, dogs], **config), 20, 5)
     assert union.train.num_rows == 200 and union.reports[0].num_samples == 200
     sources = _row_sources(union.train, union.tokenizer, steps=10)
     assert np.count_nonzero(sources == "cat") == 60
-    weighted_single = build_sft_data(DataConfig(data_path=["0.3", cat], **config), 20, 5)
-    single = build_sft_data(DataConfig(data_path=[cat], **config), 20, 5)
+    weighted_single = build_data(dict(data_path=["0.3", cat], **config), 20, 5)
+    single = build_data(dict(data_path=[cat], **config), 20, 5)
     assert np.array_equal(
         weighted_single.train.stream_rows(0, 120), single.train.stream_rows(0, 120)
     )

@@ -11,9 +11,15 @@ import psutil
 import pytest
 import torch
 
-from megatron_deft.data import DataConfig, DataError, build_sft_data
+from megatron_deft.data import DataError, RecordFormat, TokenizerConfig
 from megatron_deft.data.indexed import IndexedSamples, payload_paths
-from tests.unit.data.helpers import load_tool, load_train_tokenizer_tool, make_sentence, write_jsonl
+from tests.unit.data.helpers import (
+    build_data,
+    load_tool,
+    load_train_tokenizer_tool,
+    make_sentence,
+    write_jsonl,
+)
 
 SEQ = 48
 
@@ -93,15 +99,15 @@ def test_preprocessed_batches_equal_jsonl_batches(tmp_path, tool, sp_model_path,
         skip_bad_samples=True,
         tokenizer_model=sp_model_path,
     )
-    jsonl_config = DataConfig(train_data_path=[pairs, chats], valid_data_path=[valid], **common)
+    jsonl_config = dict(train_data=[pairs, chats], valid_data=[valid], **common)
     binary_configs = [
-        DataConfig(data_path=[both], valid_data_prefix=[valid_prefix], **common),
-        DataConfig(data_path=" ".join(one), valid_data_prefix=valid_prefix, **common),  # union
+        dict(data_path=[both], valid_data_prefix=[valid_prefix], **common),
+        dict(data_path=" ".join(one), valid_data_prefix=valid_prefix, **common),  # union
     ]
     for binary_config in binary_configs:
         for dp_rank in range(2):
-            expected = build_sft_data(jsonl_config, 8, 2, dp_rank=dp_rank, dp_size=2)
-            actual = build_sft_data(binary_config, 8, 2, dp_rank=dp_rank, dp_size=2)
+            expected = build_data(jsonl_config, 8, 2, dp_rank=dp_rank, dp_size=2)
+            actual = build_data(binary_config, 8, 2, dp_rank=dp_rank, dp_size=2)
             assert actual.reports == expected.reports
             # More steps than rows per rank: crosses epoch boundaries (reshuffles).
             _assert_same_batches(expected.train, actual.train, steps=30)
@@ -137,8 +143,8 @@ def test_chat_template_tokenizer_batches_equal_jsonl_batches(tmp_path, tool, hf_
         tokenizer_model=hf_chat_dir,
         tokenizer_type="HuggingFaceTokenizer",
     )
-    expected = build_sft_data(DataConfig(train_data_path=[chats], **common), 4, 2)
-    actual = build_sft_data(DataConfig(data_path=[prefix], **common), 4, 2)
+    expected = build_data(dict(train_data=[chats], **common), 4, 2)
+    actual = build_data(dict(data_path=[prefix], **common), 4, 2)
     assert actual.reports == expected.reports and expected.reports[0].num_truncated > 0
     _assert_same_batches(expected.train, actual.train, steps=25)
 
@@ -187,7 +193,7 @@ def test_bad_lines_fail_like_jsonl(tmp_path, tool, sp_model_path, bad):
     # A bad line before the first good one also checks format detection order (`auto`).
     path = write_jsonl(tmp_path / "bad.jsonl", [bad] + _pair_records(3, 6) + [bad, ""])
     with pytest.raises(DataError) as jsonl_error:
-        build_sft_data(DataConfig(train_data_path=[path], tokenizer_model=sp_model_path), 1, 1)
+        build_data(dict(train_data=[path], tokenizer_model=sp_model_path), 1, 1)
     argv = [
         "--input",
         path,
@@ -205,9 +211,8 @@ def test_bad_lines_fail_like_jsonl(tmp_path, tool, sp_model_path, bad):
         tool.preprocess_sft_data(
             [path],
             str(tmp_path / "x"),
-            "SentencePieceTokenizer",
-            sp_model_path,
-            tool.ReadSettings(),
+            TokenizerConfig(tokenizer_model=sp_model_path),
+            RecordFormat(),
             workers=2,
             chunk_lines=2,
         )
@@ -231,20 +236,19 @@ def test_skipped_lines_and_empty_files_match_jsonl(tmp_path, tool, sp_model_path
         "3",
     )
     config = dict(skip_bad_samples=True, tokenizer_model=sp_model_path)
-    expected = build_sft_data(DataConfig(train_data_path=[path], **config), 1, 1).reports[0]
-    actual = build_sft_data(DataConfig(data_path=[prefix], **config), 1, 1).reports[0]
+    expected = build_data(dict(train_data=[path], **config), 1, 1).reports[0]
+    actual = build_data(dict(data_path=[prefix], **config), 1, 1).reports[0]
     assert actual == expected
     assert sum(expected.skipped.values()) == len(BAD_LINES) + 1
     empty = write_jsonl(tmp_path / "empty.jsonl", ["{bad", ""])
     with pytest.raises(DataError) as jsonl_error:
-        build_sft_data(DataConfig(train_data_path=[path, empty], **config), 1, 1)
+        build_data(dict(train_data=[path, empty], **config), 1, 1)
     with pytest.raises(DataError) as tool_error:
         tool.preprocess_sft_data(
             [path, empty],
             str(tmp_path / "e"),
-            "SentencePieceTokenizer",
-            sp_model_path,
-            tool.ReadSettings(skip_bad_samples=True),
+            TokenizerConfig(tokenizer_model=sp_model_path),
+            RecordFormat(skip_bad_samples=True),
         )
     assert str(tool_error.value) == str(jsonl_error.value)
     assert "empty.jsonl: contains no usable samples" in str(tool_error.value)
@@ -274,14 +278,14 @@ def test_other_tokenizer_and_damaged_sets_fail_clearly(tmp_path, tool, sp_model_
         )
         == 0
     )
-    other = DataConfig(data_path=[prefix], tokenizer_model=str(tmp_path / "other.model"))
+    other = dict(data_path=[prefix], tokenizer_model=str(tmp_path / "other.model"))
     with pytest.raises(
         DataError,
         match=r"set\.json: was preprocessed with tokenizer "
         r"SentencePieceTokenizer .*\(vocab 400, fingerprint (\w+)\) but this run "
         r"uses SentencePieceTokenizer \(vocab 400, fingerprint (?!\1)\w+\)",
     ):
-        build_sft_data(other, 1, 1)
+        build_data(other, 1, 1)
 
     paths = payload_paths(prefix)
     with open(paths["tokens_bin"], "r+b") as handle:
@@ -296,11 +300,7 @@ def test_other_tokenizer_and_damaged_sets_fail_clearly(tmp_path, tool, sp_model_
     ):
         IndexedSamples(prefix, SEQ)
     with pytest.raises(DataError, match="nowhere: is not a complete"):
-        build_sft_data(
-            DataConfig(data_path=["0.5", "nowhere", "0.5", prefix], tokenizer_model=sp_model_path),
-            1,
-            1,
-        )
+        build_data(dict(data_path=["0.5", "nowhere", "0.5", prefix], tokenizer_model=sp_model_path))
 
 
 def test_opening_maps_the_data_without_reading_it(tmp_path, tool, sp_model_path):

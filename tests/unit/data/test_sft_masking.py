@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from megatron_deft.data.chat_format import ROLE_MARKERS, last_reply_span, tokenize_conversation
+from megatron_deft.data.config import RecordFormat
 from megatron_deft.data.jsonl import DataError, ReadReport, Sample, read_samples
 from megatron_deft.data.packing import IGNORE_INDEX, build_row
 from megatron_deft.data.sft_dataset import tokenize_samples
@@ -114,7 +115,7 @@ def test_only_response_tokens_carry_loss(tmp_path, tokenizers, tokenizer_name, f
     tokenizer = tokenizers[tokenizer_name]
     record, keys = FORMATS[format_name]
     path = write_jsonl(tmp_path / "data.jsonl", [record])
-    samples, _ = read_samples([path], **keys)
+    samples, _ = read_samples([path], RecordFormat(**keys))
     responses = [content for role, content in samples[0].messages if role == "assistant"]
     tokenized, _ = tokenize_samples(samples, tokenizer, seq_length=512)
     row = build_row(tokenized, (0,), 512, tokenizer.pad_id)

@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from megatron_deft.data import DataConfig, DataError, build_sft_data, builder
+from megatron_deft.data import DataConfig, DataError, builder
 from megatron_deft.data.jsonl import read_samples
-from tests.unit.data.helpers import write_jsonl
+from tests.unit.data.helpers import build_data, write_jsonl
 
 # (prompt, response, class or None): unlabeled records have no "tag" key.
 # No prompt or response is a substring of another record's text.
@@ -47,14 +47,14 @@ def test_jsonl_reads_the_class_and_rejects_a_non_string(tmp_path):
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_every_token_of_a_sample_carries_its_class(tmp_path, sp_model_path, pack):
-    config = DataConfig(
-        train_data_path=[_write(tmp_path / "d.jsonl")],
+    config = dict(
+        train_data=[_write(tmp_path / "d.jsonl")],
         seq_length=64,
         pack_sequences=pack,
         tokenizer_model=sp_model_path,
         token_class_key="tag",
     )
-    data = build_sft_data(config, global_batch_size=len(RECORDS), micro_batch_size=len(RECORDS))
+    data = build_data(config, global_batch_size=len(RECORDS), micro_batch_size=len(RECORDS))
     names = data.train.class_names
     assert names == ("b", "clean", "noisy")  # sorted distinct labels
     seen = set()
@@ -77,28 +77,28 @@ def test_every_token_of_a_sample_carries_its_class(tmp_path, sp_model_path, pack
 def test_the_cache_keeps_classes_and_the_key_is_part_of_it(tmp_path, sp_model_path, monkeypatch):
     path = _write(tmp_path / "d.jsonl")
     cache = str(tmp_path / "cache")
-    config = DataConfig(
-        train_data_path=[path],
+    config = dict(
+        train_data=[path],
         seq_length=64,
         tokenizer_model=sp_model_path,
         token_class_key="tag",
         data_cache_dir=cache,
     )
-    fresh = build_sft_data(config, 1, 1).train.samples
+    fresh = build_data(config, 1, 1).train.samples
 
     def must_not_tokenize(*args):
         raise AssertionError("cache miss")
 
     monkeypatch.setattr(builder, "_tokenize_split", must_not_tokenize)
-    hit = build_sft_data(config, 1, 1).train.samples
+    hit = build_data(config, 1, 1).train.samples
     assert hit.class_names == fresh.class_names == ("b", "clean", "noisy")
     assert np.array_equal(hit.classes, fresh.classes)
     assert hit.classes.tolist() == [2, 1, -1, 1, 0]
     with pytest.raises(AssertionError, match="cache miss"):  # another key is another entry
-        build_sft_data(DataConfig(**{**config.__dict__, "token_class_key": "other"}), 1, 1)
+        build_data({**config, "token_class_key": "other"}, 1, 1)
     assert len(os.listdir(cache)) == 1
 
 
 def test_preprocessed_sets_refuse_a_class_key():
-    with pytest.raises(ValueError, match="token_class_key needs JSONL data"):
+    with pytest.raises(ValueError, match="--token-class-key needs JSONL data"):
         DataConfig(data_path=["prefix"], token_class_key="tag")

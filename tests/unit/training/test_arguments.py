@@ -232,7 +232,7 @@ def test_flags_map_onto_config_fields():
         (
             ["--tokenizer-type", "GPT2BPETokenizer"],
             1,
-            "--tokenizer-type 'GPT2BPETokenizer' is not one of",
+            "argument --tokenizer-type: invalid choice: 'GPT2BPETokenizer'",
         ),
         (
             ["--valid-data", "v.jsonl", "--valid-data-prefix", "v"],
@@ -278,7 +278,7 @@ def test_data_path_takes_megatron_weight_prefix_pairs_from_flags_and_yaml(tmp_pa
         world_size=1,
     )
     assert config.data.data_path == ["0.7", "a", "0.3", "b"]
-    assert config.data.skip_bad_samples is True and config.data.overlong == "drop"
+    assert config.records.skip_bad_samples is True and config.data.overlong == "drop"
     path = tmp_path / "run.yaml"
     path.write_text("data-path: [0.5, x, 0.5, y]\nvalid_data_prefix: v\n")
     config = parse_config(base + ["--config", str(path)], world_size=1)
@@ -297,6 +297,26 @@ def test_yaml_config_with_dashes_or_underscores_and_flag_override(tmp_path):
     assert config.optimizer.lr == 1e-3  # the flag wins
     assert config.training.global_batch_size == 16 and config.training.sft_objective == "deft"
     assert config.data.mock_data is True and config.model.vocab_size == 500
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("data-format: jsonl", "--data-format 'jsonl' is not one of auto, prompt_response"),
+        ("overlong: wrap", "--overlong 'wrap' is not one of truncate, drop"),
+        ("tokenizer_type: GPT2BPETokenizer", "--tokenizer-type 'GPT2BPETokenizer' is not one of"),
+        ("prompt-key: q\nresponse-key: q", "--prompt-key and --response-key are both 'q'"),
+    ],
+)
+def test_yaml_values_pass_the_sections_own_checks(tmp_path, capsys, yaml_text, message):
+    """YAML values bypass argparse's choices: each data section checks itself when built."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml_text + "\n")
+    argv = ["--device", "cpu", "--train-data", "t.jsonl", "--tokenizer-model", "t.model"]
+    with pytest.raises(SystemExit):
+        parse_config(argv + ["--config", str(path)], world_size=1)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
 
 
 def test_yaml_unknown_key_names_file_and_key(tmp_path, capsys):

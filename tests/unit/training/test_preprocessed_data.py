@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from megatron_deft.data import preprocess_sft_data
+from megatron_deft.data import TokenizerConfig, preprocess_sft_data
 from megatron_deft.data.synthetic_tasks import generate, write_jsonl
 from tests.unit.data.helpers import load_train_tokenizer_tool
 
@@ -27,7 +27,7 @@ def histories(torchrun, tmp_path_factory):
     )
     tokenizer = str(root / "sp.model")
     prefix = str(root / "bin" / "train")
-    preprocess_sft_data([jsonl], prefix, "SentencePieceTokenizer", tokenizer)
+    preprocess_sft_data([jsonl], prefix, TokenizerConfig(tokenizer_model=tokenizer))
     (root / "out").mkdir()
     return torchrun(
         os.path.join(WORKER_DIR, "preprocessed_data.py"), 2, root / "out", jsonl, prefix, tokenizer

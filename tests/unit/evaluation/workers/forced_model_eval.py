@@ -11,7 +11,7 @@ import sys
 import torch  # noqa: E402
 from common import config_for, write_results  # noqa: E402  (tests/unit/training/workers)
 
-from megatron_deft.data import build_tokenizer  # noqa: E402
+from megatron_deft.data import TokenizerConfig, build_tokenizer  # noqa: E402
 from megatron_deft.evaluation import EvalConfig, evaluate  # noqa: E402
 from megatron_deft.training.trainer import Trainer  # noqa: E402
 
@@ -73,7 +73,7 @@ def main():
     common = dict(
         load=save,
         eval_data=data,
-        tokenizer_model=tokenizer_model,
+        tokenizer=TokenizerConfig(tokenizer_model=tokenizer_model),
         device="cpu",
         micro_batch_size=2,
         sft_objective="nll",
