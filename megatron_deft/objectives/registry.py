@@ -1,50 +1,19 @@
-"""Objective names and parameters: parsing `--sft-objective` strings into an `Objective`.
+"""Parsing `--sft-objective` strings into an `Objective` (a spec from specs.SPECS + its values).
 
-Every objective is a per-token loss whose gradient w.r.t. the logits z is
-
-    d loss / d z = gate * (softmax(z) - onehot(y)),        gate detached,
-
-and falls in one of two families (p = softmax(z)_y is the target probability):
-
-    q-log  ("qlog"):      loss = (1 - p^a) / a = -expm1(a * log p) / a,   gate = p^a
-                          a is a detached exponent; a = 0 is the NLL limit -log p.
-    weighted NLL ("wnll"): loss = -w * log p,                               gate = w
-                          w is a detached weight.
-
-| name      | family | exponent a / weight w                                        | reference            |
-|-----------|--------|--------------------------------------------------------------|----------------------|
-| nll       | qlog   | a = 0                                                        | cross entropy        |
-| p         | qlog   | a = 1 (loss 1 - p)                                           | DEFT paper           |
-| tsallis   | qlog   | a = q (parameter, q > 0)                                     | Tsallis q-log        |
-| deft      | qlog   | a = sum_v p_v^2 (Renyi-2 concentration)                      | arXiv 2602.11424     |
-| cayley    | qlog   | a = clamp(f + (1-f) p/(2-p), 1e-3, 1), f = 0.5 mean(p)       | arXiv 2602.11424     |
-| dft       | wnll   | w = p                                                        | arXiv 2508.05629     |
-| eaft      | wnll   | w = (H_topk / ln k)^alpha, H_topk over the top-k logits      | arXiv 2601.02151     |
-
-Accepted spellings: `name`, `name:<value>` (the first parameter), `name:key=value,key=value`, plus the
-names used by the DEFT paper's reference code: `original`/`logp` (nll), `p`, `GeneralFamily-<q>`
-(tsallis q), `Cayley_Trans` (cayley), `DEFT` (deft).
+Accepted spellings: `name`, `name:<value>` (the first parameter), `name:key=value,key=value`, plus
+the names of the DEFT paper's reference code (each spec's `aliases`, e.g. `original`, `DEFT`,
+`Cayley_Trans`, and `alias_prefix` forms such as `GeneralFamily-<q>` or `OnlyTopP-<th>`).
 """
 
 import math
 from dataclasses import dataclass
 from typing import Union
 
-# Parameters each objective accepts, in positional order, with defaults (None = required).
-_PARAMETERS: dict[str, dict[str, Union[float, int, None]]] = {
-    "nll": {},
-    "p": {},
-    "dft": {},
-    "tsallis": {"q": None},
-    "deft": {},
-    "cayley": {},
-    "eaft": {"k": 20, "alpha": 1.0},
-}
-_FAMILY = {"dft": "wnll", "eaft": "wnll"}  # everything else is q-log
-_REFERENCE_ALIASES = {"original": "nll", "logp": "nll", "Cayley_Trans": "cayley", "DEFT": "deft"}
-_TSALLIS_ALIAS_PREFIX = "GeneralFamily-"
+from megatron_deft.objectives.specs import SPECS, ObjectiveSpec, usage
 
-OBJECTIVE_NAMES = tuple(_PARAMETERS)
+OBJECTIVE_NAMES = tuple(SPECS)
+_ALIASES = {alias: spec.name for spec in SPECS.values() for alias in spec.aliases}
+_ALIAS_PREFIXES = {spec.alias_prefix: spec for spec in SPECS.values() if spec.alias_prefix}
 
 
 @dataclass(frozen=True)
@@ -54,11 +23,16 @@ class Objective:
     Attributes:
         name: canonical name, one of OBJECTIVE_NAMES.
         params: the objective's parameters as (key, value) pairs in declaration order
-            (tsallis: q; eaft: k, alpha), defaults filled in. Hashable, so an Objective can key caches.
+            (tsallis: q; eaft: k, alpha), defaults filled in. Hashable: an Objective can key
+            caches.
     """
 
     name: str
     params: tuple = ()
+
+    @property
+    def spec(self) -> ObjectiveSpec:
+        return SPECS[self.name]
 
     def param(self, key: str) -> Union[int, float]:
         """The value of one parameter, e.g. `objective.param("q")`."""
@@ -67,12 +41,13 @@ class Objective:
     @property
     def family(self) -> str:
         """ "qlog" (loss (1 - p^a)/a with a detached exponent) or "wnll" (loss -w log p)."""
-        return _FAMILY.get(self.name, "qlog")
+        return self.spec.family
 
     @property
     def topk(self) -> int:
-        """k of the top-k entropy (eaft), 0 when the objective does not need it."""
-        return int(self.param("k")) if self.name == "eaft" else 0
+        """k of the top-k entropy, 0 when the objective does not need it."""
+        key = self.spec.topk_param
+        return int(self.param(key)) if key else 0
 
     def __str__(self) -> str:
         if not self.params:
@@ -80,74 +55,68 @@ class Objective:
         return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.params)
 
 
-def _usage() -> str:
-    forms = []
-    for name, params in _PARAMETERS.items():
-        if not params:
-            forms.append(name)
-        else:
-            args = ",".join(f"{k}=<{'required' if v is None else v}>" for k, v in params.items())
-            forms.append(f"{name}:{args}")
-    aliases = ", ".join(list(_REFERENCE_ALIASES) + [_TSALLIS_ALIAS_PREFIX + "<q>"])
-    return f"valid objectives: {', '.join(forms)}; reference-code names: {aliases}"
+def usage_text() -> str:
+    """Every objective's form and the reference-code names, for errors and the CLI help."""
+    forms = [
+        usage(spec, lambda p: f"<{'required' if p.default is None else p.default}>")
+        for spec in SPECS.values()
+    ]
+    aliases = list(_ALIASES)
+    aliases += [f"{prefix}<{spec.params[0].name}>" for prefix, spec in _ALIAS_PREFIXES.items()]
+    return f"valid objectives: {', '.join(forms)}; reference-code names: {', '.join(aliases)}"
 
 
 def _error(spec: str, why: str) -> ValueError:
-    return ValueError(f"invalid SFT objective {spec!r}: {why}. {_usage()}")
+    return ValueError(f"invalid SFT objective {spec!r}: {why}. {usage_text()}")
 
 
-def _convert(spec: str, name: str, key: str, raw) -> Union[int, float]:
+def _convert(text: str, name: str, param, raw) -> Union[int, float]:
     """Converts and range-checks one parameter value."""
-    kind = "an integer" if key == "k" else "a number"
+    kind = "an integer" if param.kind is int else "a number"
     try:
         value = float(raw)
-        if key == "k":
+        if param.kind is int:
             if value != int(value):
                 raise ValueError
             value = int(value)
     except (TypeError, ValueError, OverflowError):
-        raise _error(spec, f"{name} parameter {key}={raw!r} is not {kind}") from None
+        raise _error(text, f"{name} parameter {param.name}={raw!r} is not {kind}") from None
     if isinstance(value, float) and not math.isfinite(value):
-        raise _error(spec, f"{name} parameter {key}={raw!r} must be finite")
-    # eaft's k = 1 would give a top-1 entropy of 0, hence weight 0: nothing would be trained.
-    ranges = {
-        "q": (value > 0, "q > 0"),
-        "k": (value >= 2, "k >= 2"),
-        "alpha": (value >= 0, "alpha >= 0"),
-    }
-    ok, rule = ranges[key]
-    if not ok:
-        raise _error(spec, f"{name} needs {rule}, got {key}={raw!r}")
+        raise _error(text, f"{name} parameter {param.name}={raw!r} must be finite")
+    if not param.admits(value):
+        raise _error(text, f"{name} needs {param.rule}, got {param.name}={raw!r}")
     return value
 
 
-def _split_spec(spec: str) -> tuple[str, dict]:
-    """`name[:v | :k=v,k=v]` or a reference-code alias -> (canonical name, raw params)."""
-    if spec.startswith(_TSALLIS_ALIAS_PREFIX):
-        return "tsallis", {"q": spec[len(_TSALLIS_ALIAS_PREFIX) :]}
-    name, _, arg_text = spec.partition(":")
-    name = _REFERENCE_ALIASES.get(name, name.strip().lower())
-    if name not in _PARAMETERS:
-        raise _error(spec, f"unknown name {name!r}")
+def _split_spec(text: str) -> tuple[ObjectiveSpec, dict]:
+    """`name[:v | :k=v,k=v]` or a reference-code name -> (spec, raw params)."""
+    for prefix, spec in _ALIAS_PREFIXES.items():
+        if text.startswith(prefix):
+            return spec, {spec.params[0].name: text[len(prefix) :]}
+    name, _, arg_text = text.partition(":")
+    name = _ALIASES.get(name, name.strip().lower())
+    if name not in SPECS:
+        raise _error(text, f"unknown name {name!r}")
+    spec = SPECS[name]
+    positional = [param.name for param in spec.params]
     raw: dict = {}
-    positional = list(_PARAMETERS[name])
     named = False
     for i, item in enumerate(a.strip() for a in arg_text.split(",") if arg_text):
         key, eq, value = item.partition("=")
         if not eq:  # positional value: the i-th parameter
             if named:
-                raise _error(spec, f"positional value {item!r} after a key=value parameter")
+                raise _error(text, f"positional value {item!r} after a key=value parameter")
             if i >= len(positional):
-                raise _error(spec, f"{name} takes {len(positional)} parameter(s), got {item!r}")
+                raise _error(text, f"{name} takes {len(positional)} parameter(s), got {item!r}")
             key, value = positional[i], item
         named = named or bool(eq)
         key = key.strip()
-        if key not in _PARAMETERS[name]:
-            raise _error(spec, f"{name} has no parameter {key!r}")
+        if key not in positional:
+            raise _error(text, f"{name} has no parameter {key!r}")
         if key in raw:
-            raise _error(spec, f"{name} parameter {key} is given twice")
+            raise _error(text, f"{name} parameter {key} is given twice")
         raw[key] = value.strip()
-    return name, raw
+    return spec, raw
 
 
 def parse_objective(spec: Union[str, Objective], **params) -> Objective:
@@ -161,16 +130,18 @@ def parse_objective(spec: Union[str, Objective], **params) -> Objective:
         spec = str(spec)
     if not isinstance(spec, str) or not spec.strip():
         raise _error(str(spec), "expected a non-empty string")
-    name, raw = _split_spec(spec.strip())
+    text = spec.strip()
+    found, raw = _split_spec(text)
     raw.update({k: v for k, v in params.items() if v is not None})
     values = {}
-    for key, default in _PARAMETERS[name].items():
-        if key in raw:
-            values[key] = _convert(spec, name, key, raw.pop(key))
-        elif default is None:
-            raise _error(spec, f"{name} needs parameter {key} (e.g. {name}:{key}=0.5)")
+    for param in found.params:
+        if param.name in raw:
+            values[param.name] = _convert(text, found.name, param, raw.pop(param.name))
+        elif param.default is None:
+            example = f"{found.name}:{param.name}=0.5"
+            raise _error(text, f"{found.name} needs parameter {param.name} (e.g. {example})")
         else:
-            values[key] = default
+            values[param.name] = param.kind(param.default)
     if raw:
-        raise _error(spec, f"{name} has no parameter(s) {sorted(raw)}")
-    return Objective(name, tuple(values.items()))
+        raise _error(text, f"{found.name} has no parameter(s) {sorted(raw)}")
+    return Objective(found.name, tuple(values.items()))

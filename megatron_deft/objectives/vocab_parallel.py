@@ -36,23 +36,17 @@ import torch
 import torch.distributed as dist
 
 from megatron_deft.objectives.registry import Objective, parse_objective
+from megatron_deft.objectives.specs import TokenQuantities, objective_terms
 
 IGNORE_INDEX = -100
-CAYLEY_EXPONENT_MIN = 1e-3
 
 # Per-token statistics returned by the autograd Function, in column order of its stats tensor.
-STAT_NAMES = ("gate", "p_target", "nll", "renyi2_entropy", "alpha", "topk_entropy")
+STAT_NAMES = ("gate", "p_target", "nll", "renyi2_entropy", "alpha", "topk_entropy", "valid")
 
 
 # ---------------------------------------------------------------------------------------------------
 # Stage functions (pure per-token math; shared by the autograd Function and usable on their own)
 # ---------------------------------------------------------------------------------------------------
-
-
-def qlog_loss(log_p: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
-    """(1 - p^a) / a written as -expm1(a log p) / a: exact for small a, and -log p at a = 0."""
-    safe = torch.where(exponent == 0, torch.ones_like(exponent), exponent)
-    return torch.where(exponent == 0, -log_p, -torch.expm1(exponent * log_p) / safe)
 
 
 def topk_entropy(top_logits: torch.Tensor) -> torch.Tensor:
@@ -65,57 +59,6 @@ def topk_entropy(top_logits: torch.Tensor) -> torch.Tensor:
     return -q_log_q.sum(-1) / math.log(k)
 
 
-def cayley_exponent(
-    p: torch.Tensor, valid: torch.Tensor, mean_group: Optional[dist.ProcessGroup] = None
-) -> torch.Tensor:
-    """a = clamp(f + (1 - f) p / (2 - p), 1e-3, 1) with f = 0.5 * mean(p over valid tokens).
-
-    The mean is over the valid tokens of this call's tensors; with `mean_group` it is taken over the
-    union of those tokens on every rank of that group (e.g. data parallel). No valid token: f = 0.
-    """
-    totals = torch.stack(
-        [torch.where(valid, p, torch.zeros_like(p)).sum(), valid.sum().to(p.dtype)]
-    )
-    if mean_group is not None and dist.get_world_size(mean_group) > 1:
-        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=mean_group)
-    floor = 0.5 * totals[0] / totals[1].clamp(min=1)
-    return (floor + (1 - floor) * p / (2 - p)).clamp(CAYLEY_EXPONENT_MIN, 1.0)
-
-
-def objective_terms(
-    objective: Objective,
-    log_p: torch.Tensor,
-    sum_p2: torch.Tensor,
-    valid: torch.Tensor,
-    top_entropy: Optional[torch.Tensor] = None,
-    mean_group: Optional[dist.ProcessGroup] = None,
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Per-token (loss, gate, exponent) from log p [N], sum p^2 [N] and the valid mask [N].
-
-    exponent is None for the weighted-NLL family (dft, eaft). Gate and exponent are detached by
-    construction (the inputs carry no autograd history inside the Function).
-    """
-    p = log_p.exp()
-    if objective.family == "wnll":
-        if objective.name == "dft":
-            weight = p
-        else:  # eaft
-            weight = top_entropy.clamp(min=0).pow(objective.param("alpha"))
-        # 0 * -log p is 0 (the limit p log p -> 0 as p -> 0), not 0 * inf = nan
-        return torch.where(weight == 0, 0.0, -weight * log_p), weight, None
-    exponents = {
-        "nll": lambda: torch.zeros_like(p),
-        "p": lambda: torch.ones_like(p),
-        "tsallis": lambda: torch.full_like(p, objective.param("q")),
-        "deft": lambda: sum_p2,
-        "cayley": lambda: cayley_exponent(p, valid, mean_group),
-    }
-    exponent = exponents[objective.name]()
-    # p^0 is 1 also where p = 0 (a target logit of -inf): exp(0 * -inf) would be nan
-    gate = torch.exp(torch.where(exponent == 0, 0.0, exponent * log_p))
-    return qlog_loss(log_p, exponent), gate, exponent
-
-
 def terms_from_partials(
     objective: Objective,
     partials: torch.Tensor,
@@ -123,19 +66,23 @@ def terms_from_partials(
     valid: torch.Tensor,
     mean_group: Optional[dist.ProcessGroup] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss [N], gate [N], stats [N, len(STAT_NAMES)]), 0 at invalid tokens, from the summed
-    partials [N, 3] = [z_y - m, S1, S2] (m the global max) and, for eaft, the global top-k
-    logits [N, k]: log p = (z_y - m) - log S1, sum_v p_v^2 = S2 / S1^2."""
+    """(loss [N], gate [N], stats [N, len(STAT_NAMES)]), 0 at tokens not counted, from the
+    summed partials [N, 3] = [z_y - m, S1, S2] (m the global max) and, for eaft, the global
+    top-k logits [N, k]: log p = (z_y - m) - log S1, sum_v p_v^2 = S2 / S1^2. The objective's
+    spec (specs.py) turns them into loss and gate; its `valid` column marks the tokens counted
+    (the valid ones its threshold keeps)."""
     target_shifted, sum_exp, sum_exp_sq = partials.unbind(-1)
     log_p = target_shifted - sum_exp.log()
     sum_p2 = sum_exp_sq / sum_exp.square()
     top_entropy = topk_entropy(top_logits) if top_logits is not None else None
-    loss, gate, exponent = objective_terms(objective, log_p, sum_p2, valid, top_entropy, mean_group)
+    quantities = TokenQuantities(log_p, sum_p2, top_entropy, valid, mean_group)
+    loss, gate, exponent, counted = objective_terms(
+        objective.spec, dict(objective.params), quantities
+    )
     zero = torch.zeros_like(log_p)
-    loss, gate = torch.where(valid, loss, zero), torch.where(valid, gate, zero)
     stats = [gate, log_p.exp(), -log_p, -sum_p2.log(), exponent, top_entropy]
-    stats = torch.stack([torch.where(valid, s, zero) if s is not None else zero for s in stats], -1)
-    return loss, gate, stats
+    stats = [torch.where(counted, s, zero) if s is not None else zero for s in stats]
+    return loss, gate, torch.stack([*stats, counted.to(zero.dtype)], -1)
 
 
 def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
@@ -439,11 +386,11 @@ def vocab_parallel_loss(
 
 def stats_dict(stats: torch.Tensor, objective: Objective, valid: torch.Tensor) -> dict:
     """The Function's stats columns [N, len(STAT_NAMES)] as {name: [...]} in valid's shape, only
-    those the objective has, plus `valid`."""
+    those the objective has; `valid` (bool) marks the tokens counted in the mean."""
     named = {name: stats[:, i].reshape(valid.shape) for i, name in enumerate(STAT_NAMES)}
     if objective.family != "qlog":
         del named["alpha"]
     if not objective.topk:
         del named["topk_entropy"]
-    named["valid"] = valid
+    named["valid"] = named["valid"] > 0
     return named

@@ -44,9 +44,9 @@ def reference(logits, target, objective, loss_mask=None, frozen=None):
         loss = -weight * log_p
         stats["gate"] = weight
     else:
-        if name == "nll":
+        if name in ("nll", "nll_top", "nll_bottom"):
             a = torch.zeros_like(p)
-        elif name == "p":
+        elif name in ("p", "p_top", "p_bottom"):
             a = torch.ones_like(p)
         elif name == "tsallis":
             a = torch.full_like(p, objective.param("q"))
@@ -64,9 +64,17 @@ def reference(logits, target, objective, loss_mask=None, frozen=None):
         )
         stats["alpha"] = a
         stats["gate"] = p_pow_a.detach()
+    # The DEFT reference code's threshold ablations keep only tokens with p >= th (top) or
+    # p <= th (bottom); the others leave the loss and its token count.
+    if name.endswith("_top"):
+        valid = valid & (p.detach() >= objective.param("th"))
+    elif name.endswith("_bottom"):
+        valid = valid & (p.detach() <= objective.param("th"))
+    stats["valid"] = valid
     zero = torch.zeros_like(loss)
     loss = torch.where(valid, loss, zero)
     stats = {
-        key: torch.where(valid, value, torch.zeros_like(value)) for key, value in stats.items()
+        key: value if key == "valid" else torch.where(valid, value, torch.zeros_like(value))
+        for key, value in stats.items()
     }
     return loss, stats

@@ -1,9 +1,12 @@
 """Objective names: canonical forms, the DEFT reference code's names, parameters and errors."""
 
+import pathlib
+
 import pytest
 import torch
 
 from megatron_deft.objectives import OBJECTIVE_NAMES, parse_objective, vocab_parallel_loss
+from megatron_deft.objectives.specs import objectives_table
 
 
 @pytest.mark.parametrize(
@@ -26,6 +29,11 @@ from megatron_deft.objectives import OBJECTIVE_NAMES, parse_objective, vocab_par
         ("eaft:5", "eaft:k=5,alpha=1.0"),
         ("eaft:alpha=0.5,k=8", "eaft:k=8,alpha=0.5"),
         ("eaft: k = 3 ", "eaft:k=3,alpha=1.0"),
+        ("OnlyTopP-0.3", "p_top:th=0.3"),
+        ("OnlyBottomP-0.7", "p_bottom:th=0.7"),
+        ("OnlyTopLogP-0", "nll_top:th=0.0"),
+        ("OnlyBottomLogP-1", "nll_bottom:th=1.0"),
+        ("nll_top:th=0.5", "nll_top:th=0.5"),
     ],
 )
 def test_spellings_parse_to_canonical_objectives(spec, canonical):
@@ -38,7 +46,10 @@ def test_keyword_parameters_override_and_objectives_are_hashable():
     assert str(parse_objective("tsallis", q=0.7)) == "tsallis:q=0.7"
     assert parse_objective("eaft:k=5", k=7).param("k") == 7
     assert len({parse_objective("deft"), parse_objective("DEFT"), parse_objective("cayley")}) == 2
-    assert set(OBJECTIVE_NAMES) == {"nll", "p", "dft", "tsallis", "deft", "cayley", "eaft"}
+    assert set(OBJECTIVE_NAMES) == {
+        "nll", "p", "dft", "tsallis", "deft", "cayley", "eaft",
+        "p_top", "p_bottom", "nll_top", "nll_bottom",
+    }  # fmt: skip
 
 
 def test_reference_code_names_compute_the_same_losses():
@@ -74,6 +85,9 @@ def test_reference_code_names_compute_the_same_losses():
         ("deft:1", "takes 0 parameter"),
         ("eaft:1,2,3", "takes 2"),
         ("focal", "unknown name 'focal'"),
+        ("OnlyTopP-1", "0 <= th < 1"),
+        ("OnlyBottomP-0", "0 < th <= 1"),
+        ("p_top", "needs parameter th"),
         ("", "non-empty"),
     ],
 )
@@ -86,3 +100,9 @@ def test_malformed_specs_raise_value_error_listing_valid_names(spec, message):
         in str(info.value)
     )
     assert "GeneralFamily-<q>" in str(info.value)
+
+
+def test_readme_objective_table_is_the_one_generated_from_the_specs():
+    readme = (pathlib.Path(__file__).resolve().parents[3] / "README.md").read_text()
+    assert objectives_table() in readme
+    assert objectives_table().count("\n| `") == len(OBJECTIVE_NAMES)  # one row per spec

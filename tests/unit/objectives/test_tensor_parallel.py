@@ -25,6 +25,7 @@ from megatron_deft.objectives import (
 )
 
 OBJECTIVES = ["nll", "p", "dft", "tsallis:q=0.5", "deft", "cayley", "eaft", "eaft:k=3"]
+OBJECTIVES += ["OnlyTopP-0.05", "nll_bottom:0.05"]  # threshold ablations: counted tokens
 COLLECTIVES = [
     "all_reduce",
     "all_gather",

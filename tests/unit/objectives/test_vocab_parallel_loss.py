@@ -19,6 +19,8 @@ OBJECTIVES = [
     "eaft",
     "eaft:k=4,alpha=0.5",
 ]
+# The DEFT reference code's threshold ablations: they drop the tokens outside the threshold.
+THRESHOLDS = ["p_top:0.05", "p_bottom:0.05", "nll_top:th=0.05", "OnlyBottomLogP-0.05"]
 
 
 def make_batch(seq=7, batch=3, vocab=37, seed=0, scale=3.0):
@@ -50,7 +52,7 @@ def run_reference(logits, target, objective, loss_mask=None):
     return loss.detach(), stats, x.grad
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("objective", OBJECTIVES + THRESHOLDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_loss_gradient_and_stats_match_float64_reference(objective, dtype):
     logits, target, loss_mask = make_batch()
@@ -63,9 +65,10 @@ def test_loss_gradient_and_stats_match_float64_reference(objective, dtype):
     grad_tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-4)
     torch.testing.assert_close(grad.double(), ref_grad, **grad_tol)
     for key, value in ref_stats.items():
-        torch.testing.assert_close(stats[key].double(), value, rtol=2e-6, atol=2e-6, msg=key)
-    expected_keys = set(ref_stats) | {"valid"}
-    assert set(stats) == expected_keys
+        torch.testing.assert_close(
+            stats[key].double(), value.double(), rtol=2e-6, atol=2e-6, msg=key
+        )
+    assert set(stats) == set(ref_stats)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -164,7 +167,7 @@ def test_target_logit_of_minus_inf_gives_the_limits_and_a_finite_gradient(object
     assert stats["gate"][0].item() == pytest.approx(gate0, rel=1e-12)
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("objective", OBJECTIVES + THRESHOLDS)
 @pytest.mark.parametrize("padding_logit", [0.0, 60.0])
 def test_padding_ids_are_outside_the_softmax(objective, padding_logit):
     """Megatron's padded vocab columns (ids >= vocab_size) with vocab_size given: the loss, stats and
@@ -182,7 +185,9 @@ def test_padding_ids_are_outside_the_softmax(objective, padding_logit):
     torch.testing.assert_close(grad[..., :37].double(), ref_grad, rtol=1e-5, atol=1e-7)
     assert torch.all(grad[..., 37:] == 0)
     for key, value in ref_stats.items():
-        torch.testing.assert_close(stats[key].double(), value, rtol=2e-6, atol=2e-6, msg=key)
+        torch.testing.assert_close(
+            stats[key].double(), value.double(), rtol=2e-6, atol=2e-6, msg=key
+        )
     if padding_logit > 0:  # the same logits without vocab_size: padding dominates the softmax
         unmasked, _, _ = run(padded.float(), target, objective, loss_mask)
         assert not torch.allclose(unmasked.double(), ref_loss, rtol=1e-3, atol=1e-4)
@@ -192,6 +197,24 @@ def test_padding_ids_are_outside_the_softmax(objective, padding_logit):
         vocab_parallel_loss(padded.float(), torch.full_like(target, 40), objective, vocab_size=37)
     with pytest.raises(ValueError, match=r"vocab_size 49 must be in \[1, 48\]"):
         vocab_parallel_loss(padded.float(), target, objective, vocab_size=49)
+
+
+@pytest.mark.parametrize("objective", THRESHOLDS)
+def test_thresholds_drop_tokens_from_the_loss_the_gradient_and_the_count(objective):
+    """A token outside the threshold is not counted (valid False), with loss, gradient and stats
+    0; the others get the unthresholded objective's values (1 - p or -log p)."""
+    logits, target, loss_mask = make_batch(seed=4)
+    loss, stats, grad = run(logits.float(), target, objective, loss_mask)
+    base = "p" if objective.lower().startswith(("p_", "onlytopp", "onlybottomp")) else "nll"
+    full_loss, full_stats, full_grad = run(logits.float(), target, base, loss_mask)
+    p, th = full_stats["p_target"], 0.05
+    keep = (p >= th) if "top" in objective.lower() else (p <= th)
+    kept = full_stats["valid"] & keep
+    assert 0 < kept.sum() < full_stats["valid"].sum()  # the threshold splits the tokens
+    assert torch.equal(stats["valid"], kept)
+    assert torch.equal(loss, torch.where(kept, full_loss, 0.0))
+    assert torch.equal(grad, torch.where(kept.unsqueeze(-1), full_grad, 0.0))
+    assert torch.all(stats["gate"][~kept] == 0) and torch.all(stats["p_target"][~kept] == 0)
 
 
 def test_ids_under_a_zero_loss_mask_are_not_checked():

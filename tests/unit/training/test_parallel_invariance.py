@@ -70,7 +70,7 @@ def _cases():
             for objective in ("deft", "nll"):
                 for optimizer in ("plain", "distopt"):
                     yield f"{layout}-{objective}-{optimizer}"
-            for objective in ("cayley", "eaft"):
+            for objective in ("cayley", "eaft", "nll_top:0.002"):
                 yield f"{layout}-{objective}-plain"
     yield "tp1pp2dp1-deft-plain-interleaved"
     yield "tp1pp1dp2-deft-distopt-overlap"
@@ -188,3 +188,13 @@ def test_objectives_differ(runs):
     # The logged NLL (-log p_target) is the loss itself for the nll objective.
     nll = first["nll"]
     assert abs(nll["nll"] - nll["loss"]) <= 1e-6 * nll["loss"]
+
+
+def test_threshold_ablation_counts_only_the_tokens_it_keeps(runs):
+    """Guards the nll_top comparison: the threshold dropped some loss tokens of every batch (so
+    the count compared across layouts is the thresholded one), and kept some."""
+    results = _all_results(runs)
+    for full, kept in zip(
+        results[f"{REFERENCE}-nll-plain"], results[f"{REFERENCE}-nll_top:0.002-plain"]
+    ):
+        assert 0 < kept["tokens"] < full["tokens"]

@@ -47,8 +47,9 @@ def main(out_dir):
                     extra,
                     save_init=objective == "deft" and not distributed,
                 )
-        # the other exponents' inputs: cayley's micro-batch mean p, eaft's gathered top-k
-        for objective in ("cayley", "eaft"):
+        # the other exponents' inputs: cayley's micro-batch mean p, eaft's gathered top-k; a
+        # threshold ablation's token count (p ~ 1/500 at init: th splits the tokens)
+        for objective in ("cayley", "eaft", "nll_top:0.002"):
             extra = ["--sft-objective", objective, "--train-iters", ITERATIONS]
             run_case(out_dir, results, f"tp{tp}pp{pp}dp{dp}-{objective}-plain", tp, pp, extra)
     # Qwen3-style attention: per-head q/k RMSNorm (replicated over TP; megatron-core sums its
