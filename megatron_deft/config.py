@@ -137,6 +137,13 @@ class OptimizerConfig:
     """Clip the global gradient norm to this value (0: no clipping)."""
 
 
+def _objective_usage() -> str:
+    """The objectives' forms, read from their specs (imported only when the help is built)."""
+    from megatron_deft.objectives.registry import usage_text
+
+    return usage_text()
+
+
 @dataclass
 class TrainingConfig:
     """Iterations, batch shape, precision, device, logging and evaluation cadence."""
@@ -153,9 +160,9 @@ class TrainingConfig:
     """bf16 parameters and compute with fp32 master weights (GPU)."""
     device: str = "cuda"
     """cpu (gloo, fp32, for tests and smoke runs) or cuda (nccl)."""
-    sft_objective: str = "nll"
-    """Token-level objective: nll, p, dft, tsallis, deft, cayley, eaft, optionally with its
-    parameters as ``name:key=value,...`` (e.g. ``tsallis:q=0.5``, ``eaft:k=20,alpha=1.0``)."""
+    sft_objective: str = field(default="nll", metadata={"help_suffix": _objective_usage})
+    """Token-level objective, optionally with its parameters as ``name:key=value,...`` (e.g.
+    ``tsallis:q=0.5``, ``eaft:k=20,alpha=1.0``)."""
     tsallis_q: Optional[float] = None
     """tsallis: the exponent q > 0 (overrides a q given in --sft-objective)."""
     eaft_k: Optional[int] = None
@@ -249,7 +256,8 @@ def add_config_flags(parser, cls, dest_prefix: str = "", choices: Optional[dict]
     Bool fields are ``store_true`` flags, ``list`` fields take one or more values (Megatron-style
     ``--data-path 0.7 a 0.3 b``). Defaults stay out of the namespace (``argparse.SUPPRESS``) so
     the dataclass's own defaults apply; allowed values come from the field's
-    ``metadata["choices"]`` or ``choices[name]``; ``metadata["required"]`` makes a flag required.
+    ``metadata["choices"]`` or ``choices[name]``; ``metadata["required"]`` makes a flag required;
+    ``metadata["help_suffix"]`` (a callable) appends generated text to the help.
     """
     docs = field_docs(cls)
     for item in dataclasses.fields(cls):
@@ -258,7 +266,9 @@ def add_config_flags(parser, cls, dest_prefix: str = "", choices: Optional[dict]
             add_config_flags(group, item.type, f"{dest_prefix}{item.name}.", choices)
             continue
         flag, kind = "--" + item.name.replace("_", "-"), _flag_type(item.type)
-        common = dict(dest=dest_prefix + item.name, help=docs[item.name], default=argparse.SUPPRESS)
+        more = item.metadata.get("help_suffix")  # help text generated from elsewhere
+        text = docs[item.name] + (f" {more()}" if more else "")
+        common = dict(dest=dest_prefix + item.name, help=text, default=argparse.SUPPRESS)
         common["required"] = item.metadata.get("required", False)
         if kind is bool:
             parser.add_argument(flag, action="store_true", **common)
