@@ -369,8 +369,9 @@ def _resolve_pretrained_checkpoint(config: Config) -> None:
     ckpt.load, ckpt.finetune = ckpt.pretrained_checkpoint, True
 
 
-def _common_state(root: str) -> dict:
-    """The common (non-sharded) state of the checkpoint ``root``'s tracker names."""
+def _common_state(root: str, source: str) -> dict:
+    """The common (non-sharded) state of the checkpoint ``root``'s tracker names (``source``:
+    the flag that named ``root``, for the error)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
@@ -384,7 +385,7 @@ def _common_state(root: str) -> dict:
         directory = existing_checkpoint_dir(root, read_tracker(root))
         return dist_checkpointing.load_common_state_dict(directory)
     except (CheckpointError, CheckpointingException, OSError) as error:
-        raise ConfigError(f"--load {root}: {error}".replace("\n", " ")) from None
+        raise ConfigError(f"{source} {root}: {error}".replace("\n", " ")) from None
 
 
 def _adopt_checkpoint_architecture(config: Config, given: set) -> None:
@@ -394,7 +395,8 @@ def _adopt_checkpoint_architecture(config: Config, given: set) -> None:
     ckpt, tp = config.checkpoint, config.parallel.tensor_model_parallel_size
     if ckpt.load is None or not os.path.isfile(os.path.join(ckpt.load, _TRACKER)):
         return
-    common = _common_state(ckpt.load)
+    source = "--pretrained-checkpoint" if ckpt.load == ckpt.pretrained_checkpoint else "--load"
+    common = _common_state(ckpt.load, source)
     if common.get("architecture") is None:  # written before architectures were recorded
         return
     model = config.model = adopt_architecture(config.model, common, given, tp)
@@ -402,7 +404,6 @@ def _adopt_checkpoint_architecture(config: Config, given: set) -> None:
     if model.vocab_size is not None:
         padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
     mismatch = architecture_mismatch(common["architecture"], architecture_of(model, padded), tp)
-    source = "--pretrained-checkpoint" if ckpt.load == ckpt.pretrained_checkpoint else "--load"
     _require(
         not mismatch,
         f"{source} {ckpt.load} records another architecture than the flags given (drop them: "

@@ -171,6 +171,30 @@ def test_flags_contradicting_the_checkpoint_stop_with_one_line_naming_all(conver
     assert "--make-vocab-size-divisible-by" not in err  # the padding is the checkpoint's
 
 
+def test_a_config_file_key_counts_as_given(converted, tmp_path, capsys):
+    from megatron_deft.training.arguments import parse_config
+
+    run = tmp_path / "run.yaml"
+    run.write_text("num_layers: 3\n")
+    argv = ["--config", str(run), "--pretrained-checkpoint", converted["dir"]]
+    with pytest.raises(SystemExit):
+        parse_config(_run_flags(converted) + argv)
+    assert "--num-layers: the checkpoint has 2, this run has 3" in capsys.readouterr().err
+
+
+def test_an_unreadable_checkpoint_is_one_line_at_parse_time(tmp_path, capsys):
+    from megatron_deft.training.arguments import parse_config
+
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("7\n")  # no iter_0000007/
+    with pytest.raises(SystemExit):
+        parse_config(
+            ["--mock-data", "--vocab-size", "64", "--pretrained-checkpoint", str(tmp_path)]
+        )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--pretrained-checkpoint {tmp_path}: " in err
+    assert "iteration 7" in err
+
+
 def test_pretrained_checkpoint_loads_weights_only_until_load_holds_a_checkpoint(converted):
     from megatron_deft.training.arguments import parse_config
 
