@@ -122,12 +122,13 @@ def main(argv=None) -> int:
     )
     for name in ("megatron", "megatron_fsdp"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    from megatron_deft.config import ConfigError
     from megatron_deft.conversion import ConversionError
     from megatron_deft.training.checkpointing import CheckpointError
 
     try:
         run(args)
-    except (ConversionError, CheckpointError) as error:
+    except (ConversionError, CheckpointError, ConfigError) as error:
         print(f"convert_checkpoint: error: {error}", file=sys.stderr)
         return 2
     return 0

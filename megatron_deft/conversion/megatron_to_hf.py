@@ -59,10 +59,7 @@ def _model_of(common: dict, directory: str, vocab_size):
     saved = common.get("config", {}).get("model")
     if saved is None:
         raise ConversionError(f"{directory}: not a megatron-deft checkpoint (no config recorded)")
-    model = ModelConfig(**saved)
-    model.ffn_hidden_size = model.ffn_hidden_size or 4 * model.hidden_size
-    model.num_query_groups = model.num_query_groups or model.num_attention_heads
-    model.max_position_embeddings = model.max_position_embeddings or model.seq_length
+    model = ModelConfig(**saved).resolved()
     model.vocab_size = vocab_size or model.vocab_size
     if model.vocab_size is None:
         raise ConversionError(

@@ -17,7 +17,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from megatron_deft.config import Config, ConfigError
+from megatron_deft.config import Config, ConfigError, config_from_dict
 from megatron_deft.data import build_tokenizer, read_samples
 from megatron_deft.data.chat_format import (
     ChatTemplateError,
@@ -54,12 +54,7 @@ def checkpoint_iterations(root: str, spec: str) -> List[int]:
 
 def run_config(saved: dict, evaluation: EvalConfig, root: str) -> Config:
     """The training Config the checkpoint was saved with, re-laid out for this evaluation."""
-    config = Config()
-    for section, values in saved.items():
-        target = getattr(config, section, None)
-        for key, value in (values or {}).items() if target is not None else ():
-            if hasattr(target, key):
-                setattr(target, key, value)
+    config = config_from_dict(saved)
     par = config.parallel
     par.tensor_model_parallel_size = evaluation.tensor_model_parallel_size
     par.pipeline_model_parallel_size = 1

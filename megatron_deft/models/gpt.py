@@ -67,16 +67,16 @@ class SFTGPTModel(GPTModel):
 
 def transformer_config(config: Config) -> TransformerConfig:
     """megatron-core TransformerConfig for our architecture and layout."""
-    model, parallel, training = config.model, config.parallel, config.training
+    model, parallel, training = config.model.resolved(), config.parallel, config.training
     on_cpu = training.device == "cpu"
     dtype = torch.bfloat16 if training.bf16 else torch.float32
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
-        ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
         num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups or model.num_attention_heads,
-        kv_channels=model.kv_channels,  # None: hidden / heads
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
         qk_layernorm=model.qk_layernorm,
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon,
@@ -190,7 +190,7 @@ def build_gpt_chunks(config: Config, vocab_size: int, initialize: bool = True) -
             config=tf_config,
             transformer_layer_spec=decoder_spec(config, tf_config, stage),
             vocab_size=vocab_size,
-            max_sequence_length=config.model.max_position_embeddings or config.model.seq_length,
+            max_sequence_length=config.model.resolved().max_position_embeddings,
             pre_process=first,
             post_process=last,
             parallel_output=True,

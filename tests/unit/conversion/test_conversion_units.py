@@ -294,20 +294,6 @@ def _parse(argv):
     return parse_config(["--mock-data", "--vocab-size", "300", "--device", "cpu"] + argv)
 
 
-def test_pretrained_checkpoint_loads_weights_only_until_load_holds_a_checkpoint(tmp_path):
-    pretrained, resume = tmp_path / "converted", tmp_path / "run"
-    pretrained.mkdir()
-    (pretrained / "latest_checkpointed_iteration.txt").write_text("0\n")
-    fresh = _parse(["--pretrained-checkpoint", str(pretrained), "--load", str(resume)])
-    assert fresh.checkpoint.load == str(pretrained) and fresh.checkpoint.finetune
-    resume.mkdir()
-    (resume / "latest_checkpointed_iteration.txt").write_text("3\n")
-    restarted = _parse(
-        ["--pretrained-checkpoint", str(pretrained), "--load", str(resume), "--finetune"]
-    )
-    assert restarted.checkpoint.load == str(resume) and not restarted.checkpoint.finetune
-
-
 def test_pretrained_checkpoint_without_a_checkpoint_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         _parse(["--pretrained-checkpoint", str(tmp_path)])

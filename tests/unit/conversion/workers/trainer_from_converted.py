@@ -8,7 +8,7 @@ OUT_DIR/results.json.
 
 Cases: each model at TP=1 (DP=2), TP=2 and PP=2, loaded with --load (converted dirs start like
 --finetune) or --pretrained-checkpoint, with their RoPE frequencies; three architecture
-mismatches (must fail with one line);
+mismatches (must fail with one line, at parse time);
 a 3-iteration SFT run at TP=2 from --pretrained-checkpoint that saves, the logits of the trained
 model, and a restart that resumes from --load instead of the pretrained weights.
 """
@@ -23,7 +23,8 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megatron_deft.training.arguments import parse_config  # noqa: E402
+from megatron_deft.config import ConfigError  # noqa: E402
+from megatron_deft.training.arguments import config_from_args  # noqa: E402
 
 RUN_FLAGS = [
     "--device",
@@ -59,7 +60,7 @@ def trainer_for(work_dir, model, tp, pp, extra=()):
             *map(str, extra),
         ]
     )
-    return Trainer(parse_config(argv, world_size=int(os.environ["WORLD_SIZE"])))
+    return Trainer(config_from_args(argv, world_size=int(os.environ["WORLD_SIZE"])))
 
 
 @torch.no_grad()
@@ -122,12 +123,15 @@ def save_logits(trainer, tokens, out_dir, name):
 
 
 def expect_failure(work_dir, model, tp, pp, extra):
-    """The one-line CheckpointError of a mismatched run (groups torn down afterwards)."""
+    """The one-line error of a mismatched run: flags contradicting the architecture the
+    checkpoint records are refused at parse time (ConfigError); the load checks it again."""
     from megatron_deft.training.checkpointing import CheckpointError
     from megatron_deft.training.setup import destroy_distributed
 
     try:
         trainer_for(work_dir, model, tp, pp, extra).close(keep_process_group=True)
+    except ConfigError as error:
+        return str(error)
     except CheckpointError as error:
         destroy_distributed(keep_process_group=True)
         return str(error)
