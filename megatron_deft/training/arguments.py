@@ -293,9 +293,11 @@ def _validate_run(config: Config) -> None:
 
 
 def _validate_data_sources(data) -> None:
-    """--data-path syntax and the tokenizer family, checked before any data is read."""
+    """--data-path syntax and the tokenizer (its family and files), checked before any data is
+    read."""
     from megatron_deft.data.blend import parse_data_path
     from megatron_deft.data.config import TOKENIZER_TYPES
+    from megatron_deft.data.tokenizer import check_tokenizer_model
 
     for flag, value in (
         ("--data-path", data.data_path),
@@ -314,6 +316,8 @@ def _validate_data_sources(data) -> None:
         data.mock_data or data.tokenizer_model is not None,
         "--train-data/--data-path need --tokenizer-model",
     )
+    if not data.mock_data:
+        check_tokenizer_model(data.tokenizer_type, data.tokenizer_model)
 
 
 def objective_of(config: Config):
