@@ -22,7 +22,6 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 
 # Runnable from a checkout without `pip install -e .`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -120,7 +119,9 @@ def run(args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore")  # megatron-core's Apex/TE-absent notices
+    from megatron_deft.utils.known_warnings import ignore_import_notices
+
+    ignore_import_notices()  # megatron-core's Apex/TE-absent notices and the like
     logging.basicConfig(
         level=logging.INFO,
         format="[convert %(asctime)s] %(message)s",

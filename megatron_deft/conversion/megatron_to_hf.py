@@ -31,6 +31,7 @@ from megatron_deft.conversion.safetensors_io import ShardWriter
 from megatron_deft.conversion.source import RECORDED_FILES, read_files, record_of, write_files
 from megatron_deft.conversion.weights import hf_parts, hf_shape, weight_maps
 from megatron_deft.models.layout import padded_vocab_size
+from megatron_deft.utils.known_warnings import checkpoint_load_deprecations_ignored
 
 logger = logging.getLogger(__name__)
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -92,7 +93,8 @@ def _load_full_model(directory: str, model: ModelConfig, padded: int, dtype):
     chunk = build_full_model(model, padded, dtype)
     state = full_sharded_state_dict(chunk)
     logger.info(f"loading {directory}")
-    dist_checkpointing.load({"model": state}, directory)  # writes the weights in place
+    with checkpoint_load_deprecations_ignored():
+        dist_checkpointing.load({"model": state}, directory)  # writes the weights in place
     return chunk
 
 

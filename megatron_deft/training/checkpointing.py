@@ -38,6 +38,7 @@ from megatron_deft.config import Config
 from megatron_deft.conversion import source
 from megatron_deft.models.architecture import architecture_mismatch, architecture_of
 from megatron_deft.training.setup import finish_param_sync
+from megatron_deft.utils.known_warnings import checkpoint_load_deprecations_ignored
 
 logger = logging.getLogger(__name__)
 
@@ -128,9 +129,10 @@ def load_model_weights(directory: str, modules) -> None:
     chunks ``modules``, resharded to this process's TP/PP layout (evaluation, export, and
     --finetune / converted checkpoints); see the module docstring on ``_extra_state``."""
     state = _model_state(modules)
-    loaded, _, absent = dist_checkpointing.load(
-        state, directory, strict=StrictHandling.RETURN_UNEXPECTED
-    )
+    with checkpoint_load_deprecations_ignored():
+        loaded, _, absent = dist_checkpointing.load(
+            state, directory, strict=StrictHandling.RETURN_UNEXPECTED
+        )
     _refuse_absent_weights(absent, directory)
     for key, module in zip(state, modules):
         result = module.load_state_dict(loaded[key], strict=False)
@@ -330,7 +332,8 @@ def load_checkpoint(root, model, optimizer, scheduler, loader, config: Config) -
         load_model_weights(directory, [chunk.module for chunk in model])
         return 0
     state = _sharded_state(model, optimizer, config, is_loading=True, with_rng=same_layout)
-    loaded = dist_checkpointing.load(state, directory)
+    with checkpoint_load_deprecations_ignored():
+        loaded = dist_checkpointing.load(state, directory)
     for i, chunk in enumerate(model):
         chunk.module.load_state_dict(loaded["model" if len(model) == 1 else f"model{i}"])
     with torch.no_grad():  # the distributed optimizer copies into leaf views

@@ -1,6 +1,6 @@
 """Conversion pieces: fused layouts against hand-built references, safetensors sharding, every
 bad input failing with one line naming the field or tensor; and, on one converted tiny Llama
-(single process), the files export writes and the tokenizer folder."""
+(single process), the files export writes, the tokenizer folder and the warning filters."""
 
 import json
 import os
@@ -424,3 +424,51 @@ def test_checkpoints_converted_before_the_record_keep_their_source(tmp_path):
     }
     assert record_of({"hf_source": None, **common}, str(tmp_path)) is None  # trained from scratch
     assert record_of({}, str(tmp_path)) is None
+
+
+def test_checkpoint_loads_filter_exactly_torchs_deprecation_warnings(hf_llama, converted, tmp_path):
+    """Every dist_checkpointing load gave 3 FutureWarnings (torch's ShardedTensor and
+    load_state_dict deprecations); other warnings still show, inside the filtered block too."""
+    import warnings
+
+    from megatron_deft.conversion.megatron_model import build_full_model
+    from megatron_deft.training.checkpointing import load_model_weights
+    from megatron_deft.utils.known_warnings import checkpoint_load_deprecations_ignored
+
+    model, _, _ = read_hf_config(hf_llama)
+    chunk = build_full_model(model, 128, torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model_weights(os.path.join(converted, "iter_0000000"), [chunk])
+        convert_megatron_to_hf(converted, str(tmp_path / "back"))
+        with checkpoint_load_deprecations_ignored():
+            warnings.warn("another deprecation", FutureWarning)
+    futures = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert futures == ["another deprecation"]
+    embedding = load_file(os.path.join(hf_llama, "model.safetensors"))["model.embed_tokens.weight"]
+    assert torch.equal(chunk.embedding.word_embeddings.weight[:50], embedding)  # it did load
+
+
+def test_convert_tool_filters_only_the_known_notices(converted, tmp_path):
+    """The tool silenced every warning of the process (filterwarnings("ignore")); now only
+    megatron-core's known notices and the checkpoint-load deprecations."""
+    import subprocess
+    import sys
+
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+    script = (
+        "import sys, warnings; sys.path.insert(0, sys.argv.pop(1)); import convert_checkpoint; "
+        "code = convert_checkpoint.main(sys.argv[1:]); "
+        "warnings.warn('unrelated notice', UserWarning); sys.exit(code)"
+    )
+    argv = ["megatron-to-hf", "--megatron-dir", converted, "--output-dir", str(tmp_path / "b")]
+    done = subprocess.run(
+        [sys.executable, "-c", script, os.path.join(root, "tools"), *argv],
+        env=dict(os.environ, PYTHONPATH=root),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    shown = [line for line in done.stderr.splitlines() if "Warning: " in line]
+    assert len(shown) == 1 and shown[0].endswith("UserWarning: unrelated notice"), shown

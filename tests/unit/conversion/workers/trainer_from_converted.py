@@ -147,7 +147,12 @@ def fine_tune_mistral(work_dir, results):
     trainer.close(keep_process_group=True)
     resume = ["--load", os.path.join(work_dir, "sft-mistral"), "--train-iters", 3]
     resume += ["--save", os.path.join(work_dir, "sft-mistral-resumed")]
-    trainer = trainer_for(work_dir, "mistral", 1, 1, run + resume)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = trainer_for(work_dir, "mistral", 1, 1, run + resume)
+    results["mistral-resume-future-warnings"] = [
+        str(w.message) for w in caught if issubclass(w.category, FutureWarning)
+    ]
     results["mistral-resumed-iteration"] = trainer.iteration
     trainer.train()
     trainer.close(keep_process_group=True)
