@@ -17,7 +17,9 @@ Why the files travel inside every checkpoint's common state, not in a folder bes
 (no second thing to write atomically, clean up or find); a resumed run needs neither
 --pretrained-checkpoint nor the converted directory, which may be long gone; a run saving into a
 new --save directory carries the record along; and export of any iteration finds it. The cost
-is a few MB (a 128k-token tokenizer.json is ~9 MB) in each common.pt, beside GBs of weights.
+is a few MB (a 128k-token tokenizer.json is ~9 MB) in each common.pt and in the broadcast of the
+common state dist_checkpointing makes at each save to check the ranks agree, beside GBs of
+weights.
 """
 
 import os
