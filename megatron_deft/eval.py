@@ -12,10 +12,10 @@ checkpoint, 2 bad flags.
 
 import os
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
-warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+from megatron_deft.utils.known_warnings import ignore_import_notices
+
+ignore_import_notices()  # megatron-core's Apex/TE-absent notices and the like
 
 
 def _single_process_defaults() -> None:

@@ -12,6 +12,7 @@ from typing import List, Optional
 
 from megatron_deft.config import ConfigError, add_config_flags, config_from_flags
 from megatron_deft.data.config import RecordFormat, TokenizerConfig
+from megatron_deft.data.tokenizer import check_tokenizer_model
 
 
 @dataclass
@@ -95,6 +96,7 @@ def validate(config: EvalConfig) -> None:
     spec = config.iteration
     if spec not in ("latest", "all") and not all(p.strip().isdigit() for p in spec.split(",")):
         raise ConfigError(f"--iteration {spec!r}: use latest, all or numbers like 100,200")
+    check_tokenizer_model(config.tokenizer.tokenizer_type, config.tokenizer.tokenizer_model)
 
 
 def parse_eval_config(argv=None, world_size: int = 1) -> EvalConfig:

@@ -257,11 +257,16 @@ def _validate_run(config: Config) -> None:
 
 
 def _validate_data_sources(data, tokenizer) -> None:
-    """File data needs a tokenizer (the sections check their own fields when they are built)."""
+    """File data needs a tokenizer whose files are there (the sections check their own fields
+    when they are built)."""
+    from megatron_deft.data.tokenizer import check_tokenizer_model
+
     _require(
         data.mock_data or tokenizer.tokenizer_model is not None,
         "--train-data/--data-path need --tokenizer-model",
     )
+    if not data.mock_data:
+        check_tokenizer_model(tokenizer.tokenizer_type, tokenizer.tokenizer_model)
 
 
 def objective_of(config: Config):

@@ -6,8 +6,10 @@ from megatron_deft import eval as eval_cli
 
 
 @pytest.fixture(autouse=True)
-def _one_process(monkeypatch):
+def _one_process(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.model").touch()  # the tokenizer file named below exists
 
 
 @pytest.mark.parametrize(
@@ -35,6 +37,25 @@ def test_bad_flags_exit_2_with_one_line(extra, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
+
+
+def test_tokenizer_directory_without_tokenizer_files_is_one_line(tmp_path, capsys):
+    """A converted model's folder holding only generation_config.json (as the converter wrote
+    for a Hugging Face model without tokenizer files) fails before any work."""
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    (folder / "generation_config.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main(
+            ["--load", "ckpt", "--eval-data", "x.jsonl", "--tokenizer-type"]
+            + ["HuggingFaceTokenizer", "--tokenizer-model", str(folder), "--device", "cpu"]
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"megatron-deft-eval: error: --tokenizer-model {folder}: not a Hugging Face tokenizer "
+        "directory: it has no tokenizer.json, nor tokenizer.model, nor vocab.json + merges.txt"
+    )
 
 
 def test_missing_checkpoint_names_the_directory(tmp_path, capsys):

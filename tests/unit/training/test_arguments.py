@@ -281,7 +281,8 @@ def test_preprocessed_data_flags_are_checked_at_startup(capsys, argv, message):
 
 
 def test_data_path_takes_megatron_weight_prefix_pairs_from_flags_and_yaml(tmp_path):
-    base = ["--device", "cpu", "--tokenizer-model", "tok.model"]
+    (tmp_path / "tok.model").touch()
+    base = ["--device", "cpu", "--tokenizer-model", str(tmp_path / "tok.model")]
     config = parse_config(
         base + ["--data-path", "0.7", "a", "0.3", "b", "--skip-bad-samples", "--overlong", "drop"],
         world_size=1,
