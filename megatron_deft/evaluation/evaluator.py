@@ -276,6 +276,18 @@ def _evaluate_root(job: dict, model, tokenizer, config: EvalConfig, is_rank0: bo
     return summaries, predictions
 
 
+def _tokenizer(config: EvalConfig):
+    """The tokenizer of --tokenizer-type / --tokenizer-model; a file it cannot load (missing,
+    not a tokenizer, no EOS) is a ConfigError naming the flags."""
+    try:
+        return build_tokenizer(config.tokenizer_type, config.tokenizer_model)
+    except (ValueError, RuntimeError, OSError) as error:  # the tokenizer libraries' load errors
+        raise ConfigError(
+            f"--tokenizer-type {config.tokenizer_type} --tokenizer-model "
+            f"{config.tokenizer_model}: {error}"
+        ) from None
+
+
 def evaluate(config: EvalConfig, keep_process_group: bool = False) -> List[Dict]:
     """Every requested checkpoint of every --load root x every file; returns the summaries (on
     every rank) and writes --output / --summary-output and the summary lines on stdout from
@@ -289,7 +301,7 @@ def evaluate(config: EvalConfig, keep_process_group: bool = False) -> List[Dict]
     for path in config.data_paths():
         if not os.path.isfile(path):
             raise ConfigError(f"--eval-data {path}: no such file")
-    tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)
+    tokenizer = _tokenizer(config)
     jobs = [_prepare(config, root, its, tokenizer) for root, its in iterations.items()]
     setup.initialize_distributed(jobs[0]["run"])
     is_rank0 = dist.get_rank() == 0

@@ -118,3 +118,53 @@ def test_padded_vocab_of_trained_converted_and_older_checkpoints():
     old.model.make_vocab_size_divisible_by = 128
     old.parallel.tensor_model_parallel_size = 4  # pads 32000 to a multiple of 512
     assert _padded_vocab({"config": dataclasses.asdict(old)}, 32000, 2, "/old") == 32256
+
+
+def _checkpoint_and_data(tmp_path):
+    """A --load with a tracker and an existing --eval-data: the checks before the tokenizer."""
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("5\n")
+    (tmp_path / "eval.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    return ["--load", str(tmp_path), "--eval-data", str(tmp_path / "eval.jsonl"), "--device", "cpu"]
+
+
+def test_unloadable_tokenizer_names_the_flag_in_one_line(tmp_path, capsys):
+    """A file that is not a SentencePiece model (sentencepiece raises RuntimeError)."""
+    (tmp_path / "bad.model").write_text("not a model")
+    code = eval_cli.main([*_checkpoint_and_data(tmp_path), "--tokenizer-model", "bad.model"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.count("\n") == 0, err
+    assert err.startswith("megatron-deft-eval: error: --tokenizer-type") and "bad.model" in err
+
+
+@pytest.mark.parametrize("error_type", ["ConfigError", "DataError", "CheckpointError"])
+def test_user_errors_are_one_line(error_type, monkeypatch, capsys):
+    from megatron_deft import config, data
+    from megatron_deft.evaluation import evaluator
+    from megatron_deft.training import checkpointing
+
+    error = {
+        "ConfigError": lambda: config.ConfigError("x.jsonl:3: bad record"),
+        "DataError": lambda: data.DataError("x.jsonl", 3, "bad record"),
+        "CheckpointError": lambda: checkpointing.CheckpointError("x.jsonl:3: bad record"),
+    }[error_type]()
+
+    def fail(config):
+        raise error
+
+    monkeypatch.setattr(evaluator, "evaluate", fail)
+    code = eval_cli.main(["--load", "ckpt", "--eval-data", "x.jsonl", "--tokenizer-model", "t"])
+    assert code == 1
+    assert capsys.readouterr().err == "megatron-deft-eval: error: x.jsonl:3: bad record\n"
+
+
+def test_a_programming_value_error_keeps_its_traceback(monkeypatch):
+    """A ValueError that is not a user-error type is a bug: it propagates (traceback, exit 1 from
+    the interpreter), it is not printed as if the input were wrong."""
+    from megatron_deft.evaluation import evaluator
+
+    def bug(config):
+        raise ValueError("too many values to unpack")
+
+    monkeypatch.setattr(evaluator, "evaluate", bug)
+    with pytest.raises(ValueError, match="too many values to unpack"):
+        eval_cli.main(["--load", "ckpt", "--eval-data", "x.jsonl", "--tokenizer-model", "t"])
