@@ -1,7 +1,8 @@
 """``megatron-deft-eval`` command line -> :class:`EvalConfig`, validated before any work.
 
 The model architecture is not on the command line: it is read from the checkpoint's saved run
-config. Only the layout (TP) and the device are chosen here; the weights are resharded to it.
+config. Only the layout (TP, PP) and the device are chosen here; the weights are resharded to
+it.
 """
 
 import argparse
@@ -39,6 +40,9 @@ class EvalConfig:
     """Tokenizer model file or directory, as for training."""
     tensor_model_parallel_size: int = 1
     """TP of this evaluation (any TP dividing the checkpoint's padded vocabulary and heads)."""
+    pipeline_model_parallel_size: int = 1
+    """PP of this evaluation (any PP dividing the checkpoint's number of layers): each rank
+    holds its stage's layers, for scoring and for KV-cache generation."""
     device: str = "cuda"
     """cpu (gloo) or cuda (nccl)."""
     max_new_tokens: int = 64
@@ -46,7 +50,8 @@ class EvalConfig:
     answer_pattern: Optional[str] = None
     """Regular expression: exact-match compares what it finds (its first group, or the whole
     match) in the generated and in the expected reply instead of the whole replies, e.g.
-    '####\\s*(-?[0-9.,]+)' for GSM8K's final answers. A reference it finds nothing in is an error."""
+    '####\\s*(-?[0-9.,]+)' for GSM8K's final answers. A reference it finds nothing in is an
+    error."""
     num_samples: int = 0
     """Evaluate only the first this many samples of each file (0: all)."""
     micro_batch_size: int = 32
@@ -91,6 +96,7 @@ def validate(config: EvalConfig) -> None:
     """Raise ConfigError (one line) on the first bad setting."""
     checks = [
         (config.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1"),
+        (config.pipeline_model_parallel_size >= 1, "--pipeline-model-parallel-size must be >= 1"),
         (config.device in ("cpu", "cuda"), f"--device {config.device!r}: use cpu or cuda"),
         (config.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
         (config.num_samples >= 0, "--num-samples must be >= 0"),
@@ -118,10 +124,11 @@ def parse_eval_config(argv=None, world_size: int = 1) -> EvalConfig:
     try:
         config = EvalConfig(**vars(build_parser().parse_args(argv)))
         validate(config)
-        if world_size % config.tensor_model_parallel_size:
+        tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+        if world_size % (tp * pp):
             raise ConfigError(
                 f"world size {world_size} is not divisible by "
-                f"--tensor-model-parallel-size {config.tensor_model_parallel_size}"
+                f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}"
             )
     except ConfigError as error:
         print(f"megatron-deft-eval: error: {error}", file=sys.stderr)

@@ -3,9 +3,10 @@
 The run's architecture comes from the config saved in the checkpoint; the model is built with
 the trainer's own code (:func:`megatron_deft.training.setup.initialize_distributed`,
 :func:`megatron_deft.models.gpt.build_gpt_chunks`) and its weights loaded with
-:func:`megatron_deft.training.checkpointing.load_model_weights` (resharded to this TP).
-Layout: world = TP x DP, no pipeline parallelism; DP ranks take interleaved shares of the
-samples and their results are reduced / gathered at the end.
+:func:`megatron_deft.training.checkpointing.load_model_weights` (resharded to this TP/PP).
+Layout: world = TP x PP x DP; every pipeline stage runs the same batches (the last stage's
+results are broadcast to the others, :mod:`megatron_deft.evaluation.pipeline`); DP ranks take
+interleaved shares of the samples and their results are reduced / gathered at the end.
 """
 
 import dataclasses
@@ -62,7 +63,7 @@ def run_config(saved: dict, evaluation: EvalConfig, root: str) -> Config:
                 setattr(target, key, value)
     par = config.parallel
     par.tensor_model_parallel_size = evaluation.tensor_model_parallel_size
-    par.pipeline_model_parallel_size = 1
+    par.pipeline_model_parallel_size = evaluation.pipeline_model_parallel_size
     par.num_layers_per_virtual_pipeline_stage = None
     par.sequence_parallel = False  # generation grows the sequence a token at a time
     par.distributed_timeout_minutes = evaluation.distributed_timeout_minutes
@@ -246,6 +247,11 @@ def _prepare(config: EvalConfig, root: str, iterations: List[int], tokenizer) ->
     first = checkpointing.checkpoint_dir(root, iterations[0])
     common = dist_checkpointing.load_common_state_dict(first)
     run = run_config(common["config"], config, root)
+    if run.model.num_layers % config.pipeline_model_parallel_size:
+        raise ConfigError(
+            f"--pipeline-model-parallel-size {config.pipeline_model_parallel_size} does not "
+            f"divide the {run.model.num_layers} layers of the checkpoint under {root}"
+        )
     vocab_size = run.model.vocab_size or tokenizer.vocab_size
     return dict(
         root=root,

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_deft.data.packing import IGNORE_INDEX, next_token_targets
-from megatron_deft.evaluation.generation import causal_forward
+from megatron_deft.evaluation.generation import causal_inputs
+from megatron_deft.evaluation.pipeline import last_stage_result
 from megatron_deft.objectives import vocab_parallel_loss
 
 # Token sums of one split; "tokens" counts the scored targets.
@@ -37,9 +38,11 @@ def score_batch(
     vocab_size: int,
     group=None,
 ) -> torch.Tensor:
-    """Sums (see :func:`empty_sums`) over the response targets of ``samples``.
+    """Sums (see :func:`empty_sums`) over the response targets of ``samples``, on every
+    pipeline stage (computed on the last).
 
     Args:
+        model: this pipeline stage's GPT chunk.
         samples: (ids, loss_flags) per conversation, right-padded here into [b, s].
         vocab_size: the tokenizer's vocabulary (the padding ids above it are not in the softmax).
     """
@@ -51,7 +54,17 @@ def score_batch(
         tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         labels[row, : len(ids) - 1] = torch.from_numpy(next_token_targets(ids, flags))
     tokens, labels = tokens.to(device), labels.to(device)
-    logits = causal_forward(model, tokens)  # [b, s, V/tp]
+    return last_stage_result(
+        model,
+        causal_inputs(tokens),
+        lambda logits: token_sums(logits, labels, objective, vocab_size, group),
+        empty_sums(device),
+    )
+
+
+def token_sums(logits, labels, objective, vocab_size: int, group) -> torch.Tensor:
+    """:func:`empty_sums` of [b, s, V/tp] logits against [b, s] labels (IGNORE_INDEX: none)."""
+    device = logits.device
     # inplace: the logits are not needed afterwards, so no second [b, s, V/tp] buffer.
     _, stats = vocab_parallel_loss(
         logits, labels, objective=objective, group=group, vocab_size=vocab_size, inplace=True

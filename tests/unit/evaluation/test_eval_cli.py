@@ -27,6 +27,15 @@ def _one_process(monkeypatch):
             ["--tokenizer-model", "t.model", "--tensor-model-parallel-size", "2"],
             "world size 1 is not divisible by --tensor-model-parallel-size 2",
         ),
+        (
+            ["--tokenizer-model", "t.model", "--pipeline-model-parallel-size", "2"],
+            "world size 1 is not divisible by --tensor-model-parallel-size 1 x "
+            "--pipeline-model-parallel-size 2",
+        ),
+        (
+            ["--tokenizer-model", "t.model", "--pipeline-model-parallel-size", "0"],
+            "--pipeline-model-parallel-size must be >= 1",
+        ),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(extra, message, capsys):
@@ -168,3 +177,27 @@ def test_a_programming_value_error_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(evaluator, "evaluate", bug)
     with pytest.raises(ValueError, match="too many values to unpack"):
         eval_cli.main(["--load", "ckpt", "--eval-data", "x.jsonl", "--tokenizer-model", "t"])
+
+
+def test_pipeline_size_must_divide_the_checkpoints_layers(monkeypatch):
+    """The layer count is the checkpoint's: checked once its config is read, before any model
+    is built (megatron-core would fail deep inside the layer split)."""
+    import dataclasses
+    import types
+
+    from megatron_deft.config import Config, ConfigError
+    from megatron_deft.evaluation import evaluator
+    from megatron_deft.evaluation.arguments import EvalConfig
+
+    trained = Config()
+    trained.model.num_layers = 3
+    common = {"config": dataclasses.asdict(trained), "architecture": {"padded_vocab_size": 128}}
+    monkeypatch.setattr(
+        evaluator.dist_checkpointing, "load_common_state_dict", lambda directory: common
+    )
+    tokenizer = types.SimpleNamespace(vocab_size=100)
+    config = EvalConfig(pipeline_model_parallel_size=2)
+    with pytest.raises(ConfigError, match="--pipeline-model-parallel-size 2 does not divide the 3"):
+        evaluator._prepare(config, "/ckpt", [5], tokenizer)
+    job = evaluator._prepare(EvalConfig(pipeline_model_parallel_size=3), "/ckpt", [5], tokenizer)
+    assert job["run"].parallel.pipeline_model_parallel_size == 3
