@@ -35,9 +35,9 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
+from megatron_deft.conventions import IGNORE_INDEX
 from megatron_deft.objectives.registry import Objective, parse_objective
 
-IGNORE_INDEX = -100
 CAYLEY_EXPONENT_MIN = 1e-3
 
 # Per-token statistics returned by the autograd Function, in column order of its stats tensor.

@@ -16,6 +16,7 @@ from typing import Optional
 import yaml
 
 from megatron_deft.config import SECTIONS, Config, ConfigError, field_docs
+from megatron_deft.conventions import TRACKER  # light: checkpointing imports megatron-core
 from megatron_deft.models.layout import padded_vocab_size
 
 CHOICES = {
@@ -332,21 +333,17 @@ def validate(config: Config, world_size: int) -> None:
     _validate_run(config)
 
 
-# = checkpointing.TRACKER (not imported from there: that module imports megatron-core)
-_TRACKER = "latest_checkpointed_iteration.txt"
-
-
 def _resolve_pretrained_checkpoint(config: Config) -> None:
     """--pretrained-checkpoint P: load P's weights only (as --load P --finetune) unless --load
     holds a checkpoint already (a restarted run), which then resumes in full."""
     ckpt = config.checkpoint
     if ckpt.pretrained_checkpoint is None:
         return
-    if ckpt.load is not None and os.path.isfile(os.path.join(ckpt.load, _TRACKER)):
+    if ckpt.load is not None and os.path.isfile(os.path.join(ckpt.load, TRACKER)):
         ckpt.finetune = False  # --finetune referred to the pretrained weights
         return
     _require(
-        os.path.isfile(os.path.join(ckpt.pretrained_checkpoint, _TRACKER)),
-        f"--pretrained-checkpoint {ckpt.pretrained_checkpoint}: no {_TRACKER} there",
+        os.path.isfile(os.path.join(ckpt.pretrained_checkpoint, TRACKER)),
+        f"--pretrained-checkpoint {ckpt.pretrained_checkpoint}: no {TRACKER} there",
     )
     ckpt.load, ckpt.finetune = ckpt.pretrained_checkpoint, True

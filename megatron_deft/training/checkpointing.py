@@ -34,12 +34,12 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_deft.config import Config
+from megatron_deft.conventions import TRACKER
 from megatron_deft.models.architecture import architecture_mismatch, architecture_of
 from megatron_deft.training.setup import finish_param_sync
 
 logger = logging.getLogger(__name__)
 
-TRACKER = "latest_checkpointed_iteration.txt"
 _DIST_OPT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
