@@ -9,3 +9,7 @@ IGNORE_INDEX = -100
 
 TRACKER = "latest_checkpointed_iteration.txt"
 """File in a checkpoint root naming its latest complete iteration (Megatron-LM's name)."""
+
+LEGACY_STAT_NAMES = {"alpha": "exponent"}
+"""Statistic names in logs and evaluation summaries written before a rename -> today's: the
+q-log exponent a was logged as "alpha" (the name of EAFT's parameter)."""

@@ -19,7 +19,7 @@ from megatron_deft.evaluation.pipeline import last_stage_result
 from megatron_deft.objectives import vocab_parallel_loss
 
 # Token sums of one split; "tokens" counts the scored targets.
-SUM_KEYS = ("tokens", "nll", "gate", "alpha", "p_target", "sum_p2", "renyi2_entropy")
+SUM_KEYS = ("tokens", "nll", "gate", "exponent", "p_target", "sum_p2", "renyi2_entropy")
 # Bins of p_target for the gate-vs-p_target curve: [i/10, (i+1)/10), the last one closed.
 P_BINS = 10
 
@@ -75,7 +75,7 @@ def token_sums(logits, labels, objective, vocab_size: int, group) -> torch.Tenso
         "tokens": valid.double(),
         "nll": stats["nll"],
         "gate": stats["gate"],
-        "alpha": stats.get("alpha", torch.zeros_like(p)),
+        "exponent": stats.get("exponent", torch.zeros_like(p)),
         "p_target": p,
         "sum_p2": torch.exp(-stats["renyi2_entropy"]) * valid,
         "renyi2_entropy": stats["renyi2_entropy"],
@@ -92,13 +92,13 @@ def token_sums(logits, labels, objective, vocab_size: int, group) -> torch.Tenso
     return sums
 
 
-def summarize(sums: torch.Tensor, has_alpha: bool) -> Dict[str, object]:
+def summarize(sums: torch.Tensor, has_exponent: bool) -> Dict[str, object]:
     """Token means of the sums, plus ``gate_by_p_target``: [[p_lo, p_hi, tokens, mean gate]]."""
     values = sums.tolist()
     count = max(values[0], 1.0)
     out = {"tokens": int(values[0])}
     for index, key in enumerate(SUM_KEYS[1:], start=1):
-        if key != "alpha" or has_alpha:
+        if key != "exponent" or has_exponent:
             out[key] = values[index] / count
     base = len(SUM_KEYS)
     out["gate_by_p_target"] = [

@@ -41,7 +41,7 @@ from megatron_deft.objectives.registry import Objective, parse_objective
 CAYLEY_EXPONENT_MIN = 1e-3
 
 # Per-token statistics returned by the autograd Function, in column order of its stats tensor.
-_STAT_NAMES = ("gate", "p_target", "nll", "renyi2_entropy", "alpha", "topk_entropy")
+_STAT_NAMES = ("gate", "p_target", "nll", "renyi2_entropy", "exponent", "topk_entropy")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -362,7 +362,7 @@ def vocab_parallel_loss(
         loss: [...] fp32 per-token loss, 0 at ignored tokens, differentiable w.r.t. logits.
         stats: dict of detached [...] tensors, 0 at ignored tokens: `gate` (multiplies softmax - onehot
             in the gradient), `p_target`, `nll` (-log p_target, exact even where p underflows),
-            `renyi2_entropy` (-log sum p^2), `valid` (bool), plus `alpha`
+            `renyi2_entropy` (-log sum p^2), `valid` (bool), plus `exponent`
             (the exponent a) for the q-log objectives and `topk_entropy` (normalised) for eaft.
 
     Raises:
@@ -387,7 +387,7 @@ def vocab_parallel_loss(
     )
     stat_dict = {name: stats[:, i].reshape(batch_shape) for i, name in enumerate(_STAT_NAMES)}
     if objective.family != "qlog":
-        del stat_dict["alpha"]
+        del stat_dict["exponent"]
     if not objective.topk:
         del stat_dict["topk_entropy"]
     stat_dict["valid"] = valid

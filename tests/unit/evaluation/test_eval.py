@@ -182,7 +182,7 @@ def test_pipeline_parallel_evaluation_equals_pp1(torchrun, tmp_path):
         assert all(summaries == results[layout][0] for summaries in results[layout]), layout
     (pp1,), (pp2,) = results["pp1"][0], results["pp2"][0]
     assert pp1["num_samples"] == pp2["num_samples"] == 5 and pp1["tokens"] > 10
-    for key in ("nll", "gate", "alpha", "p_target", "sum_p2", "renyi2_entropy"):
+    for key in ("nll", "gate", "exponent", "p_target", "sum_p2", "renyi2_entropy"):
         assert pp2[key] == pytest.approx(pp1[key], rel=1e-5), key
     for row1, row2 in zip(pp1["gate_by_p_target"], pp2["gate_by_p_target"], strict=True):
         assert row2[:3] == row1[:3]  # the bin and its token count

@@ -153,7 +153,7 @@ def test_target_logit_of_minus_inf_gives_the_limits_and_a_finite_gradient(object
     elif name == "dft":
         expected_loss0 = 0.0
     else:  # q-log with a > 0 (p: a = 1)
-        expected_loss0 = 1 / ref_stats["alpha"][0].item()
+        expected_loss0 = 1 / ref_stats["exponent"][0].item()
     assert loss[0].item() == pytest.approx(expected_loss0, rel=1e-12)
     torch.testing.assert_close(loss[1], ref_loss[1], rtol=1e-12, atol=0)
 
