@@ -43,7 +43,8 @@ def main(argv=None) -> int:
 
     try:
         evaluate(config)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as error:
+    # Only the bad-input errors: any other exception (a bug) keeps its traceback.
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as error:
         print(f"megatron-deft-eval: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -39,6 +39,7 @@ _HF_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
 def _checkpoint_directory(megatron_dir: str, iteration):
+    from megatron_deft.conventions import TRACKER
     from megatron_deft.training.checkpointing import (
         CheckpointError,
         existing_checkpoint_dir,
@@ -48,9 +49,7 @@ def _checkpoint_directory(megatron_dir: str, iteration):
     if iteration is None:
         iteration = read_tracker(megatron_dir)
         if iteration is None:
-            raise ConversionError(
-                f"{megatron_dir}: no latest_checkpointed_iteration.txt; pass --iteration"
-            )
+            raise ConversionError(f"{megatron_dir}: no {TRACKER}; pass --iteration")
     try:
         return existing_checkpoint_dir(megatron_dir, iteration)
     except CheckpointError as error:

@@ -21,6 +21,7 @@ from megatron_deft.config import (
     add_config_flags,
     config_from_flags,
 )
+from megatron_deft.conventions import TRACKER  # light: checkpointing imports megatron-core
 from megatron_deft.models.architecture import (
     adopt_architecture,
     architecture_mismatch,
@@ -285,22 +286,18 @@ def validate(config: Config, world_size: int) -> None:
     _validate_run(config)
 
 
-# = checkpointing.TRACKER (not imported from there: that module imports megatron-core)
-_TRACKER = "latest_checkpointed_iteration.txt"
-
-
 def _resolve_pretrained_checkpoint(config: Config) -> None:
     """--pretrained-checkpoint P: load P's weights only (as --load P --finetune) unless --load
     holds a checkpoint already (a restarted run), which then resumes in full."""
     ckpt = config.checkpoint
     if ckpt.pretrained_checkpoint is None:
         return
-    if ckpt.load is not None and os.path.isfile(os.path.join(ckpt.load, _TRACKER)):
+    if ckpt.load is not None and os.path.isfile(os.path.join(ckpt.load, TRACKER)):
         ckpt.finetune = False  # --finetune referred to the pretrained weights
         return
     _require(
-        os.path.isfile(os.path.join(ckpt.pretrained_checkpoint, _TRACKER)),
-        f"--pretrained-checkpoint {ckpt.pretrained_checkpoint}: no {_TRACKER} there",
+        os.path.isfile(os.path.join(ckpt.pretrained_checkpoint, TRACKER)),
+        f"--pretrained-checkpoint {ckpt.pretrained_checkpoint}: no {TRACKER} there",
     )
     ckpt.load, ckpt.finetune = ckpt.pretrained_checkpoint, True
 
@@ -329,7 +326,7 @@ def _adopt_checkpoint_architecture(config: Config, given: set) -> None:
     not in ``given`` (so --pretrained-checkpoint alone is enough); a given flag that contradicts
     it stops the run here, all such flags in one line, before any data or model is built."""
     ckpt, tp = config.checkpoint, config.parallel.tensor_model_parallel_size
-    if ckpt.load is None or not os.path.isfile(os.path.join(ckpt.load, _TRACKER)):
+    if ckpt.load is None or not os.path.isfile(os.path.join(ckpt.load, TRACKER)):
         return
     source = "--pretrained-checkpoint" if ckpt.load == ckpt.pretrained_checkpoint else "--load"
     common = _common_state(ckpt.load, source)

@@ -35,6 +35,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_deft.config import Config
+from megatron_deft.conventions import TRACKER
 from megatron_deft.conversion import source
 from megatron_deft.models.architecture import architecture_mismatch, architecture_of
 from megatron_deft.training.setup import finish_param_sync
@@ -42,7 +43,6 @@ from megatron_deft.utils.known_warnings import checkpoint_load_deprecations_igno
 
 logger = logging.getLogger(__name__)
 
-TRACKER = "latest_checkpointed_iteration.txt"
 _DIST_OPT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 

@@ -34,7 +34,7 @@ REPORT_KEYS = (
     "tokens",
     "nll",
     "gate",
-    "alpha",
+    "exponent",
     "p_target",
     "renyi2_entropy",
     "confident_conflict",
@@ -110,7 +110,7 @@ def loss_func(labels, loss_mask, token_class, objective, num_classes, vocab_size
                 valid,
                 stats["nll"],  # -log p_target for every objective: comparable across objectives
                 stats["gate"],
-                stats.get("alpha", zeros),
+                stats.get("exponent", zeros),
                 stats["p_target"],
                 stats["renyi2_entropy"],
                 conflict,
@@ -160,7 +160,7 @@ def _reduce_reports(outputs: list, length: int, device) -> torch.Tensor:
 
 
 def metrics_from_sums(sums: torch.Tensor, objective, num_classes: int) -> dict:
-    """Token means of the reported sums: loss, nll, gate, alpha, p_target, renyi2_entropy and
+    """Token means of the reported sums: loss, nll, gate, exponent, p_target, renyi2_entropy and
     the confident-conflict fraction; ``tokens`` is the global loss-token count;
     ``token_class_counts`` the summed histograms [num_classes + 1, Q, NUM_BINS + 2] (CPU)."""
     scalars, histograms = sums[: len(REPORT_KEYS)], sums[len(REPORT_KEYS) :]

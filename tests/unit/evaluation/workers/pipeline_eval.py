@@ -1,0 +1,53 @@
+"""Worker (2 ranks): save a random 4-layer GPT (tied embeddings) and evaluate the checkpoint
+with megatron-deft-eval at PP=1 (DP=2) and PP=2 (stages of 2 layers each).
+
+argv: out_dir, tokenizer model, eval JSONL. Writes {layout: [summaries of each rank]} to
+OUT_DIR/results.json and each layout's predictions (from rank 0) to OUT_DIR/<layout>.jsonl.
+"""
+
+import os
+import sys
+
+import torch.distributed as dist  # noqa: E402
+from common import config_for, write_results  # noqa: E402  (tests/unit/training/workers)
+
+from megatron_deft.data import build_tokenizer  # noqa: E402
+from megatron_deft.evaluation import EvalConfig, evaluate  # noqa: E402
+from megatron_deft.training.trainer import Trainer  # noqa: E402
+
+
+def save_random_checkpoint(out_dir, vocab_size) -> str:
+    save = os.path.join(out_dir, "ckpt")
+    extra = ["--vocab-size", vocab_size, "--make-vocab-size-divisible-by", 8]
+    extra += ["--init-method-std", 0.2, "--sft-objective", "deft", "--save", save]
+    trainer = Trainer(config_for(tp=1, extra=[*extra, "--train-iters", 1]))
+    trainer.save()
+    trainer.close(keep_process_group=True)
+    return save
+
+
+def main():
+    out_dir, tokenizer_model, data = sys.argv[1:4]
+    tokenizer = build_tokenizer("SentencePieceTokenizer", tokenizer_model)
+    save = save_random_checkpoint(out_dir, tokenizer.vocab_size)
+    results = {}
+    for pp in (1, 2):
+        config = EvalConfig(
+            load=save,
+            eval_data=data,
+            tokenizer_model=tokenizer_model,
+            device="cpu",
+            micro_batch_size=2,
+            max_new_tokens=6,
+            pipeline_model_parallel_size=pp,
+            output=os.path.join(out_dir, f"pp{pp}.jsonl"),
+        )
+        summaries = evaluate(config, keep_process_group=True)
+        every_rank = [None] * dist.get_world_size()  # each stage's own summaries
+        dist.all_gather_object(every_rank, summaries)
+        results[f"pp{pp}"] = every_rank
+    write_results(out_dir, results)
+
+
+if __name__ == "__main__":
+    main()
