@@ -18,11 +18,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_deft.conventions import ConfigError
 from megatron_deft.data.config import DataConfig, RecordFormat, TokenizerConfig
-
-
-class ConfigError(ValueError):
-    """A bad or inconsistent setting; the message is one line naming the flag(s)."""
 
 
 def _at_least(low):

@@ -8,7 +8,7 @@ a Hugging Face tokenizer must be a local directory written by ``save_pretrained`
 import os
 from typing import List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
-from megatron_deft.config import ConfigError
+from megatron_deft.conventions import ConfigError
 
 Offsets = List[Tuple[int, int]]
 
