@@ -40,6 +40,9 @@ class EvalConfig:
     holds its stage's layers, for scoring and for KV-cache generation."""
     device: str = "cuda"
     """cpu (gloo) or cuda (nccl)."""
+    unfused_output_loss: bool = False
+    """Score on the full vocab-parallel logits (the unfused path, for comparison) instead of
+    the output layer fused with the objective, which never forms the logits."""
     max_new_tokens: int = 64
     """Greedy decoding stops at EOS or after this many tokens."""
     answer_pattern: Optional[str] = None

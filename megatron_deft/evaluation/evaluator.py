@@ -312,7 +312,8 @@ def evaluate(config: EvalConfig, keep_process_group: bool = False) -> List[Dict]
             architecture = (dataclasses.asdict(job["run"].model), job["padded"])
             if architecture != built:
                 model, built = build_gpt_chunks(job["run"], job["padded"])[0], architecture
-                model.eval()
+                model.fused_output_loss = not config.unfused_output_loss  # scoring; decoding
+                model.eval()  # (under an inference context) always gets logits
             done = _evaluate_root(job, model, tokenizer, config, is_rank0)
             summaries += done[0]
             predictions += done[1]

@@ -3,9 +3,9 @@
 For a batch of tokenized conversations (ids + loss flags from the data pipeline's chat format)
 the model predicts token t+1 from tokens <= t; a target carries a score where its loss flag is
 set (the response and its closing EOS, exactly the tokens training puts loss on). The objective
-machinery (:func:`megatron_deft.objectives.vocab_parallel_loss`) gives, per target, p_target,
-the Renyi-2 entropy H2 = -log sum_v p_v^2, the gate and (q-log objectives) the exponent a. All
-sums are over targets; :func:`summarize` turns them into token means.
+machinery (the fused output layer + objective, or the objective on logits) gives, per target,
+p_target, the Renyi-2 entropy H2 = -log sum_v p_v^2, the gate and (q-log objectives) the
+exponent a. All sums are over targets; :func:`summarize` turns them into token means.
 """
 
 from typing import Dict, List, Sequence, Tuple
@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron_deft.data.packing import IGNORE_INDEX, next_token_targets
 from megatron_deft.evaluation.generation import causal_inputs
 from megatron_deft.evaluation.pipeline import last_stage_result
-from megatron_deft.objectives import vocab_parallel_loss
+from megatron_deft.objectives.linear_vocab_parallel import loss_of_output
 
 # Token sums of one split; "tokens" counts the scored targets.
 SUM_KEYS = ("tokens", "nll", "gate", "exponent", "p_target", "sum_p2", "renyi2_entropy")
@@ -57,18 +57,16 @@ def score_batch(
     return last_stage_result(
         model,
         causal_inputs(tokens),
-        lambda logits: token_sums(logits, labels, objective, vocab_size, group),
+        lambda output: token_sums(output, labels, objective, vocab_size, group),
         empty_sums(device),
     )
 
 
-def token_sums(logits, labels, objective, vocab_size: int, group) -> torch.Tensor:
-    """:func:`empty_sums` of [b, s, V/tp] logits against [b, s] labels (IGNORE_INDEX: none)."""
-    device = logits.device
-    # inplace: the logits are not needed afterwards, so no second [b, s, V/tp] buffer.
-    _, stats = vocab_parallel_loss(
-        logits, labels, objective=objective, group=group, vocab_size=vocab_size, inplace=True
-    )
+def token_sums(output, labels, objective, vocab_size: int, group) -> torch.Tensor:
+    """:func:`empty_sums` of the last stage's output (the fused output layer's input, or
+    [b, s, V/tp] logits) against [b, s] labels (IGNORE_INDEX: none)."""
+    device = labels.device
+    _, stats = loss_of_output(output, labels, objective, None, group, vocab_size)
     valid = stats["valid"]
     p = stats["p_target"]
     per_token = {

@@ -11,8 +11,6 @@ Weight init is layout-invariant (see :mod:`megatron_deft.models.init`): the same
 same full weights for every TP/PP/VP layout.
 """
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -29,6 +27,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron_deft.config import Config
 from megatron_deft.models.init import init_weights_layout_invariant
 from megatron_deft.models.layout import virtual_pipeline_size
+from megatron_deft.objectives.linear_vocab_parallel import OutputLayerInput
 
 try:  # optional GPU dependency
     import transformer_engine  # noqa: F401
@@ -36,15 +35,6 @@ try:  # optional GPU dependency
     HAVE_TE = True
 except ImportError:  # CPU machines and plain-PyTorch GPU installs
     HAVE_TE = False
-
-
-class OutputLayerInput(NamedTuple):
-    """What the last stage hands the loss instead of logits: the output layer's input and weight."""
-
-    hidden: torch.Tensor
-    """Final-norm hidden states [s, b, h] ([s/tp, b, h] under sequence parallelism)."""
-    weight: torch.Tensor
-    """This rank's output-layer weight [V/tp, h] (the word embedding when tied)."""
 
 
 class SFTGPTModel(GPTModel):

@@ -1,5 +1,6 @@
 """Worker (2 ranks): save a random 4-layer GPT (tied embeddings) and evaluate the checkpoint
-with megatron-deft-eval at PP=1 (DP=2) and PP=2 (stages of 2 layers each).
+with megatron-deft-eval at PP=1 (DP=2) and PP=2 (stages of 2 layers each), both with the fused
+output layer + objective, and at PP=1 on the full logits (--unfused-output-loss).
 
 argv: out_dir, tokenizer model, eval JSONL. Writes {layout: [summaries of each rank]} to
 OUT_DIR/results.json and each layout's predictions (from rank 0) to OUT_DIR/<layout>.jsonl.
@@ -12,6 +13,7 @@ import torch.distributed as dist  # noqa: E402
 from common import config_for, write_results  # noqa: E402  (tests/unit/training/workers)
 
 from megatron_deft.data import build_tokenizer  # noqa: E402
+from megatron_deft.data.config import TokenizerConfig  # noqa: E402
 from megatron_deft.evaluation import EvalConfig, evaluate  # noqa: E402
 from megatron_deft.training.trainer import Trainer  # noqa: E402
 
@@ -31,21 +33,22 @@ def main():
     tokenizer = build_tokenizer("SentencePieceTokenizer", tokenizer_model)
     save = save_random_checkpoint(out_dir, tokenizer.vocab_size)
     results = {}
-    for pp in (1, 2):
+    for layout, pp, unfused in (("pp1", 1, False), ("pp2", 2, False), ("pp1_unfused", 1, True)):
         config = EvalConfig(
             load=save,
             eval_data=data,
-            tokenizer_model=tokenizer_model,
+            tokenizer=TokenizerConfig(tokenizer_model=tokenizer_model),
             device="cpu",
             micro_batch_size=2,
             max_new_tokens=6,
             pipeline_model_parallel_size=pp,
-            output=os.path.join(out_dir, f"pp{pp}.jsonl"),
+            unfused_output_loss=unfused,
+            output=os.path.join(out_dir, f"{layout}.jsonl"),
         )
         summaries = evaluate(config, keep_process_group=True)
         every_rank = [None] * dist.get_world_size()  # each stage's own summaries
         dist.all_gather_object(every_rank, summaries)
-        results[f"pp{pp}"] = every_rank
+        results[layout] = every_rank
     write_results(out_dir, results)
 
 
