@@ -22,8 +22,13 @@ def test_restart_from_iteration_0_replaces_the_earlier_attempts_tensorboard_step
     board = ["--tensorboard-dir", tmp_path / "tb"]
     first = run_train(["--train-iters", 4, "--seed", 1] + board)
     assert first.returncode == 0, first.output[-3000:]
-    second = run_train(["--train-iters", 2, "--seed", 2] + board)  # other weights and data
+    # other weights and data; packed rows (several samples each)
+    second = run_train(["--train-iters", 2, "--seed", 2, "--pack-sequences"] + board)
     assert second.returncode == 0, second.output[-3000:]
+    [line] = lines_with(second.output, "iteration      2/2 | ")
+    consumed = dict(re.findall(r"(samples|rows) (\d+)", line))
+    assert int(consumed["rows"]) == 8  # 2 global batches of 4 rows
+    assert int(consumed["samples"]) > 8  # the log names samples, not rows
     expected = _console_losses(second.output)
     assert sorted(expected) == [1, 2]
     assert _console_losses(first.output)[1] != pytest.approx(expected[1], rel=1e-3)
