@@ -9,9 +9,12 @@ for the message a second run stops with.
 """
 
 import fcntl
+import logging
 import os
 import shutil
 import socket
+
+import torch.distributed as dist
 
 from megatron_deft.training.checkpointing import (
     TRACKER,
@@ -20,8 +23,35 @@ from megatron_deft.training.checkpointing import (
     read_tracker,
 )
 
+logger = logging.getLogger(__name__)
+
 LOCK_FILE = ".lock"
 _LEFTOVER_SUFFIXES = (".partial", ".stale")
+
+
+def claim(directory):
+    """Rank 0 locks --save for the whole run and removes what interrupted saves left there;
+    returns the lock file (None on other ranks or without --save). A directory locked by another
+    run (or not writable) stops every rank with rank 0's one line. Collective."""
+    if not directory:
+        return None
+    lock, message = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            lock = lock_save_directory(directory)
+            removed = remove_leftovers(directory)
+            if removed:
+                logger.info(f"removed what interrupted saves left in {directory}: {removed}")
+        except CheckpointError as error:
+            message = [str(error)]
+        except OSError as error:  # e.g. not writable: every rank must hear of it
+            message = [f"--save {directory}: {error}"]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        if lock is not None:
+            lock.close()
+        raise CheckpointError(message[0])
+    return lock
 
 
 def lock_save_directory(directory: str):

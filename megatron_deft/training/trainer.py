@@ -26,7 +26,7 @@ class Trainer:
     def __init__(self, config: Config):
         self.config = config
         setup.initialize_distributed(config)
-        self._save_lock = _claim_save_directory(config.checkpoint.save)
+        self._save_lock = save_directory.claim(config.checkpoint.save)
         try:
             self._build(config)
         except BaseException:
@@ -186,28 +186,3 @@ class Trainer:
         if self._save_lock is not None:
             self._save_lock.close()
             self._save_lock = None
-
-
-def _claim_save_directory(directory):
-    """Rank 0 locks --save for the whole run (see ``save_directory``) and removes what
-    interrupted saves left there; returns the lock file (None on other ranks or without
-    --save). A directory locked by another run stops every rank with rank 0's one line."""
-    if not directory:
-        return None
-    lock, message = None, [None]
-    if dist.get_rank() == 0:
-        try:
-            lock = save_directory.lock_save_directory(directory)
-            removed = save_directory.remove_leftovers(directory)
-            if removed:
-                logger.info(f"removed what interrupted saves left in {directory}: {removed}")
-        except checkpointing.CheckpointError as error:
-            message = [str(error)]
-        except OSError as error:  # e.g. not writable: every rank must hear of it
-            message = [f"--save {directory}: {error}"]
-    dist.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        if lock is not None:
-            lock.close()
-        raise checkpointing.CheckpointError(message[0])
-    return lock
