@@ -51,6 +51,7 @@ EXPECTED_FLAGS = [
     "--micro-batch-size",
     "--min-lr",
     "--mock-data",
+    "--no-verify-checkpoint",
     "--norm-epsilon",
     "--num-attention-heads",
     "--num-layers",
