@@ -25,7 +25,8 @@ class EvalConfig:
     iteration: str = "latest"
     """Which checkpoint(s) under --load: latest (the tracker's), all, or comma-separated numbers."""
     eval_data: str = field(default="", metadata={"required": True})
-    """JSONL file(s), comma separated; each is scored and reported separately."""
+    """JSONL or Parquet (.parquet) file(s), comma separated; each is scored and reported
+    separately."""
     records: RecordFormat = field(default_factory=RecordFormat)
     """How the files' records are read, as for training (the last assistant turn is the
     reference); lines skipped with --skip-bad-samples are counted in the summary's "skipped"."""
