@@ -23,6 +23,7 @@ record per problem with ``prediction`` (the generated text, or a list of the k s
 (the data set's name; default: the file's name without its extension).
 """
 
+import json
 import math
 import os
 import re
@@ -163,6 +164,15 @@ def report_markdown(report: Dict) -> str:
     macro = report["overall"]["macro_accuracy"]
     lines.append(f"\nmean accuracy over the data sets: {macro:.4f}")
     return "\n".join(lines)
+
+
+def save_report(report: Dict, path: str) -> None:
+    """Writes the report as JSON, atomically (temporary file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temp = f"{path}.tmp.{os.getpid()}"
+    with open(temp, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+    os.replace(temp, path)
 
 
 def score_predictions(path: str) -> Dict:
