@@ -47,11 +47,12 @@ ANCHORED_ANSWER = [
 
 def last_boxed(text: str) -> Optional[str]:
     """The content of the last complete ``\\boxed{...}``/``\\fbox{...}`` in ``text`` (a box cut
-    off by the end of the text is skipped), stripped; None if there is none."""
+    off by the end of the text is skipped), stripped, without a sentence's final period
+    (``\\boxed{104.}``, which math-verify would leave unparsed); None if there is none."""
     for opening in reversed(list(BOX_OPENING.finditer(text))):
         end = _closing_brace(text, opening.end())
         if end is not None:
-            return text[opening.end() : end].strip()
+            return text[opening.end() : end].strip().removesuffix(".").strip()
     return None
 
 

@@ -28,6 +28,7 @@ MUST_MATCH = [
     ("2\\sqrt{2}", "The side is $\\boxed{\\sqrt{8}}$."),
     ("\\frac{1}{\\sqrt{2}}", "\\boxed{\\frac{\\sqrt{2}}{2}}"),
     ("27.0", "They meet \\boxed{27} miles from A."),
+    ("104", "\\boxed{104.}"),
     ("x^2+2x+1", "\\boxed{(x+1)^2}"),
     ("\\{1, 2\\}", "\\boxed{\\{2, 1\\}}"),  # sets: order does not matter
     ("[1, 2)", "\\boxed{[1,2)}"),
@@ -68,6 +69,7 @@ def test_different_or_missing_answers_do_not_match(reference, reply):
         ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),  # escaped braces are not groups
         ("\\boxed{1} \\fbox{2}", "2"),
         ("\\boxed {7}", "7"),
+        ("\\boxed{ 104. }", "104"),
         ("\\boxed{1} \\boxed{2", "1"),
         ("\\boxedx{1}", None),
         ("no box", None),
