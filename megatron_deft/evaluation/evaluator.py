@@ -219,7 +219,7 @@ def evaluate_file(
         "num_samples": len(predictions),
         "exact_match": sum(p["exact"] for p in predictions) / max(len(predictions), 1),
         "objective": str(objective),
-        **summarize(sums, objective.family == "qlog"),
+        **summarize(sums, objective),
     }
     if answer_pattern:
         summary["answer_pattern"] = answer_pattern.pattern
