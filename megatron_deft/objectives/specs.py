@@ -149,16 +149,33 @@ def _constant(value: float) -> Callable:
     return lambda q, params: torch.full_like(q.log_p, value)
 
 
-_THRESHOLD_TOP = Param("th", float, None, 0.0, 1.0, high_open=True)
-_THRESHOLD_BOTTOM = Param("th", float, None, 0.0, 1.0, low_open=True)
+# The DEFT reference code's threshold ablations (OnlyTop<X>-th / OnlyBottom<X>-th): the loss of
+# `base` (1 - p or -log p) on the tokens with p >= th (top) or p <= th (bottom), the others
+# dropped. side -> (threshold parameter with the reference code's range, comparison, symbol).
+_THRESHOLD_SIDES = {
+    "top": (Param("th", float, None, 0.0, 1.0, high_open=True), torch.ge, ">="),
+    "bottom": (Param("th", float, None, 0.0, 1.0, low_open=True), torch.le, "<="),
+}
+_THRESHOLD_BASES = {"p": (1.0, "1 - p", "p"), "nll": (0.0, "-log p", "1")}
+"""base objective -> (its q-log exponent, loss text, gate text)."""
 
 
-def _p_at_least(q, params):
-    return q.p >= params["th"]
-
-
-def _p_at_most(q, params):
-    return q.p <= params["th"]
+def _threshold_ablation(base: str, side: str, reference: str) -> ObjectiveSpec:
+    """`<base>_<side>`, the reference code's `Only<Side><reference>-<th>`."""
+    param, compare, symbol = _THRESHOLD_SIDES[side]
+    exponent, loss_text, gate_text = _THRESHOLD_BASES[base]
+    return ObjectiveSpec(
+        name=f"{base}_{side}",
+        family="qlog",
+        coefficient=_constant(exponent),
+        needs=(),
+        loss_text=f"{loss_text} on tokens with p {symbol} th, others dropped",
+        gate_text=gate_text,
+        source=f"{_DEFT_PAPER}, threshold ablation",
+        params=(param,),
+        keep=lambda q, params: compare(q.p, params["th"]),
+        alias_prefix=f"Only{side.capitalize()}{reference}-",
+    )
 
 
 _DEFT_PAPER = "DEFT, arXiv 2602.11424"
@@ -235,53 +252,10 @@ _TABLE = (
         # k = 1 would give a top-1 entropy of 0, hence weight 0: nothing would be trained.
         params=(Param("k", int, 20, 2.0), Param("alpha", float, 1.0, 0.0)),
     ),
-    ObjectiveSpec(
-        name="p_top",
-        family="qlog",
-        coefficient=_constant(1.0),
-        needs=(),
-        loss_text="1 - p on tokens with p >= th, others dropped",
-        gate_text="p",
-        source=f"{_DEFT_PAPER}, threshold ablation",
-        params=(_THRESHOLD_TOP,),
-        keep=_p_at_least,
-        alias_prefix="OnlyTopP-",
-    ),
-    ObjectiveSpec(
-        name="p_bottom",
-        family="qlog",
-        coefficient=_constant(1.0),
-        needs=(),
-        loss_text="1 - p on tokens with p <= th, others dropped",
-        gate_text="p",
-        source=f"{_DEFT_PAPER}, threshold ablation",
-        params=(_THRESHOLD_BOTTOM,),
-        keep=_p_at_most,
-        alias_prefix="OnlyBottomP-",
-    ),
-    ObjectiveSpec(
-        name="nll_top",
-        family="qlog",
-        coefficient=_constant(0.0),
-        needs=(),
-        loss_text="-log p on tokens with p >= th, others dropped",
-        gate_text="1",
-        source=f"{_DEFT_PAPER}, threshold ablation",
-        params=(_THRESHOLD_TOP,),
-        keep=_p_at_least,
-        alias_prefix="OnlyTopLogP-",
-    ),
-    ObjectiveSpec(
-        name="nll_bottom",
-        family="qlog",
-        coefficient=_constant(0.0),
-        needs=(),
-        loss_text="-log p on tokens with p <= th, others dropped",
-        gate_text="1",
-        source=f"{_DEFT_PAPER}, threshold ablation",
-        params=(_THRESHOLD_BOTTOM,),
-        keep=_p_at_most,
-        alias_prefix="OnlyBottomLogP-",
+    *(
+        _threshold_ablation(base, side, reference)
+        for base, reference in (("p", "P"), ("nll", "LogP"))
+        for side in ("top", "bottom")
     ),
 )
 SPECS = {spec.name: spec for spec in _TABLE}
