@@ -59,6 +59,12 @@ _CUDA_ASSUMING_MODULES = (
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    # MoE: the router's weights/buffers on current_device(), the alltoall dispatcher's
+    # torch.cuda.Stream / tokens-per-expert counters, the experts' and tracker's buffers
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.transformer.moe.experts",
 )
 
 # Tensor factories that accept a `device=` keyword and are called with "cuda" in megatron.

@@ -26,6 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_deft.models.gpt import OutputLayerInput
 from megatron_deft.objectives import linear_vocab_parallel_loss, vocab_parallel_loss
+from megatron_deft.training import moe_metrics
 from megatron_deft.training.token_classes import bin_token_stats, histogram_shape
 
 # Order of the per-micro-batch report vector (sums over valid tokens, except "tokens").
@@ -228,8 +229,11 @@ def train_step(
     objective,
     vocab_size: int,
     num_classes: int = 0,
+    expert_load=None,
 ) -> dict:
-    """Zero grads, forward+backward all micro-batches, then a guarded optimizer step."""
+    """Zero grads, forward+backward all micro-batches, then a guarded optimizer step.
+    ``expert_load`` (an ``moe_metrics.ExpertLoad``, MoE runs only): add the router losses and
+    expert load of the iteration to the metrics."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -242,6 +246,9 @@ def train_step(
         forward_only=False,
         num_classes=num_classes,
     )
+    if expert_load is not None:
+        device = next(model[0].parameters()).device
+        metrics.update(moe_metrics.collect(config, expert_load, len(microbatches), device))
     updated, grad_norm = _guarded_update(optimizer, math.isfinite(metrics["loss"]))
     if updated:
         scheduler.step(increment=1)
