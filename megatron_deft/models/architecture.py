@@ -7,7 +7,7 @@ turns that into one line naming the flag. No megatron import (used by the CLI va
 checkpoint converter).
 """
 
-from megatron_deft.config import ModelConfig
+from megatron_deft.config import ModelConfig, MoEConfig, moe_layer_pattern
 
 # architecture field -> the trainer flag that sets it (bool fields are store_true flags)
 ARCHITECTURE_FLAGS = {
@@ -24,6 +24,20 @@ ARCHITECTURE_FLAGS = {
     "use_rope_scaling": "--use-rope-scaling",
     "rope_scaling_factor": "--rope-scaling-factor",
     "norm_epsilon": "--norm-epsilon",
+}
+# the MoE fields that change the weights or what they compute (recorded for MoE models only;
+# a dense model records num_experts None, as do checkpoints written before MoE existed)
+MOE_ARCHITECTURE_FLAGS = {
+    "num_experts": "--num-experts",
+    "moe_router_topk": "--moe-router-topk",
+    "moe_ffn_hidden_size": "--moe-ffn-hidden-size",
+    "moe_shared_expert_intermediate_size": "--moe-shared-expert-intermediate-size",
+    "moe_shared_expert_gate": "--moe-shared-expert-gate",
+    "moe_layer_freq": "--moe-layer-freq",
+    "moe_router_score_function": "--moe-router-score-function",
+    "moe_router_pre_softmax": "--moe-router-pre-softmax",
+    "moe_router_topk_scaling_factor": "--moe-router-topk-scaling-factor",
+    "moe_router_enable_expert_bias": "--moe-router-enable-expert-bias",
 }
 UNRECORDED = {"use_rope_scaling": False, "rope_scaling_factor": 8.0, "qk_layernorm": False}
 """Values of the fields checkpoints written before they existed lack (what those runs used;
@@ -43,10 +57,25 @@ def _default_head_size(arch: dict) -> bool:
     return arch["kv_channels"] * arch["num_attention_heads"] == arch["hidden_size"]
 
 
-def architecture_of(model: ModelConfig, padded_vocab_size: int) -> dict:
+def _moe_architecture(model: ModelConfig, moe: MoEConfig) -> dict:
+    """The MoE fields with the defaults resolved (expert ffn, the per-layer 0/1 pattern)."""
+    if moe.num_experts is None:
+        return {"num_experts": None}
+    arch = {name: getattr(moe, name) for name in MOE_ARCHITECTURE_FLAGS}
+    arch["moe_ffn_hidden_size"] = (
+        moe.moe_ffn_hidden_size or model.ffn_hidden_size or 4 * model.hidden_size
+    )
+    arch["moe_layer_freq"] = moe_layer_pattern(moe.moe_layer_freq, model.num_layers)
+    return arch
+
+
+def architecture_of(model: ModelConfig, padded_vocab_size: int, moe: MoEConfig = None) -> dict:
     """{field: value} with the defaults resolved (ffn 4h, groups = heads); ``vocab_size`` is
-    the unpadded size when known (None when the run took it from the tokenizer)."""
+    the unpadded size when known (None when the run took it from the tokenizer). With ``moe``
+    the MoE fields too (``num_experts`` None for a dense model)."""
     arch = {name: getattr(model, name) for name in ARCHITECTURE_FLAGS}
+    if moe is not None:
+        arch.update(_moe_architecture(model, moe))
     arch["ffn_hidden_size"] = model.ffn_hidden_size or 4 * model.hidden_size
     arch["num_query_groups"] = model.num_query_groups or model.num_attention_heads
     arch["kv_channels"] = model.head_size
@@ -61,6 +90,9 @@ def architecture_mismatch(saved: dict, run: dict, tensor_parallel_size: int) -> 
     for name, flag in ARCHITECTURE_FLAGS.items():
         if (_matters(saved, name) or _matters(run, name)) and saved[name] != run[name]:
             return f"{flag}: the checkpoint has {saved[name]}, this run has {run[name]}"
+    for name, flag in MOE_ARCHITECTURE_FLAGS.items():  # absent: dense (num_experts None)
+        if saved.get(name) != run.get(name):
+            return f"{flag}: the checkpoint has {saved.get(name)}, this run has {run.get(name)}"
     padded, ours = saved["padded_vocab_size"], run["padded_vocab_size"]
     if padded != ours:
         # divisible_by x TP == padded rounds any vocabulary <= padded up to exactly padded
@@ -90,6 +122,12 @@ def trainer_flags(
             flags += [flag] if value else []
         else:
             flags += [flag, str(value)]
+    for name, flag in MOE_ARCHITECTURE_FLAGS.items():  # MoE fields, when recorded
+        value = arch.get(name)
+        if value is None or value is False:
+            continue
+        text = "[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
+        flags += [flag] if value is True else [flag, text]
     flags += [
         "--vocab-size",
         str(arch["vocab_size"]),

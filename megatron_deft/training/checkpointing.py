@@ -193,7 +193,7 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, loader, config
         data=loader.state_dict(),
         layout=_layout(config),
         config=dataclasses.asdict(config),
-        architecture=architecture_of(config.model, model[0].module.vocab_size),
+        architecture=architecture_of(config.model, model[0].module.vocab_size, config.moe),
     )
     dist_checkpointing.save(state, partial)
     dist.barrier()
@@ -258,7 +258,7 @@ def _check_architecture(common: dict, directory: str, config: Config, padded_voc
         return
     mismatch = architecture_mismatch(
         saved,
-        architecture_of(config.model, padded_vocab),
+        architecture_of(config.model, padded_vocab, config.moe),
         config.parallel.tensor_model_parallel_size,
     )
     if mismatch:
