@@ -48,18 +48,31 @@ OUTPUT_LAYER_DEFAULTS = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-layer", action="store_true",
-                        help="benchmark the output layer + loss from hidden states")  # fmt: skip
-    parser.add_argument("--tokens", type=int, help="tokens per call (default 4096; 8192 with "
-                        "--output-layer)")  # fmt: skip
-    parser.add_argument("--vocab", type=int, help="full vocabulary size V (default 32000; "
-                        "128256 with --output-layer)")  # fmt: skip
+    parser.add_argument(
+        "--output-layer",
+        action="store_true",
+        help="benchmark the output layer + loss from hidden states",
+    )
+    parser.add_argument(
+        "--tokens", type=int, help="tokens per call (default 4096; 8192 with --output-layer)"
+    )
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        help="full vocabulary size V (default 32000; 128256 with --output-layer)",
+    )
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size h (--output-layer)")
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="tensor-parallel sizes")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="input dtype")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls")
     parser.add_argument("--objectives", nargs="+")
+    parser.add_argument(
+        "--unfused-objectives",
+        nargs="+",
+        default=["deft"],
+        help="--output-layer: objectives also run on the full logits (unfused)",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args(argv)
     defaults = OUTPUT_LAYER_DEFAULTS if args.output_layer else LOSS_DEFAULTS
@@ -93,7 +106,7 @@ def _loss_candidates(objectives, group):
     return candidates
 
 
-def _output_layer_candidates(objectives, group, hidden_size, vocab):
+def _output_layer_candidates(objectives, unfused_objectives, group, hidden_size, vocab):
     """Output layer + loss from hidden [N, 1, h] and weight [V/tp, h]: {name: fn(h, w, target)}."""
     from megatron.core import tensor_parallel
     from megatron.core.model_parallel_config import ModelParallelConfig
@@ -102,10 +115,15 @@ def _output_layer_candidates(objectives, group, hidden_size, vocab):
 
     world = dist.get_world_size(group)
     layer = tensor_parallel.ColumnParallelLinear(
-        hidden_size, vocab, config=ModelParallelConfig(tensor_model_parallel_size=world),
-        init_method=None, bias=False, gather_output=False, skip_weight_param_allocation=True,
+        hidden_size,
+        vocab,
+        config=ModelParallelConfig(tensor_model_parallel_size=world),
+        init_method=None,
+        bias=False,
+        gather_output=False,
+        skip_weight_param_allocation=True,
         tp_group=group,
-    )  # fmt: skip
+    )
 
     def megatron(h, w, y):
         return tensor_parallel.vocab_parallel_cross_entropy(layer(h, weight=w)[0], y)
@@ -119,8 +137,9 @@ def _output_layer_candidates(objectives, group, hidden_size, vocab):
         return lambda h, w, y: linear_vocab_parallel_loss(h, w, y, objective, group=group)[0]
 
     candidates = {"megatron ColumnParallelLinear + vocab_parallel_cross_entropy": megatron}
-    for objective in objectives:
+    for objective in unfused_objectives:
         candidates[f"{objective} unfused (linear + vocab_parallel_loss)"] = unfused(objective)
+    for objective in objectives:
         candidates[f"{objective} fused (linear_vocab_parallel_loss)"] = fused(objective)
     return candidates
 
@@ -164,7 +183,9 @@ def _worker(rank, world, args, init_file, out_file):
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     masters, target = _inputs(args, rank, world, device, dtype)
     if args.output_layer:
-        candidates = _output_layer_candidates(args.objectives, group, args.hidden, args.vocab)
+        candidates = _output_layer_candidates(
+            args.objectives, args.unfused_objectives, group, args.hidden, args.vocab
+        )
     else:
         candidates = _loss_candidates(args.objectives, group)
 
@@ -241,8 +262,13 @@ def _print_table(tp, args, rows):
     print("| " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * (len(columns) - 1))
     for name, seconds, peak, work in rows:
-        cells = [name, f"{seconds * 1e3:.1f}", f"{seconds / base_time:.2f}x",
-                 f"{peak / 2**20:.1f}", f"{peak / max(base_peak, 1):.3f}x"]  # fmt: skip
+        cells = [
+            name,
+            f"{seconds * 1e3:.1f}",
+            f"{seconds / base_time:.2f}x",
+            f"{peak / 2**20:.1f}",
+            f"{peak / max(base_peak, 1):.3f}x",
+        ]
         if args.output_layer:
             cells += [f"{work / 2**20:.1f}", f"{work / max(base_work, 1):.3f}x"]
         print("| " + " | ".join(cells) + " |")

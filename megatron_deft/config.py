@@ -13,19 +13,102 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_deft.conventions import ConfigError
 from megatron_deft.data.config import DataConfig, RecordFormat, TokenizerConfig
 
 
-class ConfigError(ValueError):
-    """A bad or inconsistent setting; the message is one line naming the flag(s)."""
+def _at_least(low):
+    return lambda value: value >= low, f">= {low}"
+
+
+def _above(low):
+    return lambda value: value > low, f"> {low}"
+
+
+_FRACTION = (lambda value: 0 <= value < 1, "in [0, 1)")
+
+BOUNDS = {
+    "num_layers": _at_least(1),
+    "hidden_size": _at_least(1),
+    "ffn_hidden_size": _at_least(1),
+    "num_attention_heads": _at_least(1),
+    "num_query_groups": _at_least(1),
+    "kv_channels": _at_least(1),
+    "seq_length": _at_least(1),
+    "max_position_embeddings": _at_least(1),
+    "vocab_size": _at_least(1),
+    "make_vocab_size_divisible_by": _at_least(1),
+    "rotary_base": _above(0),
+    "rope_scaling_factor": _above(0),
+    "norm_epsilon": _above(0),
+    "init_method_std": _at_least(0),
+    "hidden_dropout": _FRACTION,
+    "attention_dropout": _FRACTION,
+    "tensor_model_parallel_size": _at_least(1),
+    "pipeline_model_parallel_size": _at_least(1),
+    "num_layers_per_virtual_pipeline_stage": _at_least(1),
+    "distributed_timeout_minutes": _above(0),
+    "lr": _at_least(0),
+    "min_lr": _at_least(0),
+    "lr_warmup_iters": _at_least(0),
+    "lr_decay_iters": _at_least(1),
+    "lr_wsd_decay_iters": _at_least(1),
+    "weight_decay": _at_least(0),
+    "adam_beta1": _FRACTION,
+    "adam_beta2": _FRACTION,
+    "adam_eps": _above(0),
+    "clip_grad": _at_least(0),
+    "micro_batch_size": _at_least(1),
+    "global_batch_size": _at_least(1),
+    "train_iters": _at_least(1),
+    "seed": _at_least(0),
+    "log_interval": _at_least(1),
+    "eval_interval": _at_least(0),
+    "eval_iters": _at_least(1),
+    "max_skipped_iters": _at_least(0),
+    "save_interval": _at_least(0),
+    "num_experts": _at_least(1),
+    "moe_router_topk": _at_least(1),
+    "moe_ffn_hidden_size": _at_least(1),
+    "expert_model_parallel_size": _at_least(1),
+    "expert_tensor_parallel_size": _at_least(1),
+    "moe_shared_expert_intermediate_size": _at_least(1),
+    "moe_router_topk_scaling_factor": _above(0),
+    "moe_aux_loss_coeff": _at_least(0),
+    "moe_z_loss_coeff": _at_least(0),
+}
+"""field -> (predicate, what it requires): the range of every numeric setting (None, an unset
+optional, always passes). Checks involving several sections are in training/arguments.py."""
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a config field."""
+    return "--" + name.replace("_", "-")
+
+
+class _Checked:
+    """Each config section checks its own fields when built, so a config built in code (the
+    evaluator, the converter, tests) is held to the ranges the command line is."""
+
+    def __post_init__(self):
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value):  # inf passes every lower bound; nan fails them all
+                raise ConfigError(f"{flag_of(item.name)} must be a finite number, got {value}")
+            ok, requirement = BOUNDS.get(item.name, (None, None))
+            if ok is not None and not ok(value):
+                raise ConfigError(f"{flag_of(item.name)} must be {requirement}, got {value}")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Checked):
     """Llama/Qwen-style GPT: RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases (except
     the optional q/k/v bias)."""
 
@@ -81,9 +164,22 @@ class ModelConfig:
         """d: --kv-channels, or hidden / heads."""
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
+    def resolved(self) -> "ModelConfig":
+        """A copy with the derived defaults filled in (the one place they are defined): SwiGLU
+        inner size 4h, query groups = heads, head size h / heads, positions = seq_length.
+        The fields themselves stay None when not given, so a checkpoint's recorded architecture
+        can tell what a run set from what it defaulted."""
+        return dataclasses.replace(
+            self,
+            ffn_hidden_size=self.ffn_hidden_size or 4 * self.hidden_size,
+            num_query_groups=self.num_query_groups or self.num_attention_heads,
+            kv_channels=self.head_size,
+            max_position_embeddings=self.max_position_embeddings or self.seq_length,
+        )
+
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(_Checked):
     """Layout of the ranks: world = TP x PP x DP."""
 
     tensor_model_parallel_size: int = 1
@@ -126,7 +222,7 @@ def _layer_freq(freq: str):
     is_int = isinstance(value, int) and value >= 1
     if is_int or (isinstance(value, list) and value and all(v in (0, 1) for v in value)):
         return value
-    raise ValueError(
+    raise ConfigError(
         f"--moe-layer-freq {freq!r}: expected an int >= 1 or a list of 0/1 such as [1,0,1,0]"
     )
 
@@ -140,7 +236,7 @@ def moe_layer_pattern(freq: str, num_layers: int) -> list:
     if isinstance(value, int):
         return [int(i % value == 0) for i in range(num_layers)]
     if len(value) != num_layers:
-        raise ValueError(
+        raise ConfigError(
             f"--moe-layer-freq {freq} has {len(value)} entries, --num-layers is {num_layers}"
         )
     return value
@@ -159,7 +255,7 @@ def _list_expression(node):
 
 
 @dataclass
-class MoEConfig:
+class MoEConfig(_Checked):
     """Mixture of experts (megatron-core's MoELayer, TopKRouter, token dispatchers and
     SequentialMLP / grouped-GEMM experts), Megatron-LM's flags. Routing is dropless: every
     token reaches all of its top-k experts (no capacity factor)."""
@@ -215,23 +311,7 @@ class MoEConfig:
     model's dtype; fp32 is recommended with --bf16)."""
 
     def __post_init__(self):
-        if self.num_experts is not None and self.num_experts < 1:
-            raise ValueError(f"--num-experts must be >= 1, got {self.num_experts}")
-        if self.moe_router_topk < 1:
-            raise ValueError(f"--moe-router-topk must be >= 1, got {self.moe_router_topk}")
-        for flag, value in (
-            ("--moe-aux-loss-coeff", self.moe_aux_loss_coeff),
-            ("--moe-z-loss-coeff", self.moe_z_loss_coeff or 0.0),
-        ):
-            if value < 0:
-                raise ValueError(f"{flag} must be >= 0, got {value}")
-        sizes = (
-            ("--expert-model-parallel-size", self.expert_model_parallel_size),
-            ("--expert-tensor-parallel-size", self.expert_tensor_parallel_size or 1),
-        )
-        for flag, value in sizes:
-            if value < 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
+        super().__post_init__()  # the ranges in BOUNDS
         _layer_freq(self.moe_layer_freq)
         choices = {
             "--moe-router-score-function": (self.moe_router_score_function, MOE_SCORE_FUNCTIONS),
@@ -244,11 +324,11 @@ class MoEConfig:
         }
         for flag, (value, allowed) in choices.items():  # YAML values bypass argparse's choices
             if value not in allowed:
-                raise ValueError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+                raise ConfigError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
 
 
 @dataclass
-class OptimizerConfig:
+class OptimizerConfig(_Checked):
     """AdamW with warmup + decay of the learning rate."""
 
     lr: float = 1e-4
@@ -277,6 +357,11 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     """Clip the global gradient norm to this value (0: no clipping)."""
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr {self.min_lr} exceeds --lr {self.lr}")
+
 
 def _objective_usage() -> str:
     """The objectives' forms, read from their specs (imported only when the help is built)."""
@@ -286,7 +371,7 @@ def _objective_usage() -> str:
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(_Checked):
     """Iterations, batch shape, precision, device, logging and evaluation cadence."""
 
     micro_batch_size: int = 1
@@ -327,13 +412,14 @@ class TrainingConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(_Checked):
     """megatron-core dist_checkpointing (torch_dist) checkpoints."""
 
     save: Optional[str] = None
     """Directory to save checkpoints to."""
     load: Optional[str] = None
-    """Directory to resume from (its `latest` tracker picks the iteration)."""
+    """Directory to resume from (its `latest` tracker picks the iteration); the architecture the
+    checkpoint records fills the model flags not given."""
     save_interval: int = 0
     """Save every this many iterations (0: only at the end)."""
     finetune: bool = False
@@ -341,7 +427,9 @@ class CheckpointConfig:
     pretrained_checkpoint: Optional[str] = None
     """Start from the model weights of this checkpoint (e.g. a Hugging Face model converted by
     tools/convert_checkpoint.py) with a fresh optimizer at iteration 0, unless --load already
-    holds a checkpoint: then the run resumes from --load (so a restarted job continues)."""
+    holds a checkpoint: then the run resumes from --load (so a restarted job continues). The
+    architecture the checkpoint records (sizes, heads, RoPE, --vocab-size and its padding)
+    fills the model flags not given; one given that contradicts it is an error."""
     override_opt_param_scheduler: bool = False
     """On a full resume, continue with this run's LR/weight-decay schedule flags where they
     differ from the checkpoint's (without it such a difference is an error)."""
@@ -372,6 +460,19 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def config_from_dict(values: dict) -> Config:
+    """A Config from ``{section: {field: value}}`` (e.g. a checkpoint's saved
+    ``dataclasses.asdict(config)``), built by :func:`config_from_flags` so every section checks
+    itself; fields this version does not know are ignored, missing ones keep their defaults."""
+    flat = {
+        f"{section}.{name}": value
+        for section, fields in values.items()
+        if isinstance(fields, dict)
+        for name, value in fields.items()
+    }
+    return config_from_flags(Config, flat)
 
 
 def field_docs(cls) -> dict:

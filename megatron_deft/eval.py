@@ -12,10 +12,10 @@ checkpoint, 2 bad flags.
 
 import os
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
-warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+from megatron_deft.utils.known_warnings import ignore_import_notices
+
+ignore_import_notices()  # megatron-core's Apex/TE-absent notices and the like
 
 
 def _single_process_defaults() -> None:
@@ -43,7 +43,8 @@ def main(argv=None) -> int:
 
     try:
         evaluate(config)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as error:
+    # Only the bad-input errors: any other exception (a bug) keeps its traceback.
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as error:
         print(f"megatron-deft-eval: error: {error}", file=sys.stderr)
         return 1
     return 0

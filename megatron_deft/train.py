@@ -17,13 +17,10 @@ GPU run: the same with ``--device cuda --bf16`` and real data (``--train-data``,
 import logging
 import os
 import sys
-import warnings
 
-# megatron-core warns once per module that Apex/TE are absent (the local fallbacks are intended)
-# and about CUDA-only tuning knobs; neither is actionable for our users.
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
-warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
-warnings.filterwarnings("ignore", message="full scope is deprecated.*")
+from megatron_deft.utils.known_warnings import ignore_import_notices
+
+ignore_import_notices()  # megatron-core's Apex/TE-absent notices and the like
 
 
 def _configure_logging() -> None:

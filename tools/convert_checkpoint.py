@@ -11,6 +11,8 @@ back, one tensor at a time (peak memory ~1.4x the model, not 2x).
     # Megatron (converted, or saved by the trainer at any TP/PP) -> HF
     python tools/convert_checkpoint.py megatron-to-hf --megatron-dir runs/sft [--iteration N] \\
         --output-dir hf/llama3-sft [--tokenizer-dir Llama-3-8B]
+    # writes the class, config fields, tokenizer files and generation_config.json of the HF model
+    # the checkpoint descends from (recorded at conversion, carried by every trainer save)
 
 Runs in one CPU process; no GPU needed. Errors are one line naming the file and the field or
 tensor; exit code 2.
@@ -20,7 +22,6 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 
 # Runnable from a checkout without `pip install -e .`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -65,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--output-dir", required=True, help="new (or empty) directory")
     to_hf.add_argument(
         "--tokenizer-dir",
-        help="copy tokenizer files from here (default: the "
-        "tokenizer/ folder of --megatron-dir when present)",
+        help="tokenizer files (and generation_config.json) from here replace those the "
+        "checkpoint recorded from its Hugging Face source",
     )
     to_hf.add_argument(
         "--vocab-size",
@@ -80,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
+    from megatron_deft.config import ConfigError
     from megatron_deft.conversion import convert_hf_to_megatron, convert_megatron_to_hf
+    from megatron_deft.data.tokenizer import check_tokenizer_model
 
     if args.command == "hf-to-megatron":
         flags = convert_hf_to_megatron(
@@ -97,8 +100,11 @@ def run(args) -> None:
             + f" --pretrained-checkpoint {args.output_dir}"
         )
         tokenizer = os.path.join(args.output_dir, "tokenizer")
-        if os.path.isfile(os.path.join(tokenizer, "tokenizer_config.json")):
+        try:
+            check_tokenizer_model("HuggingFaceTokenizer", tokenizer)
             print(f"  --tokenizer-type HuggingFaceTokenizer --tokenizer-model {tokenizer}")
+        except ConfigError:  # e.g. a model dir without tokenizer files
+            print(f"  and the model's tokenizer ({args.hf_dir} has no complete HF tokenizer)")
     else:
         arch = convert_megatron_to_hf(
             args.megatron_dir,
@@ -113,7 +119,9 @@ def run(args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore")  # megatron-core's Apex/TE-absent notices
+    from megatron_deft.utils.known_warnings import ignore_import_notices
+
+    ignore_import_notices()  # megatron-core's Apex/TE-absent notices and the like
     logging.basicConfig(
         level=logging.INFO,
         format="[convert %(asctime)s] %(message)s",
@@ -122,12 +130,13 @@ def main(argv=None) -> int:
     )
     for name in ("megatron", "megatron_fsdp"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    from megatron_deft.config import ConfigError
     from megatron_deft.conversion import ConversionError
     from megatron_deft.training.checkpointing import CheckpointError
 
     try:
         run(args)
-    except (ConversionError, CheckpointError) as error:
+    except (ConversionError, CheckpointError, ConfigError) as error:
         print(f"convert_checkpoint: error: {error}", file=sys.stderr)
         return 2
     return 0

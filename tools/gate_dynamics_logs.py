@@ -3,7 +3,9 @@
 The tags (megatron_deft/training/metrics.py): ``train/<stat>`` scalars, ``train/<stat>_histogram``
 histograms of all loss tokens and, with ``--token-class-key``, ``train_class/<class>/<stat>``
 scalars (token means, ``token_fraction``) and ``train_class/<class>/<stat>_histogram``. Used by
-tools/plot_gate_dynamics.py and the objectives-regimes report.
+tools/plot_gate_dynamics.py and the objectives-regimes report. Statistics come back under their
+current names: logs written before a rename (the docs/evidence* runs log the exponent a as
+``alpha``) read as today's (megatron_deft.conventions.LEGACY_STAT_NAMES).
 """
 
 import glob
@@ -11,6 +13,8 @@ import os
 from typing import Dict, List, Tuple
 
 import numpy as np
+
+from megatron_deft.conventions import LEGACY_STAT_NAMES
 
 Series = Tuple[List[int], List[float]]
 ALL_TOKENS = None
@@ -33,8 +37,17 @@ def _scalars(events, prefix: str) -> Dict[str, Series]:
     for tag in events.Tags()["scalars"]:
         if tag.startswith(prefix):
             points = events.Scalars(tag)
-            out[tag[len(prefix) :]] = ([p.step for p in points], [p.value for p in points])
+            out[_current(tag[len(prefix) :])] = (
+                [p.step for p in points],
+                [p.value for p in points],
+            )
     return out
+
+
+def _current(key: str) -> str:
+    """``key`` (``stat`` or ``class/stat``) with a legacy statistic name renamed."""
+    head, slash, stat = key.rpartition("/")
+    return head + slash + LEGACY_STAT_NAMES.get(stat, stat)
 
 
 def read_scalars(logdir: str, prefix: str = "train/") -> Dict[str, Series]:
@@ -69,7 +82,7 @@ def read_run(logdir: str) -> dict:
         else:
             continue
         series = _histogram_series(events.Histograms(tag), f"{logdir}: {tag}")
-        histograms.setdefault(stat[: -len("_histogram")], {})[name] = series
+        histograms.setdefault(_current(stat[: -len("_histogram")]), {})[name] = series
     return {"scalars": _scalars(events, "train/"), "classes": classes, "histograms": histograms}
 
 

@@ -12,7 +12,7 @@ When the runs were trained with ``--token-class-key`` (``train_class/<class>/...
   and p_target over the iterations (``train_class/<class>/<stat>``; one colour per class in every
   panel, token shares from ``.../token_fraction`` in the legend), and the path of each class in
   the (mean p_target, mean gate) plane, points growing and darkening with the iteration;
-- ``dyn_gate_histograms.png`` and, when a run has an exponent, ``dyn_alpha_histograms.png``: a
+- ``dyn_gate_histograms.png`` and, when a run has an exponent, ``dyn_exponent_histograms.png``: a
   row per run, a column for all tokens (``train/<stat>_histogram``) and one per class
   (``train_class/<class>/<stat>_histogram``); each a heatmap over (iteration, value) of the share
   of that step's tokens in the bin, with the token mean (sum / num) drawn on top.
@@ -44,13 +44,17 @@ __all__ = [
 
 STATS = (
     ("gate", "mean gate"),
-    ("alpha", "mean exponent a"),
+    ("exponent", "mean exponent a"),
     ("p_target", "mean p_target"),
     ("renyi2_entropy", "mean Renyi-2 entropy H2"),
     ("confident_conflict", "confident-conflict fraction"),
     ("nll", "NLL"),
 )
-CLASS_STATS = (("gate", "mean gate"), ("alpha", "mean exponent a"), ("p_target", "mean p_target"))
+CLASS_STATS = (
+    ("gate", "mean gate"),
+    ("exponent", "mean exponent a"),
+    ("p_target", "mean p_target"),
+)
 
 
 def _pyplot():
@@ -214,7 +218,7 @@ def plot_histograms(runs: Dict[str, dict], stat: str, out: str) -> Optional[str]
             axis.set(
                 title=f"{label}: {name if name is not ALL_TOKENS else 'all tokens'}",
                 xlabel="iteration",
-                ylabel="exponent a" if stat == "alpha" else stat,
+                ylabel="exponent a" if stat == "exponent" else stat,
             )
             if name not in by_class:
                 _note(axis, "no tokens of this class")
@@ -258,13 +262,13 @@ def _step_edges(steps):
 
 def plot_class_dynamics(runs: Dict[str, dict], out: str) -> List[str]:
     """The per-class figures next to ``out`` (``X.png`` -> ``X_classes.png``,
-    ``X_gate_histograms.png``, ``X_alpha_histograms.png``); none when no run has classes."""
+    ``X_gate_histograms.png``, ``X_exponent_histograms.png``); none when no run has classes."""
     if not class_names(runs):
         return []
     stem, extension = os.path.splitext(out)
     extension = extension or ".png"
     written = [plot_classes(runs, f"{stem}_classes{extension}")]
-    for stat in ("gate", "alpha"):
+    for stat in ("gate", "exponent"):
         written.append(plot_histograms(runs, stat, f"{stem}_{stat}_histograms{extension}"))
     return [path for path in written if path]
 

@@ -2,7 +2,7 @@
 
 - ``accuracy_<variant>.png``: exact-match over phase-2 steps per objective, one panel per class.
 - ``gate_vs_p_<variant>.png``: mean gate per p_target bin at the last checkpoint, per class.
-- ``alpha_<variant>.png``: mean exponent a over steps (q-log objectives), per class.
+- ``exponent_<variant>.png``: mean exponent a over steps (q-log objectives), per class.
 - ``train_classes_<variant>.png``, ``gate_histograms_<variant>.png``: the training-time dynamics
   per token class of the training data (tools/plot_gate_dynamics.py on one seed's TensorBoard
   logs, a row per objective).
@@ -73,17 +73,17 @@ def _pooled_bins(runs, label):
     return [[lo, hi, n, g / n if n else None] for lo, hi, n, g in (pooled or [])]
 
 
-def alpha_curves(by_objective: dict, variant: str, out_dir: str) -> str:
+def exponent_curves(by_objective: dict, variant: str, out_dir: str) -> str:
     figure, axes = _panels(f"mean exponent a over phase 2 ({variant}; q-log objectives)")
     for axis, label in zip(axes, CLASSES.values()):
         for objective, runs in by_objective.items():
-            if over_seeds(runs, label, "alpha")[0] != over_seeds(runs, label, "alpha")[0]:
+            if over_seeds(runs, label, "exponent")[0] != over_seeds(runs, label, "exponent")[0]:
                 continue  # no exponent (weighted-NLL objectives): nan
-            steps, means, _ = curve(runs, label, "alpha")
+            steps, means, _ = curve(runs, label, "exponent")
             axis.plot(steps, means, marker="o", ms=3, label=objective)
         axis.set(title=label, xlabel="phase-2 step", ylabel="mean a")
     axes[0].legend(fontsize=8)
-    return save_figure(figure, os.path.join(out_dir, f"alpha_{variant}.png"))
+    return save_figure(figure, os.path.join(out_dir, f"exponent_{variant}.png"))
 
 
 def training_dynamics(run_dir: str, variant: str, objectives, seed: int) -> list:

@@ -44,7 +44,7 @@ without noisy samples has no noise to fit; scratch has no prior to keep)."""
 DIAGNOSTICS = (
     ("p_target", "mean p_target"),
     ("sum_p2", "mean Σp²"),
-    ("alpha", "mean a"),
+    ("exponent", "mean a"),
     ("gate", "mean gate"),
 )
 
@@ -196,7 +196,7 @@ def _figures(by_objective: dict, variant: str, run_dir: str, config: dict, prior
     figures = [
         plots.accuracy_curves(by_objective, variant, run_dir, prior_em),
         plots.gate_vs_p(by_objective, variant, run_dir),
-        plots.alpha_curves(by_objective, variant, run_dir),
+        plots.exponent_curves(by_objective, variant, run_dir),
     ]
     lines = [f"![{name}]({name})" for name in map(os.path.basename, figures)] + [""]
     seed = config["seeds"][0]

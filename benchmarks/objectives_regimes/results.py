@@ -8,6 +8,8 @@ equal iterations.
 import statistics
 from typing import Dict, List
 
+from megatron_deft.conventions import LEGACY_STAT_NAMES
+
 # Evaluation file stem -> token class label used in tables and plots.
 CLASSES = {"a_heldout": "clean A", "b_heldout": "B", "a_noisy": "noisy A"}
 # What exact-match on each class measures.
@@ -24,9 +26,11 @@ def class_of(path: str) -> str:
 
 
 def trajectories(summaries: List[dict]) -> Dict[str, Dict[int, dict]]:
-    """{class: {iteration: summary}}."""
+    """{class: {iteration: summary}}; summaries written before a statistic's rename (the
+    docs/evidence* runs' exponent ``alpha``) get today's keys."""
     out: Dict[str, Dict[int, dict]] = {label: {} for label in CLASSES.values()}
     for summary in summaries:
+        summary = {LEGACY_STAT_NAMES.get(key, key): value for key, value in summary.items()}
         out[class_of(summary["data"])][summary["iteration"]] = summary
     return out
 

@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+from megatron_deft.conventions import TRACKER
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -234,9 +236,6 @@ def evaluated(run_dir: str, loads: list) -> dict:
 def read_jsonl(path: str) -> list:
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle]
-
-
-TRACKER = "latest_checkpointed_iteration.txt"
 
 
 def finished(save: str, iterations: int) -> bool:

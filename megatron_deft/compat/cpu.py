@@ -1,8 +1,10 @@
 """Run megatron-core 0.16.1 on CPU (gloo): one opt-in set of call-site fixes.
 
-megatron-core assumes CUDA in a handful of places (see
-/work/shared/docs/megatron-core-0.16.1-on-cpu.md for the measured list). The trainer calls
-:func:`enable` only for ``--device cpu``; GPU runs never import this module.
+megatron-core assumes CUDA in a handful of places: CUDA tensor factories, ``torch.cuda`` calls
+and CUDA tensor-type checks, each listed below with what replaces it (found by running the
+trainer and evaluator on CPU; tests/unit/compat/test_cpu.py and the multi-process trainer and
+evaluator tests exercise them).
+The trainer calls :func:`enable` only for ``--device cpu``; GPU runs never import this module.
 
 What :func:`enable` changes, and nothing else:
 

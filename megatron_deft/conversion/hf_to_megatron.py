@@ -5,10 +5,13 @@ Output (Megatron-LM layout, loadable by the trainer at any TP/PP)::
     OUT/iter_0000000/                         model weights only (no optimizer state)
     OUT/latest_checkpointed_iteration.txt     "0"
     OUT/megatron_deft_args.json               architecture + the trainer flags that match it
-    OUT/tokenizer/                            tokenizer files of the HF dir, when present
+    OUT/tokenizer/                            tokenizer files of the HF dir (only when it
+                                              has some): the trainer's --tokenizer-model
 
 The checkpoint's common state marks it ``weights_only`` (``--load`` starts at iteration 0 with a
-fresh optimizer) and records its ``architecture``, which the trainer checks against its flags.
+fresh optimizer), records its ``architecture``, which the trainer checks against its flags, and
+the Hugging Face source (config.json, tokenizer files, generation_config.json; see
+:mod:`megatron_deft.conversion.source`), which every trainer checkpoint carries on to export.
 
 Memory (measured on 300 MB and 640 MB bf16 Llamas, RSS above the ~360 MB of the imported
 libraries): anonymous memory 1.0x the model after filling (weights are filled in place, tensor
@@ -22,7 +25,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 
 import torch
 
@@ -35,33 +37,12 @@ from megatron_deft.conversion.megatron_model import (
     publish_dir,
 )
 from megatron_deft.conversion.safetensors_io import HFTensorReader
+from megatron_deft.conversion.source import KEY, TOKENIZER_FILES, source_record, write_files
 from megatron_deft.conversion.weights import hf_parts, hf_shape, weight_maps
 from megatron_deft.models.architecture import architecture_of, trainer_flags
 from megatron_deft.models.layout import padded_vocab_size
 
 logger = logging.getLogger(__name__)
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "generation_config.json",
-    "chat_template.jinja",
-)
-
-
-def copy_tokenizer_files(source: str, target: str) -> list:
-    """Copy the tokenizer files present in ``source``; returns their names."""
-    present = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(source, name))]
-    if present:
-        os.makedirs(target, exist_ok=True)
-    for name in present:
-        shutil.copy2(os.path.join(source, name), os.path.join(target, name))
-    return present
 
 
 def _check_tensor_parallel(model, target_tp: int, path: str) -> None:
@@ -173,11 +154,13 @@ def convert_hf_to_megatron(
         "weights_only": True,
         "architecture": architecture,
         "config": {"model": dataclasses.asdict(model)},
-        "hf_config": hf_config,
+        KEY: source_record(hf_dir, hf_config),
     }
     logger.info("writing the dist checkpoint")
     _save(chunk, partial, common)
-    tokenizer = copy_tokenizer_files(hf_dir, os.path.join(partial, "tokenizer"))
+    tokenizer = write_files(
+        common[KEY]["files"], os.path.join(partial, "tokenizer"), TOKENIZER_FILES
+    )
     with open(os.path.join(partial, "megatron_deft_args.json"), "w", encoding="utf-8") as handle:
         json.dump(
             {

@@ -47,7 +47,7 @@ def build_full_model(model: ModelConfig, padded_vocab: int, dtype: torch.dtype):
     config = Config(model=dataclasses.replace(model))  # a copy: seq_length is set below
     config.training.device = "cpu"
     config.training.bf16 = dtype == torch.bfloat16
-    config.model.seq_length = model.max_position_embeddings or config.model.seq_length
+    config.model.seq_length = model.resolved().max_position_embeddings
     [chunk] = build_gpt_chunks(config, padded_vocab, initialize=False)
     return chunk
 

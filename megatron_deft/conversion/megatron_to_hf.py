@@ -1,5 +1,7 @@
 """megatron-core dist checkpoint (converted, or saved by the trainer at any TP/PP) -> Hugging
-Face safetensors (LlamaForCausalLM, or Qwen2ForCausalLM when the model has the q/k/v bias).
+Face safetensors, config.json, tokenizer files and generation_config.json: those of the model it
+was converted from (the record every checkpoint carries), else Llama/Qwen2/Qwen3 by the model's
+q/k/v bias and q/k norm, with no tokenizer unless --tokenizer-dir gives one.
 
 The checkpoint is loaded, resharded by dist_checkpointing, into one full TP=1 / PP=1 model in
 place; HF tensors are then cut out of its weights (fused qkv and [gate; up] split, vocabulary
@@ -17,7 +19,6 @@ import os
 
 from megatron_deft.config import ModelConfig
 from megatron_deft.conversion.hf_config import ConversionError, hf_architecture, hf_config_dict
-from megatron_deft.conversion.hf_to_megatron import copy_tokenizer_files
 from megatron_deft.conversion.megatron_model import (
     DTYPES,
     atomic_output_dir,
@@ -27,8 +28,10 @@ from megatron_deft.conversion.megatron_model import (
     publish_dir,
 )
 from megatron_deft.conversion.safetensors_io import ShardWriter
+from megatron_deft.conversion.source import RECORDED_FILES, read_files, record_of, write_files
 from megatron_deft.conversion.weights import hf_parts, hf_shape, weight_maps
 from megatron_deft.models.layout import padded_vocab_size
+from megatron_deft.utils.known_warnings import checkpoint_load_deprecations_ignored
 
 logger = logging.getLogger(__name__)
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -36,6 +39,7 @@ _HF_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
 def _checkpoint_directory(megatron_dir: str, iteration):
+    from megatron_deft.conventions import TRACKER
     from megatron_deft.training.checkpointing import (
         CheckpointError,
         existing_checkpoint_dir,
@@ -45,9 +49,7 @@ def _checkpoint_directory(megatron_dir: str, iteration):
     if iteration is None:
         iteration = read_tracker(megatron_dir)
         if iteration is None:
-            raise ConversionError(
-                f"{megatron_dir}: no latest_checkpointed_iteration.txt; pass --iteration"
-            )
+            raise ConversionError(f"{megatron_dir}: no {TRACKER}; pass --iteration")
     try:
         return existing_checkpoint_dir(megatron_dir, iteration)
     except CheckpointError as error:
@@ -59,10 +61,7 @@ def _model_of(common: dict, directory: str, vocab_size):
     saved = common.get("config", {}).get("model")
     if saved is None:
         raise ConversionError(f"{directory}: not a megatron-deft checkpoint (no config recorded)")
-    model = ModelConfig(**saved)
-    model.ffn_hidden_size = model.ffn_hidden_size or 4 * model.hidden_size
-    model.num_query_groups = model.num_query_groups or model.num_attention_heads
-    model.max_position_embeddings = model.max_position_embeddings or model.seq_length
+    model = ModelConfig(**saved).resolved()
     model.vocab_size = vocab_size or model.vocab_size
     if model.vocab_size is None:
         raise ConversionError(
@@ -90,7 +89,8 @@ def _load_full_model(directory: str, model: ModelConfig, padded: int, dtype):
     chunk = build_full_model(model, padded, dtype)
     state = full_sharded_state_dict(chunk)
     logger.info(f"loading {directory}")
-    dist_checkpointing.load({"model": state}, directory)  # writes the weights in place
+    with checkpoint_load_deprecations_ignored():
+        dist_checkpointing.load({"model": state}, directory)  # writes the weights in place
     return chunk
 
 
@@ -107,6 +107,20 @@ def _write_weights(chunk, model: ModelConfig, out_dir: str, max_shard_bytes: int
     return writer.close()
 
 
+def _tokenizer_dir_files(tokenizer_dir) -> dict:
+    """{name: bytes} of the tokenizer files (and generation_config.json) in --tokenizer-dir."""
+    if tokenizer_dir is None:
+        return {}
+    if not os.path.isdir(tokenizer_dir):
+        raise ConversionError(f"--tokenizer-dir {tokenizer_dir}: no such directory")
+    files = read_files(tokenizer_dir)
+    if not files:
+        raise ConversionError(
+            f"--tokenizer-dir {tokenizer_dir}: none of {', '.join(RECORDED_FILES)} there"
+        )
+    return files
+
+
 def convert_megatron_to_hf(
     megatron_dir: str,
     output_dir: str,
@@ -115,10 +129,15 @@ def convert_megatron_to_hf(
     vocab_size: int = None,
     max_shard_bytes: int = 5 * 10**9,
 ) -> str:
-    """Export; returns the HF architecture name written to config.json."""
+    """Export; returns the HF architecture name written to config.json.
+
+    The checkpoint's record of its Hugging Face source (:mod:`megatron_deft.conversion.source`)
+    gives the class, the config.json fields we do not own, the tokenizer files and
+    generation_config.json; files in ``tokenizer_dir`` replace the recorded ones."""
     from megatron.core import dist_checkpointing
 
     directory = _checkpoint_directory(megatron_dir, iteration)
+    replacements = _tokenizer_dir_files(tokenizer_dir)
     init_single_process()
     common = dist_checkpointing.load_common_state_dict(directory)
     model, padded = _model_of(common, directory, vocab_size)
@@ -126,18 +145,17 @@ def convert_megatron_to_hf(
     dtype = metadata["embedding.word_embeddings.weight"].dtype
     if dtype not in _DTYPE_NAMES:
         raise ConversionError(f"{directory}: weights of dtype {dtype} are not supported")
-    arch = hf_architecture(model, common.get("hf_config"))
+    record = record_of(common, megatron_dir) or {}
+    arch = hf_architecture(model, record.get("config"))
     partial = atomic_output_dir(output_dir)
     chunk = _load_full_model(directory, model, padded, dtype)
     files = _write_weights(chunk, model, partial, max_shard_bytes, dtype)
     logger.info(f"wrote {len(files)} safetensors file(s)")
     config = hf_config_dict(
-        model, arch, _HF_DTYPE_NAMES[_DTYPE_NAMES[dtype]], base=common.get("hf_config")
+        model, arch, _HF_DTYPE_NAMES[_DTYPE_NAMES[dtype]], base=record.get("config")
     )
     with open(os.path.join(partial, "config.json"), "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2)
-    tokenizer_source = tokenizer_dir or os.path.join(megatron_dir, "tokenizer")
-    if os.path.isdir(tokenizer_source):
-        copy_tokenizer_files(tokenizer_source, partial)
+    write_files({**record.get("files", {}), **replacements}, partial, RECORDED_FILES)
     publish_dir(partial, output_dir)
     return arch

@@ -21,9 +21,9 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from megatron_deft.conventions import IGNORE_INDEX
 from megatron_deft.data.sft_dataset import TokenizedSamples
 
-IGNORE_INDEX = -100
 Row = Tuple[int, ...]
 
 

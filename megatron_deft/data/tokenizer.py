@@ -8,6 +8,8 @@ a Hugging Face tokenizer must be a local directory written by ``save_pretrained`
 import os
 from typing import List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
+from megatron_deft.conventions import ConfigError
+
 Offsets = List[Tuple[int, int]]
 
 
@@ -47,8 +49,6 @@ class SentencePieceTokenizer:
     def __init__(self, model_path: str):
         import sentencepiece
 
-        if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"SentencePiece model file does not exist: {model_path}")
         self._model = sentencepiece.SentencePieceProcessor(model_file=model_path)
         self.vocab_size = self._model.get_piece_size()
         self.eos_id = _require_id(self._model.eos_id(), "eos", model_path)
@@ -78,8 +78,6 @@ class HuggingFaceTokenizer:
     def __init__(self, path: str):
         from transformers import AutoTokenizer
 
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"Hugging Face tokenizer directory does not exist: {path}")
         self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if not self._tok.is_fast:
             raise ValueError(f"{path}: needs a fast tokenizer (tokenizer.json) for offset mapping")
@@ -107,21 +105,70 @@ class HuggingFaceTokenizer:
         return list(encoding.ids), list(encoding.offsets)
 
 
+HF_VOCABULARIES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
+"""File sets a fast Hugging Face tokenizer is built from (tokenizer.json as is, the others
+converted by transformers); a directory needs one of them."""
+
+HF_SPECIAL_TOKENS = ("tokenizer_config.json", "special_tokens_map.json")
+"""Files naming the special tokens (EOS, which SFT needs); a directory needs one of them."""
+
+
+def _sentencepiece_problem(path: str) -> Optional[str]:
+    if os.path.isdir(path):
+        return (
+            "is a directory, SentencePieceTokenizer reads a .model file (a Hugging Face "
+            "tokenizer directory needs --tokenizer-type HuggingFaceTokenizer)"
+        )
+    return None if os.path.isfile(path) else "no such SentencePiece model file"
+
+
+def _hugging_face_problem(path: str) -> Optional[str]:
+    if os.path.isfile(path):
+        return (
+            "is a file, HuggingFaceTokenizer reads a directory (a SentencePiece .model file "
+            "needs --tokenizer-type SentencePieceTokenizer)"
+        )
+    if not os.path.isdir(path):
+        return "no such Hugging Face tokenizer directory"
+    present = set(os.listdir(path))
+    if not any(present.issuperset(files) for files in HF_VOCABULARIES):
+        named = ", nor ".join(" + ".join(files) for files in HF_VOCABULARIES)
+        return f"not a Hugging Face tokenizer directory: it has no {named}"
+    if present.isdisjoint(HF_SPECIAL_TOKENS):
+        return f"has no {' nor '.join(HF_SPECIAL_TOKENS)}: its special tokens (EOS) are undefined"
+    return None
+
+
 _TOKENIZERS = {
-    "SentencePieceTokenizer": SentencePieceTokenizer,
-    "HuggingFaceTokenizer": HuggingFaceTokenizer,
+    "SentencePieceTokenizer": (SentencePieceTokenizer, _sentencepiece_problem),
+    "HuggingFaceTokenizer": (HuggingFaceTokenizer, _hugging_face_problem),
 }
 
 
-def build_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str]) -> Tokenizer:
-    """Builds a tokenizer from Megatron-LM-style ``--tokenizer-type`` / ``--tokenizer-model``."""
-    if tokenizer_type not in _TOKENIZERS:
-        raise ValueError(
-            f"tokenizer_type={tokenizer_type!r} is not one of {', '.join(_TOKENIZERS)}"
-        )
+def _family(tokenizer_type: Optional[str]):
+    """(class, problem finder) of ``tokenizer_type`` (default SentencePieceTokenizer)."""
+    name = tokenizer_type or "SentencePieceTokenizer"
+    if name not in _TOKENIZERS:
+        raise ConfigError(f"--tokenizer-type {name!r} is not one of {', '.join(_TOKENIZERS)}")
+    return _TOKENIZERS[name]
+
+
+def check_tokenizer_model(tokenizer_type: Optional[str], tokenizer_model: Optional[str]) -> None:
+    """Raise :class:`ConfigError`, one line naming the path and what it lacks, unless
+    ``tokenizer_model`` holds the files ``tokenizer_type`` (default SentencePieceTokenizer) loads
+    from. Looks at file names only (milliseconds): flag validation calls it before any work."""
+    _, problem_of = _family(tokenizer_type)
     if not tokenizer_model:
-        raise ValueError(f"{tokenizer_type} needs --tokenizer-model (a path)")
-    return _TOKENIZERS[tokenizer_type](tokenizer_model)
+        raise ConfigError("the tokenizer needs --tokenizer-model (a path)")
+    problem = problem_of(tokenizer_model)
+    if problem:
+        raise ConfigError(f"--tokenizer-model {tokenizer_model}: {problem}")
+
+
+def build_tokenizer(tokenizer_type: Optional[str], tokenizer_model: Optional[str]) -> Tokenizer:
+    """Builds a tokenizer from Megatron-LM-style ``--tokenizer-type`` / ``--tokenizer-model``."""
+    check_tokenizer_model(tokenizer_type, tokenizer_model)
+    return _family(tokenizer_type)[0](tokenizer_model)
 
 
 def _require_id(token_id: Optional[int], name: str, path: str) -> int:

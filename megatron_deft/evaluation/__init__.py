@@ -3,6 +3,7 @@
 Modules:
     arguments   EvalConfig and the ``megatron-deft-eval`` command line
     generation  batched greedy decoding with a KV cache
+    pipeline    one forward pass through the pipeline stages, the last stage's result on all
     scoring     held-out per-token NLL and the objective's statistics on response tokens
     evaluator   checkpoint -> model, data-parallel split of the samples, summaries
 """

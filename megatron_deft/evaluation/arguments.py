@@ -1,7 +1,8 @@
 """``megatron-deft-eval`` command line -> :class:`EvalConfig`, validated before any work.
 
 The model architecture is not on the command line: it is read from the checkpoint's saved run
-config. Only the layout (TP) and the device are chosen here; the weights are resharded to it.
+config. Only the layout (TP, PP) and the device are chosen here; the weights are resharded to
+it.
 """
 
 import argparse
@@ -12,6 +13,7 @@ from typing import List, Optional
 
 from megatron_deft.config import ConfigError, add_config_flags, config_from_flags
 from megatron_deft.data.config import RecordFormat, TokenizerConfig
+from megatron_deft.data.tokenizer import check_tokenizer_model
 
 
 @dataclass
@@ -33,8 +35,14 @@ class EvalConfig:
     """The tokenizer, as for training."""
     tensor_model_parallel_size: int = 1
     """TP of this evaluation (any TP dividing the checkpoint's padded vocabulary and heads)."""
+    pipeline_model_parallel_size: int = 1
+    """PP of this evaluation (any PP dividing the checkpoint's number of layers): each rank
+    holds its stage's layers, for scoring and for KV-cache generation."""
     device: str = "cuda"
     """cpu (gloo) or cuda (nccl)."""
+    unfused_output_loss: bool = False
+    """Score on the full vocab-parallel logits (the unfused path, for comparison) instead of
+    the output layer fused with the objective, which never forms the logits."""
     max_new_tokens: int = 64
     """Greedy decoding stops at EOS or after this many tokens."""
     answer_pattern: Optional[str] = None
@@ -76,6 +84,7 @@ def validate(config: EvalConfig) -> None:
     """Raise ConfigError (one line) on the first bad setting."""
     checks = [
         (config.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1"),
+        (config.pipeline_model_parallel_size >= 1, "--pipeline-model-parallel-size must be >= 1"),
         (config.device in ("cpu", "cuda"), f"--device {config.device!r}: use cpu or cuda"),
         (config.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
         (config.num_samples >= 0, "--num-samples must be >= 0"),
@@ -95,6 +104,7 @@ def validate(config: EvalConfig) -> None:
     spec = config.iteration
     if spec not in ("latest", "all") and not all(p.strip().isdigit() for p in spec.split(",")):
         raise ConfigError(f"--iteration {spec!r}: use latest, all or numbers like 100,200")
+    check_tokenizer_model(config.tokenizer.tokenizer_type, config.tokenizer.tokenizer_model)
 
 
 def parse_eval_config(argv=None, world_size: int = 1) -> EvalConfig:
@@ -105,10 +115,11 @@ def parse_eval_config(argv=None, world_size: int = 1) -> EvalConfig:
         except ValueError as error:  # a section's own check
             raise ConfigError(str(error)) from None
         validate(config)
-        if world_size % config.tensor_model_parallel_size:
+        tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+        if world_size % (tp * pp):
             raise ConfigError(
                 f"world size {world_size} is not divisible by "
-                f"--tensor-model-parallel-size {config.tensor_model_parallel_size}"
+                f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}"
             )
     except ConfigError as error:
         print(f"megatron-deft-eval: error: {error}", file=sys.stderr)

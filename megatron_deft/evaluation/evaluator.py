@@ -3,9 +3,10 @@
 The run's architecture comes from the config saved in the checkpoint; the model is built with
 the trainer's own code (:func:`megatron_deft.training.setup.initialize_distributed`,
 :func:`megatron_deft.models.gpt.build_gpt_chunks`) and its weights loaded with
-:func:`megatron_deft.training.checkpointing.load_model_weights` (resharded to this TP).
-Layout: world = TP x DP, no pipeline parallelism; DP ranks take interleaved shares of the
-samples and their results are reduced / gathered at the end.
+:func:`megatron_deft.training.checkpointing.load_model_weights` (resharded to this TP/PP).
+Layout: world = TP x PP x DP; every pipeline stage runs the same batches (the last stage's
+results are broadcast to the others, :mod:`megatron_deft.evaluation.pipeline`); DP ranks take
+interleaved shares of the samples and their results are reduced / gathered at the end.
 """
 
 import dataclasses
@@ -17,7 +18,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from megatron_deft.config import Config, ConfigError
+from megatron_deft.config import Config, ConfigError, config_from_dict
 from megatron_deft.data import build_tokenizer, read_samples
 from megatron_deft.data.chat_format import (
     ChatTemplateError,
@@ -54,15 +55,10 @@ def checkpoint_iterations(root: str, spec: str) -> List[int]:
 
 def run_config(saved: dict, evaluation: EvalConfig, root: str) -> Config:
     """The training Config the checkpoint was saved with, re-laid out for this evaluation."""
-    config = Config()
-    for section, values in saved.items():
-        target = getattr(config, section, None)
-        for key, value in (values or {}).items() if target is not None else ():
-            if hasattr(target, key):
-                setattr(target, key, value)
+    config = config_from_dict(saved)
     par = config.parallel
     par.tensor_model_parallel_size = evaluation.tensor_model_parallel_size
-    par.pipeline_model_parallel_size = 1
+    par.pipeline_model_parallel_size = evaluation.pipeline_model_parallel_size
     par.num_layers_per_virtual_pipeline_stage = None
     par.sequence_parallel = False  # generation grows the sequence a token at a time
     par.distributed_timeout_minutes = evaluation.distributed_timeout_minutes
@@ -248,6 +244,11 @@ def _prepare(config: EvalConfig, root: str, iterations: List[int], tokenizer) ->
     first = checkpointing.checkpoint_dir(root, iterations[0])
     common = dist_checkpointing.load_common_state_dict(first)
     run = run_config(common["config"], config, root)
+    if run.model.num_layers % config.pipeline_model_parallel_size:
+        raise ConfigError(
+            f"--pipeline-model-parallel-size {config.pipeline_model_parallel_size} does not "
+            f"divide the {run.model.num_layers} layers of the checkpoint under {root}"
+        )
     vocab_size = run.model.vocab_size or tokenizer.vocab_size
     return dict(
         root=root,
@@ -278,6 +279,16 @@ def _evaluate_root(job: dict, model, tokenizer, config: EvalConfig, is_rank0: bo
     return summaries, predictions
 
 
+def _tokenizer(config: EvalConfig):
+    """The tokenizer of --tokenizer-type / --tokenizer-model; a file it cannot load (missing,
+    not a tokenizer, no EOS) is a ConfigError naming the flags."""
+    kind, path = config.tokenizer.tokenizer_type, config.tokenizer.tokenizer_model
+    try:
+        return build_tokenizer(kind, path)
+    except (ValueError, RuntimeError, OSError) as error:  # the tokenizer libraries' load errors
+        raise ConfigError(f"--tokenizer-type {kind} --tokenizer-model {path}: {error}") from None
+
+
 def evaluate(config: EvalConfig, keep_process_group: bool = False) -> List[Dict]:
     """Every requested checkpoint of every --load root x every file; returns the summaries (on
     every rank) and writes --output / --summary-output and the summary lines on stdout from
@@ -291,7 +302,7 @@ def evaluate(config: EvalConfig, keep_process_group: bool = False) -> List[Dict]
     for path in config.data_paths():
         if not os.path.isfile(path):
             raise ConfigError(f"--eval-data {path}: no such file")
-    tokenizer = build_tokenizer(config.tokenizer.tokenizer_type, config.tokenizer.tokenizer_model)
+    tokenizer = _tokenizer(config)
     jobs = [_prepare(config, root, its, tokenizer) for root, its in iterations.items()]
     setup.initialize_distributed(jobs[0]["run"])
     is_rank0 = dist.get_rank() == 0
@@ -301,7 +312,8 @@ def evaluate(config: EvalConfig, keep_process_group: bool = False) -> List[Dict]
             architecture = (dataclasses.asdict(job["run"].model), job["padded"])
             if architecture != built:
                 model, built = build_gpt_chunks(job["run"], job["padded"])[0], architecture
-                model.eval()
+                model.fused_output_loss = not config.unfused_output_loss  # scoring; decoding
+                model.eval()  # (under an inference context) always gets logits
             done = _evaluate_root(job, model, tokenizer, config, is_rank0)
             summaries += done[0]
             predictions += done[1]

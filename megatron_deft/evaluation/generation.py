@@ -1,4 +1,4 @@
-"""Greedy decoding from a tensor-parallel megatron-core GPT with a KV cache.
+"""Greedy decoding from a tensor- and pipeline-parallel megatron-core GPT with a KV cache.
 
 megatron-core's static-batching inference context (``StaticInferenceContext``) keeps every
 layer's keys and values, so each step runs only the new position. All rows share one position
@@ -8,6 +8,9 @@ prompt tokens until it ends, and only then its greedy choices, so every cached p
 is one of its real tokens and the unmasked decode attention is exact. megatron-core gathers the
 last position's logits ``[b, V]`` over the tensor-parallel ranks in inference (once per step;
 the ``[b, s, V]`` logits are never materialised) and the argmax leaves out the padding ids.
+With pipeline parallelism every step is one micro-batch through the stages
+(:func:`megatron_deft.evaluation.pipeline.last_stage_result`): each stage caches the keys and
+values of its own layers, and the last stage's next ids are broadcast to all stages.
 """
 
 from typing import Collection, List, Sequence
@@ -16,6 +19,7 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_deft.data.batch import attention_mask_from_segments
+from megatron_deft.evaluation.pipeline import last_stage_result
 
 
 def causal_mask(tokens: torch.Tensor) -> torch.Tensor:
@@ -24,11 +28,16 @@ def causal_mask(tokens: torch.Tensor) -> torch.Tensor:
     return attention_mask_from_segments(torch.zeros(b, s, dtype=torch.long)).to(tokens.device)
 
 
-def causal_forward(model, tokens: torch.Tensor) -> torch.Tensor:
-    """[b, s] ids -> [b, s, V/tp] logits with positions 0..s-1 and the causal mask."""
+def causal_inputs(tokens: torch.Tensor) -> dict:
+    """The model's inputs for [b, s] ids: positions 0..s-1 and the causal mask."""
     b, s = tokens.shape
     positions = torch.arange(s, device=tokens.device).expand(b, s)
-    return model(input_ids=tokens, position_ids=positions, attention_mask=causal_mask(tokens))
+    return dict(input_ids=tokens, position_ids=positions, attention_mask=causal_mask(tokens))
+
+
+def causal_forward(model, tokens: torch.Tensor) -> torch.Tensor:
+    """[b, s] ids -> [b, s, V/tp] logits of a single-stage model (:func:`causal_inputs`)."""
+    return model(**causal_inputs(tokens))
 
 
 @torch.no_grad()
@@ -43,10 +52,10 @@ def greedy_generate(
     """Greedy continuation of each prompt until a stop id (kept, last) or ``max_new_tokens``.
 
     Args:
-        model: the (single-stage) GPT returning [b, s, V/tp] logits for [b, s] ids, and the last
-            position's gathered [b, 1, V] logits under an inference context.
-        prompts: b lists of token ids (any lengths >= 1); every tensor-parallel rank passes the
-            same prompts.
+        model: this pipeline stage's GPT chunk; the last stage returns the last position's
+            gathered [b, 1, V] logits under an inference context.
+        prompts: b lists of token ids (any lengths >= 1); every tensor- and pipeline-parallel
+            rank passes the same prompts.
         stop_ids: ids that end a reply (EOS, a chat template's end-of-turn token).
         vocab_size: the tokenizer's vocabulary; padding ids >= vocab_size are never chosen.
 
@@ -67,15 +76,18 @@ def greedy_generate(
         chunk = tokens[:, start:end]  # [b, end - start]: the prefill, then one position
         positions = torch.arange(start, end, device=device).expand_as(chunk)
         mask = causal_mask(chunk) if start == 0 else None  # decode steps attend to all cached
-        logits = model(
+        inputs = dict(
             input_ids=chunk,
             position_ids=positions,
             attention_mask=mask,
             inference_context=context,
             runtime_gather_output=True,
-        )  # [b, 1, V]
+        )
+        # [b]: the token at `end`, the argmax of the last stage's [b, 1, V] logits
+        next_ids = last_stage_result(
+            model, inputs, lambda logits: logits[:, -1, :vocab_size].argmax(dim=-1), done.long()
+        )
         context.sequence_len_offset += end - start
-        next_ids = logits[:, -1, :vocab_size].argmax(dim=-1)  # [b]: the token at `end`
         replying = lengths <= end  # rows past their prompt: `end` holds a generated token
         for row in torch.nonzero(replying & ~done).flatten().tolist():
             generated[row].append(int(next_ids[row]))

@@ -3,9 +3,9 @@
 For a batch of tokenized conversations (ids + loss flags from the data pipeline's chat format)
 the model predicts token t+1 from tokens <= t; a target carries a score where its loss flag is
 set (the response and its closing EOS, exactly the tokens training puts loss on). The objective
-machinery (:func:`megatron_deft.objectives.vocab_parallel_loss`) gives, per target, p_target,
-the Renyi-2 entropy H2 = -log sum_v p_v^2, the gate and (q-log objectives) the exponent a. All
-sums are over targets; :func:`summarize` turns them into token means.
+machinery (the fused output layer + objective, or the objective on logits) gives, per target,
+p_target, the Renyi-2 entropy H2 = -log sum_v p_v^2, the gate and (q-log objectives) the
+exponent a. All sums are over targets; :func:`summarize` turns them into token means.
 """
 
 from typing import Dict, List, Sequence, Tuple
@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_deft.data.packing import IGNORE_INDEX, next_token_targets
-from megatron_deft.evaluation.generation import causal_forward
-from megatron_deft.objectives import vocab_parallel_loss
+from megatron_deft.evaluation.generation import causal_inputs
+from megatron_deft.evaluation.pipeline import last_stage_result
+from megatron_deft.objectives.linear_vocab_parallel import loss_of_output
 
 # Token sums of one split; "tokens" counts the scored targets.
-SUM_KEYS = ("tokens", "nll", "gate", "alpha", "p_target", "sum_p2", "renyi2_entropy")
+SUM_KEYS = ("tokens", "nll", "gate", "exponent", "p_target", "sum_p2", "renyi2_entropy")
 # Bins of p_target for the gate-vs-p_target curve: [i/10, (i+1)/10), the last one closed.
 P_BINS = 10
 
@@ -37,9 +38,11 @@ def score_batch(
     vocab_size: int,
     group=None,
 ) -> torch.Tensor:
-    """Sums (see :func:`empty_sums`) over the response targets of ``samples``.
+    """Sums (see :func:`empty_sums`) over the response targets of ``samples``, on every
+    pipeline stage (computed on the last).
 
     Args:
+        model: this pipeline stage's GPT chunk.
         samples: (ids, loss_flags) per conversation, right-padded here into [b, s].
         vocab_size: the tokenizer's vocabulary (the padding ids above it are not in the softmax).
     """
@@ -51,18 +54,26 @@ def score_batch(
         tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         labels[row, : len(ids) - 1] = torch.from_numpy(next_token_targets(ids, flags))
     tokens, labels = tokens.to(device), labels.to(device)
-    logits = causal_forward(model, tokens)  # [b, s, V/tp]
-    # inplace: the logits are not needed afterwards, so no second [b, s, V/tp] buffer.
-    _, stats = vocab_parallel_loss(
-        logits, labels, objective=objective, group=group, vocab_size=vocab_size, inplace=True
+    return last_stage_result(
+        model,
+        causal_inputs(tokens),
+        lambda output: token_sums(output, labels, objective, vocab_size, group),
+        empty_sums(device),
     )
+
+
+def token_sums(output, labels, objective, vocab_size: int, group) -> torch.Tensor:
+    """:func:`empty_sums` of the last stage's output (the fused output layer's input, or
+    [b, s, V/tp] logits) against [b, s] labels (IGNORE_INDEX: none)."""
+    device = labels.device
+    _, stats = loss_of_output(output, labels, objective, None, group, vocab_size)
     valid = stats["valid"]
     p = stats["p_target"]
     per_token = {
         "tokens": valid.double(),
         "nll": stats["nll"],
         "gate": stats["gate"],
-        "alpha": stats.get("alpha", torch.zeros_like(p)),
+        "exponent": stats.get("exponent", torch.zeros_like(p)),
         "p_target": p,
         "sum_p2": torch.exp(-stats["renyi2_entropy"]) * valid,
         "renyi2_entropy": stats["renyi2_entropy"],
@@ -79,13 +90,13 @@ def score_batch(
     return sums
 
 
-def summarize(sums: torch.Tensor, has_alpha: bool) -> Dict[str, object]:
+def summarize(sums: torch.Tensor, has_exponent: bool) -> Dict[str, object]:
     """Token means of the sums, plus ``gate_by_p_target``: [[p_lo, p_hi, tokens, mean gate]]."""
     values = sums.tolist()
     count = max(values[0], 1.0)
     out = {"tokens": int(values[0])}
     for index, key in enumerate(SUM_KEYS[1:], start=1):
-        if key != "alpha" or has_alpha:
+        if key != "exponent" or has_exponent:
             out[key] = values[index] / count
     base = len(SUM_KEYS)
     out["gate_by_p_target"] = [

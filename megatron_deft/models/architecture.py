@@ -3,9 +3,12 @@
 A checkpoint records ``architecture_of(config.model, padded_vocab)``; loading it into a run whose
 flags give another architecture would fail deep inside dist_checkpointing (or, for RoPE theta and
 the norm epsilon, load silently and compute something else). :func:`architecture_mismatch`
-turns that into one line naming the flag. No megatron import (used by the CLI validation and the
-checkpoint converter).
+turns that into one line naming the flags, and :func:`adopt_architecture` lets a run started
+from a checkpoint take its architecture instead of repeating it in flags. No megatron import
+(used by the CLI validation and the checkpoint converter).
 """
+
+import dataclasses
 
 from megatron_deft.config import ModelConfig, MoEConfig, moe_layer_pattern
 
@@ -73,40 +76,81 @@ def architecture_of(model: ModelConfig, padded_vocab_size: int, moe: MoEConfig =
     """{field: value} with the defaults resolved (ffn 4h, groups = heads); ``vocab_size`` is
     the unpadded size when known (None when the run took it from the tokenizer). With ``moe``
     the MoE fields too (``num_experts`` None for a dense model)."""
-    arch = {name: getattr(model, name) for name in ARCHITECTURE_FLAGS}
+    resolved = model.resolved()
+    arch = {name: getattr(resolved, name) for name in ARCHITECTURE_FLAGS}
     if moe is not None:
         arch.update(_moe_architecture(model, moe))
-    arch["ffn_hidden_size"] = model.ffn_hidden_size or 4 * model.hidden_size
-    arch["num_query_groups"] = model.num_query_groups or model.num_attention_heads
-    arch["kv_channels"] = model.head_size
     arch["padded_vocab_size"] = padded_vocab_size
     arch["vocab_size"] = model.vocab_size
     return arch
 
 
+def _moe_mismatch(saved: dict, run: dict) -> list:
+    """The differing MoE flags; only --num-experts when one side is dense (absent: dense)."""
+    names = [n for n in MOE_ARCHITECTURE_FLAGS if saved.get(n) != run.get(n)]
+    if "num_experts" in names:
+        names = ["num_experts"]
+    return [
+        f"{MOE_ARCHITECTURE_FLAGS[n]}: the checkpoint has {saved.get(n)}, this run has {run.get(n)}"
+        for n in names
+    ]
+
+
 def architecture_mismatch(saved: dict, run: dict, tensor_parallel_size: int) -> str:
-    """One line naming the first differing flag ('' when the architectures agree)."""
+    """One line naming every differing flag ('' when the architectures agree). The unpadded
+    vocabulary and its padding are compared where both sides know them (None: unknown)."""
     saved = _with_unrecorded(saved)
-    for name, flag in ARCHITECTURE_FLAGS.items():
-        if (_matters(saved, name) or _matters(run, name)) and saved[name] != run[name]:
-            return f"{flag}: the checkpoint has {saved[name]}, this run has {run[name]}"
-    for name, flag in MOE_ARCHITECTURE_FLAGS.items():  # absent: dense (num_experts None)
-        if saved.get(name) != run.get(name):
-            return f"{flag}: the checkpoint has {saved.get(name)}, this run has {run.get(name)}"
+    found = [
+        f"{flag}: the checkpoint has {saved[name]}, this run has {run[name]}"
+        for name, flag in ARCHITECTURE_FLAGS.items()
+        if (_matters(saved, name) or _matters(run, name)) and saved[name] != run[name]
+    ]
+    found += _moe_mismatch(saved, run)
+    vocab, ours = saved.get("vocab_size"), run.get("vocab_size")
+    if None not in (vocab, ours) and vocab != ours:  # the softmax spans the unpadded ids
+        found.append(f"--vocab-size: the checkpoint has {vocab}, this run has {ours}")
     padded, ours = saved["padded_vocab_size"], run["padded_vocab_size"]
-    if padded != ours:
+    if None not in (padded, ours) and padded != ours:
         # divisible_by x TP == padded rounds any vocabulary <= padded up to exactly padded
         fix = (
             f"--make-vocab-size-divisible-by {padded // tensor_parallel_size}"
             if padded % tensor_parallel_size == 0
             else "a TP that divides it"
         )
-        return (
+        found.append(
             f"padded vocabulary: the checkpoint has {padded} rows, this run pads to {ours} "
             "(--vocab-size rounded up to a multiple of --make-vocab-size-divisible-by x "
             f"TP); use {fix}"
         )
-    return ""
+    return "; ".join(found)
+
+
+def adopt_architecture(
+    model: ModelConfig, common: dict, given: set, tensor_parallel_size: int
+) -> ModelConfig:
+    """``model`` with every architecture field the user did not give (``given``: field names)
+    taken from a checkpoint's common state: its recorded architecture, unpadded vocabulary and
+    (converted checkpoints) maximum positions. The vocabulary padding follows the recorded
+    padded size: --make-vocab-size-divisible-by defaults to padded / TP, which rounds any
+    vocabulary <= padded up to exactly padded. Fields the user gave are kept (compare them with
+    :func:`architecture_mismatch`). Checkpoints without a recorded architecture change nothing.
+    """
+    saved = common.get("architecture")
+    if saved is None:
+        return model
+    saved = _with_unrecorded(saved)
+    recorded = {name: saved[name] for name in ARCHITECTURE_FLAGS}
+    recorded["vocab_size"] = saved.get("vocab_size")
+    recorded["max_position_embeddings"] = (
+        common.get("config", {}).get("model", {}).get("max_position_embeddings")
+    )
+    padded = saved["padded_vocab_size"]
+    if padded % tensor_parallel_size == 0:
+        recorded["make_vocab_size_divisible_by"] = padded // tensor_parallel_size
+    fields = {
+        name: value for name, value in recorded.items() if name not in given and value is not None
+    }
+    return dataclasses.replace(model, **fields)
 
 
 def trainer_flags(

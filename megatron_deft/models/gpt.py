@@ -11,8 +11,6 @@ Weight init is layout-invariant (see :mod:`megatron_deft.models.init`): the same
 same full weights for every TP/PP/VP layout.
 """
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -30,6 +28,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron_deft.config import Config, moe_layer_pattern
 from megatron_deft.models.init import init_weights_layout_invariant
 from megatron_deft.models.layout import virtual_pipeline_size
+from megatron_deft.objectives.linear_vocab_parallel import OutputLayerInput
 
 try:  # optional GPU dependency
     import transformer_engine  # noqa: F401
@@ -37,15 +36,6 @@ try:  # optional GPU dependency
     HAVE_TE = True
 except ImportError:  # CPU machines and plain-PyTorch GPU installs
     HAVE_TE = False
-
-
-class OutputLayerInput(NamedTuple):
-    """What the last stage hands the loss instead of logits: the output layer's input and weight."""
-
-    hidden: torch.Tensor
-    """Final-norm hidden states [s, b, h] ([s/tp, b, h] under sequence parallelism)."""
-    weight: torch.Tensor
-    """This rank's output-layer weight [V/tp, h] (the word embedding when tied)."""
 
 
 class SFTGPTModel(GPTModel):
@@ -68,16 +58,16 @@ class SFTGPTModel(GPTModel):
 
 def transformer_config(config: Config) -> TransformerConfig:
     """megatron-core TransformerConfig for our architecture and layout."""
-    model, parallel, training = config.model, config.parallel, config.training
+    model, parallel, training = config.model.resolved(), config.parallel, config.training
     on_cpu = training.device == "cpu"
     dtype = torch.bfloat16 if training.bf16 else torch.float32
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
-        ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
         num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups or model.num_attention_heads,
-        kv_channels=model.kv_channels,  # None: hidden / heads
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
         qk_layernorm=model.qk_layernorm,
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon,
@@ -249,7 +239,7 @@ def build_gpt_chunks(config: Config, vocab_size: int, initialize: bool = True) -
             config=tf_config,
             transformer_layer_spec=decoder_spec(config, tf_config, stage),
             vocab_size=vocab_size,
-            max_sequence_length=config.model.max_position_embeddings or config.model.seq_length,
+            max_sequence_length=config.model.resolved().max_position_embeddings,
             pre_process=first,
             post_process=last,
             parallel_output=True,

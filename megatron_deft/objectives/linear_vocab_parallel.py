@@ -30,7 +30,7 @@ sequence parallelism), applied here by megatron-core's region mappings. Four mat
 the unfused three (the logits are recomputed once).
 """
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -48,7 +48,19 @@ from megatron_deft.objectives.vocab_parallel import (
     stats_dict,
     target_columns,
     terms_from_partials,
+    vocab_parallel_loss,
 )
+
+
+class OutputLayerInput(NamedTuple):
+    """What a model's last stage hands the loss instead of logits: the output layer's input and
+    weight (see megatron_deft.models.gpt.SFTGPTModel)."""
+
+    hidden: torch.Tensor
+    """Final-norm hidden states [s, b, h] ([s/tp, b, h] under sequence parallelism)."""
+    weight: torch.Tensor
+    """This rank's output-layer weight [V/tp, h] (the word embedding when tied)."""
+
 
 CHUNK_ELEMENTS = 1 << 24
 """Default chunk: about this many logits (64 MiB in fp32) per chunk, at least one token."""
@@ -255,3 +267,34 @@ def linear_vocab_parallel_loss(
         chunk,
     )
     return loss.reshape(target.shape), stats_dict(stats, objective, valid)
+
+
+def loss_of_output(
+    output,
+    labels: torch.Tensor,
+    objective: Union[str, Objective],
+    loss_mask: Optional[torch.Tensor] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    vocab_size: Optional[int] = None,
+    sequence_parallel: bool = False,
+) -> tuple[torch.Tensor, dict]:
+    """(per-token loss, stats) [b, s] of a last stage's output against labels [b, s]: an
+    OutputLayerInput goes through the fused output layer + objective (its [s, b] results come
+    back as [b, s] views); logits [b, s, V/tp] through ``vocab_parallel_loss`` in place (the
+    caller does not use them afterwards: megatron's own cross entropy does the same)."""
+    if isinstance(output, OutputLayerInput):
+        mask = None if loss_mask is None else loss_mask.t()
+        loss, stats = linear_vocab_parallel_loss(
+            output.hidden,
+            output.weight,
+            labels.t(),
+            objective,
+            mask,
+            group,
+            vocab_size,
+            sequence_parallel=sequence_parallel,
+        )
+        return loss.t(), {name: value.t() for name, value in stats.items()}
+    return vocab_parallel_loss(
+        output, labels, objective, loss_mask, group, vocab_size=vocab_size, inplace=True
+    )

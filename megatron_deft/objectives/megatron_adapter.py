@@ -1,10 +1,11 @@
-"""Drop-in for `megatron.core.tensor_parallel.vocab_parallel_cross_entropy` that applies an objective.
+"""Drop-in for `megatron.core.tensor_parallel.vocab_parallel_cross_entropy` that applies an
+objective.
 
 megatron-core's `LanguageModule.compute_language_model_loss` (used by `GPTModel` when it is given
 labels) calls `tensor_parallel.vocab_parallel_cross_entropy(logits [s, b, V/tp], labels [s, b])` and
-expects the per-token loss [s, b]. `megatron_loss_function(objective)` returns a function with exactly
-that signature; `use_objective_in_megatron(objective)` installs it (and replaces the fused cross
-entropy kernels) for the duration of a `with` block.
+expects the per-token loss [s, b]. `megatron_loss_function(objective)` returns a function with
+exactly that signature; `use_objective_in_megatron(objective)` installs it (and replaces the fused
+cross entropy kernels) for the duration of a `with` block.
 The trainer does not need this (it computes the loss from the logits itself, to log the per-token
 statistics); it is for users who drive `GPTModel(..., labels=...)` from their own Megatron loop.
 """
@@ -29,7 +30,8 @@ def _tensor_parallel_group():
 def megatron_loss_function(
     objective: Union[str, Objective], inplace: bool = False, vocab_size: Optional[int] = None
 ) -> Callable[..., torch.Tensor]:
-    """A function `(vocab_parallel_logits, target, label_smoothing=0.0) -> loss [s, b]` for `objective`.
+    """A function `(vocab_parallel_logits, target, label_smoothing=0.0) -> loss [s, b]` for
+    `objective`.
 
     It uses megatron-core's tensor-parallel group (None before `initialize_model_parallel`). With
     `inplace=True` it overwrites fp32 logits like megatron's own cross entropy does (saving one

@@ -1,7 +1,7 @@
 """Token-level SFT objectives on vocab-parallel logits, exact under tensor parallelism.
 
-Each tensor-parallel (TP) rank r holds the logit shard z[..., r*V/tp:(r+1)*V/tp]. The full softmax is
-never materialised or gathered. With m = max_v z_v (global),
+Each tensor-parallel (TP) rank r holds the logit shard z[..., r*V/tp:(r+1)*V/tp]. The full softmax
+is never materialised or gathered. With m = max_v z_v (global),
 
     t  = z_y - m                        (nonzero on the rank that owns target id y only)
     S1 = sum_v exp(z_v - m)             (per-rank partial sums)
@@ -18,14 +18,14 @@ of m, S1, S2 and the top-k, so their probability and gradient are exactly 0. The
 then the unpadded model's (a Hugging Face export's) and does not depend on how much padding a
 TP size adds.
 
-The objective (see registry.py) turns (log p, sum p^2, ...) into a per-token loss and a detached gate;
-the gradient is gate * (softmax(z) - onehot(y)), which every rank computes on its own shard from the
-saved exp(z - m) and S1: the backward pass needs no communication.
+The objective (see registry.py) turns (log p, sum p^2, ...) into a per-token loss and a detached
+gate; the gradient is gate * (softmax(z) - onehot(y)), which every rank computes on its own shard
+from the saved exp(z - m) and S1: the backward pass needs no communication.
 
 Collectives per forward call on the TP group (none when the group has one rank):
     nll, p, dft, tsallis, deft, cayley: 1 MAX all-reduce [N] + 1 SUM all-reduce [N, 3]
-    eaft: 1 all-gather of the local top-k logits [N, k] (its first column gives the global max, so no
-          MAX all-reduce is needed) + 1 SUM all-reduce [N, 3]
+    eaft: 1 all-gather of the local top-k logits [N, k] (its first column gives the global max, so
+          no MAX all-reduce is needed) + 1 SUM all-reduce [N, 3]
     cayley with `mean_group`: + 1 SUM all-reduce of [sum p, count] on that group.
 """
 
@@ -35,18 +35,17 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
+from megatron_deft.conventions import IGNORE_INDEX
 from megatron_deft.objectives.registry import Objective, parse_objective
 from megatron_deft.objectives.specs import TokenQuantities, objective_terms
 
-IGNORE_INDEX = -100
-
 # Per-token statistics returned by the autograd Function, in column order of its stats tensor.
-STAT_NAMES = ("gate", "p_target", "nll", "renyi2_entropy", "alpha", "topk_entropy", "valid")
+STAT_NAMES = ("gate", "p_target", "nll", "renyi2_entropy", "exponent", "topk_entropy", "valid")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Stage functions (pure per-token math; shared by the autograd Function and usable on their own)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def topk_entropy(top_logits: torch.Tensor) -> torch.Tensor:
@@ -104,9 +103,9 @@ def target_columns(
     return torch.where(owns_target, local_target, torch.zeros_like(local_target)), owns_target
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Communication helpers (each is exactly one collective when the group has more than one rank)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def group_size_rank(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
@@ -153,19 +152,20 @@ def gather_topk(local: torch.Tensor, k: int, vocab_size: int, group) -> torch.Te
     return local.topk(min(k, vocab_size), dim=-1).values
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The autograd Function
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 class _VocabParallelObjective(torch.autograd.Function):
     """Per-token objective on a vocab shard. Inputs are flattened: logits [N, V/tp], target [N].
 
-    Saved for backward: exp(z - m) in the compute dtype ([N, V/tp], the only shard-sized buffer; it is
-    the caller's own logits tensor when `inplace` and the dtype is already the compute dtype), plus
-    per-token [N] vectors: gate / S1, gate, local target index and an owns-target mask.
-    Backward (no collectives): grad = exp(z - m) * (gate * g / S1) - gate * g * onehot(y), written into
-    the saved buffer unless `reusable_backward` (then into a new one, so backward may run again).
+    Saved for backward: exp(z - m) in the compute dtype ([N, V/tp], the only shard-sized buffer; it
+    is the caller's own logits tensor when `inplace` and the dtype is already the compute dtype),
+    plus per-token [N] vectors: gate / S1, gate, local target index and an owns-target mask.
+    Backward (no collectives): grad = exp(z - m) * (gate * g / S1) - gate * g * onehot(y), written
+    into the saved buffer unless `reusable_backward` (then into a new one, so backward may run
+    again).
     """
 
     @staticmethod
@@ -196,7 +196,8 @@ class _VocabParallelObjective(torch.autograd.Function):
             row_max = all_reduce_max(local_max(logits, real, compute_dtype), group)  # [N]
 
         if logits.dtype != compute_dtype:
-            # bf16/fp16: the fp32 copy is the only new shard-sized buffer. (A promoting torch.sub would
+            # bf16/fp16: the fp32 copy is the only new shard-sized buffer. (A promoting torch.sub
+            # would
             # first materialise an fp32 copy of the input on CPU and then a second buffer.)
             work = logits.to(compute_dtype).sub_(row_max.unsqueeze(-1))
         elif inplace:
@@ -229,9 +230,10 @@ class _VocabParallelObjective(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_stats):
         if ctx.consumed:
             raise RuntimeError(
-                "vocab_parallel_loss: backward ran twice through the same graph, but the first backward "
-                "reused the saved softmax buffer to save memory. Pass reusable_backward=True to allow "
-                "retain_graph / repeated backward (costs one extra logits-sized buffer in backward)."
+                "vocab_parallel_loss: backward ran twice through the same graph, but the first "
+                "backward reused the saved softmax buffer to save memory. Pass "
+                "reusable_backward=True to allow retain_graph / repeated backward (costs one extra "
+                "logits-sized buffer in backward)."
             )
         exp_shifted, gate_over_sum, gate, local_target, owns_target = ctx.saved_tensors
         grad_loss = grad_loss.to(exp_shifted.dtype)
@@ -248,9 +250,9 @@ class _VocabParallelObjective(torch.autograd.Function):
         return grad.to(ctx.input_dtype), None, None, None, None, None, None, None, None
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Public entry point
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _check_inputs(logits, target, loss_mask, world: int, vocab_size: Optional[int]):
@@ -338,10 +340,11 @@ def vocab_parallel_loss(
 
     Args:
         logits: this rank's vocab shard [..., V/tp] (e.g. [s, b, V/tp]), fp32, bf16, fp16 or fp64.
-            Rank r of `group` holds vocab ids [r*V/tp, (r+1)*V/tp). Math runs in fp32 (fp64 for fp64).
+            Rank r of `group` holds vocab ids [r*V/tp, (r+1)*V/tp). Math runs in fp32 (fp64 for
+            fp64).
         target: global token ids [...]; IGNORE_INDEX (-100) marks tokens without loss.
-        objective: a name such as "deft", "nll", "tsallis:q=0.5", "eaft:k=20,alpha=1" or an Objective
-            (see megatron_deft.objectives.registry).
+        objective: a name such as "deft", "nll", "tsallis:q=0.5", "eaft:k=20,alpha=1" or an
+            Objective (see megatron_deft.objectives.registry).
         loss_mask: optional [...] tensor; tokens where it is 0 get loss 0 and gradient 0. It selects
             tokens, it does not weight them.
         group: the tensor-parallel process group (None: the logits hold the whole vocab).
@@ -351,15 +354,17 @@ def vocab_parallel_loss(
         mean_group: cayley only: also average its mean target probability over this group (e.g. the
             data-parallel group), one extra all-reduce.
         inplace: reuse the caller's logits as the work buffer when they are already fp32 (fp64 for
-            fp64); afterwards they hold exp(z - max) and then the gradient. Saves one [..., V/tp] buffer.
-        reusable_backward: keep the saved buffer intact in backward so the graph can be back-propagated
-            more than once (retain_graph, gradcheck), at the cost of one extra buffer in backward.
+            fp64); afterwards they hold exp(z - max) and then the gradient. Saves one [..., V/tp]
+            buffer.
+        reusable_backward: keep the saved buffer intact in backward so the graph can be
+            back-propagated more than once (retain_graph, gradcheck), at the cost of one extra
+            buffer in backward.
 
     Returns:
         loss: [...] fp32 per-token loss, 0 at ignored tokens, differentiable w.r.t. logits.
-        stats: dict of detached [...] tensors, 0 at ignored tokens: `gate` (multiplies softmax - onehot
-            in the gradient), `p_target`, `nll` (-log p_target, exact even where p underflows),
-            `renyi2_entropy` (-log sum p^2), `valid` (bool), plus `alpha`
+        stats: dict of detached [...] tensors, 0 at ignored tokens: `gate` (multiplies softmax -
+            onehot in the gradient), `p_target`, `nll` (-log p_target, exact even where p
+            underflows), `renyi2_entropy` (-log sum p^2), `valid` (bool), plus `exponent`
             (the exponent a) for the q-log objectives and `topk_entropy` (normalised) for eaft.
 
     Raises:
@@ -389,7 +394,7 @@ def stats_dict(stats: torch.Tensor, objective: Objective, valid: torch.Tensor) -
     those the objective has; `valid` (bool) marks the tokens counted in the mean."""
     named = {name: stats[:, i].reshape(valid.shape) for i, name in enumerate(STAT_NAMES)}
     if objective.family != "qlog":
-        del named["alpha"]
+        del named["exponent"]
     if not objective.topk:
         del named["topk_entropy"]
     named["valid"] = named["valid"] > 0

@@ -2,8 +2,10 @@
 
 Flags are generated from the config dataclasses (one flag per field, Megatron-LM's names) so the
 flag list cannot drift from the config. ``--config FILE.yaml`` supplies defaults with the same
-keys; explicit flags override it. Any unknown or inconsistent setting raises
-:class:`ConfigError` with one line; :func:`parse_config` turns that into ``error: ...`` and exit 2.
+keys; explicit flags override it. A run that loads a checkpoint (``--pretrained-checkpoint``,
+or ``--load`` holding one) takes the model fields not given from the architecture the checkpoint
+records. Any unknown or inconsistent setting raises :class:`ConfigError` with one line;
+:func:`parse_config` turns that into ``error: ...`` and exit 2.
 """
 
 import argparse
@@ -19,6 +21,12 @@ from megatron_deft.config import (
     add_config_flags,
     config_from_flags,
     moe_layer_pattern,
+)
+from megatron_deft.conventions import TRACKER  # light: checkpointing imports megatron-core
+from megatron_deft.models.architecture import (
+    adopt_architecture,
+    architecture_mismatch,
+    architecture_of,
 )
 from megatron_deft.models.layout import padded_vocab_size
 
@@ -80,26 +88,39 @@ def _yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
     return values
 
 
-def _to_config(namespace: argparse.Namespace) -> Config:
-    """Every section constructed from its flags, so its own checks run (one-line ConfigError)."""
+def _given(argv: Optional[list]) -> dict:
+    """{'section.field': value} of the flags and --config YAML keys given (every flag's default
+    is SUPPRESS, so what the user did not set is absent)."""
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**_yaml_defaults(known.config, parser))
+    given = vars(parser.parse_args(argv))
+    given.pop("config", None)
+    return given
+
+
+def config_from_args(argv: Optional[list] = None, world_size: int = 1) -> Config:
+    """Flags (+ YAML) -> validated Config, with the architecture of the checkpoint the run
+    starts from filling the model fields not given; raises ConfigError (one line)."""
+    given = _given(argv)
     try:
-        return config_from_flags(Config, vars(namespace))
+        config = config_from_flags(Config, given)  # each section checks its own fields
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    _resolve_pretrained_checkpoint(config)
+    model_given = {dest.split(".", 1)[1] for dest in given if dest.startswith("model.")}
+    _adopt_checkpoint_architecture(config, model_given)
+    validate(config, world_size)
+    return config
 
 
 def parse_config(argv: Optional[list] = None, world_size: int = 1) -> Config:
-    """Parse flags (+ YAML) and validate; on a bad setting print one line and exit 2."""
-    parser = build_parser()
+    """:func:`config_from_args`; on a bad setting print one line and exit 2."""
     try:
-        pre = argparse.ArgumentParser(add_help=False)
-        pre.add_argument("--config")
-        known, _ = pre.parse_known_args(argv)
-        if known.config:
-            parser.set_defaults(**_yaml_defaults(known.config, parser))
-        config = _to_config(parser.parse_args(argv))
-        validate(config, world_size)
-        _resolve_pretrained_checkpoint(config)
+        config = config_from_args(argv, world_size)
     except ConfigError as error:
         print(f"megatron-deft-train: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -122,36 +143,28 @@ def _validate_layout(config: Config, world_size: int) -> None:
     model, par, train = config.model, config.parallel, config.training
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     _require(
-        tp >= 1 and pp >= 1,
-        "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1",
-    )
-    _require(
         world_size % (tp * pp) == 0,
         f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}",
     )
     dp = data_parallel_size(config, world_size)
     per_step = train.micro_batch_size * dp
-    _require(train.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
     _require(
         train.global_batch_size % per_step == 0,
         f"--global-batch-size {train.global_batch_size} is not divisible by "
         f"--micro-batch-size x DP = {train.micro_batch_size} x {dp}",
     )
-    heads, groups = model.num_attention_heads, model.num_query_groups or model.num_attention_heads
+    heads, groups = model.num_attention_heads, model.resolved().num_query_groups
     _require(heads % tp == 0, f"--num-attention-heads {heads} is not divisible by TP {tp}")
     _require(groups % tp == 0, f"--num-query-groups {groups} is not divisible by TP {tp}")
     _require(
         heads % groups == 0,
         f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}",
     )
-    if model.kv_channels is None:
-        _require(
-            model.hidden_size % heads == 0,
-            f"--hidden-size {model.hidden_size} is not divisible by --num-attention-heads "
-            f"{heads}; give the head size with --kv-channels",
-        )
-    else:
-        _require(model.kv_channels >= 1, f"--kv-channels must be >= 1, got {model.kv_channels}")
+    _require(
+        model.kv_channels is not None or model.hidden_size % heads == 0,
+        f"--hidden-size {model.hidden_size} is not divisible by --num-attention-heads "
+        f"{heads}; give the head size with --kv-channels",
+    )
     _require(
         model.num_layers % pp == 0, f"--num-layers {model.num_layers} is not divisible by PP {pp}"
     )
@@ -161,10 +174,6 @@ def _validate_layout(config: Config, world_size: int) -> None:
             model.seq_length % tp == 0,
             f"--sequence-parallel needs --seq-length {model.seq_length} divisible by TP {tp}",
         )
-    _require(
-        model.rope_scaling_factor > 0,
-        f"--rope-scaling-factor must be > 0, got {model.rope_scaling_factor}",
-    )
     if model.vocab_size is not None:
         padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
         _require(padded % tp == 0, f"TP {tp} does not divide the padded vocabulary {padded}")
@@ -186,10 +195,6 @@ def _validate_layout(config: Config, world_size: int) -> None:
 
 def _validate_schedule(opt, train_iters: int) -> None:
     decay_iters = opt.lr_decay_iters or train_iters
-    _require(
-        opt.lr_warmup_iters >= 0 and decay_iters >= 1,
-        "--lr-warmup-iters must be >= 0 and --lr-decay-iters >= 1",
-    )
     if opt.lr_decay_style != "WSD":
         _require(opt.lr_wsd_decay_iters is None, "--lr-wsd-decay-iters needs --lr-decay-style WSD")
         return
@@ -210,14 +215,13 @@ def _validate_run(config: Config) -> None:
         config.data,
         config.checkpoint,
     )
-    _require(train.train_iters >= 1, "--train-iters must be >= 1")
     _require(not (train.bf16 and train.device == "cpu"), "--bf16 needs --device cuda")
     _require(
         not par.overlap_param_gather or par.use_distributed_optimizer,
         "--overlap-param-gather needs --use-distributed-optimizer",
     )
     _validate_schedule(config.optimizer, train.train_iters)
-    max_pos = model.max_position_embeddings or model.seq_length
+    max_pos = model.resolved().max_position_embeddings
     _require(
         model.seq_length <= max_pos,
         f"--seq-length {model.seq_length} exceeds --max-position-embeddings {max_pos}",
@@ -255,11 +259,16 @@ def _validate_run(config: Config) -> None:
 
 
 def _validate_data_sources(data, tokenizer) -> None:
-    """File data needs a tokenizer (the sections check their own fields when they are built)."""
+    """File data needs a tokenizer whose files are there (the sections check their own fields
+    when they are built)."""
+    from megatron_deft.data.tokenizer import check_tokenizer_model
+
     _require(
         data.mock_data or tokenizer.tokenizer_model is not None,
         "--train-data/--data-path need --tokenizer-model",
     )
+    if not data.mock_data:
+        check_tokenizer_model(tokenizer.tokenizer_type, tokenizer.tokenizer_model)
 
 
 def objective_of(config: Config):
@@ -311,10 +320,7 @@ def _validate_moe(config: Config, world_size: int) -> None:
         not moe.moe_router_enable_expert_bias or moe.moe_router_score_function == "sigmoid",
         "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid",
     )
-    try:
-        moe_layer_pattern(moe.moe_layer_freq, model.num_layers)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    moe_layer_pattern(moe.moe_layer_freq, model.num_layers)  # ConfigError: the length
 
 
 def validate(config: Config, world_size: int) -> None:
@@ -324,21 +330,61 @@ def validate(config: Config, world_size: int) -> None:
     _validate_run(config)
 
 
-# = checkpointing.TRACKER (not imported from there: that module imports megatron-core)
-_TRACKER = "latest_checkpointed_iteration.txt"
-
-
 def _resolve_pretrained_checkpoint(config: Config) -> None:
     """--pretrained-checkpoint P: load P's weights only (as --load P --finetune) unless --load
     holds a checkpoint already (a restarted run), which then resumes in full."""
     ckpt = config.checkpoint
     if ckpt.pretrained_checkpoint is None:
         return
-    if ckpt.load is not None and os.path.isfile(os.path.join(ckpt.load, _TRACKER)):
+    if ckpt.load is not None and os.path.isfile(os.path.join(ckpt.load, TRACKER)):
         ckpt.finetune = False  # --finetune referred to the pretrained weights
         return
     _require(
-        os.path.isfile(os.path.join(ckpt.pretrained_checkpoint, _TRACKER)),
-        f"--pretrained-checkpoint {ckpt.pretrained_checkpoint}: no {_TRACKER} there",
+        os.path.isfile(os.path.join(ckpt.pretrained_checkpoint, TRACKER)),
+        f"--pretrained-checkpoint {ckpt.pretrained_checkpoint}: no {TRACKER} there",
     )
     ckpt.load, ckpt.finetune = ckpt.pretrained_checkpoint, True
+
+
+def _common_state(root: str, source: str) -> dict:
+    """The common (non-sharded) state of the checkpoint ``root``'s tracker names (``source``:
+    the flag that named ``root``, for the error)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    from megatron_deft.training.checkpointing import (
+        CheckpointError,
+        existing_checkpoint_dir,
+        read_tracker,
+    )
+
+    try:
+        directory = existing_checkpoint_dir(root, read_tracker(root))
+        return dist_checkpointing.load_common_state_dict(directory)
+    except (CheckpointError, CheckpointingException, OSError) as error:
+        raise ConfigError(f"{source} {root}: {error}".replace("\n", " ")) from None
+
+
+def _adopt_checkpoint_architecture(config: Config, given: set) -> None:
+    """A run that loads a checkpoint takes the architecture it records for every model field
+    not in ``given`` (so --pretrained-checkpoint alone is enough); a given flag that contradicts
+    it stops the run here, all such flags in one line, before any data or model is built."""
+    ckpt, tp = config.checkpoint, config.parallel.tensor_model_parallel_size
+    if ckpt.load is None or not os.path.isfile(os.path.join(ckpt.load, TRACKER)):
+        return
+    source = "--pretrained-checkpoint" if ckpt.load == ckpt.pretrained_checkpoint else "--load"
+    common = _common_state(ckpt.load, source)
+    if common.get("architecture") is None:  # written before architectures were recorded
+        return
+    model = config.model = adopt_architecture(config.model, common, given, tp)
+    padded = None
+    if model.vocab_size is not None:
+        padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
+    mismatch = architecture_mismatch(
+        common["architecture"], architecture_of(model, padded, config.moe), tp
+    )
+    _require(
+        not mismatch,
+        f"{source} {ckpt.load} records another architecture than the flags given (drop them: "
+        f"the checkpoint supplies its architecture): {mismatch}",
+    )

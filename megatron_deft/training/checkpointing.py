@@ -8,7 +8,8 @@ Layout (Megatron-LM's)::
 Contents: model (sharded, reshardable across TP/PP), optimizer (plain: per-parameter sharded
 state; distributed: ``dp_reshardable``), LR scheduler, iteration, data position (rows consumed),
 RNG states (per TP/PP rank), the run's config and the model's architecture (checked on load:
-a mismatch with the run's flags is one line naming the flag). Checkpoints marked
+a mismatch with the run's flags is one line naming the flag), and the record of the Hugging Face
+model the weights came from (carried from load to save, for export). Checkpoints marked
 ``weights_only`` (converted from Hugging Face by tools/convert_checkpoint.py) load like
 --finetune: weights only, iteration 0. Weights-only loads tolerate exactly one mismatch: module
 ``_extra_state`` the checkpoint lacks (Transformer Engine layers keep FP8 scaling metadata there;
@@ -34,12 +35,14 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_deft.config import Config
+from megatron_deft.conventions import TRACKER
+from megatron_deft.conversion import source
 from megatron_deft.models.architecture import architecture_mismatch, architecture_of
 from megatron_deft.training.setup import finish_param_sync
+from megatron_deft.utils.known_warnings import checkpoint_load_deprecations_ignored
 
 logger = logging.getLogger(__name__)
 
-TRACKER = "latest_checkpointed_iteration.txt"
 _DIST_OPT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
@@ -126,9 +129,10 @@ def load_model_weights(directory: str, modules) -> None:
     chunks ``modules``, resharded to this process's TP/PP layout (evaluation, export, and
     --finetune / converted checkpoints); see the module docstring on ``_extra_state``."""
     state = _model_state(modules)
-    loaded, _, absent = dist_checkpointing.load(
-        state, directory, strict=StrictHandling.RETURN_UNEXPECTED
-    )
+    with checkpoint_load_deprecations_ignored():
+        loaded, _, absent = dist_checkpointing.load(
+            state, directory, strict=StrictHandling.RETURN_UNEXPECTED
+        )
     _refuse_absent_weights(absent, directory)
     for key, module in zip(state, modules):
         result = module.load_state_dict(loaded[key], strict=False)
@@ -173,8 +177,12 @@ def _all_finite(model) -> bool:
     return bool(finite.item())
 
 
-def save_checkpoint(root, iteration, model, optimizer, scheduler, loader, config: Config) -> str:
-    """Write ``root/iter_N`` atomically and point the tracker at it. Returns the directory."""
+def save_checkpoint(
+    root, iteration, model, optimizer, scheduler, loader, config: Config, hf_source=None
+) -> str:
+    """Write ``root/iter_N`` atomically and point the tracker at it. Returns the directory.
+    ``hf_source``: the loaded checkpoint's record of its Hugging Face source, carried on for
+    export (:mod:`megatron_deft.conversion.source`)."""
     finish_param_sync(model, config)
     if not _all_finite(model):
         raise CheckpointError(f"refusing to save iteration {iteration}: weights are not finite")
@@ -195,6 +203,7 @@ def save_checkpoint(root, iteration, model, optimizer, scheduler, loader, config
         config=dataclasses.asdict(config),
         architecture=architecture_of(config.model, model[0].module.vocab_size, config.moe),
     )
+    state[source.KEY] = hf_source
     dist_checkpointing.save(state, partial)
     dist.barrier()
     if rank0:
@@ -323,7 +332,8 @@ def load_checkpoint(root, model, optimizer, scheduler, loader, config: Config) -
         load_model_weights(directory, [chunk.module for chunk in model])
         return 0
     state = _sharded_state(model, optimizer, config, is_loading=True, with_rng=same_layout)
-    loaded = dist_checkpointing.load(state, directory)
+    with checkpoint_load_deprecations_ignored():
+        loaded = dist_checkpointing.load(state, directory)
     for i, chunk in enumerate(model):
         chunk.module.load_state_dict(loaded["model" if len(model) == 1 else f"model{i}"])
     with torch.no_grad():  # the distributed optimizer copies into leaf views

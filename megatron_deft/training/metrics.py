@@ -3,9 +3,9 @@
 TensorBoard tags, every ``--log-interval`` iterations (means over the iterations that updated):
 
 - ``train/<stat>`` scalars: loss, nll, lr, grad_norm, tokens_per_second, samples_consumed and the
-  objective's token means (gate, alpha for q-log objectives, p_target, renyi2_entropy,
+  objective's token means (gate, exponent a for q-log objectives, p_target, renyi2_entropy,
   confident_conflict);
-- ``train/<stat>_histogram``: histograms of gate, p_target and alpha over the window's tokens;
+- ``train/<stat>_histogram``: histograms of gate, p_target and exponent over the window's tokens;
 - with ``--token-class-key``, per class ``<name>``: ``train_class/<name>/<stat>`` (token mean),
   ``train_class/<name>/<stat>_histogram`` and ``train_class/<name>/token_fraction`` (its share
   of the window's loss tokens);
@@ -28,7 +28,7 @@ logger = logging.getLogger("megatron_deft")
 # Statistic name in the step metrics -> label in the log.
 OBJECTIVE_STATS = {
     "gate": "mean gate",
-    "alpha": "mean alpha",
+    "exponent": "mean exponent",
     "p_target": "mean p_target",
     "renyi2_entropy": "mean renyi2 entropy",
     "confident_conflict": "confident-conflict fraction",
@@ -54,7 +54,7 @@ class MetricsLogger:
     ):
         self.is_writer = is_writer
         self.objective, self.class_names = objective, tuple(class_names)
-        self.has_alpha = objective.family == "qlog"  # the exponent exists for q-log objectives
+        self.has_exponent = objective.family == "qlog"  # the exponent exists for q-log objectives
         self.is_nll = objective.name == "nll"
         self.train_iters = train_iters
         self.tokens_per_iteration = tokens_per_iteration
@@ -96,8 +96,8 @@ class MetricsLogger:
         if not self.is_writer:
             return
         stats = {k: v for k, v in means.items() if k in OBJECTIVE_STATS}
-        if not self.has_alpha:
-            stats.pop("alpha")
+        if not self.has_exponent:
+            stats.pop("exponent")
         parts = [
             f"iteration {iteration:6d}/{self.train_iters}",
             f"loss {means['loss']:.6f}",

@@ -24,8 +24,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_deft.models.gpt import OutputLayerInput
-from megatron_deft.objectives import linear_vocab_parallel_loss, vocab_parallel_loss
+from megatron_deft.objectives.linear_vocab_parallel import loss_of_output
 from megatron_deft.training import moe_metrics
 from megatron_deft.training.token_classes import bin_token_stats, histogram_shape
 
@@ -35,7 +34,7 @@ REPORT_KEYS = (
     "tokens",
     "nll",
     "gate",
-    "alpha",
+    "exponent",
     "p_target",
     "renyi2_entropy",
     "confident_conflict",
@@ -47,35 +46,6 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {
         k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
     }
-
-
-def objective_loss(output, labels, loss_mask, objective, vocab_size, config):
-    """(per-token loss, stats) of the last stage's output, in the output's token layout:
-    OutputLayerInput (hidden [s, b, h] and the output weight) -> the fused output layer +
-    objective, [s, b]; logits [b, s, V/tp] -> the objective on them, [b, s]."""
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    if isinstance(output, OutputLayerInput):
-        return linear_vocab_parallel_loss(
-            output.hidden,
-            output.weight,
-            labels.t(),
-            objective,
-            loss_mask.t(),
-            tp_group,
-            vocab_size,
-            sequence_parallel=config.parallel.sequence_parallel,
-        )
-    # inplace: the logits are not used after the loss, so their buffer holds exp(z - max) and then
-    # the gradient (megatron's own cross entropy does the same); saves one [b, s, V/tp] fp32 buffer.
-    return vocab_parallel_loss(
-        output,
-        labels,
-        objective=objective,
-        loss_mask=loss_mask,
-        group=tp_group,
-        vocab_size=vocab_size,
-        inplace=True,
-    )
 
 
 def loss_func(labels, loss_mask, token_class, objective, num_classes, vocab_size, config, output):
@@ -90,11 +60,18 @@ def loss_func(labels, loss_mask, token_class, objective, num_classes, vocab_size
         token_class: [b, s] class id per token (-1: unlabeled).
         num_classes: classes of the training data (0: histogram of all tokens only).
         vocab_size: the tokenizer's vocabulary; the padding ids above it are not in the softmax.
-        output: the last stage's output (``objective_loss``); the logits are never gathered.
+        output: the last stage's output (``loss_of_output``): OutputLayerInput, or logits
+            [b, s, V/tp]; the logits are never gathered.
     """
-    loss, stats = objective_loss(output, labels, loss_mask, objective, vocab_size, config)
-    if isinstance(output, OutputLayerInput):
-        token_class = token_class.t()  # the stats are [s, b]
+    loss, stats = loss_of_output(
+        output,
+        labels,
+        objective,
+        loss_mask,
+        parallel_state.get_tensor_model_parallel_group(),
+        vocab_size,
+        sequence_parallel=config.parallel.sequence_parallel,
+    )
     valid = stats["valid"]
     # Confident conflict: the model puts < 10% on the target while being peaked (sum p^2 > 0.5,
     # i.e. Renyi-2 entropy < ln 2).
@@ -111,7 +88,7 @@ def loss_func(labels, loss_mask, token_class, objective, num_classes, vocab_size
                 valid,
                 stats["nll"],  # -log p_target for every objective: comparable across objectives
                 stats["gate"],
-                stats.get("alpha", zeros),
+                stats.get("exponent", zeros),
                 stats["p_target"],
                 stats["renyi2_entropy"],
                 conflict,
@@ -161,7 +138,7 @@ def _reduce_reports(outputs: list, length: int, device) -> torch.Tensor:
 
 
 def metrics_from_sums(sums: torch.Tensor, objective, num_classes: int) -> dict:
-    """Token means of the reported sums: loss, nll, gate, alpha, p_target, renyi2_entropy and
+    """Token means of the reported sums: loss, nll, gate, exponent, p_target, renyi2_entropy and
     the confident-conflict fraction; ``tokens`` is the global loss-token count;
     ``token_class_counts`` the summed histograms [num_classes + 1, Q, NUM_BINS + 2] (CPU)."""
     scalars, histograms = sums[: len(REPORT_KEYS)], sums[len(REPORT_KEYS) :]

@@ -25,7 +25,7 @@ NUM_BINS = 50
 
 def histogram_stats(objective) -> Tuple[str, ...]:
     """Statistics histogrammed for ``objective``: the exponent a exists for q-log objectives."""
-    return ("gate", "p_target") + (("alpha",) if objective.family == "qlog" else ())
+    return ("gate", "p_target") + (("exponent",) if objective.family == "qlog" else ())
 
 
 def histogram_shape(objective, num_classes: int) -> Tuple[int, int, int]:
@@ -36,7 +36,7 @@ def histogram_shape(objective, num_classes: int) -> Tuple[int, int, int]:
 def histogram_upper(objective, stat: str) -> float:
     """Upper edge of the binned range: gate and p_target lie in [0, 1]; so does every exponent
     except Tsallis' constant a = q."""
-    if stat == "alpha" and objective.name == "tsallis":
+    if stat == "exponent" and objective.name == "tsallis":
         return max(1.0, objective.param("q"))
     return 1.0
 

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_deft.config import Config
+from megatron_deft.conversion import source
 from megatron_deft.models.layout import padded_vocab_size
 from megatron_deft.training import checkpointing, moe_metrics, setup, step
 from megatron_deft.training.arguments import objective_of
@@ -44,6 +45,7 @@ class Trainer:
         self.objective = objective_of(config)
         self.class_names = self.train_loader.class_names  # --token-class-key labels
         self.iteration = 0
+        self.hf_source = None  # the Hugging Face model the weights came from, carried to export
         if config.checkpoint.load:
             self.iteration = checkpointing.load_checkpoint(
                 config.checkpoint.load,
@@ -53,6 +55,7 @@ class Trainer:
                 self.train_loader,
                 config,
             )
+            self.hf_source = source.checkpoint_record(config.checkpoint.load)
             logger.info(
                 f"loaded {config.checkpoint.load} at iteration {self.iteration}"
                 + (" (weights only: --finetune)" if config.checkpoint.finetune else "")
@@ -150,6 +153,7 @@ class Trainer:
             self.scheduler,
             self.train_loader,
             self.config,
+            hf_source=self.hf_source,
         )
         if dist.get_rank() == 0:
             logger.info(f"saved checkpoint {directory}")

@@ -12,12 +12,15 @@ Megatron -> HF. The references are the HF models themselves, run in float64.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.unit.data.helpers import CHATML_TEMPLATE, save_hf_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKERS = os.path.join(HERE, "workers")
@@ -33,6 +36,10 @@ COMMON = dict(
 )
 MODELS = ("llama", "qwen2", "qwen3", "mistral")
 HEAD_DIM = {"llama": 16, "qwen2": 16, "qwen3": 24, "mistral": 16}
+
+
+MISTRAL_TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+"""Its tokenizer's <pad>, <s> and <|im_end|> (tests/unit/data/helpers.save_hf_tokenizer)."""
 
 
 LLAMA31_ROPE = {
@@ -81,7 +88,7 @@ def _save_hf(directory, arch, dtype=torch.float32, seed=0):
                 tie_word_embeddings=True,
             )
         )
-    else:  # Mistral 7B v0.3's form: no sliding window
+    else:  # Mistral 7B v0.3's form: no sliding window; token ids of its tokenizer (below)
         model = MistralForCausalLM(
             MistralConfig(
                 **COMMON,
@@ -90,6 +97,8 @@ def _save_hf(directory, arch, dtype=torch.float32, seed=0):
                 rope_theta=1000000.0,
                 rms_norm_eps=1e-5,
                 tie_word_embeddings=False,
+                **MISTRAL_TOKEN_IDS,
+                initializer_range=0.05,
             )
         )
     with torch.no_grad():  # HF inits norms to 1 and biases to 0: make every tensor distinctive
@@ -101,6 +110,8 @@ def _save_hf(directory, arch, dtype=torch.float32, seed=0):
                     else 0.1 * torch.randn_like(param)
                 )
     model.to(dtype).save_pretrained(directory)
+    if arch == "mistral":  # tokenizer files too (the other models have none)
+        save_hf_tokenizer(directory, CHATML_TEMPLATE)
 
 
 def _hf_logits(directory, tokens):
@@ -156,7 +167,9 @@ def run(torchrun, tmp_path_factory):
         ],
     )
     os.makedirs(path("out"))
+    shutil.copytree(path("mistral"), path("mistral-copy"))  # fine-tuned from, then deleted
     results = torchrun(os.path.join(WORKERS, "trainer_from_converted.py"), 2, path("out"), work)
+    shutil.rmtree(path("mistral-copy"))
     exported = _convert(
         work,
         [
@@ -172,7 +185,14 @@ def run(torchrun, tmp_path_factory):
                 path("back-sft"),
                 "--max-shard-size-gb",
                 "0.0001",
-            ]
+            ],
+            [
+                "megatron-to-hf",
+                "--megatron-dir",
+                path("sft-mistral-resumed"),
+                "--output-dir",
+                path("back-sft-mistral"),
+            ],
         ],
     )
     return {
@@ -333,3 +353,47 @@ def test_sft_from_converted_checkpoint_exports_to_a_working_hf_model(run):
     with torch.no_grad():
         first = model(input_ids=prompt).logits[0, -1].argmax()
     assert generated[0, 5] == first
+
+
+def _json(directory, name="config.json"):
+    with open(os.path.join(directory, name)) as handle:
+        return json.load(handle)
+
+
+def _side_files(directory) -> dict:
+    """{name: bytes} of everything but the weights and config.json."""
+    names = set(os.listdir(directory)) - {"config.json", "model.safetensors"}
+    return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(names)}
+
+
+def test_export_after_fine_tuning_is_the_model_converted(run):
+    """Mistral converted, fine-tuned from a copy of the converted dir (deleted before export),
+    resumed with --load alone into another --save: its export has export-after-conversion's
+    class, config.json, tokenizer files and generation_config.json, which are the source's."""
+    work = run["work"]
+    source = os.path.join(work, "hf-mistral")
+    converted, trained = (os.path.join(work, name) for name in ("back-mistral", "back-sft-mistral"))
+    assert run["results"]["mistral-resumed-iteration"] == 2
+    assert _json(trained) == _json(converted)
+    assert _json(trained)["architectures"] == ["MistralForCausalLM"]
+    for key, value in {**MISTRAL_TOKEN_IDS, "initializer_range": 0.05}.items():
+        assert _json(trained)[key] == _json(source)[key] == value, key
+    for key in set(_json(source)) - {"dtype"}:  # written as torch_dtype
+        assert _json(trained)[key] == _json(source)[key], key
+    files = _side_files(source)
+    assert sorted(files) == [
+        "chat_template.jinja",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert _side_files(trained) == _side_files(converted) == files
+    trained_weights = load_file(os.path.join(trained, "model.safetensors"))
+    source_weights = load_file(os.path.join(source, "model.safetensors"))
+    assert not torch.equal(trained_weights["lm_head.weight"], source_weights["lm_head.weight"])
+
+
+def test_checkpoint_loads_give_no_deprecation_warnings(run):
+    """torch's FutureWarnings on every dist_checkpointing load (3 per rank) are filtered where
+    the loads are; recorded with every filter set to "always" around a full resume."""
+    assert run["results"]["mistral-resume-future-warnings"] == []

@@ -1,5 +1,6 @@
-"""Conversion pieces without megatron-core: fused layouts against hand-built references,
-safetensors sharding, and every bad input failing with one line naming the field or tensor."""
+"""Conversion pieces: fused layouts against hand-built references, safetensors sharding, every
+bad input failing with one line naming the field or tensor; and, on one converted tiny Llama
+(single process), the files export writes, the tokenizer folder and the warning filters."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_deft.config import ModelConfig
-from megatron_deft.conversion import ConversionError, convert_hf_to_megatron
+from megatron_deft.conversion import ConversionError, convert_hf_to_megatron, convert_megatron_to_hf
 from megatron_deft.conversion.hf_config import read_hf_config
 from megatron_deft.conversion.safetensors_io import HFTensorReader, ShardWriter
 from megatron_deft.conversion.weights import hf_parts, weight_maps
@@ -294,20 +295,6 @@ def _parse(argv):
     return parse_config(["--mock-data", "--vocab-size", "300", "--device", "cpu"] + argv)
 
 
-def test_pretrained_checkpoint_loads_weights_only_until_load_holds_a_checkpoint(tmp_path):
-    pretrained, resume = tmp_path / "converted", tmp_path / "run"
-    pretrained.mkdir()
-    (pretrained / "latest_checkpointed_iteration.txt").write_text("0\n")
-    fresh = _parse(["--pretrained-checkpoint", str(pretrained), "--load", str(resume)])
-    assert fresh.checkpoint.load == str(pretrained) and fresh.checkpoint.finetune
-    resume.mkdir()
-    (resume / "latest_checkpointed_iteration.txt").write_text("3\n")
-    restarted = _parse(
-        ["--pretrained-checkpoint", str(pretrained), "--load", str(resume), "--finetune"]
-    )
-    assert restarted.checkpoint.load == str(resume) and not restarted.checkpoint.finetune
-
-
 def test_pretrained_checkpoint_without_a_checkpoint_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         _parse(["--pretrained-checkpoint", str(tmp_path)])
@@ -341,3 +328,133 @@ def test_rope_scaling_mismatch_names_the_flag_and_old_checkpoints_mean_unscaled(
     legacy = {k: v for k, v in plain.items() if "rope_scaling" not in k}
     assert architecture_mismatch(legacy, plain, 1) == ""
     assert architecture_mismatch(legacy, scaled, 1).startswith("--use-rope-scaling")
+
+
+@pytest.fixture(scope="module")
+def converted(hf_llama, tmp_path_factory):
+    """hf_llama (config, weights and generation_config.json: no tokenizer files) converted."""
+    out = str(tmp_path_factory.mktemp("converted") / "llama")
+    convert_hf_to_megatron(hf_llama, out, dtype="fp32")
+    return out
+
+
+def test_hf_dir_without_tokenizer_files_gets_no_tokenizer_folder(hf_llama, converted, capsys):
+    """The trainer pointed at the tokenizer folder (absent, or as older converters left it:
+    holding generation_config.json only) stops at flag validation with one line naming it."""
+    from megatron_deft.training.arguments import parse_config
+
+    assert os.path.isfile(os.path.join(hf_llama, "generation_config.json"))
+    assert sorted(os.listdir(converted)) == [
+        "iter_0000000",
+        "latest_checkpointed_iteration.txt",
+        "megatron_deft_args.json",
+    ]
+    legacy = os.path.join(os.path.dirname(converted), "legacy_tokenizer")
+    os.makedirs(legacy)
+    shutil.copy(os.path.join(hf_llama, "generation_config.json"), legacy)
+    for folder, problem in (
+        (os.path.join(converted, "tokenizer"), "no such Hugging Face tokenizer directory"),
+        (legacy, "not a Hugging Face tokenizer directory: it has no tokenizer.json, nor "),
+    ):
+        argv = ["--train-data", "x.jsonl", "--device", "cpu", "--tokenizer-type"]
+        argv += ["HuggingFaceTokenizer", "--tokenizer-model", folder]
+        with pytest.raises(SystemExit) as stop:
+            parse_config(argv)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert err.startswith(f"megatron-deft-train: error: --tokenizer-model {folder}: {problem}")
+
+
+def _files(directory) -> dict:
+    return {
+        name: open(os.path.join(directory, name), "rb").read() for name in os.listdir(directory)
+    }
+
+
+def test_export_writes_the_recorded_files_and_tokenizer_dir_replaces_them(
+    hf_llama, converted, tmp_path
+):
+    from tests.unit.data.helpers import CHATML_TEMPLATE, save_hf_tokenizer
+
+    back = str(tmp_path / "back")
+    convert_megatron_to_hf(converted, back)
+    assert _files(back)["generation_config.json"] == _files(hf_llama)["generation_config.json"]
+    assert "tokenizer.json" not in _files(back)
+    tokenizer = save_hf_tokenizer(tmp_path / "tokenizer", CHATML_TEMPLATE)
+    with_tokenizer = str(tmp_path / "with_tokenizer")
+    convert_megatron_to_hf(converted, with_tokenizer, tokenizer_dir=tokenizer)
+    expected = {**_files(back), **_files(tokenizer)}
+    expected.pop("model.safetensors")
+    got = _files(with_tokenizer)
+    got.pop("model.safetensors")
+    assert got == expected and "tokenizer.json" in got
+    for bad, problem in ((tmp_path / "none", "no such directory"), (tmp_path, "none of ")):
+        with pytest.raises(ConversionError, match=f"--tokenizer-dir {bad}: {problem}"):
+            convert_megatron_to_hf(converted, str(tmp_path / "never"), tokenizer_dir=str(bad))
+    assert not os.path.exists(tmp_path / "never")
+
+
+def test_checkpoints_converted_before_the_record_keep_their_source(tmp_path):
+    """Older converters kept the source's config.json as hf_config and the tokenizer files
+    (with generation_config.json) in OUT/tokenizer/."""
+    from megatron_deft.conversion.source import record_of
+
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "generation_config.json").write_bytes(b'{"eos_token_id": 2}')
+    (tmp_path / "tokenizer" / "tokenizer.json").write_bytes(b"{}")
+    common = {"hf_config": {"architectures": ["MistralForCausalLM"]}}
+    assert record_of(common, str(tmp_path)) == {
+        "config": {"architectures": ["MistralForCausalLM"]},
+        "files": {"tokenizer.json": b"{}", "generation_config.json": b'{"eos_token_id": 2}'},
+    }
+    assert record_of({"hf_source": None, **common}, str(tmp_path)) is None  # trained from scratch
+    assert record_of({}, str(tmp_path)) is None
+
+
+def test_checkpoint_loads_filter_exactly_torchs_deprecation_warnings(hf_llama, converted, tmp_path):
+    """Every dist_checkpointing load gave 3 FutureWarnings (torch's ShardedTensor and
+    load_state_dict deprecations); other warnings still show, inside the filtered block too."""
+    import warnings
+
+    from megatron_deft.conversion.megatron_model import build_full_model
+    from megatron_deft.training.checkpointing import load_model_weights
+    from megatron_deft.utils.known_warnings import checkpoint_load_deprecations_ignored
+
+    model, _, _ = read_hf_config(hf_llama)
+    chunk = build_full_model(model, 128, torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model_weights(os.path.join(converted, "iter_0000000"), [chunk])
+        convert_megatron_to_hf(converted, str(tmp_path / "back"))
+        with checkpoint_load_deprecations_ignored():
+            warnings.warn("another deprecation", FutureWarning)
+    futures = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert futures == ["another deprecation"]
+    embedding = load_file(os.path.join(hf_llama, "model.safetensors"))["model.embed_tokens.weight"]
+    assert torch.equal(chunk.embedding.word_embeddings.weight[:50], embedding)  # it did load
+
+
+def test_convert_tool_filters_only_the_known_notices(converted, tmp_path):
+    """The tool silenced every warning of the process (filterwarnings("ignore")); now only
+    megatron-core's known notices and the checkpoint-load deprecations."""
+    import subprocess
+    import sys
+
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+    script = (
+        "import sys, warnings; sys.path.insert(0, sys.argv.pop(1)); import convert_checkpoint; "
+        "code = convert_checkpoint.main(sys.argv[1:]); "
+        "warnings.warn('unrelated notice', UserWarning); sys.exit(code)"
+    )
+    argv = ["megatron-to-hf", "--megatron-dir", converted, "--output-dir", str(tmp_path / "b")]
+    done = subprocess.run(
+        [sys.executable, "-c", script, os.path.join(root, "tools"), *argv],
+        env=dict(os.environ, PYTHONPATH=root),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    shown = [line for line in done.stderr.splitlines() if "Warning: " in line]
+    assert len(shown) == 1 and shown[0].endswith("UserWarning: unrelated notice"), shown

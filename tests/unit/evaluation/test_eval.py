@@ -165,3 +165,36 @@ def test_kv_cache_generation_equals_recomputing_every_step(torchrun, tmp_path):
         assert all(len(reply) == 10 for reply in cached)
         assert len({token for reply in cached for token in reply}) > 5  # not a degenerate model
     assert results["tp1"]["cached"] == results["tp2"]["cached"]
+
+
+def test_pipeline_parallel_evaluation_equals_pp1(torchrun, tmp_path):
+    """One checkpoint of a random 4-layer GPT with tied embeddings (the last stage's output
+    layer is the first stage's embedding), evaluated with the DEFT objective at PP=1 and PP=2
+    (fused output layer + objective) and at PP=1 on the full logits: the same per-token loss,
+    gate / exponent / p statistics and gate-by-p curve, and the same greedy generations (KV
+    cache on each stage) and exact-match."""
+    model_path = _tokenizer(tmp_path)
+    prompts = ["add one and two", "dcba", "zz", "q", "hello world"]
+    records = [{"prompt": p, "response": r} for p, r in zip(prompts, ["12", "x", "ab", "9", "w"])]
+    data = str(write_jsonl(tmp_path / "eval.jsonl", records))
+    worker = os.path.join(os.path.dirname(__file__), "workers", "pipeline_eval.py")
+    results = torchrun(worker, 2, tmp_path, model_path, data)
+    for layout in ("pp1", "pp2", "pp1_unfused"):  # every rank has the same summary
+        assert all(summaries == results[layout][0] for summaries in results[layout]), layout
+    pp1 = results["pp1"][0][0]
+    assert pp1["num_samples"] == 5 and pp1["tokens"] > 10
+    for other in ("pp2", "pp1_unfused"):
+        (summary,) = results[other][0]
+        assert summary["num_samples"] == 5 and summary["tokens"] == pp1["tokens"]
+        for key in ("nll", "gate", "exponent", "p_target", "sum_p2", "renyi2_entropy"):
+            assert summary[key] == pytest.approx(pp1[key], rel=1e-5), (other, key)
+        for row1, row2 in zip(pp1["gate_by_p_target"], summary["gate_by_p_target"], strict=True):
+            assert row2[:3] == row1[:3]  # the bin and its token count
+            assert row2[3] == (row1[3] if row1[3] is None else pytest.approx(row1[3], rel=1e-5))
+        assert summary["exact_match"] == pp1["exact_match"]
+    generated = {}
+    for layout in ("pp1", "pp2", "pp1_unfused"):
+        with open(tmp_path / f"{layout}.jsonl") as handle:
+            generated[layout] = [json.loads(line)["generated"] for line in handle]
+    assert generated["pp2"] == generated["pp1"] == generated["pp1_unfused"]
+    assert len(set(generated["pp1"])) > 1 and all(generated["pp1"])  # not a degenerate model

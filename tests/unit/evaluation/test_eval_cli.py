@@ -6,8 +6,10 @@ from megatron_deft import eval as eval_cli
 
 
 @pytest.fixture(autouse=True)
-def _one_process(monkeypatch):
+def _one_process(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.model").touch()  # the tokenizer file named below exists
 
 
 @pytest.mark.parametrize(
@@ -27,6 +29,15 @@ def _one_process(monkeypatch):
             ["--tokenizer-model", "t.model", "--tensor-model-parallel-size", "2"],
             "world size 1 is not divisible by --tensor-model-parallel-size 2",
         ),
+        (
+            ["--tokenizer-model", "t.model", "--pipeline-model-parallel-size", "2"],
+            "world size 1 is not divisible by --tensor-model-parallel-size 1 x "
+            "--pipeline-model-parallel-size 2",
+        ),
+        (
+            ["--tokenizer-model", "t.model", "--pipeline-model-parallel-size", "0"],
+            "--pipeline-model-parallel-size must be >= 1",
+        ),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(extra, message, capsys):
@@ -35,6 +46,25 @@ def test_bad_flags_exit_2_with_one_line(extra, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
+
+
+def test_tokenizer_directory_without_tokenizer_files_is_one_line(tmp_path, capsys):
+    """A converted model's folder holding only generation_config.json (as the converter wrote
+    for a Hugging Face model without tokenizer files) fails before any work."""
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    (folder / "generation_config.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main(
+            ["--load", "ckpt", "--eval-data", "x.jsonl", "--tokenizer-type"]
+            + ["HuggingFaceTokenizer", "--tokenizer-model", str(folder), "--device", "cpu"]
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"megatron-deft-eval: error: --tokenizer-model {folder}: not a Hugging Face tokenizer "
+        "directory: it has no tokenizer.json, nor tokenizer.model, nor vocab.json + merges.txt"
+    )
 
 
 def test_missing_checkpoint_names_the_directory(tmp_path, capsys):
@@ -118,3 +148,77 @@ def test_padded_vocab_of_trained_converted_and_older_checkpoints():
     old.model.make_vocab_size_divisible_by = 128
     old.parallel.tensor_model_parallel_size = 4  # pads 32000 to a multiple of 512
     assert _padded_vocab({"config": dataclasses.asdict(old)}, 32000, 2, "/old") == 32256
+
+
+def _checkpoint_and_data(tmp_path):
+    """A --load with a tracker and an existing --eval-data: the checks before the tokenizer."""
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("5\n")
+    (tmp_path / "eval.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    return ["--load", str(tmp_path), "--eval-data", str(tmp_path / "eval.jsonl"), "--device", "cpu"]
+
+
+def test_unloadable_tokenizer_names_the_flag_in_one_line(tmp_path, capsys):
+    """A file that is not a SentencePiece model (sentencepiece raises RuntimeError)."""
+    (tmp_path / "bad.model").write_text("not a model")
+    code = eval_cli.main([*_checkpoint_and_data(tmp_path), "--tokenizer-model", "bad.model"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.count("\n") == 0, err
+    assert err.startswith("megatron-deft-eval: error: --tokenizer-type") and "bad.model" in err
+
+
+@pytest.mark.parametrize("error_type", ["ConfigError", "DataError", "CheckpointError"])
+def test_user_errors_are_one_line(error_type, monkeypatch, capsys):
+    from megatron_deft import config, data
+    from megatron_deft.evaluation import evaluator
+    from megatron_deft.training import checkpointing
+
+    error = {
+        "ConfigError": lambda: config.ConfigError("x.jsonl:3: bad record"),
+        "DataError": lambda: data.DataError("x.jsonl", 3, "bad record"),
+        "CheckpointError": lambda: checkpointing.CheckpointError("x.jsonl:3: bad record"),
+    }[error_type]()
+
+    def fail(config):
+        raise error
+
+    monkeypatch.setattr(evaluator, "evaluate", fail)
+    code = eval_cli.main(["--load", "ckpt", "--eval-data", "x.jsonl", "--tokenizer-model", "t"])
+    assert code == 1
+    assert capsys.readouterr().err == "megatron-deft-eval: error: x.jsonl:3: bad record\n"
+
+
+def test_a_programming_value_error_keeps_its_traceback(monkeypatch):
+    """A ValueError that is not a user-error type is a bug: it propagates (traceback, exit 1 from
+    the interpreter), it is not printed as if the input were wrong."""
+    from megatron_deft.evaluation import evaluator
+
+    def bug(config):
+        raise ValueError("too many values to unpack")
+
+    monkeypatch.setattr(evaluator, "evaluate", bug)
+    with pytest.raises(ValueError, match="too many values to unpack"):
+        eval_cli.main(["--load", "ckpt", "--eval-data", "x.jsonl", "--tokenizer-model", "t"])
+
+
+def test_pipeline_size_must_divide_the_checkpoints_layers(monkeypatch):
+    """The layer count is the checkpoint's: checked once its config is read, before any model
+    is built (megatron-core would fail deep inside the layer split)."""
+    import dataclasses
+    import types
+
+    from megatron_deft.config import Config, ConfigError
+    from megatron_deft.evaluation import evaluator
+    from megatron_deft.evaluation.arguments import EvalConfig
+
+    trained = Config()
+    trained.model.num_layers = 3
+    common = {"config": dataclasses.asdict(trained), "architecture": {"padded_vocab_size": 128}}
+    monkeypatch.setattr(
+        evaluator.dist_checkpointing, "load_common_state_dict", lambda directory: common
+    )
+    tokenizer = types.SimpleNamespace(vocab_size=100)
+    config = EvalConfig(pipeline_model_parallel_size=2)
+    with pytest.raises(ConfigError, match="--pipeline-model-parallel-size 2 does not divide the 3"):
+        evaluator._prepare(config, "/ckpt", [5], tokenizer)
+    job = evaluator._prepare(EvalConfig(pipeline_model_parallel_size=3), "/ckpt", [5], tokenizer)
+    assert job["run"].parallel.pipeline_model_parallel_size == 3

@@ -433,7 +433,7 @@ def test_smoke_plots_written_embedded_and_published(smoke_run, tmp_path):
     names = (
         "accuracy_mix.png",
         "gate_vs_p_mix.png",
-        "alpha_mix.png",
+        "exponent_mix.png",
         "train_classes_mix.png",
         "gate_histograms_mix.png",
     )
@@ -480,7 +480,7 @@ def test_smoke_training_logs_per_token_class(smoke_run):
             assert (gates[:, -1] == gates.sum(axis=1)).all()
         if objective in ("dft", "p"):  # gate = p_target token by token
             assert (gates == run["histograms"]["p_target"][None]["counts"]).all()
-        assert ("alpha" in run["histograms"]) == (objective in ("nll", "p", "deft", "cayley"))
+        assert ("exponent" in run["histograms"]) == (objective in ("nll", "p", "deft", "cayley"))
 
 
 @pytest.mark.integration
@@ -500,3 +500,13 @@ def test_report_only_rebuilds_the_same_report_without_running(smoke_run, monkeyp
         run.main(["--config", "smoke", "--seeds", "2", "--out", str(smoke_run), "--report-only"])
     with pytest.raises(SystemExit, match="does not exist"):
         run.main(["--config", "smoke", "--out", str(smoke_run / "nowhere"), "--report-only"])
+
+
+def test_summaries_from_before_the_exponent_rename_read_as_today():
+    """The docs/evidence* runs' evaluation summaries call the exponent a "alpha"."""
+    from benchmarks.objectives_regimes.results import trajectories
+
+    today = {"data": "evals/a_heldout.jsonl", "iteration": 5, "exponent": 0.25, "gate": 0.5}
+    legacy = {("alpha" if key == "exponent" else key): value for key, value in today.items()}
+    assert trajectories([legacy]) == trajectories([today])
+    assert trajectories([legacy])["clean A"][5]["exponent"] == 0.25

@@ -19,15 +19,21 @@ def _tool():
     return module
 
 
-def _write_run(directory, with_alpha: bool):
+# The exponent a's tag name: today's, and the one of logs written before the rename (the
+# docs/evidence* runs), which the readers return under today's name.
+EXPONENT_NAMES = ["exponent", "alpha"]
+
+
+def _write_run(directory, exponent_name: str = None):
+    """``exponent_name``: the exponent's tag name (None: an objective without one)."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=str(directory))
     for step in (1, 2, 3):
         writer.add_scalar("train/gate", 0.5 * step, step)
         writer.add_scalar("train/p_target", 0.1 * step, step)
-        if with_alpha:
-            writer.add_scalar("train/alpha", 0.25 * step, step)
+        if exponent_name:
+            writer.add_scalar(f"train/{exponent_name}", 0.25 * step, step)
         writer.add_scalar("valid/nll", 9.0, step)  # not a train/ scalar: ignored
     writer.close()
 
@@ -42,7 +48,7 @@ HISTOGRAMS = {
     ("train_class/b/gate_histogram", 10): (EDGES_1, [0, 3, 0, 0, 0, 0, 0, 4], 4.25),
     ("train_class/b/gate_histogram", 20): (EDGES_1, [1, 0, 0, 0, 0, 0, 2, 6], 7.0),
     ("train_class/noisy/a/gate_histogram", 20): (EDGES_1, [0, 0, 0, 0, 0, 0, 0, 3], 2.875),
-    ("train_class/b/alpha_histogram", 10): (EDGES_2, [0, 0, 5, 2], 8.0),
+    ("train_class/b/exponent_histogram", 10): (EDGES_2, [0, 0, 5, 2], 8.0),
 }
 CLASS_SCALARS = {
     "train_class/b/gate": {10: 0.5, 20: 0.75},
@@ -52,7 +58,8 @@ CLASS_SCALARS = {
 }
 
 
-def _write_class_run(directory, with_alpha: bool = True):
+def _write_class_run(directory, exponent_name: str = "exponent"):
+    """``exponent_name``: as in _write_run."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=str(directory))
@@ -62,8 +69,9 @@ def _write_class_run(directory, with_alpha: bool = True):
         for step, value in points.items():
             writer.add_scalar(tag, value, step)
     for (tag, step), (edges, counts, total) in HISTOGRAMS.items():
-        if "alpha" in tag and not with_alpha:
+        if "exponent" in tag and not exponent_name:
             continue
+        tag = tag.replace("exponent", exponent_name or "exponent")
         filled = np.nonzero(counts)[0]
         writer.add_histogram_raw(
             tag,
@@ -79,16 +87,17 @@ def _write_class_run(directory, with_alpha: bool = True):
     writer.close()
 
 
-def test_reads_back_the_written_scalars_and_plots(tmp_path):
+@pytest.mark.parametrize("exponent_name", EXPONENT_NAMES)
+def test_reads_back_the_written_scalars_and_plots(tmp_path, exponent_name):
     tool = _tool()
-    _write_run(tmp_path / "deft", with_alpha=True)
-    _write_run(tmp_path / "dft", with_alpha=False)
+    _write_run(tmp_path / "deft", exponent_name)
+    _write_run(tmp_path / "dft")
     scalars = tool.read_scalars(str(tmp_path / "deft"))
-    assert sorted(scalars) == ["alpha", "gate", "p_target"]
+    assert sorted(scalars) == ["exponent", "gate", "p_target"]
     assert scalars["gate"][0] == [1, 2, 3]
     assert scalars["gate"][1] == pytest.approx([0.5, 1.0, 1.5])
-    assert scalars["alpha"][1] == pytest.approx([0.25, 0.5, 0.75])
-    assert "alpha" not in tool.read_scalars(str(tmp_path / "dft"))
+    assert scalars["exponent"][1] == pytest.approx([0.25, 0.5, 0.75])
+    assert "exponent" not in tool.read_scalars(str(tmp_path / "dft"))
     pytest.importorskip("matplotlib")
     out = tmp_path / "dyn.png"
     assert tool.main([str(tmp_path / "deft"), str(tmp_path / "dft"), "--out", str(out)]) == 0
@@ -97,9 +106,10 @@ def test_reads_back_the_written_scalars_and_plots(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["deft", "dft", "dyn.png"]
 
 
-def test_reads_back_class_scalars_and_histograms_exactly(tmp_path):
+@pytest.mark.parametrize("exponent_name", EXPONENT_NAMES)
+def test_reads_back_class_scalars_and_histograms_exactly(tmp_path, exponent_name):
     tool = _tool()
-    _write_class_run(tmp_path / "run")
+    _write_class_run(tmp_path / "run", exponent_name)
     run = tool.read_run(str(tmp_path / "run"))
     assert run["scalars"] == {"gate": ([10, 20], [0.5, 0.5])}
     # Class "noisy/a" contains the tag separator: the statistic is the last component.
@@ -111,7 +121,7 @@ def test_reads_back_class_scalars_and_histograms_exactly(tmp_path):
     histograms = run["histograms"]
     assert {stat: sorted(by_class, key=str) for stat, by_class in histograms.items()} == {
         "gate": [None, "b", "noisy/a"],
-        "alpha": ["b"],
+        "exponent": ["b"],
     }  # None: all tokens
     for (tag, step), (edges, counts, total) in HISTOGRAMS.items():
         head, stat = tag.rsplit("/", 1)
@@ -132,7 +142,7 @@ def test_histogram_bins_that_change_between_steps_are_a_clear_error(tmp_path):
     writer = SummaryWriter(log_dir=str(tmp_path))
     for step, upper in ((1, 1.0), (2, 2.0)):
         writer.add_histogram_raw(
-            "train/alpha_histogram",
+            "train/exponent_histogram",
             min=0.0,
             max=upper,
             num=1,
@@ -144,7 +154,7 @@ def test_histogram_bins_that_change_between_steps_are_a_clear_error(tmp_path):
         )
     writer.close()
     with pytest.raises(
-        ValueError, match="train/alpha_histogram: the histogram bins change at step 2"
+        ValueError, match="train/exponent_histogram: the histogram bins change at step 2"
     ):
         _tool().read_run(str(tmp_path))
 
@@ -153,7 +163,7 @@ def test_class_figures_written_next_to_out(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     tool = _tool()
     _write_class_run(tmp_path / "logs" / "deft")
-    _write_run(tmp_path / "logs" / "dft", with_alpha=False)
+    _write_run(tmp_path / "logs" / "dft")
     out = tmp_path / "dyn.png"
     assert (
         tool.main(
@@ -161,14 +171,14 @@ def test_class_figures_written_next_to_out(tmp_path, capsys):
         )
         == 0
     )
-    names = ["dyn.png", "dyn_classes.png", "dyn_gate_histograms.png", "dyn_alpha_histograms.png"]
+    names = ["dyn.png", "dyn_classes.png", "dyn_gate_histograms.png", "dyn_exponent_histograms.png"]
     for name in names:
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC, name
     assert capsys.readouterr().out.split() == [
         w for n in names for w in ("wrote", str(tmp_path / n))
     ]
-    # Classes but no exponent histograms (dft, eaft): no alpha figure.
-    _write_class_run(tmp_path / "logs" / "eaft", with_alpha=False)
+    # Classes but no exponent histograms (dft, eaft): no exponent figure.
+    _write_class_run(tmp_path / "logs" / "eaft", exponent_name=None)
     assert tool.main([str(tmp_path / "logs" / "eaft"), "--out", str(tmp_path / "e.png")]) == 0
     assert sorted(p.name for p in tmp_path.glob("e*.png")) == [
         "e.png",

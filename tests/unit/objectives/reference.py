@@ -1,7 +1,7 @@
 """Independent float64 reference for the objectives, written from the formulas on the full softmax.
 
-Stop-gradients are `.detach()`; (1 - p^a)/a is evaluated as 1 - exp(a log p) (no expm1), so this shares no code
-or numerical trick with megatron_deft.objectives.
+Stop-gradients are `.detach()`; (1 - p^a)/a is evaluated as 1 - exp(a log p) (no expm1), so this
+shares no code or numerical trick with megatron_deft.objectives.
 """
 
 import math
@@ -57,12 +57,12 @@ def reference(logits, target, objective, loss_mask=None, frozen=None):
             f = 0.5 * pd[valid].mean() if valid.any() else torch.zeros((), dtype=pd.dtype)
             a = (f + (1 - f) * pd / (2 - pd)).clamp(1e-3, 1.0)
         if frozen is not None:
-            a = frozen["alpha"].double()
+            a = frozen["exponent"].double()
         p_pow_a = torch.exp(a * log_p)  # p ** a, differentiable at p = 0
         loss = torch.where(
             a == 0, -log_p, (1 - p_pow_a) / torch.where(a == 0, torch.ones_like(a), a)
         )
-        stats["alpha"] = a
+        stats["exponent"] = a
         stats["gate"] = p_pow_a.detach()
     # The DEFT reference code's threshold ablations keep only tokens with p >= th (top) or
     # p <= th (bottom); the others leave the loss and its token count.

@@ -55,8 +55,9 @@ def assert_close(ours, ref, rtol, atol, what):
 
 @pytest.mark.parametrize("objective", OBJECTIVES + THRESHOLDS)
 @pytest.mark.parametrize("chunk_size", [1, 4, None])  # 4 does not divide the 19 valid tokens
-@pytest.mark.parametrize("dtype, rtol, atol", [(torch.float64, 1e-10, 1e-12),
-                                               (torch.float32, 2e-5, 2e-6)])  # fmt: skip
+@pytest.mark.parametrize(
+    "dtype, rtol, atol", [(torch.float64, 1e-10, 1e-12), (torch.float32, 2e-5, 2e-6)]
+)
 def test_matches_the_float64_reference(objective, chunk_size, dtype, rtol, atol):
     hidden, weight, target, mask = make_inputs(dtype=dtype)
     loss, stats, d_hidden, d_weight = fused(

@@ -1,7 +1,7 @@
 """Allocation accounting (not timing): forward + backward allocates at most one logits-sized buffer.
 
-Peak bytes above the starting point are read from the CPU profiler's allocation events, so the result
-is a deterministic property of the code, not of the machine's load.
+Peak bytes above the starting point are read from the CPU profiler's allocation events, so the
+result is a deterministic property of the code, not of the machine's load.
 """
 
 import pytest

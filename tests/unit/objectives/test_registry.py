@@ -47,9 +47,18 @@ def test_keyword_parameters_override_and_objectives_are_hashable():
     assert parse_objective("eaft:k=5", k=7).param("k") == 7
     assert len({parse_objective("deft"), parse_objective("DEFT"), parse_objective("cayley")}) == 2
     assert set(OBJECTIVE_NAMES) == {
-        "nll", "p", "dft", "tsallis", "deft", "cayley", "eaft",
-        "p_top", "p_bottom", "nll_top", "nll_bottom",
-    }  # fmt: skip
+        "nll",
+        "p",
+        "dft",
+        "tsallis",
+        "deft",
+        "cayley",
+        "eaft",
+        "p_top",
+        "p_bottom",
+        "nll_top",
+        "nll_bottom",
+    }
 
 
 def test_reference_code_names_compute_the_same_losses():

@@ -258,9 +258,15 @@ def check_linear_fused(rank, world, counter, checks, vocab_local=12, hidden_size
             w_rank = weight[rows].clone().requires_grad_(True)
             with counter.count() as forward:
                 loss, stats = linear_vocab_parallel_loss(
-                    h_rank, w_rank, target, objective, group=group, vocab_size=vocab,
-                    sequence_parallel=sequence_parallel, chunk_size=5,
-                )  # fmt: skip
+                    h_rank,
+                    w_rank,
+                    target,
+                    objective,
+                    group=group,
+                    vocab_size=vocab,
+                    sequence_parallel=sequence_parallel,
+                    chunk_size=5,
+                )
             forward = dict(forward)
             with counter.count() as backward:
                 (loss * weights).sum().backward()

@@ -87,8 +87,8 @@ def test_ignored_and_masked_tokens_have_zero_loss_grad_and_stats(objective):
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_gradcheck_float64_with_stop_gradients_held_fixed(objective):
     """gradcheck of f(z) = ref_frozen(z) + [ours(z) - sg(ours(z))]: its value (and so the numerical
-    Jacobian) is the float64 reference with the detached exponent/weight fixed at the evaluation point,
-    its analytical Jacobian is our backward."""
+    Jacobian) is the float64 reference with the detached exponent/weight fixed at the evaluation
+    point, its analytical Jacobian is our backward."""
     logits, target, loss_mask = make_batch(seq=3, batch=2, vocab=11, seed=1)
     _, frozen_stats = vocab_parallel_loss(logits, target, objective, loss_mask=loss_mask)
 
@@ -105,7 +105,10 @@ def test_gradcheck_float64_with_stop_gradients_held_fixed(objective):
 @pytest.mark.parametrize("objective", ["nll", "p", "tsallis:q=0.3"])
 def test_gradcheck_float64_direct_for_objectives_without_stop_gradient(objective):
     logits, target, loss_mask = make_batch(seq=3, batch=2, vocab=11, seed=2)
-    fn = lambda z: vocab_parallel_loss(z, target, objective, loss_mask, reusable_backward=True)[0]
+
+    def fn(z):
+        return vocab_parallel_loss(z, target, objective, loss_mask, reusable_backward=True)[0]
+
     assert torch.autograd.gradcheck(fn, (logits.clone().requires_grad_(True),))
 
 
@@ -123,7 +126,8 @@ def test_qlog_family_limits_are_exact():
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_extreme_logits_stay_finite(objective):
-    """+-1e4 logits (p -> 0 and p -> 1) and a one-entry vocabulary give finite values and gradients."""
+    """+-1e4 logits (p -> 0 and p -> 1) and a one-entry vocabulary give finite values and
+    gradients."""
     logits = torch.tensor([[1e4, -1e4, 0.0, 5.0], [1e4, -1e4, 0.0, 5.0], [-1e4, -1e4, -1e4, -1e4]])
     target = torch.tensor([1, 0, 2])  # p ~ 0, p ~ 1, uniform
     loss, stats, grad = run(logits, target, objective)
@@ -140,8 +144,8 @@ def test_extreme_logits_stay_finite(objective):
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_target_logit_of_minus_inf_gives_the_limits_and_a_finite_gradient(objective):
-    """p = 0 exactly (a masked-out target): -log p = inf, 1 - p = 1, p log p -> 0, (1 - p^a)/a = 1/a;
-    the gradient is still gate * (softmax - onehot) with gate p^0 = 1 for nll, p^a = 0 for the
+    """p = 0 exactly (a masked-out target): -log p = inf, 1 - p = 1, p log p -> 0, (1 - p^a)/a =
+    1/a; the gradient is still gate * (softmax - onehot) with gate p^0 = 1 for nll, p^a = 0 for the
     other q-log objectives and dft, and eaft's H~^alpha (independent of the target)."""
     logits = torch.randn(2, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     logits[0, 2] = float("-inf")
@@ -156,7 +160,7 @@ def test_target_logit_of_minus_inf_gives_the_limits_and_a_finite_gradient(object
     elif name == "dft":
         expected_loss0 = 0.0
     else:  # q-log with a > 0 (p: a = 1)
-        expected_loss0 = 1 / ref_stats["alpha"][0].item()
+        expected_loss0 = 1 / ref_stats["exponent"][0].item()
     assert loss[0].item() == pytest.approx(expected_loss0, rel=1e-12)
     torch.testing.assert_close(loss[1], ref_loss[1], rtol=1e-12, atol=0)
 
@@ -170,10 +174,10 @@ def test_target_logit_of_minus_inf_gives_the_limits_and_a_finite_gradient(object
 @pytest.mark.parametrize("objective", OBJECTIVES + THRESHOLDS)
 @pytest.mark.parametrize("padding_logit", [0.0, 60.0])
 def test_padding_ids_are_outside_the_softmax(objective, padding_logit):
-    """Megatron's padded vocab columns (ids >= vocab_size) with vocab_size given: the loss, stats and
-    real-id gradient are the float64 reference on the unpadded logits, whatever the padding holds
-    (0 as after HF conversion, or larger than every real logit: it would win the max and the top-k),
-    and the padding gets gradient 0."""
+    """Megatron's padded vocab columns (ids >= vocab_size) with vocab_size given: the loss, stats
+    and real-id gradient are the float64 reference on the unpadded logits, whatever the padding
+    holds (0 as after HF conversion, or larger than every real logit: it would win the max and the
+    top-k), and the padding gets gradient 0."""
     logits, target, loss_mask = make_batch(vocab=37)
     padded = torch.cat(
         [logits, torch.full((*logits.shape[:-1], 11), padding_logit, dtype=logits.dtype)], dim=-1

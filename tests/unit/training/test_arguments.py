@@ -216,12 +216,21 @@ def test_flags_map_onto_config_fields():
         (["--overlap-param-gather"], 1, "--overlap-param-gather needs --use-distributed-optimizer"),
         (["--lr-decay-style", "step"], 1, "argument --lr-decay-style: invalid choice: 'step'"),
         (["--lr", "fast"], 1, "argument --lr: invalid float value: 'fast'"),
-        (
-            ["--lr-warmup-iters", "-1"],
-            1,
-            "--lr-warmup-iters must be >= 0 and --lr-decay-iters >= 1",
-        ),
-        (["--lr-decay-iters", "-5"], 1, "--lr-warmup-iters must be >= 0 and --lr-decay-iters >= 1"),
+        (["--lr-warmup-iters", "-1"], 1, "--lr-warmup-iters must be >= 0, got -1"),
+        (["--lr-decay-iters", "-5"], 1, "--lr-decay-iters must be >= 1, got -5"),
+        # Ranges and finiteness: checked when the config section is built, before any work.
+        (["--lr", "inf"], 1, "--lr must be a finite number, got inf"),
+        (["--lr", "nan"], 1, "--lr must be a finite number, got nan"),
+        (["--lr=-1e-4"], 1, "--lr must be >= 0, got -0.0001"),
+        (["--lr", "1e-4", "--min-lr", "1e-3"], 1, "--min-lr 0.001 exceeds --lr 0.0001"),
+        (["--weight-decay", "-0.1"], 1, "--weight-decay must be >= 0, got -0.1"),
+        (["--seed", "-3"], 1, "--seed must be >= 0, got -3"),
+        (["--seq-length", "0"], 1, "--seq-length must be >= 1, got 0"),
+        (["--clip-grad", "-1"], 1, "--clip-grad must be >= 0, got -1.0"),
+        (["--save-interval", "-5"], 1, "--save-interval must be >= 0, got -5"),
+        (["--adam-beta2", "1"], 1, "--adam-beta2 must be in [0, 1), got 1.0"),
+        (["--micro-batch-size", "0"], 1, "--micro-batch-size must be >= 1, got 0"),
+        (["--train-iters", "0"], 1, "--train-iters must be >= 1, got 0"),
         (["--lr-decay-style", "WSD"], 1, "--lr-decay-style WSD needs --lr-wsd-decay-iters"),
         (["--lr-wsd-decay-iters", "5"], 1, "--lr-wsd-decay-iters needs --lr-decay-style WSD"),
         (
@@ -357,7 +366,8 @@ def test_preprocessed_data_flags_are_checked_at_startup(capsys, argv, message):
 
 
 def test_data_path_takes_megatron_weight_prefix_pairs_from_flags_and_yaml(tmp_path):
-    base = ["--device", "cpu", "--tokenizer-model", "tok.model"]
+    (tmp_path / "tok.model").touch()
+    base = ["--device", "cpu", "--tokenizer-model", str(tmp_path / "tok.model")]
     config = parse_config(
         base + ["--data-path", "0.7", "a", "0.3", "b", "--skip-bad-samples", "--overlong", "drop"],
         world_size=1,
@@ -529,3 +539,31 @@ def test_moe_layer_freq_reads_megatron_lm_patterns(freq, layers, pattern):
     from megatron_deft.config import moe_layer_pattern
 
     assert moe_layer_pattern(freq, layers) == pattern
+
+
+def test_config_sections_built_in_code_are_checked_like_the_flags():
+    """The evaluator and the converter build configs without the parser: same ranges."""
+    from megatron_deft.config import ConfigError, OptimizerConfig, TrainingConfig, config_from_dict
+
+    with pytest.raises(ConfigError, match="^--clip-grad must be >= 0, got -1$"):
+        OptimizerConfig(clip_grad=-1)
+    with pytest.raises(ConfigError, match="^--lr must be a finite number, got inf$"):
+        OptimizerConfig(lr=float("inf"))
+    with pytest.raises(ConfigError, match="^--seed must be >= 0, got -1$"):
+        TrainingConfig(seed=-1)
+    with pytest.raises(ConfigError, match="^--num-layers must be >= 1, got 0$"):
+        config_from_dict({"model": {"num_layers": 0}, "unknown_section": {}})
+    saved = config_from_dict({"optimizer": {"lr": 3e-4, "no_longer_a_field": 1}})
+    assert saved.optimizer.lr == 3e-4 and saved.training == TrainingConfig()
+
+
+def test_derived_model_defaults_resolve_in_one_place_and_stay_unset():
+    from megatron_deft.config import ModelConfig
+
+    model = ModelConfig(hidden_size=96, num_attention_heads=6, seq_length=48)
+    resolved = model.resolved()
+    assert (resolved.ffn_hidden_size, resolved.num_query_groups) == (4 * 96, 6)
+    assert (resolved.kv_channels, resolved.max_position_embeddings) == (96 // 6, 48)
+    assert model.ffn_hidden_size is None and model.kv_channels is None  # still "not given"
+    given = ModelConfig(ffn_hidden_size=100, num_query_groups=2, kv_channels=8).resolved()
+    assert (given.ffn_hidden_size, given.num_query_groups, given.kv_channels) == (100, 2, 8)

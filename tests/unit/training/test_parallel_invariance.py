@@ -100,7 +100,7 @@ def test_loss_curve_grad_norms_and_weights_match_single_process(runs, case):
     for it, (got, want) in enumerate(zip(history, reference)):
         assert got["tokens"] == want["tokens"]
         assert got["updated"] and want["updated"]
-        for key in ("loss", "nll", "grad_norm", "gate", "alpha", "p_target", "renyi2_entropy"):
+        for key in ("loss", "nll", "grad_norm", "gate", "exponent", "p_target", "renyi2_entropy"):
             _assert_close(got[key], want[key], f"{case} iteration {it + 1} {key}")
         _assert_histograms_close(
             got["token_class_counts"], want["token_class_counts"], f"{case} iteration {it + 1}"
@@ -182,8 +182,8 @@ def test_objectives_differ(runs):
     }
     losses = sorted(record["loss"] for record in first.values())
     assert min(b - a for a, b in zip(losses, losses[1:])) > 1e-3
-    assert first["deft"]["alpha"] > 0 and first["nll"]["alpha"] == 0
-    assert 0 < first["cayley"]["alpha"] != first["deft"]["alpha"]
+    assert first["deft"]["exponent"] > 0 and first["nll"]["exponent"] == 0
+    assert 0 < first["cayley"]["exponent"] != first["deft"]["exponent"]
     assert 0 < first["eaft"]["gate"] < 1
     # The logged NLL (-log p_target) is the loss itself for the nll objective.
     nll = first["nll"]

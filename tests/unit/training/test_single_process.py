@@ -73,7 +73,7 @@ def test_log_lines_carry_every_required_field(results):
         "samples 8",
         "ETA ",
         "mean gate ",
-        "mean alpha ",
+        "mean exponent ",
         "mean p_target ",
         "mean renyi2 entropy ",
         "confident-conflict fraction ",
@@ -95,12 +95,12 @@ def test_tensorboard_receives_training_and_validation_scalars(results):
     )
     events.Reload()
     histograms = set(events.Tags()["histograms"])
-    for stat in ("gate", "p_target", "alpha"):  # deft has an exponent
+    for stat in ("gate", "p_target", "exponent"):  # deft has an exponent
         for prefix in ("train", "train_class/long", "train_class/short"):
             assert f"{prefix}/{stat}_histogram" in histograms, (prefix, stat)
     tags = set(events.Tags()["scalars"])
     for name in ("long", "short"):
-        for stat in ("gate", "p_target", "alpha", "token_fraction"):
+        for stat in ("gate", "p_target", "exponent", "token_fraction"):
             assert f"train_class/{name}/{stat}" in tags
     for tag in (
         "train/loss",

@@ -15,16 +15,16 @@ from megatron_deft.training.token_classes import (
 )
 
 
-def _stats(rng, shape, upper_alpha=1.0):
+def _stats(rng, shape, upper_exponent=1.0):
     valid = torch.from_numpy(rng.random(shape) < 0.8)
     stats = {
         "gate": torch.from_numpy(rng.random(shape)),
         "p_target": torch.from_numpy(rng.random(shape)),
-        "alpha": torch.from_numpy(rng.random(shape) * upper_alpha),
+        "exponent": torch.from_numpy(rng.random(shape) * upper_exponent),
         "valid": valid,
     }
     stats["gate"][0, :3] = torch.tensor([0.0, 1.0, 0.5])  # both ends and an interior edge
-    for name in ("gate", "p_target", "alpha"):
+    for name in ("gate", "p_target", "exponent"):
         stats[name][~valid] = 0.0  # the objective's convention at invalid tokens
     return stats
 
@@ -45,22 +45,22 @@ def _reference(stats, token_class, num_classes, names, uppers):
 
 
 @pytest.mark.parametrize(
-    "objective_name, upper_alpha",
+    "objective_name, upper_exponent",
     [
         ("deft", 1.0),
         ("dft", 1.0),
         ("tsallis:q=2.5", 2.5),
     ],
 )
-def test_binning_matches_numpy_per_class(objective_name, upper_alpha):
+def test_binning_matches_numpy_per_class(objective_name, upper_exponent):
     rng = np.random.default_rng(0)
     objective = parse_objective(objective_name)
-    stats = _stats(rng, (4, 37), upper_alpha)
+    stats = _stats(rng, (4, 37), upper_exponent)
     # classes 0..2, -1 unlabeled, and 5 (beyond num_classes: counted as unlabeled)
     token_class = torch.from_numpy(rng.choice([-1, 0, 1, 2, 5], size=(4, 37)))
     names = histogram_stats(objective)
-    assert ("alpha" in names) == (objective.family == "qlog")
-    uppers = [upper_alpha if name == "alpha" else 1.0 for name in names]
+    assert ("exponent" in names) == (objective.family == "qlog")
+    uppers = [upper_exponent if name == "exponent" else 1.0 for name in names]
     counts = bin_token_stats(stats, token_class, 3, objective)
     expected = _reference(stats, token_class, 3, names, uppers)
     assert counts.shape == (4, len(names), NUM_BINS + 2) and counts.dtype == torch.float64
@@ -73,7 +73,7 @@ def test_split_histograms_drops_empty_classes_and_gives_tensorboard_arguments():
     objective = parse_objective("deft")
     stats = {
         name: torch.tensor([[0.05, 0.31, 0.99]], dtype=torch.float64)
-        for name in ("gate", "p_target", "alpha")
+        for name in ("gate", "p_target", "exponent")
     }
     stats["valid"] = torch.tensor([[True, True, True]])
     counts = bin_token_stats(stats, torch.tensor([[0, 0, -1]]), 2, objective)
@@ -119,7 +119,7 @@ def test_logger_sums_the_window_of_updated_iterations_and_writes_per_class(tmp_p
         nll=1.0,
         grad_norm=1.0,
         gate=0.5,
-        alpha=0.5,
+        exponent=0.5,
         p_target=0.5,
         renyi2_entropy=1.0,
         confident_conflict=0.0,
@@ -147,7 +147,7 @@ def test_logger_sums_the_window_of_updated_iterations_and_writes_per_class(tmp_p
         expected_counts = np.histogram(values, bins=NUM_BINS, range=(0, 1))[0]
         assert list(histogram.histogram_value.bucket) == expected_counts.tolist()
     all_valid = sum(int(s["valid"].sum()) for s, _, _ in kept)
-    (everything,) = events.Histograms("train/alpha_histogram")
+    (everything,) = events.Histograms("train/exponent_histogram")
     assert everything.histogram_value.num == all_valid
     fractions = [
         events.Scalars(f"train_class/{n}/token_fraction")[0].value for n in ("clean", "noisy")

@@ -8,9 +8,10 @@ OUT_DIR/results.json.
 
 Cases: each model at TP=1 (DP=2), TP=2 and PP=2, loaded with --load (converted dirs start like
 --finetune) or --pretrained-checkpoint, with their RoPE frequencies; three architecture
-mismatches (must fail with one line);
+mismatches (must fail with one line, at parse time);
 a 3-iteration SFT run at TP=2 from --pretrained-checkpoint that saves, the logits of the trained
-model, and a restart that resumes from --load instead of the pretrained weights.
+model, and a restart that resumes from --load instead of the pretrained weights; Mistral
+fine-tuned from mistral-copy/ and resumed into another --save (export compared by the test).
 """
 
 import json
@@ -23,7 +24,8 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megatron_deft.training.arguments import parse_config  # noqa: E402
+from megatron_deft.config import ConfigError  # noqa: E402
+from megatron_deft.training.arguments import config_from_args  # noqa: E402
 
 RUN_FLAGS = [
     "--device",
@@ -59,7 +61,7 @@ def trainer_for(work_dir, model, tp, pp, extra=()):
             *map(str, extra),
         ]
     )
-    return Trainer(parse_config(argv, world_size=int(os.environ["WORLD_SIZE"])))
+    return Trainer(config_from_args(argv, world_size=int(os.environ["WORLD_SIZE"])))
 
 
 @torch.no_grad()
@@ -122,16 +124,42 @@ def save_logits(trainer, tokens, out_dir, name):
 
 
 def expect_failure(work_dir, model, tp, pp, extra):
-    """The one-line CheckpointError of a mismatched run (groups torn down afterwards)."""
+    """The one-line error of a mismatched run: flags contradicting the architecture the
+    checkpoint records are refused at parse time (ConfigError); the load checks it again."""
     from megatron_deft.training.checkpointing import CheckpointError
     from megatron_deft.training.setup import destroy_distributed
 
     try:
         trainer_for(work_dir, model, tp, pp, extra).close(keep_process_group=True)
+    except ConfigError as error:
+        return str(error)
     except CheckpointError as error:
         destroy_distributed(keep_process_group=True)
         return str(error)
     return "no error"
+
+
+def fine_tune_mistral(work_dir, results):
+    """2 iterations from mistral-copy/ (a copy of the converted mistral/, deleted by the test
+    before export) into sft-mistral/, then a resume with --load alone (no
+    --pretrained-checkpoint) to iteration 3 saved into sft-mistral-resumed/."""
+    run = ["--lr", "3e-3", "--lr-decay-iters", 3, "--seed", 5]  # one schedule for both
+    first = ["--pretrained-checkpoint", os.path.join(work_dir, "mistral-copy")]
+    first += ["--save", os.path.join(work_dir, "sft-mistral"), "--train-iters", 2]
+    trainer = trainer_for(work_dir, "mistral", 1, 1, run + first)
+    trainer.train()
+    trainer.close(keep_process_group=True)
+    resume = ["--load", os.path.join(work_dir, "sft-mistral"), "--train-iters", 3]
+    resume += ["--save", os.path.join(work_dir, "sft-mistral-resumed")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = trainer_for(work_dir, "mistral", 1, 1, run + resume)
+    results["mistral-resume-future-warnings"] = [
+        str(w.message) for w in caught if issubclass(w.category, FutureWarning)
+    ]
+    results["mistral-resumed-iteration"] = trainer.iteration
+    trainer.train()
+    trainer.close(keep_process_group=True)
 
 
 def main(out_dir, work_dir):
@@ -180,6 +208,7 @@ def main(out_dir, work_dir):
     restart = trainer_for(work_dir, "llama", 2, 1, sft + ["--load", sft_dir])
     results["restart_iteration"] = restart.iteration
     restart.close(keep_process_group=True)
+    fine_tune_mistral(work_dir, results)
     if dist.get_rank() == dist.get_world_size() - 1:
         with open(os.path.join(out_dir, "results.json"), "w") as handle:
             json.dump(results, handle, indent=1)

@@ -109,7 +109,7 @@ def history_summary(history: list) -> list:
         "tokens",
         "updated",
         "gate",
-        "alpha",
+        "exponent",
         "p_target",
         "renyi2_entropy",
         "confident_conflict",
