@@ -10,6 +10,12 @@ sees the gradient of
 
 independent of how the global batch is split into micro-batches and DP ranks.
 
+MoE: megatron-core's routers add their load-balancing and z-losses inside the backward
+(``MoEAuxLossAutoScaler``), each micro-batch's scaled by the T tokens the rank routes (T / TP
+under sequence parallelism), and the same 1 / (global token count) then applies:
+L += (T / TP) sum_m (alpha A_m + beta Z_m) / #loss tokens (README, "Mixture of experts").
+Their values and the expert load are added to the step metrics (``moe_metrics``).
+
 The logged statistics are sums over valid tokens of the objective's per-token stats, reduced the
 same way and divided by the same count; the per-token-class histograms of gate, p_target and a
 (``token_classes``) ride in the same report vector, so one all-reduce carries everything.
