@@ -7,8 +7,12 @@ the loss is ours (objectives). The last stage hands back either vocab-parallel l
 [b, s, V/tp] or, with ``fused_output_loss`` (:class:`SFTGPTModel`), the final-norm hidden states
 and the output weight, which the loss takes to the logits chunk by chunk itself.
 
+Mixture of experts (``--num-experts``): the MLP of each layer --moe-layer-freq marks is
+megatron-core's ``MoELayer`` (``TopKRouter``, the allgather/alltoall token dispatcher,
+``SequentialMLP`` experts or grouped GEMM, optional shared expert) from the same layer specs.
+
 Weight init is layout-invariant (see :mod:`megatron_deft.models.init`): the same seed gives the
-same full weights for every TP/PP/VP layout.
+same full weights for every TP/PP/VP (and EP) layout.
 """
 
 import torch
