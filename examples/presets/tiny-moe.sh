@@ -2,7 +2,8 @@
 # 4 query heads / 2 key-value heads, vocab 512) with a MoE layer in every layer: 4 experts of
 # SwiGLU inner 64, top-2 softmax routing, load-balancing loss 1e-2 and z-loss 1e-3. Trains on
 # CPU (gloo) on synthetic data in seconds; EP=2 (--expert-model-parallel-size 2 with 2 ranks)
-# puts 2 experts on each rank.
+# puts 2 experts on each rank. With TP > 1 megatron-core's MoE layer needs sequence parallelism,
+# which the launcher adds on CPU only with SEQUENCE_PARALLEL=1.
 MODEL_ARGS=(
     --num-layers 2
     --hidden-size 64
