@@ -433,6 +433,9 @@ class CheckpointConfig(_Checked):
     override_opt_param_scheduler: bool = False
     """On a full resume, continue with this run's LR/weight-decay schedule flags where they
     differ from the checkpoint's (without it such a difference is an error)."""
+    no_verify_checkpoint: bool = False
+    """Load without checking the checkpoint's files against the sizes and CRC-32 checksums
+    recorded when it was saved (checksums.json; verifying reads every file once)."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ GPU run: the same with ``--device cuda --bf16`` and real data (``--train-data``,
 ``--tokenizer-type``, ``--tokenizer-model``) instead of ``--mock-data``.
 """
 
+import atexit
 import logging
 import os
 import sys
@@ -42,26 +43,47 @@ def _configure_logging() -> None:
 def main(argv=None) -> int:
     """parse -> build -> train -> close. Exit codes: 0 done, 1 stopped by errors, 2 bad flags."""
     from megatron_deft.training.arguments import parse_config
+    from megatron_deft.training.checkpointing import CheckpointError
 
     # Validate everything before touching torch.distributed or building anything.
-    config = parse_config(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    try:
+        config = parse_config(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    except CheckpointError as error:  # the checkpoint the run starts from is missing or damaged
+        print(f"megatron-deft-train: error: {error}", file=sys.stderr)
+        return 1
     _configure_logging()
 
     from megatron_deft.data import DataError
-    from megatron_deft.training.checkpointing import CheckpointError
     from megatron_deft.training.trainer import Trainer, TrainingStopped
 
-    trainer = None
+    trainer, stopped = None, False
     try:
         trainer = Trainer(config)
         trainer.train()
     except (TrainingStopped, CheckpointError, DataError) as error:
         logging.getLogger("megatron_deft").error(str(error))
-        return 1
+        stopped = True
     finally:
         if trainer is not None:
             trainer.close()
-    return 0
+        else:  # stopped while building (e.g. a refused --load)
+            from megatron_deft.training.setup import destroy_distributed
+
+            destroy_distributed()
+    return _exit_stopped() if stopped else 0
+
+
+def _exit_stopped() -> int:
+    """Exit code 1 for a run stopped with its one-line error. With several ranks the process
+    ends here, skipping the interpreter's teardown: that takes seconds with megatron-core
+    loaded, and torchrun SIGTERMs every rank still running once one has exited with an error,
+    so the slower ranks would end by a signal instead of exiting 1 like the first."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 1
+    atexit._run_exitfuncs()  # what a normal exit runs first (logging, multiprocessing)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":  # the checkpoint writer's spawn context re-imports __main__

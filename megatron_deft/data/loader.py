@@ -61,6 +61,7 @@ class SFTDataLoader:
         self.packed, self.with_attention_mask = packed, with_attention_mask
         self.num_microbatches = global_batch_size // (micro_batch_size * dp_size)
         self.rows_consumed = 0
+        self.samples_consumed = 0  # samples in those rows (a packed row holds several)
         self._num_tokens = int(samples.lengths.sum())
         # Which samples form which row, in order: a resumed run must see the same rows (blend
         # weights, sample order or packing can change them at equal row and token counts); a
@@ -103,6 +104,7 @@ class SFTDataLoader:
         """This rank's micro-batches of the next global batch; advances ``rows_consumed`` by G."""
         rows, loss_tokens = self.rows_at(self.rows_consumed, self.global_batch_size)
         self.rows_consumed += self.global_batch_size
+        self.samples_consumed += sum(map(len, rows))
         return self._share(rows, loss_tokens)
 
     def rows_at(self, start: int, count: int) -> Tuple[List[Row], int]:
@@ -153,6 +155,16 @@ class SFTDataLoader:
                     "position does not identify the same rows"
                 )
         self.rows_consumed = int(state["rows_consumed"])
+        self.samples_consumed = self._samples_before(self.rows_consumed)
+
+    def _samples_before(self, position: int) -> int:
+        """Samples in the rows at stream positions ``[0, position)``: the rows fix the count, so
+        checkpoints need not hold it. Read one epoch at a time."""
+        total = 0
+        for start in range(0, position, self.num_rows):
+            rows, _ = self.rows_at(start, min(self.num_rows, position - start))
+            total += sum(map(len, rows))
+        return total
 
     def _share(self, global_rows: List[Row], num_loss_tokens: int) -> GlobalBatch:
         per_rank = self.global_batch_size // self.dp_size

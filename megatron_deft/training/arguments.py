@@ -346,23 +346,23 @@ def _resolve_pretrained_checkpoint(config: Config) -> None:
     ckpt.load, ckpt.finetune = ckpt.pretrained_checkpoint, True
 
 
-def _common_state(root: str, source: str) -> dict:
-    """The common (non-sharded) state of the checkpoint ``root``'s tracker names (``source``:
-    the flag that named ``root``, for the error)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-
+def _common_state(root: str, source: str, verify: bool) -> dict:
+    """The common (non-sharded) state of the checkpoint ``root``'s tracker names, its common.pt
+    verified against the checkpoint's checksums unless ``verify`` is False. A missing or damaged
+    checkpoint is a CheckpointError naming ``source`` (the flag that named ``root``): the run
+    stops with exit 1 as for any damaged checkpoint, not as for a bad flag."""
     from megatron_deft.training.checkpointing import (
         CheckpointError,
         existing_checkpoint_dir,
+        read_common_state,
         read_tracker,
     )
 
     try:
         directory = existing_checkpoint_dir(root, read_tracker(root))
-        return dist_checkpointing.load_common_state_dict(directory)
-    except (CheckpointError, CheckpointingException, OSError) as error:
-        raise ConfigError(f"{source} {root}: {error}".replace("\n", " ")) from None
+    except CheckpointError as error:
+        raise CheckpointError(f"{source} {error}") from None
+    return read_common_state(directory, verify)
 
 
 def _adopt_checkpoint_architecture(config: Config, given: set) -> None:
@@ -373,7 +373,7 @@ def _adopt_checkpoint_architecture(config: Config, given: set) -> None:
     if ckpt.load is None or not os.path.isfile(os.path.join(ckpt.load, TRACKER)):
         return
     source = "--pretrained-checkpoint" if ckpt.load == ckpt.pretrained_checkpoint else "--load"
-    common = _common_state(ckpt.load, source)
+    common = _common_state(ckpt.load, source, verify=not ckpt.no_verify_checkpoint)
     if common.get("architecture") is None:  # written before architectures were recorded
         return
     model = config.model = adopt_architecture(config.model, common, given, tp)

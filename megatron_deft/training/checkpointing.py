@@ -18,9 +18,16 @@ a checkpoint converted or trained without TE has none, and TE starts it afresh).
 Atomicity: a checkpoint is written to ``iter_N.partial/`` and renamed to ``iter_N/`` by rank 0
 only after every rank finished; the tracker is then replaced atomically (write temp, rename).
 An interrupted save leaves at most a ``.partial`` directory that nothing reads, so the previous
-checkpoint and tracker stay valid. A checkpoint is never written from non-finite weights.
+checkpoint and tracker stay valid (the next run removes it: ``save_directory``). A checkpoint is
+never written from non-finite weights.
+
+Integrity: every checkpoint holds ``checksums.json`` (size and CRC-32 of each file, hashed as the
+shards are written: ``checksums``), written before it is published; a load verifies every file
+against it (each rank a share of the files) unless --no-verify-checkpoint, and a missing,
+truncated or corrupted file, or one megatron-core cannot read, is one line naming it.
 """
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -33,17 +40,23 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_deft.config import Config
 from megatron_deft.conventions import TRACKER
 from megatron_deft.conversion import source
 from megatron_deft.models.architecture import architecture_mismatch, architecture_of
+from megatron_deft.training import checksums
 from megatron_deft.training.setup import finish_param_sync
 from megatron_deft.utils.known_warnings import checkpoint_load_deprecations_ignored
 
 logger = logging.getLogger(__name__)
 
 _DIST_OPT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+COMMON_STATE = "common.pt"
+"""The file of a checkpoint holding its common (non-sharded) state (megatron-core's name)."""
 
 
 class CheckpointError(RuntimeError):
@@ -204,9 +217,11 @@ def save_checkpoint(
         architecture=architecture_of(config.model, model[0].module.vocab_size, config.moe),
     )
     state[source.KEY] = hf_source
-    dist_checkpointing.save(state, partial)
+    with checksums.hashing_shard_writes():
+        dist_checkpointing.save(state, partial)
     dist.barrier()
     if rank0:
+        checksums.write_manifest(partial)
         _publish(partial, final, root, iteration)
     dist.barrier()
     return final
@@ -238,6 +253,75 @@ def _fsync_directory(path: str) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def _verify_checksums(directory: str) -> None:
+    """Every file of ``directory`` against its checksums.json, the files shared out over the
+    ranks (each reads ~1/world of the bytes); the first problem found is raised on every rank.
+    A checkpoint without a manifest (older, or converted) loads unverified, with a warning."""
+    try:
+        files = checksums.read_manifest(directory)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    if files is None:
+        if dist.get_rank() == 0:
+            logger.warning(f"{directory} has no {checksums.CHECKSUMS}: loading it unverified")
+        return
+    names = sorted(files)[dist.get_rank() :: dist.get_world_size()]
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(
+        problems, checksums.verify_files(directory, {n: files[n] for n in names})
+    )
+    problems = [line for lines in problems for line in lines]
+    if problems:
+        more = f" (and {len(problems) - 1} more files)" if len(problems) > 1 else ""
+        raise CheckpointError(f"--load {problems[0]}{more}")
+
+
+def read_common_state(directory: str, verify: bool = True) -> dict:
+    """The common (non-sharded) state of one checkpoint directory (no process group needed):
+    its common.pt checked against the manifest first unless ``verify`` is False; a mismatch or
+    an unreadable file is a CheckpointError (one line naming it)."""
+    if verify:
+        try:
+            files = checksums.read_manifest(directory)
+        except ValueError as error:
+            raise CheckpointError(str(error)) from None
+        if files and COMMON_STATE in files:
+            problems = checksums.verify_files(directory, {COMMON_STATE: files[COMMON_STATE]})
+            if problems:
+                raise CheckpointError(f"--load {problems[0]}")
+    with _unreadable_as_checkpoint_error(directory):
+        return dist_checkpointing.load_common_state_dict(directory)
+
+
+@contextlib.contextmanager
+def _unreadable_as_checkpoint_error(directory: str):
+    """A checkpoint megatron-core cannot read (a truncated, missing or garbage file: possible
+    with --no-verify-checkpoint or without a manifest) is one line, not its deep traceback."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    # torch's CheckpointException (failures of its reader threads/ranks) is a BaseException
+    except (Exception, CheckpointException) as error:
+        cause = _root_cause(error)
+        reason = str(cause).strip().splitlines()
+        raise CheckpointError(
+            f"--load {directory}: unreadable checkpoint ({type(cause).__name__}"
+            + (f": {reason[0][:300]}" if reason else "")
+            + ")"
+        ) from error
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The first rank's exception inside torch's CheckpointException (``failures``: rank ->
+    (exception, traceback)); ``error`` itself otherwise."""
+    failures = getattr(error, "failures", None)
+    if isinstance(error, CheckpointException) and failures:
+        first = next(iter(failures.values()))
+        return first[0] if isinstance(first, tuple) else first
+    return error
 
 
 def _restore_adam_steps(optimizer, loaded_state) -> None:
@@ -317,7 +401,9 @@ def load_checkpoint(root, model, optimizer, scheduler, loader, config: Config) -
     if iteration is None:
         raise CheckpointError(f"--load {root}: no {TRACKER} (no complete checkpoint there)")
     directory = existing_checkpoint_dir(root, iteration)
-    common = dist_checkpointing.load_common_state_dict(directory)
+    if not config.checkpoint.no_verify_checkpoint:
+        _verify_checksums(directory)
+    common = read_common_state(directory, verify=False)  # verified with the rest just above
     _check_architecture(common, directory, config, model[0].module.vocab_size)
     # Converted (e.g. Hugging Face) checkpoints hold weights only: start them like --finetune.
     full = not (config.checkpoint.finetune or common.get("weights_only", False))
@@ -329,10 +415,11 @@ def load_checkpoint(root, model, optimizer, scheduler, loader, config: Config) -
             "across TP/PP; add --finetune to load the (resharded) model weights only"
         )
     if not full:
-        load_model_weights(directory, [chunk.module for chunk in model])
+        with _unreadable_as_checkpoint_error(directory):
+            load_model_weights(directory, [chunk.module for chunk in model])
         return 0
     state = _sharded_state(model, optimizer, config, is_loading=True, with_rng=same_layout)
-    with checkpoint_load_deprecations_ignored():
+    with _unreadable_as_checkpoint_error(directory), checkpoint_load_deprecations_ignored():
         loaded = dist_checkpointing.load(state, directory)
     for i, chunk in enumerate(model):
         chunk.module.load_state_dict(loaded["model" if len(model) == 1 else f"model{i}"])

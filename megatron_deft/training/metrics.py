@@ -2,18 +2,20 @@
 
 TensorBoard tags, every ``--log-interval`` iterations (means over the iterations that updated):
 
-- ``train/<stat>`` scalars: loss, nll, lr, grad_norm, tokens_per_second, samples_consumed and the
-  objective's token means (gate, exponent a for q-log objectives, p_target, renyi2_entropy,
-  confident_conflict);
+- ``train/<stat>`` scalars: loss, nll, lr, grad_norm, loss_tokens_per_second (loss-carrying
+  tokens, not padding or prompt slots), samples_consumed and rows_consumed (a packed row holds
+  several samples) and the objective's token means (gate, exponent a for q-log objectives, p_target,
+  renyi2_entropy, confident_conflict);
 - ``train/<stat>_histogram``: histograms of gate, p_target and exponent over the window's tokens;
 - with ``--token-class-key``, per class ``<name>``: ``train_class/<name>/<stat>`` (token mean),
   ``train_class/<name>/<stat>_histogram`` and ``train_class/<name>/token_fraction`` (its share
   of the window's loss tokens);
 - ``valid/loss``, ``valid/nll`` at each validation.
 
-A run resumed from iteration T writes a restart marker at step T + 1: TensorBoard (and
-tools/gate_dynamics_logs.py) then hide what a killed earlier run logged after its last
-checkpoint, so every step appears once, with the resumed run's values.
+A run starting at iteration T (T > 0: resumed; T = 0: started afresh) writes a restart marker at
+step T + 1: TensorBoard (and tools/gate_dynamics_logs.py) then hide what an earlier run logged
+into the same directory after step T (a killed run's steps after its last checkpoint, or a whole
+earlier attempt), so every step appears once, with this run's values.
 """
 
 import contextlib
@@ -48,7 +50,6 @@ class MetricsLogger:
         tensorboard_dir,
         objective,
         train_iters: int,
-        tokens_per_iteration: int,
         class_names=(),
         start_iteration: int = 0,
     ):
@@ -57,23 +58,23 @@ class MetricsLogger:
         self.has_exponent = objective.family == "qlog"  # the exponent exists for q-log objectives
         self.is_nll = objective.name == "nll"
         self.train_iters = train_iters
-        self.tokens_per_iteration = tokens_per_iteration
         self.writer = None
         if is_writer and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step writes a SessionLog.START at that step: readers drop every event of
             # the same directory at or after it that was written before the marker.
-            purge_step = start_iteration + 1 if start_iteration else None
+            purge_step = start_iteration + 1
             self.writer = SummaryWriter(log_dir=tensorboard_dir, purge_step=purge_step)
         self._window = []
         self._window_start = time.perf_counter()
         self._window_counts = None  # summed token_class_counts of the window's updates
 
     def record(
-        self, iteration: int, metrics: dict, lr: float, samples_consumed: int, log_now: bool
+        self, iteration: int, metrics: dict, lr: float, consumed: dict, log_now: bool
     ) -> None:
-        """Add one iteration; on ``log_now`` print/write the window's means and reset it."""
+        """Add one iteration; on ``log_now`` print/write the window's means and reset it.
+        ``consumed``: {"samples": n, "rows": n} read by the whole run so far."""
         self._window.append(metrics)
         if metrics["updated"]:
             counts = metrics["token_class_counts"]
@@ -86,6 +87,8 @@ class MetricsLogger:
         window = self._window
         finite = [m for m in window if m["updated"]]
         per_iter = elapsed / len(window)
+        # skipped iterations processed their tokens too
+        loss_tokens_per_second = sum(m["tokens"] for m in window) / elapsed
         # Means over the iterations that updated (nan when every iteration was skipped).
         means = {
             key: sum(m[key] for m in finite) / len(finite) if finite else float("nan")
@@ -104,8 +107,9 @@ class MetricsLogger:
             *([] if self.is_nll else [f"nll {means['nll']:.6f}"]),
             f"lr {lr:.3e}",
             f"grad norm {means['grad_norm']:.4f}",
-            f"tokens/s {self.tokens_per_iteration / per_iter:.1f}",
-            f"samples {samples_consumed}",
+            f"loss tokens/s {loss_tokens_per_second:.1f}",
+            f"samples {consumed['samples']}",
+            f"rows {consumed['rows']}",
             f"ETA {_duration(per_iter * (self.train_iters - iteration))}",
             *(f"{OBJECTIVE_STATS[k]} {v:.4f}" for k, v in stats.items()),
         ]
@@ -125,8 +129,9 @@ class MetricsLogger:
                 "nll": means["nll"],
                 "lr": lr,
                 "grad_norm": means["grad_norm"],
-                "tokens_per_second": self.tokens_per_iteration / per_iter,
-                "samples_consumed": samples_consumed,
+                "loss_tokens_per_second": loss_tokens_per_second,
+                "samples_consumed": consumed["samples"],
+                "rows_consumed": consumed["rows"],
                 **stats,
             }
             for key, value in scalars.items():

@@ -11,7 +11,7 @@ from megatron.core import parallel_state
 from megatron_deft.config import Config
 from megatron_deft.conversion import source
 from megatron_deft.models.layout import padded_vocab_size
-from megatron_deft.training import checkpointing, moe_metrics, setup, step
+from megatron_deft.training import checkpointing, moe_metrics, save_directory, setup, step
 from megatron_deft.training.arguments import objective_of
 from megatron_deft.training.data import build_train_valid_loaders
 from megatron_deft.training.metrics import MetricsLogger, logger
@@ -27,6 +27,14 @@ class Trainer:
     def __init__(self, config: Config):
         self.config = config
         setup.initialize_distributed(config)
+        self._save_lock = save_directory.claim(config.checkpoint.save)
+        try:
+            self._build(config)
+        except BaseException:
+            self._release_save_directory()  # e.g. a refused --load: the process may go on
+            raise
+
+    def _build(self, config: Config) -> None:
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
         self.train_loader, self.valid_loader, self.vocab_size = build_train_valid_loaders(
@@ -46,6 +54,7 @@ class Trainer:
         self.class_names = self.train_loader.class_names  # --token-class-key labels
         self.iteration = 0
         self.hf_source = None  # the Hugging Face model the weights came from, carried to export
+        self.last_checkpoint = None  # the newest full checkpoint of this run (resumable)
         if config.checkpoint.load:
             self.iteration = checkpointing.load_checkpoint(
                 config.checkpoint.load,
@@ -60,6 +69,10 @@ class Trainer:
                 f"loaded {config.checkpoint.load} at iteration {self.iteration}"
                 + (" (weights only: --finetune)" if config.checkpoint.finetune else "")
             )
+            if self.iteration:
+                self.last_checkpoint = checkpointing.checkpoint_dir(
+                    config.checkpoint.load, self.iteration
+                )
         train = config.training
         self.metrics = MetricsLogger(
             is_writer=dist.get_rank() == dist.get_world_size() - 1,
@@ -67,29 +80,22 @@ class Trainer:
             objective=self.objective,
             class_names=self.class_names,
             train_iters=train.train_iters,
-            tokens_per_iteration=train.global_batch_size * config.model.seq_length,
             start_iteration=self.iteration,
         )
-        self.history = []  # per-iteration metrics of this process (tests read it)
         self.consecutive_skips = 0
 
-    def train(self, stop_after: int = None) -> None:
-        """Run to --train-iters (or stop early after ``stop_after``, as if killed: no save)."""
+    def train(self) -> None:
+        """Run to --train-iters; save at the end (with --save) unless just saved."""
         train, ckpt = self.config.training, self.config.checkpoint
-        last = train.train_iters if stop_after is None else min(stop_after, train.train_iters)
-        while self.iteration < last:
+        while self.iteration < train.train_iters:
             self._train_one()
             it = self.iteration
             with self.metrics.paused():
                 if train.eval_interval and it % train.eval_interval == 0 and self.valid_loader:
                     self.metrics.validation(it, self.evaluate())
                 if ckpt.save and ckpt.save_interval and it % ckpt.save_interval == 0:
-                    self.save()
-        if (
-            stop_after is None
-            and ckpt.save
-            and not (ckpt.save_interval and self.iteration % ckpt.save_interval == 0)
-        ):
+                    self._periodic_save()
+        if ckpt.save and not (ckpt.save_interval and self.iteration % ckpt.save_interval == 0):
             self.save()
 
     def _train_one(self) -> None:
@@ -106,7 +112,6 @@ class Trainer:
             expert_load=self.expert_load,
         )
         self.iteration += 1
-        self.history.append(dict(metrics, iteration=self.iteration))
         if metrics["updated"]:
             self.consecutive_skips = 0
         else:
@@ -117,12 +122,21 @@ class Trainer:
                 raise TrainingStopped(
                     f"stopping at iteration {self.iteration}: {self.consecutive_skips} consecutive "
                     "iterations with a non-finite loss or grad norm "
-                    f"(--max-skipped-iters {limit}); lower --lr, check the data, or resume from "
-                    "the last checkpoint"
+                    f"(--max-skipped-iters {limit}); lower --lr, check the data, or "
+                    + (
+                        f"resume from {self.last_checkpoint}, the last checkpoint (written "
+                        "before these skips)"
+                        if self.last_checkpoint
+                        else "restart: no checkpoint was written before these skips"
+                    )
                 )
         log_now = self.iteration % self.config.training.log_interval == 0
         lr = self.optimizer.param_groups[0]["lr"]
-        self.metrics.record(self.iteration, metrics, lr, self.train_loader.rows_consumed, log_now)
+        consumed = {
+            "samples": self.train_loader.samples_consumed,
+            "rows": self.train_loader.rows_consumed,
+        }
+        self.metrics.record(self.iteration, metrics, lr, consumed, log_now)
 
     def evaluate(self) -> dict:
         """Token-mean validation loss (the objective) and NLL over --eval-iters global batches
@@ -144,6 +158,18 @@ class Trainer:
             chunk.train()
         return {**{key: value / max(tokens, 1) for key, value in sums.items()}, "tokens": tokens}
 
+    def _periodic_save(self) -> None:
+        """Save, unless the last update was skipped: a checkpoint inside a non-finite streak
+        would resume straight into it (the stop message names the last one before it)."""
+        if self.consecutive_skips:
+            if dist.get_rank() == 0:
+                logger.warning(
+                    f"not saving iteration {self.iteration}: its update was skipped "
+                    f"({self.consecutive_skips} in a row)"
+                )
+            return
+        self.save()
+
     def save(self) -> None:
         directory = checkpointing.save_checkpoint(
             self.config.checkpoint.save,
@@ -155,9 +181,16 @@ class Trainer:
             self.config,
             hf_source=self.hf_source,
         )
+        self.last_checkpoint = directory
         if dist.get_rank() == 0:
             logger.info(f"saved checkpoint {directory}")
 
     def close(self, keep_process_group: bool = False) -> None:
         self.metrics.close()
+        self._release_save_directory()
         setup.destroy_distributed(keep_process_group)
+
+    def _release_save_directory(self) -> None:
+        if self._save_lock is not None:
+            self._save_lock.close()
+            self._save_lock = None

@@ -183,13 +183,13 @@ def test_a_config_file_key_counts_as_given(converted, tmp_path, capsys):
 
 
 def test_an_unreadable_checkpoint_is_one_line_at_parse_time(tmp_path, capsys):
-    from megatron_deft.training.arguments import parse_config
+    """Read while the flags are parsed (for its architecture), before anything is built: a
+    damaged checkpoint stops the run with exit 1, as it would when loaded."""
+    from megatron_deft.train import main
 
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("7\n")  # no iter_0000007/
-    with pytest.raises(SystemExit):
-        parse_config(
-            ["--mock-data", "--vocab-size", "64", "--pretrained-checkpoint", str(tmp_path)]
-        )
+    argv = ["--mock-data", "--vocab-size", "64", "--pretrained-checkpoint", str(tmp_path)]
+    assert main(argv + ["--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--pretrained-checkpoint {tmp_path}: " in err
     assert "iteration 7" in err

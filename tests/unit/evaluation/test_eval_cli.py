@@ -68,6 +68,7 @@ def test_tokenizer_directory_without_tokenizer_files_is_one_line(tmp_path, capsy
 
 
 def test_missing_checkpoint_names_the_directory(tmp_path, capsys):
+    (tmp_path / "t.model").write_text("checked only after the checkpoint")
     code = eval_cli.main(
         [
             "--load",
@@ -75,7 +76,7 @@ def test_missing_checkpoint_names_the_directory(tmp_path, capsys):
             "--eval-data",
             "x.jsonl",
             "--tokenizer-model",
-            "t.model",
+            str(tmp_path / "t.model"),
             "--device",
             "cpu",
         ]
@@ -86,6 +87,7 @@ def test_missing_checkpoint_names_the_directory(tmp_path, capsys):
 
 def test_missing_iteration_is_reported(tmp_path, capsys):
     (tmp_path / "iter_0000005").mkdir()
+    (tmp_path / "t.model").write_text("checked only after the checkpoint")
     code = eval_cli.main(
         [
             "--load",
@@ -95,7 +97,7 @@ def test_missing_iteration_is_reported(tmp_path, capsys):
             "--eval-data",
             "x",
             "--tokenizer-model",
-            "t.model",
+            str(tmp_path / "t.model"),
             "--device",
             "cpu",
         ]
@@ -160,14 +162,15 @@ def _checkpoint_and_data(tmp_path):
 def test_unloadable_tokenizer_names_the_flag_in_one_line(tmp_path, capsys):
     """A file that is not a SentencePiece model (sentencepiece raises RuntimeError)."""
     (tmp_path / "bad.model").write_text("not a model")
-    code = eval_cli.main([*_checkpoint_and_data(tmp_path), "--tokenizer-model", "bad.model"])
+    bad = str(tmp_path / "bad.model")
+    code = eval_cli.main([*_checkpoint_and_data(tmp_path), "--tokenizer-model", bad])
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.count("\n") == 0, err
     assert err.startswith("megatron-deft-eval: error: --tokenizer-type") and "bad.model" in err
 
 
 @pytest.mark.parametrize("error_type", ["ConfigError", "DataError", "CheckpointError"])
-def test_user_errors_are_one_line(error_type, monkeypatch, capsys):
+def test_user_errors_are_one_line(error_type, monkeypatch, capsys, tmp_path):
     from megatron_deft import config, data
     from megatron_deft.evaluation import evaluator
     from megatron_deft.training import checkpointing
@@ -182,12 +185,15 @@ def test_user_errors_are_one_line(error_type, monkeypatch, capsys):
         raise error
 
     monkeypatch.setattr(evaluator, "evaluate", fail)
-    code = eval_cli.main(["--load", "ckpt", "--eval-data", "x.jsonl", "--tokenizer-model", "t"])
+    tokenizer = tmp_path / "t.model"
+    tokenizer.write_text("never read: evaluate fails first")
+    argv = ["--load", "ckpt", "--eval-data", "x.jsonl", "--tokenizer-model", str(tokenizer)]
+    code = eval_cli.main(argv)
     assert code == 1
     assert capsys.readouterr().err == "megatron-deft-eval: error: x.jsonl:3: bad record\n"
 
 
-def test_a_programming_value_error_keeps_its_traceback(monkeypatch):
+def test_a_programming_value_error_keeps_its_traceback(monkeypatch, tmp_path):
     """A ValueError that is not a user-error type is a bug: it propagates (traceback, exit 1 from
     the interpreter), it is not printed as if the input were wrong."""
     from megatron_deft.evaluation import evaluator
@@ -196,8 +202,11 @@ def test_a_programming_value_error_keeps_its_traceback(monkeypatch):
         raise ValueError("too many values to unpack")
 
     monkeypatch.setattr(evaluator, "evaluate", bug)
+    tokenizer = tmp_path / "t.model"
+    tokenizer.write_text("never read: evaluate fails first")
     with pytest.raises(ValueError, match="too many values to unpack"):
-        eval_cli.main(["--load", "ckpt", "--eval-data", "x.jsonl", "--tokenizer-model", "t"])
+        argv = ["--load", "ckpt", "--eval-data", "x.jsonl", "--tokenizer-model", str(tokenizer)]
+        eval_cli.main(argv)
 
 
 def test_pipeline_size_must_divide_the_checkpoints_layers(monkeypatch):

@@ -68,6 +68,7 @@ EXPECTED_FLAGS = [
     "--moe-shared-expert-intermediate-size",
     "--moe-token-dispatcher-type",
     "--moe-z-loss-coeff",
+    "--no-verify-checkpoint",
     "--norm-epsilon",
     "--num-attention-heads",
     "--num-experts",

@@ -69,8 +69,8 @@ def test_log_lines_carry_every_required_field(results):
         "nll ",
         "lr ",
         "grad norm ",
-        "tokens/s ",
-        "samples 8",
+        "loss tokens/s ",
+        "samples 8 | rows 8",  # not packed: one sample per row
         "ETA ",
         "mean gate ",
         "mean exponent ",

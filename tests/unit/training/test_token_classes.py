@@ -111,7 +111,6 @@ def test_logger_sums_the_window_of_updated_iterations_and_writes_per_class(tmp_p
         tensorboard_dir=str(tmp_path),
         objective=objective,
         train_iters=3,
-        tokens_per_iteration=32,
         class_names=("clean", "noisy"),
     )
     base = dict(
@@ -128,9 +127,9 @@ def test_logger_sums_the_window_of_updated_iterations_and_writes_per_class(tmp_p
         updated = iteration != 2  # iteration 2 was skipped: not part of the window's statistics
         logger.record(
             iteration,
-            dict(base, updated=updated, token_class_counts=counts),
+            dict(base, updated=updated, token_class_counts=counts, tokens=32),
             lr=1e-3,
-            samples_consumed=iteration,
+            consumed={"samples": 2 * iteration, "rows": iteration},
             log_now=iteration == 3,
         )
     logger.close()

@@ -199,12 +199,16 @@ def main(out_dir, work_dir):
         "--make-vocab-size-divisible-by",
         64,
     ]
-    trainer = trainer_for(work_dir, "llama", 2, 1, sft)
+    board = ["--tensorboard-dir", os.path.join(work_dir, "sft-tensorboard"), "--log-interval", 1]
+    trainer = trainer_for(work_dir, "llama", 2, 1, sft + board)
     results["sft_start_iteration"] = trainer.iteration
     trainer.train()
-    results["sft_losses"] = [h["loss"] for h in trainer.history]
     save_logits(trainer, tokens, out_dir, "sft-trained")
     trainer.close(keep_process_group=True)
+    dist.barrier()  # the last rank wrote and closed the TensorBoard log
+    from tools.gate_dynamics_logs import read_scalars
+
+    results["sft_losses"] = read_scalars(board[1])["loss"][1]
     restart = trainer_for(work_dir, "llama", 2, 1, sft + ["--load", sft_dir])
     results["restart_iteration"] = restart.iteration
     restart.close(keep_process_group=True)

@@ -1,12 +1,14 @@
 """torchrun worker (2 ranks): exact resume, interrupted-save safety and resharded loading.
 
+Every run logs each iteration to TensorBoard (the metrics compared are read back from there).
 For TP=2 (plain optimizer) and DP=2 (distributed optimizer):
   A: 6 uninterrupted iterations.
-  B: the same run killed after iteration 5 (checkpoint saved at 3, nothing after; iterations 4
-     and 5 logged to TensorBoard); then a fake interrupted save of iteration 6 is left behind
-     (a .partial directory + a temp tracker).
-  C: a fresh Trainer resumes from B's checkpoint and runs iterations 4-6, logging to the same
-     TensorBoard directory.
+  B: the same run killed after iteration 5 with its last checkpoint at 3: it trains 1-3 and saves,
+     then a run resumed from that checkpoint without --save trains and logs 4 and 5 (what the
+     killed run did after its checkpoint); then a fake interrupted save of iteration 6 is left
+     behind (a .partial directory + a temp tracker).
+  C: a run resumes from B's checkpoint and trains 4-6, logging to the same TensorBoard directory.
+All runs fix the LR schedule's length (--lr-decay-iters 6) so B's shorter runs share A's schedule.
 Then the TP=2 checkpoints are loaded as TP=1 x PP=2: iteration 6 weights only (--finetune),
 and iteration 3 as a full resume (plain optimizer state resharded) that must continue the
 uninterrupted run; a distributed-optimizer checkpoint must refuse another layout clearly.
@@ -18,37 +20,49 @@ import shutil
 import sys
 
 import torch.distributed as dist
-from common import config_for, full_weights, history_summary, write_results
+from common import config_for, full_weights, write_results
 
 from megatron_deft.training import checkpointing, setup
 from megatron_deft.training.trainer import Trainer
+from tools.gate_dynamics_logs import read_scalars
 
-ITERS = ["--train-iters", 6, "--sft-objective", "deft"]
+ITERS = ["--train-iters", 6, "--lr-decay-iters", 6, "--sft-objective", "deft", "--log-interval", 1]
+
+
+def logged(tensorboard_dir: str) -> dict:
+    """{steps, loss, grad_norm, lr} as a reader of the TensorBoard directory sees them."""
+    dist.barrier()  # the writer (last rank) has written and closed it
+    scalars = read_scalars(tensorboard_dir)
+    series = {key: scalars[key][1] for key in ("loss", "grad_norm", "lr")}
+    return {"steps": scalars["loss"][0], **series}
+
+
+def run(tp, pp, flags, keep_weights=False):
+    """Train one run to its --train-iters; (iteration it started from, its weights or None)."""
+    trainer = Trainer(config_for(tp, pp, flags))
+    started = trainer.iteration
+    trainer.train()
+    weights = None
+    if keep_weights:
+        setup.finish_param_sync(trainer.model, trainer.config)
+        weights = full_weights(trainer.model)
+    trainer.close(keep_process_group=True)
+    return started, weights
 
 
 def resume_case(out_dir, name, tp, pp, extra):
     ckpt = os.path.join(out_dir, f"ckpt-{name}")
     result = {}
-    uninterrupted = Trainer(config_for(tp, pp, ITERS + extra))
-    uninterrupted.train()
-    result["uninterrupted"] = history_summary(uninterrupted.history)
-    setup.finish_param_sync(uninterrupted.model, uninterrupted.config)
-    reference_weights = full_weights(uninterrupted.model)
-    uninterrupted.close(keep_process_group=True)
+    board = os.path.join(out_dir, f"tensorboard-{name}-uninterrupted")
+    _, reference_weights = run(tp, pp, ITERS + extra + ["--tensorboard-dir", board], True)
+    result["uninterrupted"] = logged(board)
 
-    logged = [
-        "--tensorboard-dir",
-        os.path.join(out_dir, f"tensorboard-{name}"),
-        "--log-interval",
-        1,
-    ]
-    result["tensorboard_dir"] = logged[1]
-    killed = Trainer(
-        config_for(tp, pp, ITERS + extra + logged + ["--save", ckpt, "--save-interval", 3])
-    )
-    killed.train(stop_after=5)
-    result["before_kill"] = history_summary(killed.history)
-    killed.close(keep_process_group=True)
+    board = os.path.join(out_dir, f"tensorboard-{name}")
+    result["tensorboard_dir"] = board
+    flags = ITERS + extra + ["--tensorboard-dir", board]
+    run(tp, pp, flags + ["--train-iters", 3, "--save", ckpt, "--save-interval", 3])
+    run(tp, pp, flags + ["--train-iters", 5, "--load", ckpt])  # killed after 5: not saved
+    result["before_kill"] = logged(board)
     if dist.get_rank() == 0:  # leave the debris of a save of iteration 6 that died midway
         os.makedirs(os.path.join(ckpt, "iter_0000006.partial"))
         with open(os.path.join(ckpt, "iter_0000006.partial", "junk"), "w") as handle:
@@ -59,17 +73,15 @@ def resume_case(out_dir, name, tp, pp, extra):
     result["tracker_before_resume"] = checkpointing.read_tracker(ckpt)
 
     resumed = Trainer(
-        config_for(
-            tp, pp, ITERS + extra + logged + ["--load", ckpt, "--save", ckpt, "--save-interval", 3]
-        )
+        config_for(tp, pp, flags + ["--load", ckpt, "--save", ckpt, "--save-interval", 3])
     )
     result["resumed_from"] = resumed.iteration
     resumed.train()
-    result["after_resume"] = history_summary(resumed.history)
     result["resumed_valid_loss"] = resumed.evaluate()["loss"]
     setup.finish_param_sync(resumed.model, resumed.config)
     resumed_weights = full_weights(resumed.model)
     resumed.close(keep_process_group=True)
+    result["after_resume"] = logged(board)
     result["tracker_after"] = checkpointing.read_tracker(ckpt)
     result["checkpoint_entries"] = sorted(os.listdir(ckpt))
     result["max_weight_difference"] = max(
@@ -105,16 +117,23 @@ def reshard_case(out_dir, ckpt, saved_weights, distopt_ckpt):
     resharded.close(keep_process_group=True)
 
     # Full resume of iteration 3 in another layout (plain optimizer state is reshardable too).
-    resumed = Trainer(config_for(1, 2, ITERS + ["--load", _copy_of_iteration_3(ckpt, out_dir)]))
+    board = os.path.join(out_dir, "tensorboard-resharded")
+    resumed = Trainer(
+        config_for(
+            1,
+            2,
+            ITERS + ["--load", _copy_of_iteration_3(ckpt, out_dir), "--tensorboard-dir", board],
+        )
+    )
     result["resharded_resume_from"] = resumed.iteration
     resumed.train()
-    result["resharded_resume"] = history_summary(resumed.history)
     weights = full_weights(resumed.model)
     result[f"resharded_resume_weight_error_stage{dist.get_rank()}"] = max(
         ((weights[k] - saved_weights[k]).abs().max() / saved_weights[k].abs().max()).item()
         for k in weights
     )
     resumed.close(keep_process_group=True)
+    result["resharded_resume"] = logged(board)
 
     try:  # distributed-optimizer state is dp_reshardable only: refused across TP/PP
         Trainer(config_for(2, 1, ITERS + ["--use-distributed-optimizer", "--load", distopt_ckpt]))
@@ -168,7 +187,7 @@ def extra_state_case(ckpt) -> dict:
 def schedule_case(ckpt) -> dict:
     """Full resumes of the TP=2 run's iteration-6 checkpoint with a changed --lr: refused
     without --override-opt-param-scheduler, this run's schedule with it."""
-    changed = ITERS + ["--load", ckpt, "--lr", 1e-3, "--train-iters", 8]
+    changed = ITERS + ["--load", ckpt, "--lr", 1e-3, "--train-iters", 8, "--lr-decay-iters", 8]
     result = {}
     try:
         Trainer(config_for(2, 1, changed))

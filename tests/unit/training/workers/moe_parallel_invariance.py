@@ -13,7 +13,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from common import config_for, history_summary, write_results
+from common import config_for, history_summary, train_recording, write_results
 
 from megatron_deft.models.init import _global_names, is_expert
 from megatron_deft.training.setup import finish_param_sync
@@ -97,10 +97,9 @@ def run_case(out_dir, results, name, tp, pp, extra, save_init=False):
     trainer = Trainer(config_for(tp, pp, extra))
     if save_init:
         save_moe_weights(trainer.model, out_dir, f"{name}-init")
-    trainer.train()
+    results[name] = train_recording(trainer, summarize=summary)
     finish_param_sync(trainer.model, trainer.config)
     save_moe_weights(trainer.model, out_dir, name)
-    results[name] = summary(trainer.history)
     trainer.close(keep_process_group=True)
 
 

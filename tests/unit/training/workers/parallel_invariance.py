@@ -8,7 +8,7 @@ Writes OUT_DIR/results.json ({case: per-iteration metrics}) and OUT_DIR/<case>.s
 import os
 import sys
 
-from common import config_for, history_summary, save_weights, write_results
+from common import config_for, save_weights, train_recording, write_results
 
 from megatron_deft.training.setup import finish_param_sync
 from megatron_deft.training.trainer import Trainer
@@ -21,10 +21,10 @@ def run_case(out_dir, results, name, tp, pp, extra, save_init=False):
     trainer = Trainer(config_for(tp, pp, extra))
     if save_init:
         save_weights(trainer.model, out_dir, f"{name}-init")
-    trainer.train()
+    history = train_recording(trainer)
     finish_param_sync(trainer.model, trainer.config)  # overlap-param-gather defers the last one
     save_weights(trainer.model, out_dir, name)
-    results[name] = history_summary(trainer.history)
+    results[name] = history
     trainer.close(keep_process_group=True)
 
 

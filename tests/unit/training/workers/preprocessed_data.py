@@ -8,7 +8,7 @@ import os
 import sys
 
 import torch.distributed as dist
-from common import TINY_MODEL, history_summary, write_results
+from common import TINY_MODEL, train_recording, write_results
 
 from megatron_deft.training.arguments import parse_config
 from megatron_deft.training.trainer import Trainer
@@ -28,8 +28,7 @@ def train(data_args, tokenizer) -> list:
         *data_args,
     ]
     trainer = Trainer(parse_config(argv, world_size=int(os.environ["WORLD_SIZE"])))
-    trainer.train()
-    history = history_summary(trainer.history)
+    history = train_recording(trainer)
     trainer.close(keep_process_group=True)
     return history
 

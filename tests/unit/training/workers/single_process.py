@@ -87,16 +87,26 @@ def per_token_normalisation(result: dict) -> None:
 
 
 class _NaNInjector:
-    """Forward hook on the final norm: makes the loss NaN while `active`."""
+    """Forward hook on the final norm: makes the training loss NaN in the iterations ``nan_at``,
+    and records the weights and LR-schedule steps that the iterations ``watch`` start from."""
 
-    def __init__(self):
-        self.active = False
+    def __init__(self, trainer, nan_at, watch):
+        self.trainer, self.nan_at, self.watch = trainer, set(nan_at), set(watch)
+        self.start_of = {}
 
     def __call__(self, module, inputs, output):
-        return output * float("nan") if self.active else output
+        if not module.training:  # validation
+            return output
+        iteration = self.trainer.iteration + 1  # the one running
+        if iteration in self.watch and iteration not in self.start_of:
+            model, scheduler = self.trainer.model, self.trainer.scheduler
+            self.start_of[iteration] = (full_weights(model), scheduler.num_steps)
+        return output * float("nan") if iteration in self.nan_at else output
 
 
 def non_finite_handling(result: dict, out_dir: str) -> None:
+    """Iteration 2 non-finite, 3 recovers, 4 and 5 non-finite: stops at 5 (--max-skipped-iters
+    2). What happened is read from the console lines and the weights each iteration starts from."""
     records = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
@@ -128,33 +138,27 @@ def non_finite_handling(result: dict, out_dir: str) -> None:
             ],
         )
     )
-    injector = _NaNInjector()
+    injector = _NaNInjector(trainer, nan_at=(2, 4, 5), watch=(2, 3))
     trainer.model[0].module.decoder.final_layernorm.register_forward_hook(injector)
-
-    trainer.train(stop_after=1)
-    before = full_weights(trainer.model)
-    lr_steps_before = trainer.scheduler.num_steps
-    injector.active = True
-    trainer.train(stop_after=2)
-    after_skip = full_weights(trainer.model)
-    result["skipped_updated_flag"] = trainer.history[-1]["updated"]
-    result["weights_changed_by_skipped_iteration"] = any(
-        not torch.equal(before[k], after_skip[k]) for k in before
-    )
-    result["scheduler_advanced_on_skip"] = trainer.scheduler.num_steps != lr_steps_before
-    injector.active = False
-    trainer.train(stop_after=3)
-    result["recovered_updated_flag"] = trainer.history[-1]["updated"]
-    result["recovered_loss"] = trainer.history[-1]["loss"]
-
-    injector.active = True
     try:
         trainer.train()
         result["stop_message"] = None
     except TrainingStopped as error:
         result["stop_message"] = str(error)
     result["stopped_at_iteration"] = trainer.iteration
-    injector.active = False
+
+    def skipped(iteration):
+        return any(line.startswith(f"iteration {iteration}: non-finite") for line in records)
+
+    (before, steps_before), (after_skip, steps_after) = injector.start_of[2], injector.start_of[3]
+    result["skipped_updated_flag"] = not skipped(2)
+    result["weights_changed_by_skipped_iteration"] = any(
+        not torch.equal(before[k], after_skip[k]) for k in before
+    )
+    result["scheduler_advanced_on_skip"] = steps_after != steps_before
+    result["recovered_updated_flag"] = not skipped(3)
+    [line] = [line for line in records if line.startswith("iteration      3/10 | loss ")]
+    result["recovered_loss"] = float(line.split(" | ")[1].split()[1])
 
     with torch.no_grad():
         next(trainer.model[0].module.parameters()).view(-1)[0] = float("nan")
