@@ -17,6 +17,7 @@ from megatron_deft.training.trainer import Trainer
 from tools.gate_dynamics_logs import read_scalars
 
 MOE = moe_args(ep=2, tp=1) + ["--sft-objective", "deft", "--train-iters", 4, "--log-interval", 1]
+MOE += ["--lr-decay-iters", 4]  # the schedule of the full run, also in the one saved at 2
 LOGGED = ("loss", "grad_norm", "moe_load_balancing_loss", "moe_z_loss", "moe_load_imbalance")
 
 
