@@ -21,6 +21,8 @@ setup(
         "numpy>=1.26",
         "packaging",
         "psutil>=5.9",  # megatron-core dist_checkpointing's async writer needs it (else saves hang)
+        "pyarrow>=15",  # Parquet input (.parquet data files), as `datasets` writes them
+        "math-verify==0.9.0",  # math answer equivalence (megatron_deft/evaluation/math_grading.py)
         "pyyaml>=6.0",
         "sentencepiece>=0.2",
         "tensorboard>=2.15",

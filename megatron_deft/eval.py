@@ -8,6 +8,13 @@ Prints one JSON summary line per (checkpoint, file): exact_match (stripped gener
 stripped reference), nll (mean per response token), the objective's mean gate / exponent /
 p_target / sum p^2 and the gate per p_target bin. Exit codes: 0 done, 1 bad data or
 checkpoint, 2 bad flags.
+
+Math answers already generated (by this or another engine) are graded without a model:
+
+    python -m megatron_deft.eval --task math --score-only preds.jsonl --output report.json
+
+prints a Markdown table per data set and overall (megatron_deft.evaluation.math_grading),
+ending with the line ``overall: accuracy=<A> n=<N>``.
 """
 
 import os
@@ -36,6 +43,8 @@ def main(argv=None) -> int:
 
     _single_process_defaults()
     config = parse_eval_config(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    if config.score_only is not None:
+        return _score_only(config.score_only, config.output)
     from megatron_deft.config import ConfigError
     from megatron_deft.data import DataError
     from megatron_deft.evaluation.evaluator import evaluate
@@ -47,6 +56,25 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as error:
         print(f"megatron-deft-eval: error: {error}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _score_only(predictions: str, output) -> int:
+    """Grades ``predictions`` (no model, no distributed setup); the last line is the overall
+    accuracy as a fraction."""
+    from megatron_deft.data import DataError
+    from megatron_deft.evaluation import math_grading
+
+    try:
+        report = math_grading.score_predictions(predictions)
+    except DataError as error:
+        print(f"megatron-deft-eval: error: {error}", file=sys.stderr)
+        return 1
+    if output:
+        math_grading.save_report(report, output)
+    print(math_grading.report_markdown(report))
+    overall = report["overall"]
+    print(f"overall: accuracy={overall['accuracy']:.4f} n={overall['n']}", flush=True)
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Tokenize SFT JSONL once into megatron-core indexed files that training memory-maps.
+"""Tokenize SFT JSONL or Parquet once into megatron-core indexed files that training memory-maps.
 
 Reads the files exactly like training does (same formats, keys, chat templates, loss masking and
 errors) with ``--workers`` processes, and writes ``PREFIX_tokens.bin/.idx`` (ids),
@@ -7,7 +7,7 @@ errors) with ``--workers`` processes, and writes ``PREFIX_tokens.bin/.idx`` (ids
 ``PREFIX.json`` (tokenizer fingerprint, settings, skipped-line counts), atomically. Samples are
 stored whole; ``--seq-length`` and ``--overlong`` apply when training reads them, so one set
 serves every sequence length. Training with ``--data-path PREFIX`` gives the same batches as
-``--train-data`` on the JSONL; ``--data-path 0.7 PREFIX_A 0.3 PREFIX_B`` blends sets.
+``--train-data`` on the same files; ``--data-path 0.7 PREFIX_A 0.3 PREFIX_B`` blends sets.
 
 Example (GSM8K):
     python tools/preprocess_sft_data.py --input data/gsm8k/train.jsonl \\
@@ -39,7 +39,9 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Di
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--input", nargs="+", required=True, help="JSONL files, read in order")
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="JSONL or Parquet (.parquet) files, read in order"
+    )
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX_* and PREFIX.json")
     parser.add_argument(
         "--workers",

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train a SentencePiece tokenizer from SFT JSONL files (no downloads needed).
+"""Train a SentencePiece tokenizer from SFT JSONL or Parquet files (no downloads needed).
 
 Reads the files exactly like training does (same formats, keys and errors), trains on every
 message's text, and writes ``<model-prefix>.model`` / ``.vocab`` atomically. The built-in chat
@@ -32,7 +32,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--input", nargs="+", required=True, help="JSONL files to learn from")
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="JSONL or Parquet (.parquet) files to learn from"
+    )
     parser.add_argument(
         "--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab"
     )

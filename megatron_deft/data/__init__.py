@@ -1,8 +1,10 @@
-"""SFT data pipeline: JSONL -> conversations -> tokens + loss flags -> (packed) rows -> batches.
+"""SFT data pipeline: JSONL/Parquet -> conversations -> tokens + loss flags -> (packed) rows ->
+batches.
 
 Modules, in pipeline order:
     config       RecordFormat, TokenizerConfig, DataConfig: the settings (one field per --flag)
-    jsonl        reading, format detection, file:line errors (DataError)
+    sources      record files by suffix: JSONL lines, Parquet rows (batched); DataError
+    jsonl        reading, format detection, file:line / file:row N errors
     tokenizer    Tokenizer protocol, SentencePiece / local Hugging Face, build_tokenizer
     chat_format  conversation -> ids + loss flags (HF chat template or the built-in one)
     sft_dataset  all samples tokenized, over-long policy applied and counted
@@ -12,7 +14,7 @@ Modules, in pipeline order:
     loader       seeded, resumable global-batch order; DP slicing; state_dict
     builder      build_sft_data(data, records, tokenizer, ...) -> SFTData, the trainer's entry point
     indexed      preprocessed sets on disk (megatron-core .bin/.idx + sidecar), mmap samples
-    preprocess   JSONL -> preprocessed set with worker processes (tools/preprocess_sft_data.py)
+    preprocess   JSONL/Parquet -> preprocessed set, by workers (tools/preprocess_sft_data.py)
     blend        --data-path syntax: one set, a union, or a weighted blend of preprocessed sets
     synthetic_tasks  seeded self-checking SFT tasks (addition, reverse, sort) for quickstarts
 """

@@ -74,7 +74,7 @@ def build_sft_data(
     """Builds tokenizer and loaders; every rank builds the same rows (deterministic), then reads
     only its slice. Counts of skipped/truncated/dropped samples are logged and returned.
 
-    A split comes from JSONL files (``data.train_data`` / ``valid_data``) or from sets
+    A split comes from JSONL/Parquet files (``data.train_data`` / ``valid_data``) or from sets
     preprocessed by ``tools/preprocess_sft_data.py`` (``data.data_path`` / ``valid_data_prefix``,
     Megatron ``--data-path`` syntax, memory-mapped; see ``megatron_deft.data.blend``). Both
     give the same rows for the same samples.
@@ -128,7 +128,7 @@ def build_sft_data(
 
 @dataclass(frozen=True)
 class _Reading:
-    """What reading and tokenizing a JSONL split depends on."""
+    """What reading and tokenizing a JSONL/Parquet split depends on."""
 
     data: DataConfig
     records: RecordFormat

@@ -4,8 +4,8 @@ comes from.
 Three sections, each a dataclass with a docstring under every field (the CLI help) and its own
 checks in ``__post_init__``:
 
-- :class:`RecordFormat`: how a JSONL line becomes a conversation; read by the trainer, the
-  evaluator, ``tools/preprocess_sft_data.py`` and ``tools/train_tokenizer.py``.
+- :class:`RecordFormat`: how a record (JSONL line, Parquet row) becomes a conversation; read by
+  the trainer, the evaluator, ``tools/preprocess_sft_data.py`` and ``tools/train_tokenizer.py``.
 - :class:`TokenizerConfig`: the tokenizer (Megatron-LM's ``--tokenizer-type/--tokenizer-model``);
   same users.
 - :class:`DataConfig`: the trainer's data sources and row settings.
@@ -30,7 +30,7 @@ def _choices(default: str, choices):
 
 @dataclass
 class RecordFormat:
-    """How a JSONL record is read (megatron_deft.data.jsonl)."""
+    """How a JSONL line or Parquet row is read (megatron_deft.data.jsonl)."""
 
     data_format: str = _choices("auto", DATA_FORMATS)
     """Record format: prompt_response (one pair per line under --prompt-key/--response-key),
@@ -41,7 +41,8 @@ class RecordFormat:
     response_key: str = "response"
     """JSON key of the response in prompt_response records (e.g. answer for GSM8K)."""
     skip_bad_samples: bool = False
-    """Skip (count and report) malformed or invalid JSONL lines instead of stopping at the first."""
+    """Skip (count and report) malformed or invalid records (JSONL lines, Parquet rows) instead of
+    stopping at the first."""
 
     def __post_init__(self):
         _check_choice("--data-format", self.data_format, DATA_FORMATS)
@@ -75,9 +76,10 @@ class DataConfig:
     """Where the trainer's samples come from and how they become rows."""
 
     train_data: Optional[str] = None
-    """Training data file(s) (JSONL), comma separated, read in the order given."""
+    """Training data file(s) (JSONL, or Parquet by the .parquet suffix), comma separated, read in
+    the order given."""
     valid_data: Optional[str] = None
-    """Validation data file(s) (JSONL), comma separated."""
+    """Validation data file(s) (JSONL or .parquet), comma separated."""
     data_path: Optional[list] = None
     """Preprocessed training data (tools/preprocess_sft_data.py --output-prefix), instead of
     --train-data: one prefix, several prefixes, or weight/prefix pairs (--data-path 0.7 a 0.3 b).
@@ -88,13 +90,14 @@ class DataConfig:
     """Train on the built-in deterministic synthetic rows (needs --vocab-size)."""
     token_class_key: Optional[str] = None
     """JSON key whose string value names the class of a sample's tokens (e.g. "noisy"): the
-    gate and exponent are then also logged per class (TensorBoard histograms). JSONL only."""
+    gate and exponent are then also logged per class (TensorBoard histograms). --train-data only."""
     pack_sequences: bool = False
     """Pack several samples into one row of seq_length tokens."""
     overlong: str = _choices("truncate", OVERLONG_POLICIES)
     """Samples longer than --seq-length: truncate (keep the first seq_length tokens) or drop."""
     data_cache_dir: Optional[str] = None
-    """Cache tokenized JSONL here so restarts skip tokenization (keyed by the files' contents)."""
+    """Cache tokenized --train-data/--valid-data here so restarts skip tokenization (keyed by the
+    files' contents)."""
 
     def __post_init__(self):
         # Imported here: blend's modules import jsonl, which imports this module.
@@ -113,13 +116,16 @@ class DataConfig:
                 except ValueError as error:
                     raise ValueError(f"{flag}: {error}") from None
         if self.train_data is not None and self.data_path:
-            raise ValueError("give --train-data (JSONL) or --data-path (preprocessed), not both")
+            raise ValueError(
+                "give --train-data (JSONL/Parquet) or --data-path (preprocessed), not both"
+            )
         if self.valid_data is not None and self.valid_data_prefix:
             raise ValueError("give --valid-data or --valid-data-prefix, not both")
         if self.token_class_key and self.train_data is None:
             raise ValueError(
-                "--token-class-key needs JSONL data (--train-data): preprocessed --data-path "
-                "sets carry no per-sample fields (--mock-data samples have built-in classes)"
+                "--token-class-key needs JSONL data (or Parquet, --train-data): preprocessed "
+                "--data-path sets carry no per-sample fields (--mock-data samples have built-in "
+                "classes)"
             )
 
     def train_paths(self) -> List[str]:

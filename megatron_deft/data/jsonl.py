@@ -1,6 +1,8 @@
-"""Reading SFT samples from JSONL files: format detection, validation, per-line errors.
+"""Reading SFT samples from JSONL or Parquet files: format detection, validation, per-record
+errors (how each file type is read: ``megatron_deft.data.sources``).
 
-Every accepted line becomes a :class:`Sample`, a conversation of ``(role, content)`` messages:
+Every accepted record (a JSONL line, or a Parquet row whose columns are the keys) becomes a
+:class:`Sample`, a conversation of ``(role, content)`` messages:
 
 - ``prompt_response``: ``{"<prompt_key>": str, "<response_key>": str}`` becomes
   ``[("user", prompt), ("assistant", response)]`` (GSM8K: ``--prompt-key question
@@ -11,30 +13,22 @@ With a ``class_key`` (``--token-class-key``), the record's string under that key
 sample's tokens with a class (e.g. ``"noisy"``) for per-class training diagnostics; a record
 without the key is unlabeled. The class never changes what is trained.
 
-A bad line raises :class:`DataError` naming ``file:line``; with ``skip_bad_samples`` it is
-counted per reason in a :class:`ReadReport` instead. Blank lines are not samples and are ignored.
+A bad record raises :class:`DataError` naming ``file:line`` (``file:row N`` in Parquet); with
+``skip_bad_samples`` it is counted per reason in a :class:`ReadReport` instead. Blank lines are
+not samples and are ignored.
 """
 
 import collections
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from megatron_deft.data.config import RecordFormat
+from megatron_deft.data.sources import DataError, reader_for, record_location
 
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED_EXAMPLES = 5
-
-
-class DataError(ValueError):
-    """Bad input data; the message starts with ``file:line:`` (``file:`` for whole-file errors)."""
-
-    def __init__(self, path: str, line: Optional[int], message: str, reason: str = "invalid"):
-        location = f"{path}:{line}" if line is not None else f"{path}"
-        super().__init__(f"{location}: {message}")
-        self.path, self.line, self.reason = path, line, reason
 
 
 class _BadRecord(ValueError):
@@ -52,8 +46,14 @@ class Sample:
     messages: Tuple[Tuple[str, str], ...]
     path: str
     line: int
+    """The record's line (JSONL, from 1) or row (Parquet, from 0)."""
     token_class: Optional[str] = None
     """The record's ``class_key`` value (None: unlabeled or no ``class_key``)."""
+
+    @property
+    def location(self) -> str:
+        """``file:line`` or ``file:row N``, as error messages name the record."""
+        return record_location(self.path, self.line)
 
 
 @dataclass
@@ -63,7 +63,7 @@ class ReadReport:
     num_samples: int = 0
     skipped: Dict[str, int] = field(default_factory=collections.Counter)
     examples: List[str] = field(default_factory=list)
-    """The first few skipped lines as ``file:line: message``."""
+    """The first few skipped records as ``file:line: message`` (``file:row N: message``)."""
     digests: Dict[str, str] = field(default_factory=dict)
     """SHA-256 hex digest of each file's bytes as read (the tokenized-data cache's key)."""
 
@@ -86,7 +86,7 @@ def read_samples(
     returns the samples and a report of skips.
 
     Raises:
-        DataError: a missing/empty file (always), or the first bad line unless
+        DataError: a missing/empty file (always), or the first bad record unless
             ``records.skip_bad_samples``.
     """
     report = ReadReport()
@@ -142,7 +142,7 @@ def detect_format(record: dict, prompt_key: str, response_key: str) -> str:
 
 
 def parse_record(record: dict, data_format: str, prompt_key: str, response_key: str):
-    """Validates one JSON object and returns its ``(role, content)`` messages."""
+    """Validates one record (a JSON object or a Parquet row) and returns its messages."""
     if data_format == "prompt_response":
         prompt = _string_field(record, prompt_key, allow_empty=True)
         response = _string_field(record, response_key, allow_empty=False)
@@ -231,35 +231,18 @@ def _check_file(path: str) -> None:
         raise DataError(path, None, "is not a regular file", reason="missing_file")
 
 
-def decode_record(raw: bytes, path: str, line: int) -> Optional[dict]:
-    """One JSONL line -> its JSON object; None for a blank line; DataError(path:line) otherwise."""
-    try:
-        text = raw.decode("utf-8")
-        if not text.strip():
-            return None
-        record = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(path, line, f"malformed JSON: {error}", "malformed_json") from None
-    if not isinstance(record, dict):
-        kind = type(record).__name__
-        raise DataError(path, line, f"expected a JSON object, got {kind}", "invalid")
-    return record
-
-
 def _iter_records(path: str, report: ReadReport, skip: bool) -> Iterator[Tuple[int, dict]]:
-    """Yields ``(line_number, json_object)``; undecodable lines fail or are skipped here."""
-    # Binary read + per-line decode so that a bad byte is reported at its line, not for the file.
+    """Yields ``(line or row number, record)``; undecodable units fail or are skipped here."""
+    reader = reader_for(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for line, raw in enumerate(handle, start=1):
-            digest.update(raw)
-            try:
-                record = decode_record(raw, path, line)
-            except DataError as error:
-                _fail_or_skip(error, report, skip)
-                continue
-            if record is not None:
-                yield line, record
+    for number, unit, _ in reader.units(path, digest):
+        try:
+            record = reader.decode(unit, path, number)
+        except DataError as error:
+            _fail_or_skip(error, report, skip)
+            continue
+        if record is not None:
+            yield number, record
     report.digests[path] = digest.hexdigest()
 
 

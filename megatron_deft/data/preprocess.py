@@ -1,24 +1,26 @@
-"""JSONL -> a preprocessed indexed SFT data set (see ``indexed``), tokenized by worker processes.
+"""JSONL or Parquet -> a preprocessed indexed SFT data set (see ``indexed``), tokenized by worker
+processes.
 
-The main process reads the files as raw lines in chunks of ``chunk_lines`` and hands them to
-``workers`` processes, which decode, validate (the same checks and messages as
-``megatron_deft.data.jsonl``) and tokenize (``tokenize_conversation``) them. Results are
-consumed strictly in input order with a bounded number of chunks in flight, so the output is
-byte-identical for any worker count and memory stays flat for multi-GB inputs. Bad lines fail
-at ``file:line`` or, with ``skip_bad_samples``, are counted per reason in the sidecar; the
+The main process reads the files as units (raw JSONL lines, Parquet rows; see ``sources``) in
+chunks of ``chunk_lines`` and hands them to ``workers`` processes, which decode, validate (the
+same checks and messages as ``megatron_deft.data.jsonl``) and tokenize
+(``tokenize_conversation``) them. Results are consumed strictly in input order with a bounded
+number of chunks in flight, so the output is byte-identical for any worker count and memory
+stays flat for multi-GB inputs. Bad records fail at their location (``file:line``,
+``file:row N``) or, with ``skip_bad_samples``, are counted per reason in the sidecar; the
 over-long policy is left to load time (samples are stored whole). All files are written under
 temporary names and renamed at the end, the sidecar last, so an interrupted run never leaves a
-set that loads.
-"""
+set that loads."""
 
 import collections
+import itertools
 import json
 import multiprocessing
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -36,10 +38,10 @@ from megatron_deft.data.jsonl import (
     _BadRecord,
     _check_file,
     _fail_or_skip,
-    decode_record,
     detect_format,
     parse_record,
 )
+from megatron_deft.data.sources import reader_for
 from megatron_deft.data.tokenizer import Tokenizer, build_tokenizer
 
 CHUNK_LINES = 1024
@@ -51,10 +53,12 @@ NEVER = float("inf")
 class _Chunk:
     path: str
     first_line: int
-    lines: List[bytes]
+    units: List[Any]
+    """Consecutive units (lines or rows, ``sources.RecordReader``) numbered from ``first_line``."""
+    num_bytes: int
     file_format: Optional[str]
     detected_at: float
-    """First line whose record fixed ``file_format`` (``auto``); earlier lines still run format
+    """First unit whose record fixed ``file_format`` (``auto``); earlier units still run format
     detection, which fails for them, exactly as ``jsonl.iter_samples`` reports it."""
 
 
@@ -82,7 +86,7 @@ def preprocess_sft_data(
     ``settings`` says (default ``RecordFormat()``); returns the sidecar.
 
     Raises:
-        DataError: a missing/empty file, or the first bad line unless ``skip_bad_samples``.
+        DataError: a missing/empty file, or the first bad record unless ``skip_bad_samples``.
     """
     settings = settings or RecordFormat()
     tokenizer_type, tokenizer_model = (
@@ -150,33 +154,32 @@ def _check_not_empty(path: Optional[str], parsed: Dict[str, int]) -> None:
 
 
 def _read_chunks(paths: Sequence[str], settings: RecordFormat, chunk_lines: int):
-    """Yields every file's raw lines in chunks (at least one chunk per file, maybe empty)."""
+    """Yields every file's units in chunks (at least one chunk per file, maybe empty)."""
     for path in paths:
-        file_format, detected_at = _file_format(path, settings)
-        with open(path, "rb") as handle:
-            lines, first = [], 1
-            for number, raw in enumerate(handle, start=1):
-                lines.append(raw)
-                if len(lines) == chunk_lines:
-                    yield _Chunk(path, first, lines, file_format, detected_at)
-                    lines, first = [], number + 1
-            if lines or first == 1:
-                yield _Chunk(path, first, lines, file_format, detected_at)
+        detected = _file_format(path, settings)
+        units = reader_for(path).units(path)
+        while True:
+            group = list(itertools.islice(units, chunk_lines))
+            first = group[0][0] if group else 0
+            num_bytes = sum(size for _, _, size in group)
+            yield _Chunk(path, first, [unit for _, unit, _ in group], num_bytes, *detected)
+            if len(group) < chunk_lines:
+                break
 
 
 def _file_format(path: str, settings: RecordFormat) -> Tuple[Optional[str], float]:
-    """``(format, line it was detected at)``: the configured one, or with ``auto`` the format of
-    the first JSON object a format can be detected from (``iter_samples`` detects the same)."""
+    """``(format, unit it was detected at)``: the configured one, or with ``auto`` the format of
+    the first record a format can be detected from (``iter_samples`` detects the same)."""
     if settings.data_format != "auto":
         return settings.data_format, 0
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                record = json.loads(raw.decode("utf-8"))
-                if isinstance(record, dict):
-                    return detect_format(record, settings.prompt_key, settings.response_key), number
-            except (UnicodeDecodeError, json.JSONDecodeError, _BadRecord):
-                continue
+    reader = reader_for(path)
+    for number, unit, _ in reader.units(path):
+        try:
+            record = reader.decode(unit, path, number)
+            if record is not None:
+                return detect_format(record, settings.prompt_key, settings.response_key), number
+        except (DataError, _BadRecord):
+            continue
     return None, NEVER
 
 
@@ -209,9 +212,9 @@ def _tokenize_chunk(chunk: _Chunk, settings: RecordFormat, tokenizer=None) -> _C
     (the main process raises it: earlier chunks had none)."""
     tokenizer = tokenizer or _WORKER_TOKENIZER
     ids, flags, errors, num_parsed = [], [], [], 0
-    for number, raw in enumerate(chunk.lines, start=chunk.first_line):
+    for number, unit in enumerate(chunk.units, start=chunk.first_line):
         try:
-            messages = _parse_line(raw, number, chunk, settings)
+            messages = _parse_unit(unit, number, chunk, settings)
             if messages is None:
                 continue
             num_parsed += 1
@@ -220,26 +223,24 @@ def _tokenize_chunk(chunk: _Chunk, settings: RecordFormat, tokenizer=None) -> _C
             except ChatTemplateError as error:
                 raise DataError(chunk.path, number, str(error), reason="chat_template") from error
         except DataError as error:
-            message = str(error)[len(f"{chunk.path}:{number}: ") :]
-            errors.append((number, message, error.reason))
+            errors.append((number, error.message, error.reason))
             if not settings.skip_bad_samples:
                 break
             continue
         ids.append(np.asarray(sample_ids, dtype=np.int32))
         flags.append(np.asarray(sample_flags, dtype=np.uint8))
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
-    num_bytes = sum(len(raw) for raw in chunk.lines)
     joined_ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
     joined_flags = np.concatenate(flags) if flags else np.zeros(0, np.uint8)
     return _ChunkResult(
-        chunk.path, num_bytes, joined_ids, joined_flags, lengths, errors, num_parsed
+        chunk.path, chunk.num_bytes, joined_ids, joined_flags, lengths, errors, num_parsed
     )
 
 
-def _parse_line(raw: bytes, number: int, chunk: _Chunk, settings: RecordFormat):
-    """The conversation of one line, None for a blank line; DataError as ``jsonl`` words it."""
+def _parse_unit(unit, number: int, chunk: _Chunk, settings: RecordFormat):
+    """The conversation of one unit, None for a blank line; DataError as ``jsonl`` words it."""
     path = chunk.path
-    record = decode_record(raw, path, number)
+    record = reader_for(path).decode(unit, path, number)
     if record is None:
         return None
     file_format = chunk.file_format if number >= chunk.detected_at else None

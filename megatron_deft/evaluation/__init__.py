@@ -6,6 +6,7 @@ Modules:
     pipeline    one forward pass through the pipeline stages, the last stage's result on all
     scoring     held-out per-token NLL and the objective's statistics on response tokens
     evaluator   checkpoint -> model, data-parallel split of the samples, summaries
+    math_grading  final-answer extraction, math-verify equivalence, avg@k / pass@k reports
 """
 
 from megatron_deft.evaluation.arguments import EvalConfig, parse_eval_config

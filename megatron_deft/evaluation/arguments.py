@@ -15,19 +15,22 @@ from megatron_deft.config import ConfigError, add_config_flags, config_from_flag
 from megatron_deft.data.config import RecordFormat, TokenizerConfig
 from megatron_deft.data.tokenizer import check_tokenizer_model
 
+EVAL_TASKS = ("exact_match", "math")
+
 
 @dataclass
 class EvalConfig:
     """Settings of one evaluation (every field is one ``--flag``; the records and tokenizer
     sections are the trainer's)."""
 
-    load: str = field(default="", metadata={"required": True})
+    load: str = ""
     """Checkpoint directory written by megatron-deft-train (its --save); comma separated for
-    several runs evaluated in one launch."""
+    several runs evaluated in one launch. Required unless --score-only."""
     iteration: str = "latest"
     """Which checkpoint(s) under --load: latest (the tracker's), all, or comma-separated numbers."""
-    eval_data: str = field(default="", metadata={"required": True})
-    """JSONL file(s), comma separated; each is scored and reported separately."""
+    eval_data: str = ""
+    """JSONL or Parquet (.parquet) file(s), comma separated; each is scored and reported
+    separately. Required unless --score-only."""
     records: RecordFormat = field(default_factory=RecordFormat)
     """How the files' records are read, as for training (the last assistant turn is the
     reference); lines skipped with --skip-bad-samples are counted in the summary's "skipped"."""
@@ -58,11 +61,19 @@ class EvalConfig:
     """Objective whose gate/exponent statistics are reported (default: the checkpoint's)."""
     output: Optional[str] = None
     """Write one JSON line per sample (index, reference, generated, expected, exact; answer with
-    --answer-pattern) here."""
+    --answer-pattern) here; with --score-only, the JSON report."""
     summary_output: Optional[str] = None
     """Also write the summary JSON lines (one per checkpoint and file) to this file."""
     distributed_timeout_minutes: float = 10.0
     """Timeout of collective operations."""
+    task: str = field(default="exact_match", metadata={"choices": EVAL_TASKS})
+    """exact_match: held-out loss and greedy exact match (above); math: math answers graded by
+    equivalence (megatron_deft.evaluation.math_grading): accuracy (avg@k) and pass@k per data
+    set and overall, as Markdown and with --output as JSON. For now math needs --score-only."""
+    score_only: Optional[str] = None
+    """With --task math: grade this predictions file, without loading a model. JSONL (or
+    .parquet), one problem per record: the generated text in "prediction" (or a list of the k
+    sampled texts), the reference answer or solution in "answer", optionally "dataset"."""
 
     def data_paths(self) -> List[str]:
         return [path for path in self.eval_data.split(",") if path]
@@ -74,7 +85,10 @@ class EvalConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-deft-eval",
-        description="Held-out loss and greedy exact-match of a megatron-deft checkpoint.",
+        description=(
+            "Held-out loss and greedy exact-match of a megatron-deft checkpoint; "
+            "--task math --score-only grades a predictions file without a model."
+        ),
     )
     add_config_flags(parser, EvalConfig)
     return parser
@@ -82,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(config: EvalConfig) -> None:
     """Raise ConfigError (one line) on the first bad setting."""
+    if config.task == "math" and config.score_only is None:
+        raise ConfigError(
+            "--task math grades a predictions file given with --score-only (generating the "
+            "answers with the checkpoint is not implemented yet)"
+        )
+    if config.score_only is not None:
+        if config.task != "math":
+            raise ConfigError("--score-only grades math answers: add --task math")
+        return  # no model, data or tokenizer: nothing else applies
     checks = [
         (config.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1"),
         (config.pipeline_model_parallel_size >= 1, "--pipeline-model-parallel-size must be >= 1"),
@@ -89,8 +112,8 @@ def validate(config: EvalConfig) -> None:
         (config.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
         (config.num_samples >= 0, "--num-samples must be >= 0"),
         (config.micro_batch_size >= 1, "--micro-batch-size must be >= 1"),
-        (bool(config.data_paths()), "--eval-data names no file"),
-        (bool(config.load_paths()), "--load names no directory"),
+        (bool(config.data_paths()), "--eval-data is required (a file or a comma list)"),
+        (bool(config.load_paths()), "--load is required (a checkpoint directory or a comma list)"),
         (bool(config.tokenizer.tokenizer_model), "--tokenizer-model is required"),
     ]
     for ok, message in checks:

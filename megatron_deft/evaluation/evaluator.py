@@ -112,18 +112,17 @@ def eval_item(
     an answer (:func:`extract_answer`)."""
     if sample.messages[-1][0] != "assistant":
         raise ConfigError(
-            f"{sample.path}:{sample.line}: the last message must be the "
-            "assistant's reference answer"
+            f"{sample.location}: the last message must be the assistant's reference answer"
         )
     try:
         ids, flags = tokenize_conversation(sample.messages, tokenizer)
         start, end = last_reply_span(flags)
     except ChatTemplateError as error:
-        raise ConfigError(f"{sample.path}:{sample.line}: {error}") from None
+        raise ConfigError(f"{sample.location}: {error}") from None
     expected = ids[start:end]
     if answer_pattern and extract_answer(answer_pattern, tokenizer.decode(expected)) is None:
         raise ConfigError(
-            f"{sample.path}:{sample.line}: --answer-pattern "
+            f"{sample.location}: --answer-pattern "
             f"{answer_pattern.pattern!r} finds no answer in the reference reply"
         )
     return EvalItem(index, ids[:start], sample.messages[-1][1], expected, (ids, flags))
@@ -220,7 +219,7 @@ def evaluate_file(
         "num_samples": len(predictions),
         "exact_match": sum(p["exact"] for p in predictions) / max(len(predictions), 1),
         "objective": str(objective),
-        **summarize(sums, objective.family == "qlog"),
+        **summarize(sums, objective),
     }
     if answer_pattern:
         summary["answer_pattern"] = answer_pattern.pattern

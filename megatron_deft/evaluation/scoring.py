@@ -17,9 +17,11 @@ from megatron_deft.data.packing import IGNORE_INDEX, next_token_targets
 from megatron_deft.evaluation.generation import causal_inputs
 from megatron_deft.evaluation.pipeline import last_stage_result
 from megatron_deft.objectives.linear_vocab_parallel import loss_of_output
+from megatron_deft.objectives.token_stats import STAT_NAMES, stats_of
 
-# Token sums of one split; "tokens" counts the scored targets.
-SUM_KEYS = ("tokens", "nll", "gate", "exponent", "p_target", "sum_p2", "renyi2_entropy")
+# Token sums of one split: "tokens" counts the scored targets, then every token statistic
+# (token_stats.TOKEN_STATS; 0 where the objective has none) and sum_v p_v^2.
+SUM_KEYS = ("tokens", *STAT_NAMES, "sum_p2")
 # Bins of p_target for the gate-vs-p_target curve: [i/10, (i+1)/10), the last one closed.
 P_BINS = 10
 
@@ -69,15 +71,9 @@ def token_sums(output, labels, objective, vocab_size: int, group) -> torch.Tenso
     _, stats = loss_of_output(output, labels, objective, None, group, vocab_size)
     valid = stats["valid"]
     p = stats["p_target"]
-    per_token = {
-        "tokens": valid.double(),
-        "nll": stats["nll"],
-        "gate": stats["gate"],
-        "exponent": stats.get("exponent", torch.zeros_like(p)),
-        "p_target": p,
-        "sum_p2": torch.exp(-stats["renyi2_entropy"]) * valid,
-        "renyi2_entropy": stats["renyi2_entropy"],
-    }
+    zeros = torch.zeros_like(p)
+    per_token = {name: stats.get(name, zeros) for name in STAT_NAMES}
+    per_token.update(tokens=valid.double(), sum_p2=torch.exp(-stats["renyi2_entropy"]) * valid)
     sums = empty_sums(device)
     for index, key in enumerate(SUM_KEYS):
         sums[index] = per_token[key].double().sum()
@@ -90,13 +86,15 @@ def token_sums(output, labels, objective, vocab_size: int, group) -> torch.Tenso
     return sums
 
 
-def summarize(sums: torch.Tensor, has_exponent: bool) -> Dict[str, object]:
-    """Token means of the sums, plus ``gate_by_p_target``: [[p_lo, p_hi, tokens, mean gate]]."""
+def summarize(sums: torch.Tensor, objective) -> Dict[str, object]:
+    """Token means of the sums (of the statistics ``objective`` has), plus
+    ``gate_by_p_target``: [[p_lo, p_hi, tokens, mean gate]]."""
     values = sums.tolist()
     count = max(values[0], 1.0)
     out = {"tokens": int(values[0])}
+    absent = set(STAT_NAMES) - {stat.name for stat in stats_of(objective)}
     for index, key in enumerate(SUM_KEYS[1:], start=1):
-        if key != "exponent" or has_exponent:
+        if key not in absent:
             out[key] = values[index] / count
     base = len(SUM_KEYS)
     out["gate_by_p_target"] = [

@@ -100,6 +100,8 @@ class ObjectiveSpec:
     """Exact names of the DEFT reference code (`trainer.objective_trans`)."""
     alias_prefix: Optional[str] = None
     """A reference-code prefix followed by the first parameter, e.g. "GeneralFamily-<q>"."""
+    exponent_max: Callable[[dict], float] = lambda params: 1.0
+    """The largest exponent a it can give (a histogram's range), from the parameter values."""
 
     @property
     def topk_param(self) -> Optional[str]:
@@ -200,6 +202,7 @@ _TABLE = (
         source="Tsallis q-log family (q -> 0: NLL, q = 1: 1 - p)",
         params=(Param("q", float, None, 0.0, low_open=True),),
         alias_prefix="GeneralFamily-",
+        exponent_max=lambda params: max(1.0, params["q"]),
     ),
     ObjectiveSpec(
         name="deft",

@@ -38,9 +38,10 @@ import torch.distributed as dist
 from megatron_deft.conventions import IGNORE_INDEX
 from megatron_deft.objectives.registry import Objective, parse_objective
 from megatron_deft.objectives.specs import TokenQuantities, objective_terms
+from megatron_deft.objectives.token_stats import STAT_NAMES, stats_of
 
-# Per-token statistics returned by the autograd Function, in column order of its stats tensor.
-STAT_NAMES = ("gate", "p_target", "nll", "renyi2_entropy", "exponent", "topk_entropy", "valid")
+# Columns of the autograd Function's stats tensor: the token statistics, then the counted mask.
+STAT_COLUMNS = (*STAT_NAMES, "valid")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -65,7 +66,7 @@ def terms_from_partials(
     valid: torch.Tensor,
     mean_group: Optional[dist.ProcessGroup] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss [N], gate [N], stats [N, len(STAT_NAMES)]), 0 at tokens not counted, from the
+    """(loss [N], gate [N], stats [N, len(STAT_COLUMNS)]), 0 at tokens not counted, from the
     summed partials [N, 3] = [z_y - m, S1, S2] (m the global max) and, for eaft, the global
     top-k logits [N, k]: log p = (z_y - m) - log S1, sum_v p_v^2 = S2 / S1^2. The objective's
     spec (specs.py) turns them into loss and gate; its `valid` column marks the tokens counted
@@ -79,7 +80,15 @@ def terms_from_partials(
         objective.spec, dict(objective.params), quantities
     )
     zero = torch.zeros_like(log_p)
-    stats = [gate, log_p.exp(), -log_p, -sum_p2.log(), exponent, top_entropy]
+    values = {
+        "gate": gate,
+        "p_target": log_p.exp(),
+        "nll": -log_p,
+        "renyi2_entropy": -sum_p2.log(),
+        "exponent": exponent,
+        "topk_entropy": top_entropy,
+    }
+    stats = [values[name] for name in STAT_NAMES]
     stats = [torch.where(counted, s, zero) if s is not None else zero for s in stats]
     return loss, gate, torch.stack([*stats, counted.to(zero.dtype)], -1)
 
@@ -390,12 +399,9 @@ def vocab_parallel_loss(
 
 
 def stats_dict(stats: torch.Tensor, objective: Objective, valid: torch.Tensor) -> dict:
-    """The Function's stats columns [N, len(STAT_NAMES)] as {name: [...]} in valid's shape, only
-    those the objective has; `valid` (bool) marks the tokens counted in the mean."""
-    named = {name: stats[:, i].reshape(valid.shape) for i, name in enumerate(STAT_NAMES)}
-    if objective.family != "qlog":
-        del named["exponent"]
-    if not objective.topk:
-        del named["topk_entropy"]
-    named["valid"] = named["valid"] > 0
-    return named
+    """The Function's stats columns [N, len(STAT_COLUMNS)] as {name: [...]} in valid's shape:
+    the statistics the objective has (token_stats.stats_of) and `valid` (bool), the tokens
+    counted in the mean."""
+    named = {name: stats[:, i].reshape(valid.shape) for i, name in enumerate(STAT_COLUMNS)}
+    kept = {stat.name: named[stat.name] for stat in stats_of(objective)}
+    return {**kept, "valid": named["valid"] > 0}

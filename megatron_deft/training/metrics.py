@@ -4,8 +4,9 @@ TensorBoard tags, every ``--log-interval`` iterations (means over the iterations
 
 - ``train/<stat>`` scalars: loss, nll, lr, grad_norm, loss_tokens_per_second (loss-carrying
   tokens, not padding or prompt slots), samples_consumed and rows_consumed (a packed row holds
-  several samples) and the objective's token means (gate, exponent a for q-log objectives, p_target,
-  renyi2_entropy, confident_conflict);
+  several samples) and the objective's token means (its token statistics, objectives/
+  token_stats.py: gate, p_target, renyi2_entropy, the exponent a of q-log objectives, eaft's
+  top-k entropy; and confident_conflict);
 - ``train/<stat>_histogram``: histograms of gate, p_target and exponent over the window's tokens;
 - with ``--token-class-key``, per class ``<name>``: ``train_class/<name>/<stat>`` (token mean),
   ``train_class/<name>/<stat>_histogram`` and ``train_class/<name>/token_fraction`` (its share
@@ -22,19 +23,16 @@ import contextlib
 import logging
 import time
 
+from megatron_deft.objectives.token_stats import TOKEN_STATS, stats_of
 from megatron_deft.training import moe_metrics
 from megatron_deft.training.token_classes import split_histograms
 
 logger = logging.getLogger("megatron_deft")
 
-# Statistic name in the step metrics -> label in the log.
-OBJECTIVE_STATS = {
-    "gate": "mean gate",
-    "exponent": "mean exponent",
-    "p_target": "mean p_target",
-    "renyi2_entropy": "mean renyi2 entropy",
-    "confident_conflict": "confident-conflict fraction",
-}
+# Statistic name in the step metrics -> label in the log: the token statistics that have one
+# (token_stats.TOKEN_STATS) and the confident-conflict fraction.
+OBJECTIVE_STATS = {stat.name: stat.label for stat in TOKEN_STATS if stat.label}
+OBJECTIVE_STATS["confident_conflict"] = "confident-conflict fraction"
 
 
 class MetricsLogger:
@@ -55,7 +53,9 @@ class MetricsLogger:
     ):
         self.is_writer = is_writer
         self.objective, self.class_names = objective, tuple(class_names)
-        self.has_exponent = objective.family == "qlog"  # the exponent exists for q-log objectives
+        # the logged statistics this objective has (e.g. the exponent exists for q-log ones)
+        has = {stat.name for stat in stats_of(objective)} | {"confident_conflict"}
+        self.stats = [name for name in OBJECTIVE_STATS if name in has]
         self.is_nll = objective.name == "nll"
         self.train_iters = train_iters
         self.writer = None
@@ -92,15 +92,13 @@ class MetricsLogger:
         # Means over the iterations that updated (nan when every iteration was skipped).
         means = {
             key: sum(m[key] for m in finite) / len(finite) if finite else float("nan")
-            for key in ("loss", "nll", "grad_norm", *OBJECTIVE_STATS)
+            for key in ("loss", "nll", "grad_norm", *self.stats)
         }
         window_counts = self._window_counts
         self._window, self._window_start, self._window_counts = [], time.perf_counter(), None
         if not self.is_writer:
             return
-        stats = {k: v for k, v in means.items() if k in OBJECTIVE_STATS}
-        if not self.has_exponent:
-            stats.pop("exponent")
+        stats = {name: means[name] for name in self.stats}
         parts = [
             f"iteration {iteration:6d}/{self.train_iters}",
             f"loss {means['loss']:.6f}",

@@ -31,20 +31,14 @@ from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_deft.objectives.linear_vocab_parallel import loss_of_output
+from megatron_deft.objectives.token_stats import STAT_NAMES
 from megatron_deft.training import moe_metrics
 from megatron_deft.training.token_classes import bin_token_stats, histogram_shape
 
-# Order of the per-micro-batch report vector (sums over valid tokens, except "tokens").
-REPORT_KEYS = (
-    "loss",
-    "tokens",
-    "nll",
-    "gate",
-    "exponent",
-    "p_target",
-    "renyi2_entropy",
-    "confident_conflict",
-)
+# Order of the per-micro-batch report vector: sums over the counted tokens of the loss, their
+# count, every token statistic (token_stats.TOKEN_STATS; 0 where the objective has none) and the
+# confident-conflict indicator.
+REPORT_KEYS = ("loss", "tokens", *STAT_NAMES, "confident_conflict")
 _LN2 = math.log(2.0)
 
 
@@ -85,22 +79,9 @@ def loss_func(labels, loss_mask, token_class, objective, num_classes, vocab_size
     num_tokens = valid.sum().to(torch.int)
     loss_sum = loss.sum()
     zeros = torch.zeros_like(loss)
+    values = [loss, valid, *(stats.get(name, zeros) for name in STAT_NAMES), conflict]
     # Summed in float64, as the histograms: the logged means agree with theirs to rounding.
-    report = torch.stack(
-        [
-            value.detach().double().sum()
-            for value in (
-                loss,
-                valid,
-                stats["nll"],  # -log p_target for every objective: comparable across objectives
-                stats["gate"],
-                stats.get("exponent", zeros),
-                stats["p_target"],
-                stats["renyi2_entropy"],
-                conflict,
-            )
-        ]
-    )
+    report = torch.stack([value.detach().double().sum() for value in values])
     histograms = bin_token_stats(stats, token_class, num_classes, objective)
     return loss_sum, num_tokens, {"report": torch.cat([report, histograms.reshape(-1)])}
 
@@ -144,8 +125,8 @@ def _reduce_reports(outputs: list, length: int, device) -> torch.Tensor:
 
 
 def metrics_from_sums(sums: torch.Tensor, objective, num_classes: int) -> dict:
-    """Token means of the reported sums: loss, nll, gate, exponent, p_target, renyi2_entropy and
-    the confident-conflict fraction; ``tokens`` is the global loss-token count;
+    """Token means of the reported sums (REPORT_KEYS: the loss, every token statistic and the
+    confident-conflict fraction); ``tokens`` is the global loss-token count;
     ``token_class_counts`` the summed histograms [num_classes + 1, Q, NUM_BINS + 2] (CPU)."""
     scalars, histograms = sums[: len(REPORT_KEYS)], sums[len(REPORT_KEYS) :]
     values = dict(zip(REPORT_KEYS, scalars.tolist()))

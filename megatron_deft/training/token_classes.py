@@ -20,12 +20,14 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 
+from megatron_deft.objectives.token_stats import BY_NAME, stats_of
+
 NUM_BINS = 50
 
 
 def histogram_stats(objective) -> Tuple[str, ...]:
-    """Statistics histogrammed for ``objective``: the exponent a exists for q-log objectives."""
-    return ("gate", "p_target") + (("exponent",) if objective.family == "qlog" else ())
+    """Statistics histogrammed for ``objective``: its ``histogram`` token statistics."""
+    return tuple(stat.name for stat in stats_of(objective) if stat.histogram)
 
 
 def histogram_shape(objective, num_classes: int) -> Tuple[int, int, int]:
@@ -34,11 +36,9 @@ def histogram_shape(objective, num_classes: int) -> Tuple[int, int, int]:
 
 
 def histogram_upper(objective, stat: str) -> float:
-    """Upper edge of the binned range: gate and p_target lie in [0, 1]; so does every exponent
-    except Tsallis' constant a = q."""
-    if stat == "exponent" and objective.name == "tsallis":
-        return max(1.0, objective.param("q"))
-    return 1.0
+    """Upper edge of the binned range (gate and p_target lie in [0, 1]; so does every exponent
+    except Tsallis' constant a = q), as the statistic declares it."""
+    return BY_NAME[stat].upper(objective.spec, dict(objective.params))
 
 
 def bin_token_stats(

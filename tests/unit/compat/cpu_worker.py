@@ -5,7 +5,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from common import config_for, write_results
+from common import config_for, logits_of, write_results
 
 from megatron_deft.training.trainer import Trainer
 
@@ -19,8 +19,8 @@ def full_logits(trainer) -> torch.Tensor:
     dist.broadcast_object_list(shared, src=0)
     batch = shared[0]
     with torch.no_grad():
-        shard = trainer.model[0].module(
-            batch["tokens"], batch["position_ids"], batch["attention_mask"]
+        shard = logits_of(
+            trainer.model[0].module, batch["tokens"], batch["position_ids"], batch["attention_mask"]
         )
     tp = parallel_state.get_tensor_model_parallel_world_size()
     shards = [torch.empty_like(shard) for _ in range(tp)]

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.integration  # launches training processes
+
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 HF_VOCAB, TOKENIZER_VOCAB, ROPE_THETA = 400, 320, 1000000.0
 

@@ -24,6 +24,8 @@ from megatron_deft.objectives import (
     vocab_parallel_loss,
 )
 
+pytestmark = pytest.mark.integration  # launches training processes
+
 OBJECTIVES = ["nll", "p", "dft", "tsallis:q=0.5", "deft", "cayley", "eaft", "eaft:k=3"]
 OBJECTIVES += ["OnlyTopP-0.05", "nll_bottom:0.05"]  # threshold ablations: counted tokens
 COLLECTIVES = [

@@ -11,6 +11,8 @@ import pytest
 
 from tests.unit.training.train_cli import lines_with, run_train
 
+pytestmark = pytest.mark.integration  # launches training processes
+
 ITERS = ["--train-iters", 2, "--lr-decay-iters", 4]
 LOAD = ITERS + ["--make-vocab-size-divisible-by", 256]  # TP=1 pads as the TP=2 save (128 x 2)
 

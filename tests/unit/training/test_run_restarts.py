@@ -9,6 +9,8 @@ import pytest
 
 from tests.unit.training.train_cli import lines_with, run_train
 
+pytestmark = pytest.mark.integration  # launches training processes
+
 _LOSS = re.compile(r"iteration +(\d+)/\d+ \| loss ([0-9.]+)")
 
 

@@ -6,9 +6,13 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from megatron_deft.training.checkpointing import TRACKER, checkpoint_dir
 from megatron_deft.training.save_directory import LOCK_FILE, remove_leftovers
 from tests.unit.training.train_cli import lines_with, run_train, start_train
+
+pytestmark = pytest.mark.integration  # launches training processes
 
 
 def _wait_for_lock_holder(path, process, timeout=180.0) -> None:

@@ -93,6 +93,7 @@ def full_logits(trainer, tokens):
 
     for chunk in trainer.model:
         chunk.eval()
+        chunk.module.fused_output_loss = False  # the last stage returns logits
     get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter([batch]),
@@ -102,6 +103,8 @@ def full_logits(trainer, tokens):
         micro_batch_size=b,
         forward_only=True,
     )
+    for chunk in trainer.model:
+        chunk.module.fused_output_loss = True
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     local = captured[0]  # [b, s, V_pad / tp]

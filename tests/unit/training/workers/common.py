@@ -53,6 +53,16 @@ TINY_MODEL = [
 ]
 
 
+def logits_of(module, *inputs) -> torch.Tensor:
+    """[b, s, V/tp] logits of one of a trainer's model chunks (``module``: unwrapped from DDP):
+    its last stage otherwise hands the fused output-layer loss its hidden states."""
+    fused, module.fused_output_loss = module.fused_output_loss, False
+    try:
+        return module(*inputs)
+    finally:
+        module.fused_output_loss = fused
+
+
 def config_for(tp=1, pp=1, extra=()):
     """Validated tiny config for a TP x PP layout on the current world (DP = world / TP / PP)."""
     argv = TINY_MODEL + [

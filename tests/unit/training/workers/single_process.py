@@ -11,7 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from common import config_for, full_weights, write_results
+from common import config_for, full_weights, logits_of, write_results
 
 from megatron_deft.training import checkpointing, step
 from megatron_deft.training.trainer import Trainer, TrainingStopped
@@ -51,7 +51,9 @@ def per_token_normalisation(result: dict) -> None:
         key: torch.cat([mb[key] for mb in microbatches])
         for key in ("tokens", "position_ids", "attention_mask", "labels")
     }
-    logits = model[0].module(whole["tokens"], whole["position_ids"], whole["attention_mask"])
+    logits = logits_of(
+        model[0].module, whole["tokens"], whole["position_ids"], whole["attention_mask"]
+    )
     # The padding ids of the output layer (vocab 500 padded to 512) are outside the softmax.
     assert logits.shape[-1] > trainer.vocab_size == 500
     logits = logits[..., : trainer.vocab_size]
@@ -175,7 +177,7 @@ def non_finite_handling(result: dict, out_dir: str) -> None:
 
 
 def _token_losses(model, tokens, position_ids, attention_mask, labels) -> torch.Tensor:
-    logits = model(tokens, position_ids, attention_mask)  # [b, s, V]
+    logits = logits_of(model, tokens, position_ids, attention_mask)  # [b, s, V]
     losses = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
         labels.reshape(-1),
