@@ -72,6 +72,15 @@ BOUNDS = {
     "eval_iters": _at_least(1),
     "max_skipped_iters": _at_least(0),
     "save_interval": _at_least(0),
+    "num_experts": _at_least(1),
+    "moe_router_topk": _at_least(1),
+    "moe_ffn_hidden_size": _at_least(1),
+    "expert_model_parallel_size": _at_least(1),
+    "expert_tensor_parallel_size": _at_least(1),
+    "moe_shared_expert_intermediate_size": _at_least(1),
+    "moe_router_topk_scaling_factor": _above(0),
+    "moe_aux_loss_coeff": _at_least(0),
+    "moe_z_loss_coeff": _at_least(0),
 }
 """field -> (predicate, what it requires): the range of every numeric setting (None, an unset
 optional, always passes). Checks involving several sections are in training/arguments.py."""
@@ -193,6 +202,131 @@ class ParallelConfig(_Checked):
     """Timeout of collective operations; a hang fails after this long."""
 
 
+MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+MOE_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
+MOE_DISPATCHERS = ("alltoall", "allgather")
+MOE_ROUTER_DTYPES = ("fp32", "fp64")
+
+
+def _choice(default, choices):
+    """A field whose allowed values the generated flag enforces (``metadata['choices']``)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def _layer_freq(freq: str):
+    """--moe-layer-freq parsed: an int >= 1 or a non-empty list of 0/1 (ValueError otherwise)."""
+    try:
+        value = _list_expression(ast.parse(freq.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, TypeError):
+        value = None
+    is_int = isinstance(value, int) and value >= 1
+    if is_int or (isinstance(value, list) and value and all(v in (0, 1) for v in value)):
+        return value
+    raise ConfigError(
+        f"--moe-layer-freq {freq!r}: expected an int >= 1 or a list of 0/1 such as [1,0,1,0]"
+    )
+
+
+def moe_layer_pattern(freq: str, num_layers: int) -> list:
+    """--moe-layer-freq as Megatron-LM reads it -> [1 (MoE) / 0 (dense)] per layer: an int N puts
+    experts in every N-th layer from layer 0; a list expression such as ``[1,0,1,0]`` or
+    ``([0]+[1]*3)*2`` (lists, ints, + and *: evaluated without ``eval``) gives one entry per
+    layer."""
+    value = _layer_freq(freq)
+    if isinstance(value, int):
+        return [int(i % value == 0) for i in range(num_layers)]
+    if len(value) != num_layers:
+        raise ConfigError(
+            f"--moe-layer-freq {freq} has {len(value)} entries, --num-layers is {num_layers}"
+        )
+    return value
+
+
+def _list_expression(node):
+    """The value of an expression made of int constants, lists, + and * (nothing else)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        return node.value
+    if isinstance(node, ast.List):
+        return [_list_expression(item) for item in node.elts]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        left, right = _list_expression(node.left), _list_expression(node.right)
+        return left + right if isinstance(node.op, ast.Add) else left * right
+    raise ValueError("not a list expression")
+
+
+@dataclass
+class MoEConfig(_Checked):
+    """Mixture of experts (megatron-core's MoELayer, TopKRouter, token dispatchers and
+    SequentialMLP / grouped-GEMM experts), Megatron-LM's flags. Routing is dropless: every
+    token reaches all of its top-k experts (no capacity factor)."""
+
+    num_experts: Optional[int] = None
+    """Routed experts E per MoE layer (default: a dense model, no experts)."""
+    moe_router_topk: int = 2
+    """Experts k each token is routed to."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """SwiGLU inner size of each routed expert (default --ffn-hidden-size)."""
+    expert_model_parallel_size: int = 1
+    """Expert-parallel size EP: the experts of a layer are split over EP ranks (E / EP each);
+    EP ranks are data-parallel ranks of the dense layers."""
+    expert_tensor_parallel_size: Optional[int] = None
+    """Tensor-parallel size ETP inside each expert (default: --tensor-model-parallel-size);
+    ETP x EP x PP must divide the world size."""
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """SwiGLU inner size of the shared expert that every token passes through (Qwen2-MoE,
+    DeepSeek; the total over all shared experts); default none."""
+    moe_shared_expert_gate: bool = False
+    """Scale the shared expert's output by sigmoid(w . x), a learned per-token gate
+    (Qwen2-MoE)."""
+    moe_router_score_function: str = _choice("softmax", MOE_SCORE_FUNCTIONS)
+    """Router scores from the logits: softmax (Mixtral, Qwen) or sigmoid (DeepSeek-V3)."""
+    moe_router_pre_softmax: bool = False
+    """Softmax over all E logits before the top-k (probabilities not renormalised over the k
+    chosen: Qwen2-MoE/Qwen3-MoE without norm_topk_prob); default softmax over the k chosen."""
+    moe_router_topk_scaling_factor: Optional[float] = None
+    """Multiply the top-k routing weights by this factor (DeepSeek's routed_scaling_factor)."""
+    moe_router_load_balancing_type: str = _choice("aux_loss", MOE_LOAD_BALANCING_TYPES)
+    """Load-balancing loss: aux_loss (Switch Transformer's, over each micro-batch),
+    seq_aux_loss (per sequence, DeepSeek-V2/V3) or none."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the load-balancing loss (0: off; e.g. 1e-3 for Qwen3-MoE, 2e-2 for
+    Mixtral)."""
+    moe_z_loss_coeff: Optional[float] = None
+    """Weight of the router z-loss, mean over tokens of logsumexp(router logits)^2 (ST-MoE;
+    default off)."""
+    moe_router_enable_expert_bias: bool = False
+    """Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the
+    top-k choice only, moved after every step towards balanced load (needs sigmoid scores)."""
+    moe_layer_freq: str = "1"
+    """Which layers are MoE: an int N (every N-th layer from layer 0; 1: all) or a list of 0/1,
+    one per layer, e.g. [0,1,1,1] or ([0]+[1]*3)."""
+    moe_token_dispatcher_type: str = _choice("allgather", MOE_DISPATCHERS)
+    """How tokens reach their experts' EP ranks: allgather (every rank gathers all tokens of
+    its TP x EP group) or alltoall (each token is sent only to its experts' ranks)."""
+    moe_grouped_gemm: bool = False
+    """Run a rank's local experts as one grouped GEMM (Transformer Engine, CUDA) instead of one
+    SwiGLU MLP after another (SequentialMLP)."""
+    moe_router_dtype: Optional[str] = _choice(None, MOE_ROUTER_DTYPES)
+    """Precision of the router's logits, scores and aux losses: fp32 or fp64 (default: the
+    model's dtype; fp32 is recommended with --bf16)."""
+
+    def __post_init__(self):
+        super().__post_init__()  # the ranges in BOUNDS
+        _layer_freq(self.moe_layer_freq)
+        choices = {
+            "--moe-router-score-function": (self.moe_router_score_function, MOE_SCORE_FUNCTIONS),
+            "--moe-router-load-balancing-type": (
+                self.moe_router_load_balancing_type,
+                MOE_LOAD_BALANCING_TYPES,
+            ),
+            "--moe-token-dispatcher-type": (self.moe_token_dispatcher_type, MOE_DISPATCHERS),
+            "--moe-router-dtype": (self.moe_router_dtype or "fp32", MOE_ROUTER_DTYPES),
+        }
+        for flag, (value, allowed) in choices.items():  # YAML values bypass argparse's choices
+            if value not in allowed:
+                raise ConfigError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+
+
 @dataclass
 class OptimizerConfig(_Checked):
     """AdamW with warmup + decay of the learning rate."""
@@ -312,6 +446,8 @@ class Config:
     """Architecture."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Parallel layout."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture of experts (off unless --num-experts)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """Optimizer and learning-rate schedule."""
     training: TrainingConfig = field(default_factory=TrainingConfig)

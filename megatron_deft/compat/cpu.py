@@ -26,6 +26,12 @@ What :func:`enable` changes, and nothing else:
    ``LanguageModule.setup_embeddings_and_output_layer`` (tied embeddings with PP > 1) calls
    ``weight.data.cuda()`` (a no-op for CPU tensors there).
 
+4. MoE: the routers, the token dispatchers, the experts and ``moe_utils`` (the aux-loss
+   tracker) are in the stand-in list of 1 (router weights moved to ``current_device()``, the
+   alltoall dispatcher's ``torch.cuda.Stream`` and the event it synchronises on); its
+   device-to-host copy of the split sizes returns numpy for host tensors too, as gloo's
+   ``all_to_all_single`` needs lists, not tensors (``_patch_moe_host_copies``).
+
 The real ``torch`` module and all other modules stay untouched. Two CPU choices are plain
 config, not patches (``megatron_deft.models.gpt.transformer_config``): fused kernels off, and
 ``batch_p2p_comm=False`` because gloo pairs a batched send-to-prev/send-to-next (interleaved
@@ -61,6 +67,12 @@ _CUDA_ASSUMING_MODULES = (
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    # MoE: the router's weights/buffers on current_device(), the alltoall dispatcher's
+    # torch.cuda.Stream / tokens-per-expert counters, the experts' and tracker's buffers
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.transformer.moe.experts",
 )
 
 # Tensor factories that accept a `device=` keyword and are called with "cuda" in megatron.
@@ -107,6 +119,10 @@ class _NoStream:
 
     def __init__(self, *args, **kwargs):
         pass
+
+    def record_event(self, *args, **kwargs):
+        """An event that is already complete (the alltoall dispatcher synchronises on it)."""
+        return _NoStream()
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
@@ -256,6 +272,22 @@ def _patch_rng_state_accessors():
     )
 
 
+def _patch_moe_host_copies():
+    """The alltoall dispatcher asks ``maybe_move_tensor_to_cpu(t, as_numpy=True)`` for its split
+    sizes, which returns a tensor already on the host unchanged (not as numpy), and gloo's
+    ``all_to_all_single`` then refuses tensor split sizes: host tensors become numpy too."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def to_host(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host  # imported by name there
+
+
 def enable() -> None:
     """Apply the CPU fixes to megatron-core. Idempotent; call before building the model."""
     global _enabled
@@ -266,6 +298,7 @@ def enable() -> None:
         importlib.import_module(module_name).torch = stand_in
     _patch_rng_state_accessors()
     _patch_tensor_method_call_sites()
+    _patch_moe_host_copies()
     _enabled = True
 
 

@@ -10,7 +10,7 @@ from a checkpoint take its architecture instead of repeating it in flags. No meg
 
 import dataclasses
 
-from megatron_deft.config import ModelConfig
+from megatron_deft.config import ModelConfig, MoEConfig, moe_layer_pattern
 
 # architecture field -> the trainer flag that sets it (bool fields are store_true flags)
 ARCHITECTURE_FLAGS = {
@@ -27,6 +27,20 @@ ARCHITECTURE_FLAGS = {
     "use_rope_scaling": "--use-rope-scaling",
     "rope_scaling_factor": "--rope-scaling-factor",
     "norm_epsilon": "--norm-epsilon",
+}
+# the MoE fields that change the weights or what they compute (recorded for MoE models only;
+# a dense model records num_experts None, as do checkpoints written before MoE existed)
+MOE_ARCHITECTURE_FLAGS = {
+    "num_experts": "--num-experts",
+    "moe_router_topk": "--moe-router-topk",
+    "moe_ffn_hidden_size": "--moe-ffn-hidden-size",
+    "moe_shared_expert_intermediate_size": "--moe-shared-expert-intermediate-size",
+    "moe_shared_expert_gate": "--moe-shared-expert-gate",
+    "moe_layer_freq": "--moe-layer-freq",
+    "moe_router_score_function": "--moe-router-score-function",
+    "moe_router_pre_softmax": "--moe-router-pre-softmax",
+    "moe_router_topk_scaling_factor": "--moe-router-topk-scaling-factor",
+    "moe_router_enable_expert_bias": "--moe-router-enable-expert-bias",
 }
 UNRECORDED = {"use_rope_scaling": False, "rope_scaling_factor": 8.0, "qk_layernorm": False}
 """Values of the fields checkpoints written before they existed lack (what those runs used;
@@ -46,14 +60,40 @@ def _default_head_size(arch: dict) -> bool:
     return arch["kv_channels"] * arch["num_attention_heads"] == arch["hidden_size"]
 
 
-def architecture_of(model: ModelConfig, padded_vocab_size: int) -> dict:
+def _moe_architecture(model: ModelConfig, moe: MoEConfig) -> dict:
+    """The MoE fields with the defaults resolved (expert ffn, the per-layer 0/1 pattern)."""
+    if moe.num_experts is None:
+        return {"num_experts": None}
+    arch = {name: getattr(moe, name) for name in MOE_ARCHITECTURE_FLAGS}
+    arch["moe_ffn_hidden_size"] = (
+        moe.moe_ffn_hidden_size or model.ffn_hidden_size or 4 * model.hidden_size
+    )
+    arch["moe_layer_freq"] = moe_layer_pattern(moe.moe_layer_freq, model.num_layers)
+    return arch
+
+
+def architecture_of(model: ModelConfig, padded_vocab_size: int, moe: MoEConfig = None) -> dict:
     """{field: value} with the defaults resolved (ffn 4h, groups = heads); ``vocab_size`` is
-    the unpadded size when known (None when the run took it from the tokenizer)."""
+    the unpadded size when known (None when the run took it from the tokenizer). With ``moe``
+    the MoE fields too (``num_experts`` None for a dense model)."""
     resolved = model.resolved()
     arch = {name: getattr(resolved, name) for name in ARCHITECTURE_FLAGS}
+    if moe is not None:
+        arch.update(_moe_architecture(model, moe))
     arch["padded_vocab_size"] = padded_vocab_size
     arch["vocab_size"] = model.vocab_size
     return arch
+
+
+def _moe_mismatch(saved: dict, run: dict) -> list:
+    """The differing MoE flags; only --num-experts when one side is dense (absent: dense)."""
+    names = [n for n in MOE_ARCHITECTURE_FLAGS if saved.get(n) != run.get(n)]
+    if "num_experts" in names:
+        names = ["num_experts"]
+    return [
+        f"{MOE_ARCHITECTURE_FLAGS[n]}: the checkpoint has {saved.get(n)}, this run has {run.get(n)}"
+        for n in names
+    ]
 
 
 def architecture_mismatch(saved: dict, run: dict, tensor_parallel_size: int) -> str:
@@ -65,6 +105,7 @@ def architecture_mismatch(saved: dict, run: dict, tensor_parallel_size: int) -> 
         for name, flag in ARCHITECTURE_FLAGS.items()
         if (_matters(saved, name) or _matters(run, name)) and saved[name] != run[name]
     ]
+    found += _moe_mismatch(saved, run)
     vocab, ours = saved.get("vocab_size"), run.get("vocab_size")
     if None not in (vocab, ours) and vocab != ours:  # the softmax spans the unpadded ids
         found.append(f"--vocab-size: the checkpoint has {vocab}, this run has {ours}")
@@ -125,6 +166,12 @@ def trainer_flags(
             flags += [flag] if value else []
         else:
             flags += [flag, str(value)]
+    for name, flag in MOE_ARCHITECTURE_FLAGS.items():  # MoE fields, when recorded
+        value = arch.get(name)
+        if value is None or value is False:
+            continue
+        text = "[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
+        flags += [flag] if value is True else [flag, text]
     flags += [
         "--vocab-size",
         str(arch["vocab_size"]),

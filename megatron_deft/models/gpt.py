@@ -7,8 +7,12 @@ the loss is ours (objectives). The last stage hands back either vocab-parallel l
 [b, s, V/tp] or, with ``fused_output_loss`` (:class:`SFTGPTModel`), the final-norm hidden states
 and the output weight, which the loss takes to the logits chunk by chunk itself.
 
+Mixture of experts (``--num-experts``): the MLP of each layer --moe-layer-freq marks is
+megatron-core's ``MoELayer`` (``TopKRouter``, the allgather/alltoall token dispatcher,
+``SequentialMLP`` experts or grouped GEMM, optional shared expert) from the same layer specs.
+
 Weight init is layout-invariant (see :mod:`megatron_deft.models.init`): the same seed gives the
-same full weights for every TP/PP/VP layout.
+same full weights for every TP/PP/VP (and EP) layout.
 """
 
 import torch
@@ -23,8 +27,9 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megatron_deft.config import Config
+from megatron_deft.config import Config, moe_layer_pattern
 from megatron_deft.models.init import init_weights_layout_invariant
 from megatron_deft.models.layout import virtual_pipeline_size
 from megatron_deft.objectives.linear_vocab_parallel import OutputLayerInput
@@ -105,6 +110,39 @@ def transformer_config(config: Config) -> TransformerConfig:
         # then lands in the wrong receive buffers (same shape: silently wrong activations).
         # The unbatched path sends the two directions over different groups.
         batch_p2p_comm=not on_cpu,
+        **moe_kwargs(config),
+    )
+
+
+def moe_kwargs(config: Config) -> dict:
+    """TransformerConfig's MoE fields from --num-experts & co. ({} for a dense model). Dropless:
+    no capacity factor. The MoE layers' pattern is resolved here from --moe-layer-freq."""
+    moe, model = config.moe, config.model
+    if moe.num_experts is None:
+        return {}
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.moe_router_topk,
+        moe_ffn_hidden_size=moe.moe_ffn_hidden_size
+        or model.ffn_hidden_size
+        or 4 * model.hidden_size,
+        expert_model_parallel_size=moe.expert_model_parallel_size,
+        expert_tensor_parallel_size=(
+            moe.expert_tensor_parallel_size or config.parallel.tensor_model_parallel_size
+        ),
+        moe_shared_expert_intermediate_size=moe.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=moe.moe_shared_expert_gate,
+        moe_router_score_function=moe.moe_router_score_function,
+        moe_router_pre_softmax=moe.moe_router_pre_softmax,
+        moe_router_topk_scaling_factor=moe.moe_router_topk_scaling_factor,
+        moe_router_load_balancing_type=moe.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=moe.moe_aux_loss_coeff,
+        moe_z_loss_coeff=moe.moe_z_loss_coeff,
+        moe_router_enable_expert_bias=moe.moe_router_enable_expert_bias,
+        moe_layer_freq=moe_layer_pattern(moe.moe_layer_freq, model.num_layers),
+        moe_token_dispatcher_type=moe.moe_token_dispatcher_type,
+        moe_grouped_gemm=moe.moe_grouped_gemm,
+        moe_router_dtype=moe.moe_router_dtype,
     )
 
 
@@ -128,22 +166,15 @@ class LocalRMSNorm:
         return norm
 
 
-def decoder_spec(config: Config, tf_config: TransformerConfig, vp_stage=None):
-    """The decoder of one model chunk: the TE layer spec when TE is importable on CUDA (its
-    norms handle sequence parallelism), otherwise megatron-core's local layer spec with
-    LocalRMSNorm everywhere, final norm included.
-
-    Packed rows need the block-diagonal [b, 1, s, s] mask; the TE spec's causal attention
-    ignores it (THD / cu_seqlens is not wired yet), so packing uses the local spec.
-    """
-    qk_layernorm = config.model.qk_layernorm
-    if HAVE_TE and config.training.device == "cuda" and not config.data.pack_sequences:
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
-
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
+def _local_layer_spec(qk_layernorm: bool, num_experts=None, grouped_gemm: bool = False):
+    """megatron-core's local layer spec (dense MLP, or MoELayer with its router, dispatcher
+    and experts) with LocalRMSNorm for every norm."""
+    spec = get_gpt_layer_local_spec(
+        num_experts=num_experts,
+        moe_grouped_gemm=grouped_gemm,
+        normalization="RMSNorm",
+        qk_layernorm=qk_layernorm,
+    )
     layer = spec.submodules
     layer.input_layernorm = layer.pre_mlp_layernorm = LocalRMSNorm
     if qk_layernorm:
@@ -153,8 +184,40 @@ def decoder_spec(config: Config, tf_config: TransformerConfig, vp_stage=None):
     # The trainer always passes an explicit [b, 1, s, s] mask (block-diagonal when packing);
     # "arbitrary" makes every softmax path honour it instead of assuming plain causal.
     layer.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    return spec
+
+
+def decoder_spec(config: Config, tf_config: TransformerConfig, vp_stage=None):
+    """The decoder of one model chunk: the TE layer spec when TE is importable on CUDA (its
+    norms handle sequence parallelism), otherwise megatron-core's local layer spec with
+    LocalRMSNorm everywhere, final norm included. With experts, the layers --moe-layer-freq
+    marks get the MoE spec (megatron-core's ``get_gpt_decoder_block_spec`` on TE).
+
+    Packed rows need the block-diagonal [b, 1, s, s] mask; the TE spec's causal attention
+    ignores it (THD / cu_seqlens is not wired yet), so packing uses the local spec.
+    """
+    qk_layernorm = config.model.qk_layernorm
+    if HAVE_TE and config.training.device == "cuda" and not config.data.pack_sequences:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_decoder_block_spec,
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        if tf_config.num_moe_experts is not None:
+            return get_gpt_decoder_block_spec(
+                tf_config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage
+            )
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    dense = _local_layer_spec(qk_layernorm)
     layers = get_num_layers_to_build(tf_config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=LocalRMSNorm)
+    if tf_config.num_moe_experts is None:
+        return TransformerBlockSubmodules(layer_specs=[dense] * layers, layer_norm=LocalRMSNorm)
+    moe = _local_layer_spec(qk_layernorm, tf_config.num_moe_experts, tf_config.moe_grouped_gemm)
+    offset = get_transformer_layer_offset(tf_config, vp_stage=vp_stage)
+    pattern = tf_config.moe_layer_freq[offset : offset + layers]
+    return TransformerBlockSubmodules(
+        layer_specs=[moe if is_moe else dense for is_moe in pattern], layer_norm=LocalRMSNorm
+    )
 
 
 def build_gpt_chunks(config: Config, vocab_size: int, initialize: bool = True) -> list:

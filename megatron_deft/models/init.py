@@ -7,6 +7,11 @@ parameter from its own generator keyed by (seed, global parameter name), draw th
 (unsharded) tensor, and keep this rank's tensor-parallel shard. The result is identical for any
 TP/PP/VP layout, which is what makes the parallel-invariance tests meaningful.
 
+Experts (MoE layers' ``SequentialMLP``): a local expert i on expert-parallel rank r is global
+expert r x (E / EP) + i, named so, and its weights are split over the *expert* tensor-parallel
+group (ETP), so the same seed gives the same full expert weights for every TP/EP/ETP/PP layout.
+The router weight [E, h] and the shared expert are initialised like any other matrix.
+
 Rules (Megatron's defaults): matrices ~ N(0, std); the attention output projection and the
 MLP down projection ~ N(0, std / sqrt(2 * num_layers)); norm weights 1; biases 0.
 With tied embeddings the last pipeline stage's output-layer copy gets the embedding's values.
@@ -22,6 +27,23 @@ import torch
 
 _SCALED_OUTPUT_LAYERS = ("linear_proj.weight", "linear_fc2.weight")
 _LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
+
+
+def _global_expert_name(name: str, experts_per_rank: int) -> str:
+    """``...local_experts.<i>.`` -> ``...local_experts.<EP rank x experts_per_rank + i>.``"""
+    match = _LOCAL_EXPERT.search(name)
+    if match is None:
+        return name
+    from megatron.core import parallel_state
+
+    first = parallel_state.get_expert_model_parallel_rank() * experts_per_rank
+    return f"{name[: match.start(1)]}{first + int(match.group(1))}{name[match.end(1) :]}"
+
+
+def is_expert(name: str) -> bool:
+    """A routed expert's parameter (split over the expert tensor-parallel group)."""
+    return ".mlp.experts." in name
 
 
 def _global_names(model) -> dict:
@@ -29,7 +51,7 @@ def _global_names(model) -> dict:
     layer_offset = {}
     for index, layer in enumerate(model.decoder.layers):
         layer_offset[index] = layer.layer_number - 1  # layer_number is global and 1-based
-    names = {}
+    names, experts_per_rank = {}, _experts_per_rank(model)
     for name, _ in model.named_parameters():
         match = _LOCAL_LAYER.match(name)
         if match:
@@ -39,8 +61,16 @@ def _global_names(model) -> dict:
             name_global = "embedding.word_embeddings.weight"
         else:
             name_global = name
-        names[name] = name_global
+        names[name] = _global_expert_name(name_global, experts_per_rank)
     return names
+
+
+def _experts_per_rank(model) -> int:
+    """E / EP: the local experts of one MoE layer of this chunk (0 for a dense chunk)."""
+    for module in model.modules():
+        if hasattr(module, "local_experts"):
+            return len(module.local_experts)
+    return 0
 
 
 def _tp_shard(full: torch.Tensor, param, tp_rank: int, tp_size: int) -> torch.Tensor:
@@ -68,8 +98,16 @@ def init_weights_layout_invariant(model, tf_config, seed: int) -> None:
     """Fill every parameter of one GPTModel chunk; see the module docstring for the rules."""
     from megatron.core import parallel_state
 
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tensor_parallel = {
+        False: (
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+        ),
+        True: (  # the expert tensor-parallel group (ETP, default TP)
+            parallel_state.get_expert_tensor_parallel_rank(),
+            parallel_state.get_expert_tensor_parallel_world_size(),
+        ),
+    }
     scaled_std = tf_config.init_method_std / math.sqrt(2.0 * tf_config.num_layers)
     global_names = _global_names(model)
     for name, param in model.named_parameters():
@@ -79,5 +117,6 @@ def init_weights_layout_invariant(model, tf_config, seed: int) -> None:
         std = scaled_std if name.endswith(_SCALED_OUTPUT_LAYERS) else tf_config.init_method_std
         generator = torch.Generator(device="cpu")
         generator.manual_seed(seed * 1_000_003 + zlib.crc32(global_names[name].encode()))
+        tp_rank, tp_size = tensor_parallel[is_expert(name)]
         full = torch.randn(_full_shape(param, tp_size), generator=generator) * std
         param.copy_(_tp_shard(full, param, tp_rank, tp_size).to(param.dtype))

@@ -20,6 +20,7 @@ from megatron_deft.config import (
     ConfigError,
     add_config_flags,
     config_from_flags,
+    moe_layer_pattern,
 )
 from megatron_deft.conventions import TRACKER  # light: checkpointing imports megatron-core
 from megatron_deft.models.architecture import (
@@ -280,9 +281,52 @@ def objective_of(config: Config):
     return parse_objective(train.sft_objective, **given)
 
 
+def _validate_moe(config: Config, world_size: int) -> None:
+    """Experts against the layout (megatron-core would fail later, deep in a rank)."""
+    moe, par, model = config.moe, config.parallel, config.model
+    ep, etp = moe.expert_model_parallel_size, moe.expert_tensor_parallel_size
+    if moe.num_experts is None:
+        _require(
+            ep == 1 and etp is None,
+            "--expert-model-parallel-size/--expert-tensor-parallel-size need --num-experts",
+        )
+        return
+    experts, topk = moe.num_experts, moe.moe_router_topk
+    _require(
+        experts % ep == 0,
+        f"--num-experts {experts} is not divisible by --expert-model-parallel-size {ep}",
+    )
+    _require(topk <= experts, f"--moe-router-topk {topk} exceeds --num-experts {experts}")
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    etp = etp or tp
+    _require(
+        world_size % (etp * ep * pp) == 0,
+        f"world size {world_size} is not divisible by "
+        f"expert TP x EP x PP = {etp} x {ep} x {pp} (--expert-tensor-parallel-size, "
+        "--expert-model-parallel-size)",
+    )
+    _require(
+        config.training.device == "cuda" or not moe.moe_grouped_gemm,
+        "--moe-grouped-gemm needs --device cuda (Transformer Engine's grouped GEMM)",
+    )
+    _require(
+        tp == 1 or par.sequence_parallel,
+        "experts with TP > 1 need --sequence-parallel "
+        "(megatron-core's MoE layer refuses to train without it)",
+    )
+    ffn = moe.moe_ffn_hidden_size or model.ffn_hidden_size or 4 * model.hidden_size
+    _require(ffn % etp == 0, f"--moe-ffn-hidden-size {ffn} is not divisible by expert TP {etp}")
+    _require(
+        not moe.moe_router_enable_expert_bias or moe.moe_router_score_function == "sigmoid",
+        "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid",
+    )
+    moe_layer_pattern(moe.moe_layer_freq, model.num_layers)  # ConfigError: the length
+
+
 def validate(config: Config, world_size: int) -> None:
     """Raise ConfigError (one line) on the first inconsistent setting."""
     _validate_layout(config, world_size)
+    _validate_moe(config, world_size)
     _validate_run(config)
 
 
@@ -336,7 +380,9 @@ def _adopt_checkpoint_architecture(config: Config, given: set) -> None:
     padded = None
     if model.vocab_size is not None:
         padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
-    mismatch = architecture_mismatch(common["architecture"], architecture_of(model, padded), tp)
+    mismatch = architecture_mismatch(
+        common["architecture"], architecture_of(model, padded, config.moe), tp
+    )
     _require(
         not mismatch,
         f"{source} {ckpt.load} records another architecture than the flags given (drop them: "

@@ -214,7 +214,7 @@ def save_checkpoint(
         data=loader.state_dict(),
         layout=_layout(config),
         config=dataclasses.asdict(config),
-        architecture=architecture_of(config.model, model[0].module.vocab_size),
+        architecture=architecture_of(config.model, model[0].module.vocab_size, config.moe),
     )
     state[source.KEY] = hf_source
     with checksums.hashing_shard_writes():
@@ -351,7 +351,7 @@ def _check_architecture(common: dict, directory: str, config: Config, padded_voc
         return
     mismatch = architecture_mismatch(
         saved,
-        architecture_of(config.model, padded_vocab),
+        architecture_of(config.model, padded_vocab, config.moe),
         config.parallel.tensor_model_parallel_size,
     )
     if mismatch:

@@ -24,6 +24,7 @@ import logging
 import time
 
 from megatron_deft.objectives.token_stats import TOKEN_STATS, stats_of
+from megatron_deft.training import moe_metrics
 from megatron_deft.training.token_classes import split_histograms
 
 logger = logging.getLogger("megatron_deft")
@@ -118,6 +119,8 @@ class MetricsLogger:
         if window_counts is not None:
             histograms = split_histograms(window_counts, self.class_names, self.objective)
         self._log_classes(histograms)
+        if "moe_tokens_per_expert" in window[0]:  # MoE: router losses and expert load
+            moe_metrics.log_window(finite, iteration, self.writer, logger)
         if self.writer:
             scalars = {
                 "loss": means["loss"],

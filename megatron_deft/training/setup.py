@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_deft.compat import megatron_fixes
 from megatron_deft.config import Config
 
 
@@ -29,6 +30,7 @@ def initialize_distributed(config: Config) -> None:
 
     par = config.parallel
     on_cpu = config.training.device == "cpu"
+    megatron_fixes.apply()
     if on_cpu:
         from megatron_deft.compat import cpu
 
@@ -48,6 +50,8 @@ def initialize_distributed(config: Config) -> None:
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_size(config),
+        expert_model_parallel_size=config.moe.expert_model_parallel_size,
+        expert_tensor_parallel_size=config.moe.expert_tensor_parallel_size,  # None: TP
         distributed_timeout_minutes=max(1, int(par.distributed_timeout_minutes)),
     )
     seed = config.training.seed

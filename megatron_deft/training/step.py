@@ -10,6 +10,12 @@ sees the gradient of
 
 independent of how the global batch is split into micro-batches and DP ranks.
 
+MoE: megatron-core's routers add their load-balancing and z-losses inside the backward
+(``MoEAuxLossAutoScaler``), each micro-batch's scaled by the T tokens the rank routes (T / TP
+under sequence parallelism), and the same 1 / (global token count) then applies:
+L += (T / TP) sum_m (alpha A_m + beta Z_m) / #loss tokens (README, "Mixture of experts").
+Their values and the expert load are added to the step metrics (``moe_metrics``).
+
 The logged statistics are sums over valid tokens of the objective's per-token stats, reduced the
 same way and divided by the same count; the per-token-class histograms of gate, p_target and a
 (``token_classes``) ride in the same report vector, so one all-reduce carries everything.
@@ -26,6 +32,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_deft.objectives.linear_vocab_parallel import loss_of_output
 from megatron_deft.objectives.token_stats import STAT_NAMES
+from megatron_deft.training import moe_metrics
 from megatron_deft.training.token_classes import bin_token_stats, histogram_shape
 
 # Order of the per-micro-batch report vector: sums over the counted tokens of the loss, their
@@ -186,8 +193,11 @@ def train_step(
     objective,
     vocab_size: int,
     num_classes: int = 0,
+    expert_load=None,
 ) -> dict:
-    """Zero grads, forward+backward all micro-batches, then a guarded optimizer step."""
+    """Zero grads, forward+backward all micro-batches, then a guarded optimizer step.
+    ``expert_load`` (an ``moe_metrics.ExpertLoad``, MoE runs only): add the router losses and
+    expert load of the iteration to the metrics."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -200,6 +210,9 @@ def train_step(
         forward_only=False,
         num_classes=num_classes,
     )
+    if expert_load is not None:
+        device = next(model[0].parameters()).device
+        metrics.update(moe_metrics.collect(config, expert_load, len(microbatches), device))
     updated, grad_norm = _guarded_update(optimizer, math.isfinite(metrics["loss"]))
     if updated:
         scheduler.step(increment=1)

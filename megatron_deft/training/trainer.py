@@ -11,7 +11,7 @@ from megatron.core import parallel_state
 from megatron_deft.config import Config
 from megatron_deft.conversion import source
 from megatron_deft.models.layout import padded_vocab_size
-from megatron_deft.training import checkpointing, save_directory, setup, step
+from megatron_deft.training import checkpointing, moe_metrics, save_directory, setup, step
 from megatron_deft.training.arguments import objective_of
 from megatron_deft.training.data import build_train_valid_loaders
 from megatron_deft.training.metrics import MetricsLogger, logger
@@ -47,6 +47,9 @@ class Trainer:
         )
         self.model = setup.build_model(config, self.padded_vocab)
         self.optimizer, self.scheduler = setup.build_optimizer(config, self.model)
+        self.expert_load = (  # router statistics of MoE runs
+            moe_metrics.ExpertLoad(self.model, config) if config.moe.num_experts else None
+        )
         self.objective = objective_of(config)
         self.class_names = self.train_loader.class_names  # --token-class-key labels
         self.iteration = 0
@@ -106,6 +109,7 @@ class Trainer:
             self.objective,
             self.vocab_size,
             num_classes=len(self.class_names),
+            expert_load=self.expert_load,
         )
         self.iteration += 1
         if metrics["updated"]:

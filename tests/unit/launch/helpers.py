@@ -19,6 +19,7 @@ PRESETS = (
     "qwen3-4b",
     "qwen3-8b",
     "tiny",
+    "tiny-moe",
 )
 
 

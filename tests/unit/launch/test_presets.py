@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -160,6 +161,7 @@ PRESET_RUN_OVERRIDES = {
         "--mock-data": True,
     },
 }
+PRESET_RUN_OVERRIDES["tiny-moe"] = PRESET_RUN_OVERRIDES["tiny"]
 # The DEFAULT_<knob> variable behind each flag above.
 RUN_DEFAULT_VARIABLES = {
     "--device": "DEVICE",
@@ -370,3 +372,41 @@ def test_bad_knob_fails_with_one_line(env, message):
     assert result.returncode == 2 and result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"train_single_node.sh: error: {message}"), line
+
+
+@pytest.mark.integration
+def test_tiny_moe_preset_trains_experts_on_cpu_with_expert_parallelism(tmp_path):
+    """PRESET=tiny-moe with EP=2 on 2 CPU ranks: the launcher's own command, 2 iterations."""
+    env = {"PRESET": "tiny-moe", "NPROC_PER_NODE": "2", "TRAIN_ITERS": "2"}
+    options, flags = split_torchrun(dry_run("train_single_node.sh", env))
+    values = last_values(flags)
+    assert (values["--num-experts"], values["--moe-router-topk"]) == ("4", "2")
+    assert values["--device"] == "cpu" and values["--mock-data"] is True
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "megatron_deft.train",
+        *flags,
+        "--expert-model-parallel-size",
+        "2",
+        "--log-interval",
+        "1",
+    ]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    log = done.stdout + done.stderr
+    assert "iteration      2/2" in log
+    assert re.search(r"moe: load balancing loss [0-9.]+ \| z loss [0-9.]+", log), log[-3000:]
+    assert re.search(r"moe layer 1: tokens per expert \[(\d+ ){3}\d+\]", log), log[-3000:]

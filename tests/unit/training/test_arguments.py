@@ -30,6 +30,8 @@ EXPECTED_FLAGS = [
     "--eaft-k",
     "--eval-interval",
     "--eval-iters",
+    "--expert-model-parallel-size",
+    "--expert-tensor-parallel-size",
     "--ffn-hidden-size",
     "--finetune",
     "--global-batch-size",
@@ -51,9 +53,25 @@ EXPECTED_FLAGS = [
     "--micro-batch-size",
     "--min-lr",
     "--mock-data",
+    "--moe-aux-loss-coeff",
+    "--moe-ffn-hidden-size",
+    "--moe-grouped-gemm",
+    "--moe-layer-freq",
+    "--moe-router-dtype",
+    "--moe-router-enable-expert-bias",
+    "--moe-router-load-balancing-type",
+    "--moe-router-pre-softmax",
+    "--moe-router-score-function",
+    "--moe-router-topk",
+    "--moe-router-topk-scaling-factor",
+    "--moe-shared-expert-gate",
+    "--moe-shared-expert-intermediate-size",
+    "--moe-token-dispatcher-type",
+    "--moe-z-loss-coeff",
     "--no-verify-checkpoint",
     "--norm-epsilon",
     "--num-attention-heads",
+    "--num-experts",
     "--num-layers",
     "--num-layers-per-virtual-pipeline-stage",
     "--num-query-groups",
@@ -249,6 +267,73 @@ def test_flags_map_onto_config_fields():
             1,
             "give --valid-data or --valid-data-prefix, not both",
         ),
+        (
+            ["--num-experts", "6", "--expert-model-parallel-size", "4"],
+            4,
+            "--num-experts 6 is not divisible by --expert-model-parallel-size 4",
+        ),
+        (
+            ["--num-experts", "2", "--moe-router-topk", "3"],
+            1,
+            "--moe-router-topk 3 exceeds --num-experts 2",
+        ),
+        (
+            [
+                "--num-experts",
+                "4",
+                "--expert-model-parallel-size",
+                "2",
+                "--tensor-model-parallel-size",
+                "2",
+                "--sequence-parallel",
+            ],
+            2,
+            "world size 2 is not divisible by expert TP x EP x PP = 2 x 2 x 1",
+        ),
+        (
+            [
+                "--num-experts",
+                "4",
+                "--expert-model-parallel-size",
+                "4",
+                "--expert-tensor-parallel-size",
+                "1",
+            ],
+            2,
+            "world size 2 is not divisible by expert TP x EP x PP = 1 x 4 x 1",
+        ),
+        (["--num-experts", "4", "--moe-grouped-gemm"], 1, "--moe-grouped-gemm needs --device cuda"),
+        (
+            ["--num-experts", "4", "--tensor-model-parallel-size", "2"],
+            2,
+            "experts with TP > 1 need --sequence-parallel",
+        ),
+        (
+            ["--expert-model-parallel-size", "2"],
+            2,
+            "--expert-model-parallel-size/--expert-tensor-parallel-size need --num-experts",
+        ),
+        (["--num-experts", "0"], 1, "--num-experts must be >= 1, got 0"),
+        (
+            ["--num-experts", "4", "--moe-layer-freq", "[1,0,1]"],
+            1,
+            "--moe-layer-freq [1,0,1] has 3 entries, --num-layers is 2",
+        ),
+        (
+            ["--num-experts", "4", "--moe-layer-freq", "__import__('os')"],
+            1,
+            "--moe-layer-freq \"__import__('os')\": expected an int >= 1 or a list of 0/1",
+        ),
+        (
+            ["--num-experts", "4", "--moe-router-enable-expert-bias"],
+            1,
+            "--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid",
+        ),
+        (
+            ["--num-experts", "4", "--moe-token-dispatcher-type", "flex"],
+            1,
+            "argument --moe-token-dispatcher-type: invalid choice: 'flex'",
+        ),
     ],
 )
 def test_inconsistent_settings_stop_with_one_line(capsys, argv, world, message):
@@ -420,6 +505,41 @@ def test_objective_help_lists_every_spec():
     for name in OBJECTIVE_NAMES:
         assert f" {name}" in help_text, name
     assert "OnlyTopLogP-<th>" in help_text
+
+
+def test_moe_flags_map_onto_the_moe_section():
+    config = parse_config(
+        BASE
+        + "--num-experts 8 --moe-router-topk 2 --expert-model-parallel-size 2 "
+        "--moe-router-score-function sigmoid --moe-router-enable-expert-bias "
+        "--moe-shared-expert-intermediate-size 96 --moe-shared-expert-gate "
+        "--moe-z-loss-coeff 1e-3 --moe-router-dtype fp32 --num-layers 4 "
+        "--moe-layer-freq ([0]+[1]*1)*2".split(),
+        world_size=2,
+    )
+    moe = config.moe
+    assert (moe.num_experts, moe.moe_router_topk, moe.expert_model_parallel_size) == (8, 2, 2)
+    assert moe.moe_router_score_function == "sigmoid" and moe.moe_router_enable_expert_bias
+    assert moe.moe_shared_expert_intermediate_size == 96 and moe.moe_shared_expert_gate
+    assert moe.moe_z_loss_coeff == 1e-3 and moe.moe_router_dtype == "fp32"
+    # Megatron-LM's defaults: allgather dispatcher, aux_loss balancing with coefficient 0
+    assert moe.moe_token_dispatcher_type == "allgather" and moe.moe_aux_loss_coeff == 0.0
+    assert moe.expert_tensor_parallel_size is None  # megatron-core then uses TP
+
+
+@pytest.mark.parametrize(
+    "freq, layers, pattern",
+    [
+        ("1", 3, [1, 1, 1]),
+        ("2", 5, [1, 0, 1, 0, 1]),
+        ("[0,1,1]", 3, [0, 1, 1]),
+        ("([0]+[1]*3)*2", 8, [0, 1, 1, 1, 0, 1, 1, 1]),
+    ],
+)
+def test_moe_layer_freq_reads_megatron_lm_patterns(freq, layers, pattern):
+    from megatron_deft.config import moe_layer_pattern
+
+    assert moe_layer_pattern(freq, layers) == pattern
 
 
 def test_config_sections_built_in_code_are_checked_like_the_flags():

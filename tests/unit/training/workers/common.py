@@ -130,11 +130,11 @@ def history_summary(history: list) -> list:
     ]
 
 
-def train_recording(trainer) -> list:
+def train_recording(trainer, summarize=history_summary) -> list:
     """Trains ``trainer`` for its --train-iters through ``step.train_step`` (the step its loop
     runs) and returns every iteration's metrics at full precision (history_summary's keys): the
     layout tests compare the step's numbers, which TensorBoard's float32 would round. No
-    validation, checkpointing or logging."""
+    validation, checkpointing or logging. ``summarize`` turns the metrics into the result."""
     from megatron_deft.training import step
 
     history = []
@@ -150,9 +150,10 @@ def train_recording(trainer) -> list:
                 trainer.objective,
                 trainer.vocab_size,
                 num_classes=len(trainer.class_names),
+                expert_load=trainer.expert_load,  # MoE: router losses and expert load
             )
         )
-    return history_summary(history)
+    return summarize(history)
 
 
 def write_results(out_dir: str, results: dict) -> None:
