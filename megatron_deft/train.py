@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         config = parse_config(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except CheckpointError as error:  # the checkpoint the run starts from is missing or damaged
         print(f"megatron-deft-train: error: {error}", file=sys.stderr)
-        return 1
+        return _exit_stopped(before_process_group=True)
     _configure_logging()
 
     from megatron_deft.data import DataError
@@ -73,17 +73,34 @@ def main(argv=None) -> int:
     return _exit_stopped() if stopped else 0
 
 
-def _exit_stopped() -> int:
+def _exit_stopped(before_process_group: bool = False) -> int:
     """Exit code 1 for a run stopped with its one-line error. With several ranks the process
     ends here, skipping the interpreter's teardown: that takes seconds with megatron-core
     loaded, and torchrun SIGTERMs every rank still running once one has exited with an error,
     so the slower ranks would end by a signal instead of exiting 1 like the first."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 1
+    if before_process_group:
+        _meet_the_other_ranks()
     atexit._run_exitfuncs()  # what a normal exit runs first (logging, multiprocessing)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)
+
+
+def _meet_the_other_ranks() -> None:
+    """A run stopped before its process group existed (a damaged checkpoint found while the
+    flags are parsed) waits at a barrier, so every rank has printed its line before the first
+    one exits (torchrun then SIGTERMs the others)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if "MASTER_ADDR" not in os.environ:
+        return
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # the checkpoint writer's spawn context re-imports __main__
