@@ -4,7 +4,8 @@ Tests are in two sets: the fast unit subset (``python -m pytest -q -m "not integ
 and the ``integration`` set, which launches training or evaluation processes (every test using
 the ``torchrun`` fixture is marked automatically; others that start the trainer, the quick start
 or an experiment driver carry ``@pytest.mark.integration``). ``python -m pytest -q tests`` runs
-both, as CI does.
+both, as CI does. Tests marked ``@pytest.mark.cuda`` need a GPU: they skip without one, and the
+GPU self-check runs them with ``-m cuda``.
 """
 
 import json
@@ -14,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 # Worker scripts import their helpers (common.py) from here.
@@ -62,9 +64,14 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "integration: launches training/evaluation processes (multi-process, slow)"
     )
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA GPU (skipped without one); the GPU self-check runs these"
+    )
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if "torchrun" in item.fixturenames:
             item.add_marker(pytest.mark.integration)
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
