@@ -9,6 +9,9 @@ shapes and tensor-parallel size, printed as ratios against megatron-core measure
     python benchmarks/loss_bench.py --device cuda --tokens 16384 --vocab 128256 --tp 1 2 4 8
     python benchmarks/loss_bench.py --output-layer   # 8192 tokens, h 1024, V 128256 (Llama 3)
 
+With ``--output-layer`` at TP 1, cut-cross-entropy (``pip install cut-cross-entropy``, which needs
+triton) is added as a peer baseline for NLL when it is importable.
+
 Every call gets fresh copies of the same inputs (megatron's CE and `inplace=True` overwrite their
 input); the copies are outside the timed region. Candidates are timed round-robin within each
 repeat. The gradient is taken with torch.autograd.grad, as for logits inside a model: `.backward()`
@@ -141,7 +144,26 @@ def _output_layer_candidates(objectives, unfused_objectives, group, hidden_size,
         candidates[f"{objective} unfused (linear + vocab_parallel_loss)"] = unfused(objective)
     for objective in objectives:
         candidates[f"{objective} fused (linear_vocab_parallel_loss)"] = fused(objective)
-    return candidates
+    return candidates | _peer_candidates(world)
+
+
+def _peer_candidates(world):
+    """cut-cross-entropy (PyPI), the peer baseline for NLL, when it is importable: TP 1 only (it
+    has no vocabulary parallelism). Its Triton kernel (impl ``cce``) needs CUDA; elsewhere it runs
+    its ``torch_compile`` implementation, which forms the full logits (a compiled baseline, not a
+    cut one)."""
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError:
+        return {}
+    if world > 1:
+        return {}
+    impl = "cce" if torch.cuda.is_available() else "torch_compile"
+
+    def peer(h, w, y):
+        return linear_cross_entropy(h, w, y, reduction="none", impl=impl)
+
+    return {f"cut-cross-entropy nll (impl={impl})": peer}
 
 
 def _inputs(args, rank, world, device, dtype):
