@@ -28,6 +28,9 @@ class EvalConfig:
     several runs evaluated in one launch. Required unless --score-only."""
     iteration: str = "latest"
     """Which checkpoint(s) under --load: latest (the tracker's), all, or comma-separated numbers."""
+    no_verify_checkpoint: bool = False
+    """Load without checking each checkpoint's files against the sizes and CRC-32 checksums
+    recorded when it was saved (as for training; verifying reads every file once)."""
     eval_data: str = ""
     """JSONL or Parquet (.parquet) file(s), comma separated; each is scored and reported
     separately. Required unless --score-only."""

@@ -262,9 +262,10 @@ def _prepare(config: EvalConfig, root: str, iterations: List[int], tokenizer) ->
 def _evaluate_root(job: dict, model, tokenizer, config: EvalConfig, is_rank0: bool) -> tuple:
     summaries, predictions = [], []
     for iteration in job["iterations"]:
-        checkpointing.load_model_weights(
-            checkpointing.checkpoint_dir(job["root"], iteration), [model]
-        )
+        directory = checkpointing.checkpoint_dir(job["root"], iteration)
+        if not config.no_verify_checkpoint:
+            checkpointing.verify_checksums(directory)
+        checkpointing.load_model_weights(directory, [model])
         for path in config.data_paths():
             summary, preds = evaluate_file(
                 model, tokenizer, path, config, job["objective"], job["vocab_size"]

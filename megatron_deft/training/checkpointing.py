@@ -82,7 +82,8 @@ def read_tracker(root: str):
     path = os.path.join(root, TRACKER)
     if not os.path.isfile(path):
         return None
-    text = open(path, encoding="utf-8").read().strip()
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read().strip()
     if not text.isdigit():
         raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
     return int(text)
@@ -255,7 +256,7 @@ def _fsync_directory(path: str) -> None:
         os.close(descriptor)
 
 
-def _verify_checksums(directory: str) -> None:
+def verify_checksums(directory: str) -> None:
     """Every file of ``directory`` against its checksums.json, the files shared out over the
     ranks (each reads ~1/world of the bytes); the first problem found is raised on every rank.
     A checkpoint without a manifest (older, or converted) loads unverified, with a warning."""
@@ -402,7 +403,7 @@ def load_checkpoint(root, model, optimizer, scheduler, loader, config: Config) -
         raise CheckpointError(f"--load {root}: no {TRACKER} (no complete checkpoint there)")
     directory = existing_checkpoint_dir(root, iteration)
     if not config.checkpoint.no_verify_checkpoint:
-        _verify_checksums(directory)
+        verify_checksums(directory)
     common = read_common_state(directory, verify=False)  # verified with the rest just above
     _check_architecture(common, directory, config, model[0].module.vocab_size)
     # Converted (e.g. Hugging Face) checkpoints hold weights only: start them like --finetune.

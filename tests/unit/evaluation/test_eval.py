@@ -198,3 +198,9 @@ def test_pipeline_parallel_evaluation_equals_pp1(torchrun, tmp_path):
             generated[layout] = [json.loads(line)["generated"] for line in handle]
     assert generated["pp2"] == generated["pp1"] == generated["pp1_unfused"]
     assert len(set(generated["pp1"])) > 1 and all(generated["pp1"])  # not a degenerate model
+    # A damaged checkpoint: verified, it is refused naming the file; without verification the
+    # flipped bytes (tensor data: the file still parses) would be evaluated silently.
+    damaged = results["damaged"]
+    assert damaged["verified"].startswith(f"--load {damaged['file']}")
+    assert "checksum mismatch" in damaged["verified"]
+    assert damaged["unverified"] is None
