@@ -230,11 +230,22 @@ def test_presets_resolve_to_the_shared_run_defaults_unless_they_override(preset)
     assert run_defaults(last_values(flags)) == expected
 
 
+def _preset_text(preset: str) -> str:
+    """The preset file with the presets it sources (``source .../other.sh``) inlined."""
+    text = (EXAMPLES / "presets" / f"{preset}.sh").read_text()
+    return re.sub(
+        r'^source "\$\(dirname "\$\{BASH_SOURCE\[0\]\}"\)/([\w.-]+)\.sh"$',
+        lambda match: _preset_text(match.group(1)),
+        text,
+        flags=re.M,
+    )
+
+
 def test_no_preset_file_repeats_a_shared_run_default():
     shared = {RUN_DEFAULT_VARIABLES[flag]: value for flag, value in SHARED_RUN_DEFAULTS.items()}
     shared["MOCK_DATA"] = "0"
     for preset in PRESETS:
-        text = (EXAMPLES / "presets" / f"{preset}.sh").read_text()
+        text = _preset_text(preset)
         assigned = dict(re.findall(r"^\s*DEFAULT_(\w+)=([^\s#]*)", text, flags=re.M))
         repeated = {name for name, value in assigned.items() if shared.get(name) == value}
         assert not repeated, f"{preset}.sh repeats launch_lib.sh's shared {sorted(repeated)}"
