@@ -10,6 +10,9 @@ TP/PP/VP layout, which is what makes the parallel-invariance tests meaningful.
 Experts (MoE layers' ``SequentialMLP``): a local expert i on expert-parallel rank r is global
 expert r x (E / EP) + i, named so, and its weights are split over the *expert* tensor-parallel
 group (ETP), so the same seed gives the same full expert weights for every TP/EP/ETP/PP layout.
+Grouped-GEMM experts (``TEGroupedMLP``: Transformer Engine's GroupedLinear holds local expert i's
+matrix as ``linear_fc1.weight<i>``) are named as SequentialMLP's same matrix, so both expert
+implementations start from the same weights.
 The router weight [E, h] and the shared expert are initialised like any other matrix.
 
 Rules (Megatron's defaults): matrices ~ N(0, std); the attention output projection and the
@@ -28,6 +31,13 @@ import torch
 _SCALED_OUTPUT_LAYERS = ("linear_proj.weight", "linear_fc2.weight")
 _LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
+_GROUPED_EXPERT = re.compile(r"\.mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
+
+
+def _sequential_expert_name(name: str) -> str:
+    """TEGroupedMLP's ``...experts.linear_fc1.weight<i>`` -> SequentialMLP's
+    ``...experts.local_experts.<i>.linear_fc1.weight`` (the same [out/etp, in] matrix)."""
+    return _GROUPED_EXPERT.sub(r".mlp.experts.local_experts.\2.\1.weight", name)
 
 
 def _global_expert_name(name: str, experts_per_rank: int) -> str:
@@ -61,15 +71,15 @@ def _global_names(model) -> dict:
             name_global = "embedding.word_embeddings.weight"
         else:
             name_global = name
-        names[name] = _global_expert_name(name_global, experts_per_rank)
+        names[name] = _global_expert_name(_sequential_expert_name(name_global), experts_per_rank)
     return names
 
 
 def _experts_per_rank(model) -> int:
     """E / EP: the local experts of one MoE layer of this chunk (0 for a dense chunk)."""
     for module in model.modules():
-        if hasattr(module, "local_experts"):
-            return len(module.local_experts)
+        if hasattr(module, "num_local_experts"):  # MoELayer and its experts module
+            return module.num_local_experts
     return 0
 
 
@@ -114,7 +124,8 @@ def init_weights_layout_invariant(model, tf_config, seed: int) -> None:
         if param.dim() == 1:
             param.fill_(1.0 if "norm" in name else 0.0)
             continue
-        std = scaled_std if name.endswith(_SCALED_OUTPUT_LAYERS) else tf_config.init_method_std
+        scaled = global_names[name].endswith(_SCALED_OUTPUT_LAYERS)
+        std = scaled_std if scaled else tf_config.init_method_std
         generator = torch.Generator(device="cpu")
         generator.manual_seed(seed * 1_000_003 + zlib.crc32(global_names[name].encode()))
         tp_rank, tp_size = tensor_parallel[is_expert(name)]

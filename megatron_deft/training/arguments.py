@@ -9,6 +9,7 @@ records. Any unknown or inconsistent setting raises :class:`ConfigError` with on
 """
 
 import argparse
+import importlib.util
 import os
 import sys
 from typing import Optional
@@ -306,8 +307,10 @@ def _validate_moe(config: Config, world_size: int) -> None:
         "--expert-model-parallel-size)",
     )
     _require(
-        config.training.device == "cuda" or not moe.moe_grouped_gemm,
-        "--moe-grouped-gemm needs --device cuda (Transformer Engine's grouped GEMM)",
+        not moe.moe_grouped_gemm
+        or (config.training.device == "cuda" and importlib.util.find_spec("transformer_engine")),
+        "--moe-grouped-gemm needs --device cuda with Transformer Engine installed (its grouped "
+        "GEMM experts, TEGroupedMLP)",
     )
     _require(
         tp == 1 or par.sequence_parallel,

@@ -1,5 +1,5 @@
-"""Vocabulary padding, virtual-pipeline arithmetic and the tensor-parallel slicing of the
-layout-invariant init (checked against hand-built shards)."""
+"""Vocabulary padding, virtual-pipeline arithmetic, the tensor-parallel slicing of the
+layout-invariant init (checked against hand-built shards) and its expert naming."""
 
 import torch
 
@@ -55,3 +55,74 @@ def test_swiglu_fc1_shard_keeps_gate_and_up_halves_of_the_rank():
 def test_replicated_parameter_is_not_sliced():
     full = torch.ones(5)
     assert _tp_shard(full, torch.nn.Parameter(torch.empty(5)), 1, 2) is full
+
+
+def _moe_chunk(grouped: bool, experts: int = 2, hidden: int = 32, ffn: int = 16):
+    """A GPT chunk's parameter tree with one MoE layer (global layer 1) of ``experts`` local
+    SwiGLU experts: SequentialMLP's names (``local_experts.<i>.linear_fc1.weight``) or, with
+    ``grouped``, TEGroupedMLP's (TE GroupedLinear: ``linear_fc1.weight<i>``); same shapes and
+    tensor-parallel attributes."""
+    shapes = {"linear_fc1": ((2 * ffn, hidden), 0, 2), "linear_fc2": ((hidden, ffn), 1, 1)}
+    moe = torch.nn.Module()
+    moe.experts = torch.nn.Module()
+    moe.experts.num_local_experts = experts
+    if grouped:
+        for fc, (shape, dim, stride) in shapes.items():
+            linear = torch.nn.Module()
+            for i in range(experts):
+                linear.register_parameter(f"weight{i}", _param(shape, dim, stride))
+            setattr(moe.experts, fc, linear)
+    else:
+        moe.experts.local_experts = torch.nn.ModuleList()
+        for _ in range(experts):
+            expert = torch.nn.Module()
+            for fc, (shape, dim, stride) in shapes.items():
+                setattr(expert, fc, torch.nn.Module())
+                getattr(expert, fc).weight = _param(shape, dim, stride)
+            moe.experts.local_experts.append(expert)
+    layer = torch.nn.Module()
+    layer.layer_number, layer.mlp = 2, moe
+    chunk = torch.nn.Module()
+    chunk.decoder = torch.nn.Module()
+    chunk.decoder.layers = torch.nn.ModuleList([layer])
+    chunk.share_embeddings_and_output_weights = False
+    return chunk
+
+
+def test_grouped_gemm_experts_start_from_the_sequential_experts_weights(monkeypatch):
+    """TEGroupedMLP's weight<i> on EP rank 1 of 2 (global experts 2, 3) gets the values of
+    SequentialMLP's local expert i there, with fc2's depth-scaled std; EP rank 0's differ."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state
+
+    from megatron_deft.models.init import init_weights_layout_invariant
+
+    ep_rank = {"rank": 1}
+    for getter in ("tensor_model_parallel", "expert_tensor_parallel"):
+        monkeypatch.setattr(parallel_state, f"get_{getter}_rank", lambda: 0)
+        monkeypatch.setattr(parallel_state, f"get_{getter}_world_size", lambda: 1)
+    monkeypatch.setattr(parallel_state, "get_expert_model_parallel_rank", lambda: ep_rank["rank"])
+    tf_config = SimpleNamespace(init_method_std=0.02, num_layers=2)
+
+    def initialised(grouped: bool):
+        chunk = _moe_chunk(grouped)
+        init_weights_layout_invariant(chunk, tf_config, seed=5)
+        experts = chunk.decoder.layers[0].mlp.experts
+        if grouped:
+            return [
+                [getattr(getattr(experts, fc), f"weight{i}") for fc in ("linear_fc1", "linear_fc2")]
+                for i in range(2)
+            ]
+        return [[e.linear_fc1.weight, e.linear_fc2.weight] for e in experts.local_experts]
+
+    sequential, grouped = initialised(False), initialised(True)
+    for want, got in zip(sequential, grouped, strict=True):
+        for w, g in zip(want, got, strict=True):
+            assert torch.equal(w, g)
+    ep_rank["rank"] = 0
+    assert not torch.equal(initialised(True)[0][0], grouped[0][0])
+    # fc2 (the down projection) has std 0.02 / sqrt(2 x 2 layers) = 0.01, fc1 0.02
+    fc1 = torch.cat([fcs[0].flatten() for fcs in grouped])
+    fc2 = torch.cat([fcs[1].flatten() for fcs in grouped])
+    assert abs(fc1.std() / 0.02 - 1) < 0.1 and abs(fc2.std() / 0.01 - 1) < 0.1

@@ -1,5 +1,6 @@
 """Command line / YAML parsing and validation: every bad setting stops with one clear line."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -303,6 +304,14 @@ def test_flags_map_onto_config_fields():
             "world size 2 is not divisible by expert TP x EP x PP = 1 x 4 x 1",
         ),
         (["--num-experts", "4", "--moe-grouped-gemm"], 1, "--moe-grouped-gemm needs --device cuda"),
+        pytest.param(
+            ["--num-experts", "4", "--moe-grouped-gemm", "--device", "cuda"],
+            1,
+            "--moe-grouped-gemm needs --device cuda with Transformer Engine installed",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("transformer_engine") is not None, reason="TE installed"
+            ),
+        ),
         (
             ["--num-experts", "4", "--tensor-model-parallel-size", "2"],
             2,
