@@ -10,7 +10,7 @@ from a checkpoint take its architecture instead of repeating it in flags. No meg
 
 import dataclasses
 
-from megatron_deft.config import ModelConfig, MoEConfig, moe_layer_pattern
+from megatron_deft.config import ModelConfig, MoEConfig, layer_freq_text, moe_layer_pattern
 
 # architecture field -> the trainer flag that sets it (bool fields are store_true flags)
 ARCHITECTURE_FLAGS = {
@@ -170,7 +170,7 @@ def trainer_flags(
         value = arch.get(name)
         if value is None or value is False:
             continue
-        text = "[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
+        text = layer_freq_text(value) if isinstance(value, list) else str(value)
         flags += [flag] if value is True else [flag, text]
     flags += [
         "--vocab-size",
