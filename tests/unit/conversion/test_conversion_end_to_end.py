@@ -14,6 +14,7 @@ torchrun (2 ranks) running the trainer from the converted dirs, one process expo
 Megatron -> HF. The references are the HF models themselves, run in float64.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -263,12 +264,19 @@ def test_converted_model_gives_the_hf_logits_at_every_layout(run, model, layout)
     assert run["results"][f"{model}-{layout}-iteration"] == 0
 
 
+@functools.lru_cache(maxsize=None)
+def _moe_reference(work, model):
+    """transformers' float64 logits of the MoE source model (once per model, not per layout)."""
+    tokens = torch.load(os.path.join(work, "tokens.pt"))
+    return _hf_logits(os.path.join(work, f"hf-{model}"), tokens, **EAGER)
+
+
 @pytest.mark.parametrize("model", MOE_MODELS)
 @pytest.mark.parametrize("layout", MOE_LAYOUTS)
 def test_converted_moe_model_gives_the_hf_logits_at_every_layout(run, model, layout):
     """Per-token logits of the converted experts at (TP1, EP1), (TP1, EP2), (TP2, EP1), PP2
     equal transformers' (its routing: softmax, top-k, renormalised or not; shared expert)."""
-    reference = _hf_logits(os.path.join(run["work"], f"hf-{model}"), run["tokens"], **EAGER)
+    reference = _moe_reference(run["work"], model)
     got = torch.load(os.path.join(run["work"], "out", f"{model}-{layout}.logits.pt"))
     assert got.shape == (BATCH, SEQ, VOCAB)
     assert (got.double() - reference).abs().max().item() < 1e-5
@@ -300,7 +308,7 @@ def test_exported_moe_model_loads_with_from_pretrained(run, model):
     assert (
         type(loaded).__name__ == _json(os.path.join(run["work"], f"hf-{model}"))["architectures"][0]
     )
-    reference = _hf_logits(os.path.join(run["work"], f"hf-{model}"), run["tokens"], **EAGER)
+    reference = _moe_reference(run["work"], model)
     assert torch.equal(_hf_logits(back, run["tokens"], **EAGER), reference)
     source, exported = _json(os.path.join(run["work"], f"hf-{model}")), _json(back)
     for key in set(source) - {"dtype"}:  # written as torch_dtype
