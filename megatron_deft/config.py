@@ -242,6 +242,11 @@ def moe_layer_pattern(freq: str, num_layers: int) -> list:
     return value
 
 
+def layer_freq_text(pattern: list) -> str:
+    """--moe-layer-freq for a 0/1 pattern: "1" when every layer has experts, else the list."""
+    return "1" if all(pattern) else "[" + ",".join(map(str, pattern)) + "]"
+
+
 def _list_expression(node):
     """The value of an expression made of int constants, lists, + and * (nothing else)."""
     if isinstance(node, ast.Constant) and isinstance(node.value, int):
@@ -428,8 +433,9 @@ class CheckpointConfig(_Checked):
     """Start from the model weights of this checkpoint (e.g. a Hugging Face model converted by
     tools/convert_checkpoint.py) with a fresh optimizer at iteration 0, unless --load already
     holds a checkpoint: then the run resumes from --load (so a restarted job continues). The
-    architecture the checkpoint records (sizes, heads, RoPE, --vocab-size and its padding)
-    fills the model flags not given; one given that contradicts it is an error."""
+    architecture the checkpoint records (sizes, heads, RoPE, experts and routing, --vocab-size
+    and its padding) fills the model and MoE flags not given; one given that contradicts it is
+    an error."""
     override_opt_param_scheduler: bool = False
     """On a full resume, continue with this run's LR/weight-decay schedule flags where they
     differ from the checkpoint's (without it such a difference is an error)."""

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Convert Hugging Face Llama 2/3 / Qwen2/2.5 checkpoints to megatron-core dist checkpoints and
-back, one tensor at a time (peak memory ~1.4x the model, not 2x).
+"""Convert Hugging Face Llama 2/3 / Qwen2/2.5 / Qwen3 / Mistral and Qwen3-MoE / Qwen2-MoE / Mixtral
+checkpoints to megatron-core dist checkpoints and back, one tensor at a time (peak memory ~1.4x
+the model, not 2x).
 
     # HF -> Megatron (loadable at any TP/PP); prints the trainer flags of the architecture
     python tools/convert_checkpoint.py hf-to-megatron --hf-dir Llama-3-8B \\
         --output-dir ckpt/llama3 [--dtype bf16|fp32] [--make-vocab-size-divisible-by 128] \\
-        [--target-tensor-parallel-size 8]
+        [--target-tensor-parallel-size 8] [--target-expert-parallel-size 8]
     torchrun ... -m megatron_deft.train <printed flags> --pretrained-checkpoint ckpt/llama3 ...
 
     # Megatron (converted, or saved by the trainer at any TP/PP) -> HF
@@ -56,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="pad the vocabulary for this TP (the trainer pads to a "
         "multiple of --make-vocab-size-divisible-by x TP)",
     )
+    to_megatron.add_argument(
+        "--target-expert-parallel-size",
+        type=int,
+        default=1,
+        help="check that this EP divides the experts (they load at any EP that does)",
+    )
     to_hf = commands.add_parser("megatron-to-hf", help="dist checkpoint -> HF safetensors")
     to_hf.add_argument(
         "--megatron-dir",
@@ -92,11 +99,14 @@ def run(args) -> None:
             dtype=args.dtype,
             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
             target_tensor_parallel_size=args.target_tensor_parallel_size,
+            target_expert_parallel_size=args.target_expert_parallel_size,
         )
+        ep = args.target_expert_parallel_size
         print(
             f"wrote {args.output_dir} (vocabulary padded for TP "
             f"{args.target_tensor_parallel_size}); train from it with:\n  "
             + " ".join(flags)
+            + (f" --expert-model-parallel-size {ep}" if ep > 1 else "")
             + f" --pretrained-checkpoint {args.output_dir}"
         )
         tokenizer = os.path.join(args.output_dir, "tokenizer")

@@ -1,4 +1,5 @@
-"""Hugging Face (Llama 2/3, Qwen2/2.5) <-> megatron-core dist checkpoint conversion.
+"""Hugging Face (Llama 2/3, Qwen2/2.5, Qwen3, Mistral; Qwen3-MoE, Qwen2-MoE, Mixtral) <->
+megatron-core dist checkpoint conversion.
 
     from megatron_deft.conversion import convert_hf_to_megatron, convert_megatron_to_hf
 

@@ -1,4 +1,5 @@
-"""HF ``config.json`` (Llama 2/3/3.1+, Qwen2/2.5, Qwen3, Mistral) <-> our :class:`ModelConfig`.
+"""HF ``config.json`` (Llama 2/3/3.1+, Qwen2/2.5, Qwen3, Mistral; the attention and embeddings of
+Qwen3-MoE, Qwen2-MoE and Mixtral, whose experts :mod:`.hf_moe` reads) <-> our :class:`ModelConfig`.
 
 Read as plain JSON (no transformers import). Both config generations are understood: RoPE theta
 and scaling at the top level (``rope_theta``, ``rope_scaling``: transformers 4.x) or in
@@ -7,14 +8,17 @@ and scaling at the top level (``rope_theta``, ``rope_scaling``: transformers 4.x
 factors 1 and 4; any factor). ``head_dim`` other than hidden / heads becomes --kv-channels.
 Anything else our GPT cannot represent exactly (other RoPE scaling, sliding windows, biases
 other than Qwen2's q/k/v, another activation) is refused with one line naming the field, never
-converted approximately.
+converted approximately. Architectures users ask for that we cannot express (DeepSeek-V2/V3's
+MLA and MTP, ...) are refused naming what is missing (REFUSED_ARCHITECTURES).
 """
 
 import json
 import os
 from dataclasses import dataclass
 
-from megatron_deft.config import ModelConfig
+from megatron_deft.config import ModelConfig, MoEConfig
+from megatron_deft.conversion.errors import ConversionError, require
+from megatron_deft.conversion.hf_moe import moe_misfit
 
 
 @dataclass(frozen=True)
@@ -34,27 +38,46 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": Family("qwen3", False, True, ("attention_bias",)),
     # Mistral 7B v0.2+ (no sliding window): Llama's tensors and math.
     "MistralForCausalLM": Family("mistral", False, False, (), window_unless_switched_off=True),
+    # Mixtures of experts: their attention as above; experts in hf_moe.MOE_FAMILIES.
+    "Qwen3MoeForCausalLM": Family("qwen3_moe", False, True, ("attention_bias",)),
+    "Qwen2MoeForCausalLM": Family("qwen2_moe", True, False, ()),
+    "MixtralForCausalLM": Family("mixtral", False, False, (), window_unless_switched_off=True),
 }
+REFUSED_ARCHITECTURES = {
+    "DeepseekV3ForCausalLM": "multi-head latent attention (MLA), multi-token prediction (MTP) "
+    "and grouped sigmoid routing",
+    "DeepseekV2ForCausalLM": "multi-head latent attention (MLA) and grouped routing",
+    "Qwen3NextForCausalLM": "gated DeltaNet linear-attention layers",
+    "GptOssForCausalLM": "attention sinks, biased experts and a clamped SwiGLU",
+    "Llama4ForCausalLM": "chunked attention and interleaved MoE with a shared expert",
+    "OlmoeForCausalLM": "its q/k RMSNorm over all heads",
+}
+"""Architectures users ask for that we refuse, with what our GPT cannot express."""
 
 
-def hf_architecture(model: ModelConfig, source: dict = None) -> str:
-    """The HF class that represents ``model``: the ``source`` config's (the model converted
-    from) when it does, e.g. Mistral, else the first that does."""
+def hf_architecture(model: ModelConfig, source: dict = None, moe: MoEConfig = None) -> str:
+    """The HF class that represents ``model`` (with ``moe``'s experts): the ``source`` config's
+    (the model converted from) when it does, e.g. Mistral, else the first that does."""
+    moe = moe or MoEConfig()
     names = list((source or {}).get("architectures") or []) + list(SUPPORTED_ARCHITECTURES)
+    misfits = []
     for name in names:
         family = SUPPORTED_ARCHITECTURES.get(name)
-        if family and (family.add_qkv_bias, family.qk_layernorm) == (
+        if not family or (family.add_qkv_bias, family.qk_layernorm) != (
             model.add_qkv_bias,
             model.qk_layernorm,
         ):
+            continue
+        misfit = moe_misfit(name, model, moe)
+        if not misfit:
             return name
+        misfits.append(f"{name} cannot express {misfit}")
     raise ConversionError(
-        "no supported Hugging Face architecture has both a q/k/v bias and q/k RMSNorm"
+        "no supported Hugging Face architecture expresses this model (q/k/v bias "
+        f"{model.add_qkv_bias}, q/k RMSNorm {model.qk_layernorm}"
+        + (f"; {'; '.join(dict.fromkeys(misfits))}" if misfits else "")
+        + ")"
     )
-
-
-class ConversionError(ValueError):
-    """Input the converter cannot handle; one line naming the file and the field or tensor."""
 
 
 def _load_json(path: str) -> dict:
@@ -91,13 +114,13 @@ def _rope(hf: dict, path: str) -> dict:
             "plain RoPE ('default') and Llama 3.1's 'llama3' convert exactly"
         )
     for key, value in LLAMA3_ROPE_CONSTANTS.items():
-        _require(
+        require(
             params.get(key) == value,
             path,
             f"rope {key} {params.get(key)} is not supported (megatron-core's llama3 RoPE "
             f"scaling fixes it to {value})",
         )
-    _require(
+    require(
         isinstance(params.get("factor"), (int, float)) and params["factor"] > 0,
         path,
         f"rope factor {params.get('factor')!r} is not a positive number",
@@ -105,20 +128,17 @@ def _rope(hf: dict, path: str) -> dict:
     return {**rope, "use_rope_scaling": True, "rope_scaling_factor": float(params["factor"])}
 
 
-def _require(condition: bool, path: str, message: str) -> None:
-    if not condition:
-        raise ConversionError(f"{path}: {message}")
-
-
 def read_hf_config(hf_dir: str):
     """(ModelConfig, HF architecture name, HF config dict) of a Llama / Qwen2 checkpoint dir."""
     path = os.path.join(hf_dir, "config.json")
     hf = _load_json(path)
     names = hf.get("architectures") or []
-    _require(
+    refused = [f" ({REFUSED_ARCHITECTURES[n]})" for n in names if n in REFUSED_ARCHITECTURES]
+    require(
         len(names) == 1 and names[0] in SUPPORTED_ARCHITECTURES,
         path,
-        f"architectures {names} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
+        f"architectures {names} is not supported{''.join(refused)}; supported: "
+        f"{', '.join(SUPPORTED_ARCHITECTURES)}",
     )
     arch = names[0]
     for key in (
@@ -128,34 +148,34 @@ def read_hf_config(hf_dir: str):
         "num_attention_heads",
         "vocab_size",
     ):
-        _require(key in hf, path, f"missing field {key!r}")
+        require(key in hf, path, f"missing field {key!r}")
     heads = hf["num_attention_heads"]
     groups = hf.get("num_key_value_heads") or heads
-    _require(
+    require(
         hf["hidden_size"] % heads == 0,
         path,
         f"hidden_size {hf['hidden_size']} is not divisible by num_attention_heads {heads}",
     )
-    _require(
+    require(
         heads % groups == 0,
         path,
         f"num_attention_heads {heads} is not divisible by num_key_value_heads {groups}",
     )
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    _require(
+    require(
         hf.get("hidden_act", "silu") == "silu",
         path,
         f"hidden_act {hf.get('hidden_act')!r} is not supported (SwiGLU needs 'silu')",
     )
-    _require(not hf.get("mlp_bias", False), path, "mlp_bias true is not supported")
-    _require(
+    require(not hf.get("mlp_bias", False), path, "mlp_bias true is not supported")
+    require(
         not hf.get("attention_bias", False),
         path,
         "attention_bias true is not supported (Qwen2's q/k/v bias is implied by the class)",
     )
     family = SUPPORTED_ARCHITECTURES[arch]
     if hf.get("use_sliding_window", family.window_unless_switched_off):
-        _require(
+        require(
             hf.get("sliding_window") is None,
             path,
             f"sliding_window {hf.get('sliding_window')} is not supported (attention over "

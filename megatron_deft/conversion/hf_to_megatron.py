@@ -1,8 +1,9 @@
-"""Hugging Face Llama / Qwen2 safetensors -> megatron-core dist checkpoint (torch_dist).
+"""Hugging Face Llama / Qwen2 / Qwen3 / Mistral and Qwen3-MoE / Qwen2-MoE / Mixtral safetensors ->
+megatron-core dist checkpoint (torch_dist).
 
 Output (Megatron-LM layout, loadable by the trainer at any TP/PP)::
 
-    OUT/iter_0000000/                         model weights only (no optimizer state)
+    OUT/iter_0000000/                         model weights only (no optimizer state; any TP/EP/PP)
     OUT/latest_checkpointed_iteration.txt     "0"
     OUT/megatron_deft_args.json               architecture + the trainer flags that match it
     OUT/tokenizer/                            tokenizer files of the HF dir (only when it
@@ -29,6 +30,7 @@ import os
 import torch
 
 from megatron_deft.conversion.hf_config import ConversionError, read_hf_config
+from megatron_deft.conversion.hf_moe import MOE_FAMILIES, read_hf_moe
 from megatron_deft.conversion.megatron_model import (
     DTYPES,
     atomic_output_dir,
@@ -38,33 +40,39 @@ from megatron_deft.conversion.megatron_model import (
 )
 from megatron_deft.conversion.safetensors_io import HFTensorReader
 from megatron_deft.conversion.source import KEY, TOKENIZER_FILES, source_record, write_files
-from megatron_deft.conversion.weights import hf_parts, hf_shape, weight_maps
+from megatron_deft.conversion.weights import hf_parts, weight_maps
 from megatron_deft.models.architecture import architecture_of, trainer_flags
 from megatron_deft.models.layout import padded_vocab_size
 
 logger = logging.getLogger(__name__)
 
 
-def _check_tensor_parallel(model, target_tp: int, path: str) -> None:
-    if target_tp < 1:
-        raise ConversionError(f"--target-tensor-parallel-size {target_tp} must be >= 1")
-    for field, value in (
-        ("num_attention_heads", model.num_attention_heads),
-        ("num_key_value_heads", model.num_query_groups),
-    ):
-        if value % target_tp:
-            raise ConversionError(
-                f"{path}: {field} {value} is not divisible by "
-                f"--target-tensor-parallel-size {target_tp}"
-            )
+def _check_targets(model, moe, target_tp: int, target_ep: int, path: str) -> None:
+    """The target layout divides what it splits: heads and groups by TP, experts by EP."""
+    tp, ep = (
+        ("--target-tensor-parallel-size", target_tp),
+        ("--target-expert-parallel-size", target_ep),
+    )
+    for flag, target in (tp, ep):
+        if target < 1:
+            raise ConversionError(f"{flag} {target} must be >= 1")
+    splits = [
+        ("num_attention_heads", model.num_attention_heads, tp),
+        ("num_key_value_heads", model.num_query_groups, tp),
+        ("the number of experts", moe.num_experts or 1, ep),
+    ]
+    for field, value, (flag, target) in splits:
+        if value % target:
+            raise ConversionError(f"{path}: {field} {value} is not divisible by {flag} {target}")
 
 
 def _check_tensors(reader: HFTensorReader, model, maps: list) -> None:
     """Every tensor present with the shape config.json implies, and none left over (before the
     slow part, so a bad checkpoint fails in seconds)."""
-    used = {name for weight in maps for name in weight.hf}
+    shapes = {name: shape for weight in maps for name, shape in zip(weight.hf, weight.shapes)}
+    used = set(shapes)
     for name in sorted(used):
-        reader.check(name, hf_shape(name, model))
+        reader.check(name, shapes[name])
     if not model.untie_embeddings_and_output_weights:
         used.add("lm_head.weight")  # tied checkpoints may still carry a copy of the embedding
     extra = reader.unused(used)
@@ -87,8 +95,8 @@ def _fill(chunk, reader: HFTensorReader, model, maps: list) -> None:
     done, layer = 0, None
     for weight in maps:
         param = params[weight.megatron]
-        for view, name in zip(hf_parts(param, weight, model), weight.hf):
-            view.copy_(reader.read(name, hf_shape(name, model)).view(view.shape))
+        for view, name, shape in zip(hf_parts(param, weight, model), weight.hf, weight.shapes):
+            view.copy_(reader.read(name, shape).view(view.shape))
         if weight.layout == "vocab":
             param[model.vocab_size :].zero_()
         done += param.numel() * param.element_size()
@@ -119,29 +127,34 @@ def convert_hf_to_megatron(
     dtype: str = "bf16",
     make_vocab_size_divisible_by: int = 128,
     target_tensor_parallel_size: int = 1,
+    target_expert_parallel_size: int = 1,
 ) -> list:
     """Convert; returns the trainer flags that match the converted architecture.
 
     The vocabulary is padded as the trainer pads it at ``target_tensor_parallel_size``
     (--vocab-size rounded up to --make-vocab-size-divisible-by x TP), so that TP loads it as is.
+    Experts are stored on a global expert axis (any EP loads them); the target EP is checked to
+    divide them.
     """
     if make_vocab_size_divisible_by < 1:
         raise ConversionError(
             f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by} must be >= 1"
         )
     model, hf_arch, hf_config = read_hf_config(hf_dir)
-    _check_tensor_parallel(model, target_tensor_parallel_size, os.path.join(hf_dir, "config.json"))
+    path = os.path.join(hf_dir, "config.json")
+    moe = read_hf_moe(hf_config, hf_arch, model.num_layers, path)
+    _check_targets(model, moe, target_tensor_parallel_size, target_expert_parallel_size, path)
     reader = HFTensorReader(hf_dir)
-    maps = weight_maps(model)
+    maps = weight_maps(model, moe, MOE_FAMILIES.get(hf_arch))
     _check_tensors(reader, model, maps)
     padded = padded_vocab_size(
         model.vocab_size, make_vocab_size_divisible_by, target_tensor_parallel_size
     )
     partial = atomic_output_dir(output_dir)
     init_single_process()
-    chunk = build_full_model(model, padded, DTYPES[dtype])
+    chunk = build_full_model(model, padded, DTYPES[dtype], moe)
     _fill(chunk, reader, model, maps)
-    architecture = architecture_of(model, padded)
+    architecture = architecture_of(model, padded, moe)
     flags = trainer_flags(
         architecture,
         model.max_position_embeddings,
@@ -153,7 +166,7 @@ def convert_hf_to_megatron(
         "layout": {"tp": 1, "pp": 1},
         "weights_only": True,
         "architecture": architecture,
-        "config": {"model": dataclasses.asdict(model)},
+        "config": {"model": dataclasses.asdict(model), "moe": dataclasses.asdict(moe)},
         KEY: source_record(hf_dir, hf_config),
     }
     logger.info("writing the dist checkpoint")
@@ -168,6 +181,7 @@ def convert_hf_to_megatron(
                 "architecture": hf_arch,
                 "dtype": dtype,
                 "padded_for_tensor_parallel_size": target_tensor_parallel_size,
+                "target_expert_parallel_size": target_expert_parallel_size,
                 "tokenizer_files": tokenizer,
                 "trainer_flags": flags,
                 **architecture,

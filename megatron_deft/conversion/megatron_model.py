@@ -18,8 +18,8 @@ import socket
 import torch
 import torch.distributed as dist
 
-from megatron_deft.config import Config, ModelConfig
-from megatron_deft.conversion.hf_config import ConversionError
+from megatron_deft.config import Config, ModelConfig, MoEConfig
+from megatron_deft.conversion.errors import ConversionError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -40,11 +40,19 @@ def init_single_process() -> None:
         parallel_state.initialize_model_parallel(1, 1)
 
 
-def build_full_model(model: ModelConfig, padded_vocab: int, dtype: torch.dtype):
-    """GPTModel with every layer, uninitialised weights of ``dtype`` on CPU."""
+def build_full_model(model: ModelConfig, padded_vocab: int, dtype: torch.dtype, moe=None):
+    """GPTModel with every layer, uninitialised weights of ``dtype`` on CPU; with ``moe`` (a
+    MoEConfig) all E experts of each MoE layer as SequentialMLP's local experts (EP=1, expert
+    TP 1: whatever layout a trainer checkpoint was saved in)."""
     from megatron_deft.models.gpt import build_gpt_chunks
 
-    config = Config(model=dataclasses.replace(model))  # a copy: seq_length is set below
+    experts = dataclasses.replace(
+        moe or MoEConfig(),
+        expert_model_parallel_size=1,
+        expert_tensor_parallel_size=None,
+        moe_grouped_gemm=False,
+    )
+    config = Config(model=dataclasses.replace(model), moe=experts)  # a copy: seq_length below
     config.training.device = "cpu"
     config.training.bf16 = dtype == torch.bfloat16
     config.model.seq_length = model.resolved().max_position_embeddings

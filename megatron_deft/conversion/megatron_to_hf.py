@@ -1,12 +1,14 @@
 """megatron-core dist checkpoint (converted, or saved by the trainer at any TP/PP) -> Hugging
 Face safetensors, config.json, tokenizer files and generation_config.json: those of the model it
 was converted from (the record every checkpoint carries), else Llama/Qwen2/Qwen3 by the model's
-q/k/v bias and q/k norm, with no tokenizer unless --tokenizer-dir gives one.
+q/k/v bias and q/k norm (Qwen3-MoE / Qwen2-MoE / Mixtral with experts: the first whose routing,
+shared expert and MoE layers express the model's), with no tokenizer unless --tokenizer-dir
+gives one.
 
 The checkpoint is loaded, resharded by dist_checkpointing, into one full TP=1 / PP=1 model in
-place; HF tensors are then cut out of its weights (fused qkv and [gate; up] split, vocabulary
-padding dropped) and written in shards of ``max_shard_bytes``. The output directory is built as
-``OUT.partial`` and renamed when complete.
+place (experts of any EP into all E local experts); HF tensors are then cut out of its weights
+(fused qkv and [gate; up] split, vocabulary padding dropped) and written in shards of
+``max_shard_bytes``. The output directory is built as ``OUT.partial`` and renamed when complete.
 
 Memory (measured, 300 MB bf16 model): anonymous RSS peaks at 1.4x the model while
 dist_checkpointing loads it, then the model plus at most one output shard (``max_shard_bytes``,
@@ -17,8 +19,9 @@ import json
 import logging
 import os
 
-from megatron_deft.config import ModelConfig
+from megatron_deft.config import ModelConfig, MoEConfig
 from megatron_deft.conversion.hf_config import ConversionError, hf_architecture, hf_config_dict
+from megatron_deft.conversion.hf_moe import MOE_FAMILIES, hf_moe_fields
 from megatron_deft.conversion.megatron_model import (
     DTYPES,
     atomic_output_dir,
@@ -29,7 +32,7 @@ from megatron_deft.conversion.megatron_model import (
 )
 from megatron_deft.conversion.safetensors_io import ShardWriter
 from megatron_deft.conversion.source import RECORDED_FILES, read_files, record_of, write_files
-from megatron_deft.conversion.weights import hf_parts, hf_shape, weight_maps
+from megatron_deft.conversion.weights import hf_parts, weight_maps
 from megatron_deft.models.layout import padded_vocab_size
 from megatron_deft.utils.known_warnings import checkpoint_load_deprecations_ignored
 
@@ -57,11 +60,13 @@ def _checkpoint_directory(megatron_dir: str, iteration):
 
 
 def _model_of(common: dict, directory: str, vocab_size):
-    """(ModelConfig with resolved defaults, padded vocabulary) the checkpoint was saved with."""
+    """(ModelConfig with resolved defaults, MoEConfig, padded vocabulary) the checkpoint was
+    saved with (checkpoints written before MoE existed are dense)."""
     saved = common.get("config", {}).get("model")
     if saved is None:
         raise ConversionError(f"{directory}: not a megatron-deft checkpoint (no config recorded)")
     model = ModelConfig(**saved).resolved()
+    moe = MoEConfig(**(common["config"].get("moe") or {}))
     model.vocab_size = vocab_size or model.vocab_size
     if model.vocab_size is None:
         raise ConversionError(
@@ -80,13 +85,13 @@ def _model_of(common: dict, directory: str, vocab_size):
         raise ConversionError(
             f"--vocab-size {model.vocab_size} exceeds the checkpoint's {padded} embedding rows"
         )
-    return model, padded
+    return model, moe, padded
 
 
-def _load_full_model(directory: str, model: ModelConfig, padded: int, dtype):
+def _load_full_model(directory: str, model: ModelConfig, moe: MoEConfig, padded: int, dtype):
     from megatron.core import dist_checkpointing
 
-    chunk = build_full_model(model, padded, dtype)
+    chunk = build_full_model(model, padded, dtype, moe)
     state = full_sharded_state_dict(chunk)
     logger.info(f"loading {directory}")
     with checkpoint_load_deprecations_ignored():
@@ -94,16 +99,16 @@ def _load_full_model(directory: str, model: ModelConfig, padded: int, dtype):
     return chunk
 
 
-def _write_weights(chunk, model: ModelConfig, out_dir: str, max_shard_bytes: int, dtype) -> list:
+def _write_weights(chunk, maps: list, model: ModelConfig, out_dir: str, max_shard_bytes, dtype):
     """All HF tensors in ``dtype`` (megatron keeps e.g. norm weights in fp32 in a bf16 model;
-    HF checkpoints have one dtype)."""
+    HF checkpoints have one dtype); returns the files written."""
     params = dict(chunk.named_parameters())
     writer = ShardWriter(out_dir, max_shard_bytes)
-    for weight in weight_maps(model):
+    for weight in maps:
         views = hf_parts(params[weight.megatron].detach(), weight, model)
-        for view, name in zip(views, weight.hf):
+        for view, name, shape in zip(views, weight.hf, weight.shapes):
             # a copy: a view would keep the whole fused weight alive in the shard buffer
-            writer.add(name, view.reshape(hf_shape(name, model)).to(dtype, copy=True))
+            writer.add(name, view.reshape(shape).to(dtype, copy=True))
     return writer.close()
 
 
@@ -140,20 +145,22 @@ def convert_megatron_to_hf(
     replacements = _tokenizer_dir_files(tokenizer_dir)
     init_single_process()
     common = dist_checkpointing.load_common_state_dict(directory)
-    model, padded = _model_of(common, directory, vocab_size)
+    model, moe, padded = _model_of(common, directory, vocab_size)
     metadata = dist_checkpointing.load_tensors_metadata(directory)
     dtype = metadata["embedding.word_embeddings.weight"].dtype
     if dtype not in _DTYPE_NAMES:
         raise ConversionError(f"{directory}: weights of dtype {dtype} are not supported")
     record = record_of(common, megatron_dir) or {}
-    arch = hf_architecture(model, record.get("config"))
+    arch = hf_architecture(model, record.get("config"), moe)
     partial = atomic_output_dir(output_dir)
-    chunk = _load_full_model(directory, model, padded, dtype)
-    files = _write_weights(chunk, model, partial, max_shard_bytes, dtype)
+    chunk = _load_full_model(directory, model, moe, padded, dtype)
+    maps = weight_maps(model, moe, MOE_FAMILIES.get(arch))
+    files = _write_weights(chunk, maps, model, partial, max_shard_bytes, dtype)
     logger.info(f"wrote {len(files)} safetensors file(s)")
     config = hf_config_dict(
         model, arch, _HF_DTYPE_NAMES[_DTYPE_NAMES[dtype]], base=record.get("config")
     )
+    config.update(hf_moe_fields(arch, model, moe, record.get("config") or {}))
     with open(os.path.join(partial, "config.json"), "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2)
     write_files({**record.get("files", {}), **replacements}, partial, RECORDED_FILES)

@@ -62,6 +62,10 @@ def run_config(saved: dict, evaluation: EvalConfig, root: str) -> Config:
     par.num_layers_per_virtual_pipeline_stage = None
     par.sequence_parallel = False  # generation grows the sequence a token at a time
     par.distributed_timeout_minutes = evaluation.distributed_timeout_minutes
+    # Experts: all E on every rank (EP 1, expert TP = TP), whatever EP the run trained with.
+    config.moe.expert_model_parallel_size = 1
+    config.moe.expert_tensor_parallel_size = None
+    config.moe.moe_grouped_gemm = config.moe.moe_grouped_gemm and evaluation.device == "cuda"
     config.training.device = evaluation.device
     config.training.bf16 = config.training.bf16 and evaluation.device == "cuda"
     config.checkpoint.load = root  # skips the random init: the weights get loaded
@@ -309,7 +313,12 @@ def evaluate(config: EvalConfig, keep_process_group: bool = False) -> List[Dict]
     summaries, predictions, built, model = [], [], None, None
     try:
         for job in jobs:
-            architecture = (dataclasses.asdict(job["run"].model), job["padded"])
+            run = job["run"]
+            architecture = (
+                dataclasses.asdict(run.model),
+                dataclasses.asdict(run.moe),
+                job["padded"],
+            )
             if architecture != built:
                 model, built = build_gpt_chunks(job["run"], job["padded"])[0], architecture
                 model.fused_output_loss = not config.unfused_output_loss  # scoring; decoding

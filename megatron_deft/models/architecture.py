@@ -3,14 +3,15 @@
 A checkpoint records ``architecture_of(config.model, padded_vocab)``; loading it into a run whose
 flags give another architecture would fail deep inside dist_checkpointing (or, for RoPE theta and
 the norm epsilon, load silently and compute something else). :func:`architecture_mismatch`
-turns that into one line naming the flags, and :func:`adopt_architecture` lets a run started
-from a checkpoint take its architecture instead of repeating it in flags. No megatron import
+turns that into one line naming the flags, and :func:`adopt_architecture` (with
+:func:`adopt_moe_architecture` for the experts) lets a run started from a checkpoint take its
+architecture instead of repeating it in flags. No megatron import
 (used by the CLI validation and the checkpoint converter).
 """
 
 import dataclasses
 
-from megatron_deft.config import ModelConfig, MoEConfig, moe_layer_pattern
+from megatron_deft.config import ModelConfig, MoEConfig, layer_freq_text, moe_layer_pattern
 
 # architecture field -> the trainer flag that sets it (bool fields are store_true flags)
 ARCHITECTURE_FLAGS = {
@@ -153,6 +154,24 @@ def adopt_architecture(
     return dataclasses.replace(model, **fields)
 
 
+def adopt_moe_architecture(moe: MoEConfig, common: dict, given: set) -> MoEConfig:
+    """``moe`` with every recorded MoE architecture field the user did not give (``given``:
+    MoEConfig field names) taken from a checkpoint's common state; a dense checkpoint (or one
+    written before MoE existed) changes nothing, so --num-experts given against it is
+    reported by :func:`architecture_mismatch`."""
+    saved = common.get("architecture") or {}
+    if saved.get("num_experts") is None:
+        return moe
+    fields = {
+        name: saved[name]
+        for name in MOE_ARCHITECTURE_FLAGS
+        if name not in given and saved.get(name) is not None
+    }
+    if "moe_layer_freq" in fields:  # recorded as the resolved per-layer 0/1 list
+        fields["moe_layer_freq"] = layer_freq_text(fields["moe_layer_freq"])
+    return dataclasses.replace(moe, **fields)
+
+
 def trainer_flags(
     arch: dict, max_position_embeddings: int, make_vocab_size_divisible_by: int, bf16: bool
 ) -> list:
@@ -170,7 +189,7 @@ def trainer_flags(
         value = arch.get(name)
         if value is None or value is False:
             continue
-        text = "[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
+        text = layer_freq_text(value) if isinstance(value, list) else str(value)
         flags += [flag] if value is True else [flag, text]
     flags += [
         "--vocab-size",

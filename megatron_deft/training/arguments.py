@@ -3,9 +3,9 @@
 Flags are generated from the config dataclasses (one flag per field, Megatron-LM's names) so the
 flag list cannot drift from the config. ``--config FILE.yaml`` supplies defaults with the same
 keys; explicit flags override it. A run that loads a checkpoint (``--pretrained-checkpoint``,
-or ``--load`` holding one) takes the model fields not given from the architecture the checkpoint
-records. Any unknown or inconsistent setting raises :class:`ConfigError` with one line;
-:func:`parse_config` turns that into ``error: ...`` and exit 2.
+or ``--load`` holding one) takes the model and MoE architecture fields not given from the
+architecture the checkpoint records. Any unknown or inconsistent setting raises
+:class:`ConfigError` with one line; :func:`parse_config` turns that into ``error: ...`` and exit 2.
 """
 
 import argparse
@@ -26,6 +26,7 @@ from megatron_deft.config import (
 from megatron_deft.conventions import TRACKER  # light: checkpointing imports megatron-core
 from megatron_deft.models.architecture import (
     adopt_architecture,
+    adopt_moe_architecture,
     architecture_mismatch,
     architecture_of,
 )
@@ -103,6 +104,11 @@ def _given(argv: Optional[list]) -> dict:
     return given
 
 
+def _given_fields(given: dict, section: str) -> set:
+    """The field names of ``section`` among the given 'section.field' dests."""
+    return {dest.split(".", 1)[1] for dest in given if dest.startswith(section + ".")}
+
+
 def config_from_args(argv: Optional[list] = None, world_size: int = 1) -> Config:
     """Flags (+ YAML) -> validated Config, with the architecture of the checkpoint the run
     starts from filling the model fields not given; raises ConfigError (one line)."""
@@ -112,8 +118,9 @@ def config_from_args(argv: Optional[list] = None, world_size: int = 1) -> Config
     except ValueError as error:
         raise ConfigError(str(error)) from None
     _resolve_pretrained_checkpoint(config)
-    model_given = {dest.split(".", 1)[1] for dest in given if dest.startswith("model.")}
-    _adopt_checkpoint_architecture(config, model_given)
+    _adopt_checkpoint_architecture(
+        config, _given_fields(given, "model"), _given_fields(given, "moe")
+    )
     validate(config, world_size)
     return config
 
@@ -368,10 +375,11 @@ def _common_state(root: str, source: str, verify: bool) -> dict:
     return read_common_state(directory, verify)
 
 
-def _adopt_checkpoint_architecture(config: Config, given: set) -> None:
-    """A run that loads a checkpoint takes the architecture it records for every model field
-    not in ``given`` (so --pretrained-checkpoint alone is enough); a given flag that contradicts
-    it stops the run here, all such flags in one line, before any data or model is built."""
+def _adopt_checkpoint_architecture(config: Config, given: set, moe_given: set) -> None:
+    """A run that loads a checkpoint takes the architecture it records for every model and MoE
+    field not in ``given`` / ``moe_given`` (so --pretrained-checkpoint alone is enough); a
+    given flag that contradicts it stops the run here, all such flags in one line, before any
+    data or model is built."""
     ckpt, tp = config.checkpoint, config.parallel.tensor_model_parallel_size
     if ckpt.load is None or not os.path.isfile(os.path.join(ckpt.load, TRACKER)):
         return
@@ -380,6 +388,7 @@ def _adopt_checkpoint_architecture(config: Config, given: set) -> None:
     if common.get("architecture") is None:  # written before architectures were recorded
         return
     model = config.model = adopt_architecture(config.model, common, given, tp)
+    config.moe = adopt_moe_architecture(config.moe, common, moe_given)
     padded = None
     if model.vocab_size is not None:
         padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)

@@ -1,15 +1,20 @@
 """Hugging Face <-> Megatron conversion end to end, on tiny random models built here.
 
-Models: LlamaForCausalLM in Llama 3.1's form (untied embeddings, GQA 4 heads / 2 groups,
+Dense models: LlamaForCausalLM in Llama 3.1's form (untied embeddings, GQA 4 heads / 2 groups,
 rope_theta 5e5 with 'llama3' RoPE scaling, factor 8; eps 1e-6), Qwen2ForCausalLM (tied
 embeddings, q/k/v bias, GQA), Qwen3ForCausalLM (tied, q/k RMSNorm, head_dim 24 != 64 / 4) and
 MistralForCausalLM (no sliding window), vocabulary 300 (padded to 384), fp32; plus a bf16 Qwen2
-for the round trip in the training dtype.
+for the round trip in the training dtype. Mixtures of experts (4 experts, top-2, expert SwiGLU 32):
+Qwen3MoeForCausalLM with norm_topk_prob (renormalised top-k: megatron's softmax after top-k),
+Qwen2MoeForCausalLM without it (--moe-router-pre-softmax) with its gated shared expert and
+decoder_sparse_step 2 (layer 0 dense, layer 1 MoE), MixtralForCausalLM (renormalised); each
+run at (TP1, EP1), (TP1, EP2), (TP2, EP1) and PP2 in the same torchrun as the dense models.
 Launches: one process converting HF -> Megatron (tools/convert_checkpoint.py's main), one
 torchrun (2 ranks) running the trainer from the converted dirs, one process exporting
 Megatron -> HF. The references are the HF models themselves, run in float64.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -36,6 +41,10 @@ COMMON = dict(
 )
 MODELS = ("llama", "qwen2", "qwen3", "mistral")
 HEAD_DIM = {"llama": 16, "qwen2": 16, "qwen3": 24, "mistral": 16}
+MOE_MODELS = ("qwen3_moe", "qwen2_moe", "mixtral")
+MOE_LAYOUTS = ("tp1", "ep2", "tp2", "pp2")
+EXPERTS = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+EAGER = dict(experts_implementation="eager")  # transformers' grouped_mm experts refuse float64
 
 
 MISTRAL_TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
@@ -51,6 +60,38 @@ LLAMA31_ROPE = {
 }
 
 
+def _moe_model(arch):
+    """A tiny random Qwen3-MoE / Qwen2-MoE / Mixtral (fp32)."""
+    from transformers import (
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
+
+    if arch == "qwen3_moe":
+        config = Qwen3MoeConfig(
+            **COMMON, **EXPERTS, num_experts=4, head_dim=24, norm_topk_prob=True
+        )
+        return Qwen3MoeForCausalLM(config)
+    if arch == "qwen2_moe":
+        config = Qwen2MoeConfig(
+            **COMMON,
+            **EXPERTS,
+            num_experts=4,
+            norm_topk_prob=False,
+            shared_expert_intermediate_size=48,
+            decoder_sparse_step=2,
+        )
+        return Qwen2MoeForCausalLM(config)
+    config = dict(COMMON, intermediate_size=32)  # Mixtral's experts are intermediate_size wide
+    return MixtralForCausalLM(
+        MixtralConfig(**config, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    )
+
+
 def _save_hf(directory, arch, dtype=torch.float32, seed=0):
     from transformers import (
         LlamaConfig,
@@ -64,7 +105,9 @@ def _save_hf(directory, arch, dtype=torch.float32, seed=0):
     )
 
     torch.manual_seed(seed)
-    if arch == "llama":
+    if arch in MOE_MODELS:
+        model = _moe_model(arch)
+    elif arch == "llama":
         model = LlamaForCausalLM(
             LlamaConfig(
                 **COMMON,
@@ -114,10 +157,10 @@ def _save_hf(directory, arch, dtype=torch.float32, seed=0):
         save_hf_tokenizer(directory, CHATML_TEMPLATE)
 
 
-def _hf_logits(directory, tokens):
+def _hf_logits(directory, tokens, **load):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64, **load).eval()
     with torch.no_grad():
         return model(input_ids=tokens).logits
 
@@ -144,7 +187,7 @@ def _convert(work, commands):
 def run(torchrun, tmp_path_factory):
     work = str(tmp_path_factory.mktemp("conversion"))
     path = lambda *parts: os.path.join(work, *parts)  # noqa: E731
-    for arch in MODELS:
+    for arch in MODELS + MOE_MODELS:
         _save_hf(path(f"hf-{arch}"), arch)
     _save_hf(path("hf-qwen2-bf16"), "qwen2", dtype=torch.bfloat16, seed=1)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
@@ -164,6 +207,12 @@ def run(torchrun, tmp_path_factory):
                 path("qwen2-bf16"),
             ],
             to_megatron + ["--hf-dir", path("hf-mistral"), "--output-dir", path("mistral")],
+        ]
+        + [
+            to_megatron
+            + ["--hf-dir", path(f"hf-{arch}"), "--output-dir", path(arch)]
+            + ["--target-expert-parallel-size", "2"]
+            for arch in MOE_MODELS
         ],
     )
     os.makedirs(path("out"))
@@ -174,7 +223,7 @@ def run(torchrun, tmp_path_factory):
         work,
         [
             ["megatron-to-hf", "--megatron-dir", path(name), "--output-dir", path(f"back-{name}")]
-            for name in (*MODELS, "qwen2-bf16")
+            for name in (*MODELS, "qwen2-bf16", *MOE_MODELS)
         ]
         + [
             [
@@ -215,6 +264,58 @@ def test_converted_model_gives_the_hf_logits_at_every_layout(run, model, layout)
     assert run["results"][f"{model}-{layout}-iteration"] == 0
 
 
+@functools.lru_cache(maxsize=None)
+def _moe_reference(work, model):
+    """transformers' float64 logits of the MoE source model (once per model, not per layout)."""
+    tokens = torch.load(os.path.join(work, "tokens.pt"))
+    return _hf_logits(os.path.join(work, f"hf-{model}"), tokens, **EAGER)
+
+
+@pytest.mark.parametrize("model", MOE_MODELS)
+@pytest.mark.parametrize("layout", MOE_LAYOUTS)
+def test_converted_moe_model_gives_the_hf_logits_at_every_layout(run, model, layout):
+    """Per-token logits of the converted experts at (TP1, EP1), (TP1, EP2), (TP2, EP1), PP2
+    equal transformers' (its routing: softmax, top-k, renormalised or not; shared expert)."""
+    reference = _moe_reference(run["work"], model)
+    got = torch.load(os.path.join(run["work"], "out", f"{model}-{layout}.logits.pt"))
+    assert got.shape == (BATCH, SEQ, VOCAB)
+    assert (got.double() - reference).abs().max().item() < 1e-5
+    assert reference.std() > 0.1
+    assert run["results"][f"{model}-{layout}-iteration"] == 0
+
+
+def test_moe_conversion_prints_the_router_flags(run):
+    """Renormalised top-k (Qwen3-MoE's norm_topk_prob, Mixtral) is megatron-core's default;
+    Qwen2-MoE without it routes with --moe-router-pre-softmax; --target-expert-parallel-size 2
+    adds the EP flag to the printed command."""
+    stdout = dict(zip(MOE_MODELS, (r["stdout"] for r in run["imported"][5:])))
+    for arch, text in stdout.items():
+        assert "--num-experts 4 --moe-router-topk 2" in text, arch
+        assert "--expert-model-parallel-size 2" in text, arch
+        assert ("--moe-router-pre-softmax" in text) == (arch == "qwen2_moe"), arch
+        assert ("--moe-shared-expert-gate" in text) == (arch == "qwen2_moe"), arch
+    assert "--moe-layer-freq [0,1]" in stdout["qwen2_moe"]
+    assert "--moe-shared-expert-intermediate-size 48" in stdout["qwen2_moe"]
+    assert "--moe-layer-freq 1 " in stdout["mixtral"] and "--qk-layernorm" in stdout["qwen3_moe"]
+
+
+@pytest.mark.parametrize("model", MOE_MODELS)
+def test_exported_moe_model_loads_with_from_pretrained(run, model):
+    from transformers import AutoModelForCausalLM
+
+    back = os.path.join(run["work"], f"back-{model}")
+    loaded = AutoModelForCausalLM.from_pretrained(back)
+    assert (
+        type(loaded).__name__ == _json(os.path.join(run["work"], f"hf-{model}"))["architectures"][0]
+    )
+    reference = _moe_reference(run["work"], model)
+    assert torch.equal(_hf_logits(back, run["tokens"], **EAGER), reference)
+    source, exported = _json(os.path.join(run["work"], f"hf-{model}")), _json(back)
+    for key in set(source) - {"dtype"}:  # written as torch_dtype
+        if not (key == "head_dim" and source[key] is None):  # Mixtral's: hidden / heads
+            assert exported[key] == source[key], (model, key)
+
+
 def _hf_inv_freq(directory):
     from transformers import AutoModelForCausalLM
 
@@ -253,11 +354,12 @@ def test_exported_llama_keeps_the_rope_scaling(run):
     assert config["rope_scaling"] == LLAMA31_ROPE  # what transformers 4.x reads
 
 
-@pytest.mark.parametrize("name", [*MODELS, "qwen2-bf16"])
+@pytest.mark.parametrize("name", [*MODELS, "qwen2-bf16", *MOE_MODELS])
 def test_round_trip_is_bit_identical(run, name):
     original = load_file(os.path.join(run["work"], f"hf-{name}", "model.safetensors"))
     back = load_file(os.path.join(run["work"], f"back-{name}", "model.safetensors"))
-    original.pop("lm_head.weight", None) if name.startswith("qwen") else None  # tied
+    if _json(os.path.join(run["work"], f"hf-{name}"))["tie_word_embeddings"]:
+        original.pop("lm_head.weight", None)  # transformers saves the tied copy too
     assert sorted(back) == sorted(original)
     for key, tensor in original.items():
         assert back[key].dtype == tensor.dtype and back[key].shape == tensor.shape, key

@@ -1,8 +1,9 @@
 """A run from a converted checkpoint takes the architecture it records at parse time.
 
 The checkpoint: a tiny Hugging Face Qwen2 whose vocabulary (400) is larger than its tokenizer's
-(320 tokens), as Qwen2.5's is, converted by tools/convert_checkpoint.py in a subprocess. The
-reference for every architecture field is the HF config.json itself.
+(320 tokens), as Qwen2.5's is, converted by tools/convert_checkpoint.py in a subprocess; and a
+tiny Qwen2-MoE (shared expert, layer 0 dense) for the MoE fields. The reference for every
+architecture field is the HF config.json itself.
 """
 
 import json
@@ -39,6 +40,27 @@ def _save_tokenizer(directory):
     assert len(fast) == TOKENIZER_VOCAB
 
 
+def _convert(hf, out):
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py"),
+            "hf-to-megatron",
+            "--hf-dir",
+            str(hf),
+            "--output-dir",
+            str(out),
+            "--dtype",
+            "fp32",
+        ],
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     import torch
@@ -61,24 +83,7 @@ def converted(tmp_path_factory):
     )
     Qwen2ForCausalLM(config).save_pretrained(str(hf))
     _save_tokenizer(hf)
-    done = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py"),
-            "hf-to-megatron",
-            "--hf-dir",
-            str(hf),
-            "--output-dir",
-            str(out),
-            "--dtype",
-            "fp32",
-        ],
-        env=dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    _convert(hf, out)
     data = work / "train.jsonl"
     data.write_text(
         "".join(
@@ -223,3 +228,90 @@ def test_vocabulary_mismatch_names_vocab_size_not_the_padding():
     message = architecture_mismatch(arch(HF_VOCAB, 512), arch(TOKENIZER_VOCAB, 384), 1)
     assert message.startswith(f"--vocab-size: the checkpoint has {HF_VOCAB}, this run has 320")
     assert architecture_mismatch(arch(HF_VOCAB, 512), arch(HF_VOCAB, 512), 1) == ""
+
+
+@pytest.fixture(scope="module")
+def converted_moe(tmp_path_factory, converted):
+    """A tiny Qwen2-MoE (4 experts, top 2, not renormalised, gated shared expert, layer 0
+    dense) converted with the dense fixture's tokenizer; runs reuse its data."""
+    import torch
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    work = tmp_path_factory.mktemp("qwen-moe")
+    hf, out = work / "hf", work / "converted"
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=HF_VOCAB,
+        max_position_embeddings=96,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        decoder_sparse_step=2,
+        norm_topk_prob=False,
+    )
+    Qwen2MoeForCausalLM(config).save_pretrained(str(hf))
+    _save_tokenizer(hf)
+    _convert(hf, out)
+    with open(hf / "config.json") as handle:
+        hf_config = json.load(handle)
+    with open(out / "megatron_deft_args.json") as handle:
+        args = json.load(handle)
+    return {**converted, "dir": str(out), "hf": hf_config, "args": args}
+
+
+def test_pretrained_checkpoint_alone_supplies_the_moe_architecture(converted_moe):
+    """No MoE flag given: the experts, routing, shared expert and MoE layers are the HF
+    model's; the layout flags (EP) stay the run's."""
+    from megatron_deft.config import moe_layer_pattern
+    from megatron_deft.training.arguments import parse_config
+
+    argv = ["--pretrained-checkpoint", converted_moe["dir"], "--expert-model-parallel-size", "2"]
+    config = parse_config(_run_flags(converted_moe) + argv, world_size=2)
+    moe, hf = config.moe, converted_moe["hf"]
+    assert (moe.num_experts, moe.moe_router_topk) == (hf["num_experts"], hf["num_experts_per_tok"])
+    assert moe.moe_ffn_hidden_size == hf["moe_intermediate_size"]
+    assert moe.moe_shared_expert_intermediate_size == hf["shared_expert_intermediate_size"]
+    assert moe.moe_shared_expert_gate and moe.moe_router_pre_softmax != hf["norm_topk_prob"]
+    # decoder_sparse_step 2: layer i has experts iff (i + 1) % 2 == 0
+    assert moe_layer_pattern(moe.moe_layer_freq, 2) == [0, 1]
+    assert moe.expert_model_parallel_size == 2
+    assert config.model.ffn_hidden_size == hf["intermediate_size"]  # the dense layer 0
+
+
+def test_moe_flags_contradicting_the_checkpoint_stop_with_one_line(converted_moe, capsys):
+    from megatron_deft.training.arguments import parse_config
+
+    wrong = ["--moe-router-topk", "1", "--moe-layer-freq", "1"]
+    with pytest.raises(SystemExit) as stop:
+        parse_config(_run_flags(converted_moe) + wrong + ["--load", converted_moe["dir"]])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--load {converted_moe['dir']} records another" in err
+    assert "--moe-router-topk: the checkpoint has 2, this run has 1" in err
+    assert "--moe-layer-freq: the checkpoint has [0, 1], this run has [1, 1]" in err
+    with pytest.raises(SystemExit):
+        parse_config(
+            _run_flags(converted_moe) + ["--num-experts", "8", "--load", converted_moe["dir"]]
+        )
+    assert "--num-experts: the checkpoint has 4, this run has 8" in capsys.readouterr().err
+
+
+def test_the_converters_moe_flags_given_explicitly_agree(converted_moe):
+    from megatron_deft.models.architecture import architecture_of
+    from megatron_deft.training.arguments import parse_config
+
+    source = ["--pretrained-checkpoint", converted_moe["dir"]]
+    alone = parse_config(_run_flags(converted_moe) + source)
+    flags = parse_config(
+        converted_moe["args"]["trainer_flags"] + _run_flags(converted_moe) + source
+    )
+    assert "--moe-shared-expert-gate" in converted_moe["args"]["trainer_flags"]
+    assert architecture_of(flags.model, 512, flags.moe) == architecture_of(
+        alone.model, 512, alone.moe
+    )

@@ -121,6 +121,53 @@ ARCHITECTURES = {
         qkv_bias=False,
         qk_norm=True,
     ),
+    # Mixtures of experts: experts = (E, top-k, expert SwiGLU inner, load-balancing coefficient)
+    "qwen3-30b-a3b": dict(
+        layers=48,
+        hidden=2048,
+        ffn=6144,
+        heads=32,
+        groups=4,
+        vocab=151936,
+        theta=1000000,
+        eps=1e-6,
+        context=40960,
+        tied=False,
+        qkv_bias=False,
+        head_dim=128,
+        qk_norm=True,
+        experts=(128, 8, 768, 1e-3),
+    ),
+    "qwen3-235b-a22b": dict(
+        layers=94,
+        hidden=4096,
+        ffn=12288,
+        heads=64,
+        groups=4,
+        vocab=151936,
+        theta=1000000,
+        eps=1e-6,
+        context=40960,
+        tied=False,
+        qkv_bias=False,
+        head_dim=128,
+        qk_norm=True,
+        experts=(128, 8, 1536, 1e-3),
+    ),
+    "mixtral-8x7b": dict(
+        layers=32,
+        hidden=4096,
+        ffn=14336,
+        heads=32,
+        groups=8,
+        vocab=32000,
+        theta=1000000,
+        eps=1e-5,
+        context=32768,
+        tied=False,
+        qkv_bias=False,
+        experts=(8, 2, 14336, 2e-2),
+    ),
 }
 
 
@@ -147,6 +194,9 @@ PRESET_RUN_OVERRIDES = {
     "qwen2.5-7b": {"--tensor-model-parallel-size": "2"},
     "qwen3-8b": {"--tensor-model-parallel-size": "2"},
     "qwen3-4b": {},
+    "qwen3-30b-a3b": {"--pipeline-model-parallel-size": "2"},
+    "qwen3-235b-a22b": {"--tensor-model-parallel-size": "4", "--pipeline-model-parallel-size": "2"},
+    "mixtral-8x7b": {"--pipeline-model-parallel-size": "4"},
     "qwen2.5-0.5b": {"--micro-batch-size": "4", "--lr": "2e-5", "--min-lr": "2e-6"},
     "tiny": {
         "--device": "cpu",
@@ -213,6 +263,35 @@ def test_public_presets_carry_the_published_architecture(preset):
     tp = int(values["--tensor-model-parallel-size"])
     pp = int(values["--pipeline-model-parallel-size"])
     assert spec["groups"] % tp == 0 and spec["heads"] % tp == 0 and spec["layers"] % pp == 0
+    experts = spec.get("experts")
+    moe_flags = ("--num-experts", "--moe-router-topk", "--moe-ffn-hidden-size")
+    assert tuple(values.get(flag) for flag in moe_flags) == (
+        tuple(map(str, experts[:3])) if experts else (None, None, None)
+    )
+    if experts:  # every layer MoE, renormalised top-k softmax, no shared expert (HF configs)
+        assert float(values["--moe-aux-loss-coeff"]) == experts[3]
+        for absent in ("--moe-layer-freq", "--moe-router-pre-softmax", "--moe-shared-expert-gate"):
+            assert absent not in values, (preset, absent)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_parses_through_the_trainers_checks(preset):
+    """The launcher's command for each preset passes the trainer's parser and validation at
+    the world size its layout needs (TP x PP x EP ranks): e.g. experts divisible by EP, EP x
+    expert TP x PP dividing the world, heads by TP, sequence parallelism with experts at TP > 1."""
+    from megatron_deft.training.arguments import parse_config
+
+    env = {"PRESET": preset, "MOCK_DATA": "1"}  # a data source (the GPU presets name none)
+    _, flags = split_torchrun(dry_run("train_single_node.sh", env))
+    values = last_values(flags)
+    sizes = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size")
+    world = int(values[sizes[0]]) * int(values[sizes[1]])
+    world *= int(values.get("--expert-model-parallel-size", 1))
+    config = parse_config(flags, world_size=world)
+    assert config.model.num_layers == int(values["--num-layers"])
+    assert config.moe.num_experts == (
+        int(values["--num-experts"]) if "--num-experts" in values else None
+    )
 
 
 def run_defaults(values):

@@ -6,7 +6,8 @@ mistral/ (each with its megatron_deft_args.json). Writes OUT_DIR/<case>.logits.p
 (full-vocabulary logits [b, s, V] of the unpadded vocabulary, from the last pipeline stage) and
 OUT_DIR/results.json.
 
-Cases: each model at TP=1 (DP=2), TP=2 and PP=2, loaded with --load (converted dirs start like
+Cases: each model at TP=1 (DP=2), TP=2 and PP=2 (the MoE models qwen3_moe/, qwen2_moe/ and
+mixtral/ also at EP=2), loaded with --load (converted dirs start like
 --finetune) or --pretrained-checkpoint, with their RoPE frequencies; three architecture
 mismatches (must fail with one line, at parse time);
 a 3-iteration SFT run at TP=2 from --pretrained-checkpoint that saves, the logits of the trained
@@ -43,6 +44,8 @@ RUN_FLAGS = [
     "2",
 ]
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+# (TP, PP, EP) of the MoE models; TP > 1 with experts needs sequence parallelism
+MOE_LAYOUTS = {"tp1": (1, 1, 1), "ep2": (1, 1, 2), "tp2": (2, 1, 1), "pp2": (1, 2, 1)}
 
 
 def trainer_for(work_dir, model, tp, pp, extra=()):
@@ -179,6 +182,16 @@ def main(out_dir, work_dir):
             results[f"{model}-{name}-inv_freq"] = trainer.model[
                 0
             ].module.rotary_pos_emb.inv_freq.tolist()
+            save_logits(trainer, tokens, out_dir, f"{model}-{name}")
+            trainer.close(keep_process_group=True)
+    for model in ("qwen3_moe", "qwen2_moe", "mixtral"):
+        for name, (tp, pp, ep) in MOE_LAYOUTS.items():
+            extra = ["--pretrained-checkpoint", os.path.join(work_dir, model)]
+            extra += ["--expert-model-parallel-size", ep]
+            if tp == 2:
+                extra += ["--make-vocab-size-divisible-by", 64, "--sequence-parallel"]
+            trainer = trainer_for(work_dir, model, tp, pp, extra)
+            results[f"{model}-{name}-iteration"] = trainer.iteration
             save_logits(trainer, tokens, out_dir, f"{model}-{name}")
             trainer.close(keep_process_group=True)
     llama = os.path.join(work_dir, "llama")
