@@ -11,11 +11,11 @@ Modules:
 
 from megatron_deft.evaluation.arguments import EvalConfig, parse_eval_config
 from megatron_deft.evaluation.evaluator import evaluate
-from megatron_deft.evaluation.generation import greedy_generate
+from megatron_deft.evaluation.generation import generate
 
 __all__ = [
     "EvalConfig",
     "evaluate",
-    "greedy_generate",
+    "generate",
     "parse_eval_config",
 ]

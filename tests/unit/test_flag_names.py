@@ -74,7 +74,8 @@ def test_every_quoted_flag_exists_in_some_parser(monkeypatch):
     assert not unknown, f"flags named in messages/docs that no parser accepts: {unknown}"
 
 
-SHARED = ("--data-format", "--prompt-key", "--response-key", "--skip-bad-samples")
+SHARED = ("--data-format", "--prompt-key", "--response-key", "--prompt-format")
+SHARED += ("--skip-bad-samples",)
 SHARED += ("--tokenizer-type", "--tokenizer-model")
 
 
