@@ -24,6 +24,7 @@ from megatron.core import parallel_state
 
 from megatron_deft.data.chat_format import last_reply_span, tokenize_conversation
 from megatron_deft.data.config import RecordFormat
+from megatron_deft.data.jsonl import MISSING, record_field
 from megatron_deft.data.sources import DataError, reader_for
 from megatron_deft.evaluation.generation import Sampler, generate
 
@@ -78,10 +79,11 @@ def read_problems(path: str, file: int, records: RecordFormat, limit: int = 0) -
 def _text(record: Dict, keys: Sequence[str], path: str, number: int) -> str:
     """The first of ``keys`` the record has, as text: numbers written out, a one-item list
     (OlympiadBench's final_answer) as its item, a longer one joined with commas."""
-    key = next((key for key in keys if record.get(key) not in (None, "", [])), None)
+    values = {key: record_field(record, key) for key in keys}
+    key = next((key for key in keys if values[key] not in (MISSING, None, "", [])), None)
     if key is None:
         raise DataError(path, number, f"none of the keys {', '.join(keys)} holds a value")
-    value = record[key]
+    value = values[key]
     if isinstance(value, list):
         value = ", ".join(str(item) for item in value)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):

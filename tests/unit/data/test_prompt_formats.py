@@ -93,3 +93,19 @@ def test_a_conversation_the_format_cannot_hold_is_one_error(tokenizer):
 def test_an_unknown_format_is_refused():
     with pytest.raises(ValueError, match="--prompt-format 'chatml' is not one of qwen-boxed"):
         RecordFormat(prompt_format="chatml")
+
+
+def test_the_papers_parquet_layout_reads_nested_keys(tmp_path):
+    """The DEFT paper's Parquet keeps prompt and response in the extra_info struct column."""
+    import pyarrow
+    import pyarrow.parquet
+
+    rows = [{"extra_info": {"question": "1+1?", "answer": "2", "llama_prompt": "Q: 1+1?"}}]
+    path = str(tmp_path / "train.parquet")
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    records = RecordFormat(prompt_key="extra_info.question", response_key="extra_info.answer")
+    (sample,), _ = read_samples([path], records)
+    assert sample.messages == (("user", "1+1?"), ("assistant", "2"))
+    records = RecordFormat(prompt_key="extra_info.llama_prompt", response_key="extra_info.x")
+    with pytest.raises(ValueError, match=r"train.parquet:row 0: missing key 'extra_info.x'"):
+        read_samples([path], records)
