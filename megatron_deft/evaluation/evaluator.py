@@ -6,7 +6,9 @@ the trainer's own code (:func:`megatron_deft.training.setup.initialize_distribut
 :func:`megatron_deft.training.checkpointing.load_model_weights` (resharded to this TP/PP).
 Layout: world = TP x PP x DP; every pipeline stage runs the same batches (the last stage's
 results are broadcast to the others, :mod:`megatron_deft.evaluation.pipeline`); DP ranks take
-interleaved shares of the samples and their results are reduced / gathered at the end.
+interleaved shares of the samples and their results are reduced / gathered at the end. With
+``--task math`` each checkpoint answers the problems instead
+(:mod:`megatron_deft.evaluation.math_answers`) and its report is graded and printed.
 """
 
 import dataclasses
