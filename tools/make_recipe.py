@@ -89,9 +89,17 @@ class EvalRecipe:
     max_new_tokens: int
     flags: Tuple[str, ...] = ()
     """Further fixed flags."""
-    sampled: bool = False
-    """--num-samples / --temperature / --top-p / --seed (the paper: 16 samples at 1, top-p 1,
-    seed 0)."""
+    sampling: Tuple[Tuple[str, str, str], ...] = ()
+    """(flag, knob, default) of the sampling flags."""
+
+
+PAPER_SAMPLING = (
+    ("--num-samples", "NUM_SAMPLES", "16"),
+    ("--temperature", "TEMPERATURE", "1"),
+    ("--top-p", "TOP_P", "1"),
+    ("--seed", "SEED", "0"),
+)
+"""The paper's math evaluation: 16 samples at temperature 1, top-p 1, seed 0."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +140,7 @@ DATASETS: Dict[str, DatasetRecipe] = {
             under_eval_dir=True,
             task="math",
             max_new_tokens=2048,
-            sampled=True,
+            sampling=PAPER_SAMPLING,
         ),
     ),
     "medical": DatasetRecipe(
@@ -274,7 +282,10 @@ def train_knobs(dataset: DatasetRecipe, model: ModelRecipe) -> List[Knob]:
     return knobs + ([Knob("LR", model.lr)] if model.lr else [])
 
 
-def eval_step(dataset: DatasetRecipe, model, paths: Dict[str, str], device: str) -> Step:
+def eval_step(
+    dataset: DatasetRecipe, model: ModelRecipe, paths: Dict[str, str], device: str
+) -> Step:
+    """megatron-deft-eval of the fine-tuned checkpoint on the data set's evaluation files."""
     evaluation = dataset.evaluation
     root = paths["eval"] if evaluation.under_eval_dir else paths["data"]
     files = ",".join(os.path.join(root, name) for name in evaluation.files)
@@ -284,14 +295,8 @@ def eval_step(dataset: DatasetRecipe, model, paths: Dict[str, str], device: str)
     argv += ["--eval-data", files, "--device", device, "--tokenizer-type", "HuggingFaceTokenizer"]
     argv += ["--tokenizer-model", paths["hf"], *record_flags(dataset, model), *evaluation.flags]
     argv += ["--max-new-tokens", Knob("MAX_NEW_TOKENS", str(evaluation.max_new_tokens))]
-    if evaluation.sampled:
-        argv += [
-            "--num-samples",
-            Knob("NUM_SAMPLES", "16"),
-            "--temperature",
-            Knob("TEMPERATURE", "1"),
-        ]
-        argv += ["--top-p", Knob("TOP_P", "1"), "--seed", Knob("SEED", "0")]
+    for flag, knob, default in evaluation.sampling:
+        argv += [flag, Knob(knob, default)]
     argv += ["--output", os.path.join(paths["run"], "eval", "predictions.jsonl")]
     argv += ["--summary-output", os.path.join(paths["run"], "eval", "summary.jsonl")]
     return Step("evaluation", argv)
