@@ -1,4 +1,5 @@
-"""megatron-deft-eval: held-out loss and greedy-generation exact-match of a checkpoint.
+"""megatron-deft-eval: held-out loss and greedy-generation exact-match of a checkpoint, or its
+math answers graded by equivalence.
 
     torchrun --nproc_per_node 2 -m megatron_deft.eval --load runs/ckpt --device cpu \\
         --eval-data data/valid.jsonl --tokenizer-model runs/tok.model \\
@@ -8,6 +9,14 @@ Prints one JSON summary line per (checkpoint, file): exact_match (stripped gener
 stripped reference), nll (mean per response token), the objective's mean gate / exponent /
 p_target / sum p^2 and the gate per p_target bin. Exit codes: 0 done, 1 bad data or
 checkpoint, 2 bad flags.
+
+    torchrun ... -m megatron_deft.eval --task math --load runs/ckpt --eval-data aime24.jsonl \\
+        --prompt-format qwen-boxed --num-samples 16 --temperature 1 --top-p 1 --seed 0 \\
+        --output preds.jsonl --summary-output report.jsonl ...
+
+prints per checkpoint the Markdown report (greedy accuracy, avg@k, pass@k per data set and
+overall), ending with the line ``overall: accuracy=<A> n=<N>``; preds.jsonl re-grades with
+--score-only.
 
 Math answers already generated (by this or another engine) are graded without a model:
 
@@ -72,9 +81,7 @@ def _score_only(predictions: str, output) -> int:
         return 1
     if output:
         math_grading.save_report(report, output)
-    print(math_grading.report_markdown(report))
-    overall = report["overall"]
-    print(f"overall: accuracy={overall['accuracy']:.4f} n={overall['n']}", flush=True)
+    print(math_grading.report_text(report), flush=True)
     return 0
 
 

@@ -186,6 +186,7 @@ def _tokenize_split(paths: List[str], reading: _Reading):
         reading.data.overlong,
         skip,
         read_report,
+        reading.records.prompt_format,
     )
     counts = dict(
         skipped=dict(read_report.skipped),

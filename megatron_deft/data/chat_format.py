@@ -25,12 +25,16 @@ Two mechanisms, picked by the tokenizer:
    Each piece is encoded separately, so the loss boundary is exact. ``tools/train_tokenizer.py``
    makes the three markers single SentencePiece tokens. Generation starts from the prefix
    :func:`last_reply_span` cuts off, which ends with the assistant header.
+
+3. A prompt format (``--prompt-format``, :mod:`megatron_deft.data.prompt_formats`): a fixed
+   text template around the question instead of either template.
 """
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_deft.data.prompt_formats import PromptFormatError, format_conversation
 from megatron_deft.data.tokenizer import Tokenizer
 
 ROLE_MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -41,9 +45,17 @@ class ChatTemplateError(ValueError):
     """The tokenizer's chat template cannot render this conversation consistently."""
 
 
-def tokenize_conversation(messages: Messages, tokenizer: Tokenizer) -> Tuple[List[int], List[bool]]:
+def tokenize_conversation(
+    messages: Messages, tokenizer: Tokenizer, prompt_format: Optional[str] = None
+) -> Tuple[List[int], List[bool]]:
     """Returns ``(ids, loss_flags)``, equally long; ``loss_flags[t]`` marks response tokens
-    (assistant content and the token closing it)."""
+    (assistant content and the token closing it). ``prompt_format``: a name in
+    ``prompt_formats.PROMPT_FORMATS``, used instead of any chat template."""
+    if prompt_format is not None:
+        try:
+            return format_conversation(messages, tokenizer, prompt_format)
+        except PromptFormatError as error:
+            raise ChatTemplateError(str(error)) from None
     if tokenizer.chat_template:
         return _tokenize_with_chat_template(messages, tokenizer)
     return _builtin_pieces(messages, tokenizer)

@@ -18,6 +18,8 @@ so a field's name, default, choices and help are written only here. Errors name 
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from megatron_deft.data.prompt_formats import PROMPT_FORMAT_NAMES
+
 DATA_FORMATS = ("auto", "prompt_response", "messages")
 OVERLONG_POLICIES = ("truncate", "drop")
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
@@ -40,12 +42,18 @@ class RecordFormat:
     """JSON key of the prompt in prompt_response records (e.g. question for GSM8K)."""
     response_key: str = "response"
     """JSON key of the response in prompt_response records (e.g. answer for GSM8K)."""
+    prompt_format: Optional[str] = field(default=None, metadata={"choices": PROMPT_FORMAT_NAMES})
+    """Write each prompt_response pair in this fixed prompt template instead of the tokenizer's
+    chat template or the built-in one (megatron_deft.data.prompt_formats: the DEFT paper's
+    qwen-boxed, deepseek-math, llama-base-boxed-with-bos, and raw for pre-formatted prompts)."""
     skip_bad_samples: bool = False
     """Skip (count and report) malformed or invalid records (JSONL lines, Parquet rows) instead of
     stopping at the first."""
 
     def __post_init__(self):
         _check_choice("--data-format", self.data_format, DATA_FORMATS)
+        if self.prompt_format is not None:
+            _check_choice("--prompt-format", self.prompt_format, PROMPT_FORMAT_NAMES)
         if not self.prompt_key or not self.response_key:
             raise ValueError("--prompt-key and --response-key must be non-empty")
         if self.prompt_key == self.response_key:

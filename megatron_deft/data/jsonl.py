@@ -6,7 +6,9 @@ Every accepted record (a JSONL line, or a Parquet row whose columns are the keys
 
 - ``prompt_response``: ``{"<prompt_key>": str, "<response_key>": str}`` becomes
   ``[("user", prompt), ("assistant", response)]`` (GSM8K: ``--prompt-key question
-  --response-key answer``).
+  --response-key answer``). A dotted key that is not itself a key reaches into nested objects
+  (``--prompt-key extra_info.question``: the DEFT paper's Parquet keeps its fields in the
+  ``extra_info`` struct column).
 - ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``.
 
 With a ``class_key`` (``--token-class-key``), the record's string under that key labels the
@@ -126,12 +128,29 @@ def iter_samples(
             raise DataError(path, None, "contains no usable samples", reason="empty_file")
 
 
+MISSING = object()
+"""What :func:`record_field` returns for a key the record does not have."""
+
+
+def record_field(record: dict, key: str):
+    """The value under ``key``; a dotted key that is not itself a key walks into nested objects
+    (``extra_info.question`` -> ``record["extra_info"]["question"]``). MISSING if absent."""
+    if key in record:
+        return record[key]
+    value = record
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return MISSING
+        value = value[part]
+    return value
+
+
 def detect_format(record: dict, prompt_key: str, response_key: str) -> str:
     """``messages`` if the record has a ``messages`` key, ``prompt_response`` if it has either
     configured pair key; otherwise there is nothing to go on and the record is rejected."""
     if "messages" in record:
         return "messages"
-    if prompt_key in record or response_key in record:
+    if any(record_field(record, key) is not MISSING for key in (prompt_key, response_key)):
         return "prompt_response"
     raise _BadRecord(
         "unknown_format",
@@ -194,9 +213,9 @@ def _class_field(record: dict, class_key: Optional[str]) -> Optional[str]:
 
 
 def _string_field(record: dict, key: str, allow_empty: bool, where: str = "record"):
-    if key not in record:
+    value = record_field(record, key)
+    if value is MISSING:
         raise _BadRecord("missing_key", f"missing key '{key}' (found keys {sorted(record)})")
-    value = record[key]
     if not isinstance(value, str):
         raise _BadRecord(
             "invalid", f"{where} key '{key}' must be a string, got {type(value).__name__}"

@@ -219,7 +219,9 @@ def _tokenize_chunk(chunk: _Chunk, settings: RecordFormat, tokenizer=None) -> _C
                 continue
             num_parsed += 1
             try:
-                sample_ids, sample_flags = tokenize_conversation(messages, tokenizer)
+                sample_ids, sample_flags = tokenize_conversation(
+                    messages, tokenizer, settings.prompt_format
+                )
             except ChatTemplateError as error:
                 raise DataError(chunk.path, number, str(error), reason="chat_template") from error
         except DataError as error:

@@ -78,11 +78,13 @@ def tokenize_samples(
     overlong: str = "truncate",
     skip_bad_samples: bool = False,
     read_report: Optional[ReadReport] = None,
+    prompt_format: Optional[str] = None,
 ) -> Tuple[TokenizedSamples, TokenizeReport]:
     """Tokenizes every sample and applies ``overlong`` (``truncate`` | ``drop``).
 
     A conversation the chat template cannot render raises :class:`DataError` at its file:line,
     or is counted in ``read_report.skipped["chat_template"]`` with ``skip_bad_samples``.
+    ``prompt_format``: --prompt-format (tokenize_conversation).
     """
     if overlong not in ("truncate", "drop"):
         raise ValueError(f"overlong={overlong!r} is not one of truncate, drop")
@@ -92,7 +94,7 @@ def tokenize_samples(
     kept_classes: List[Optional[str]] = []
     for sample in samples:
         try:
-            ids, flags = tokenize_conversation(sample.messages, tokenizer)
+            ids, flags = tokenize_conversation(sample.messages, tokenizer, prompt_format)
         except ChatTemplateError as error:
             bad = DataError(sample.path, sample.line, str(error), reason="chat_template")
             if not skip_bad_samples or read_report is None:

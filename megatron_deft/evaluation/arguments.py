@@ -56,23 +56,41 @@ class EvalConfig:
     match) in the generated and in the expected reply instead of the whole replies, e.g.
     '####\\s*(-?[0-9.,]+)' for GSM8K's final answers. A reference it finds nothing in is an
     error."""
-    num_samples: int = 0
-    """Evaluate only the first this many samples of each file (0: all)."""
+    limit: int = 0
+    """Evaluate only the first this many records of each file (0: all). (Formerly
+    --num-samples, which now counts sampled answers per problem.)"""
     micro_batch_size: int = 32
     """Samples per forward pass on one data-parallel rank."""
     sft_objective: Optional[str] = None
     """Objective whose gate/exponent statistics are reported (default: the checkpoint's)."""
     output: Optional[str] = None
-    """Write one JSON line per sample (index, reference, generated, expected, exact; answer with
-    --answer-pattern) here; with --score-only, the JSON report."""
+    """Write one JSON line per sample here: exact_match: index, reference, generated, expected,
+    exact (answer with --answer-pattern); math: dataset, question, answer, prediction (the
+    generated text, or the list of --num-samples sampled texts) and greedy, the records
+    --score-only grades. With --score-only: the JSON report."""
     summary_output: Optional[str] = None
-    """Also write the summary JSON lines (one per checkpoint and file) to this file."""
+    """Also write the summary JSON lines (one per checkpoint and file; math: one report per
+    checkpoint) to this file."""
     distributed_timeout_minutes: float = 10.0
     """Timeout of collective operations."""
     task: str = field(default="exact_match", metadata={"choices": EVAL_TASKS})
-    """exact_match: held-out loss and greedy exact match (above); math: math answers graded by
-    equivalence (megatron_deft.evaluation.math_grading): accuracy (avg@k) and pass@k per data
-    set and overall, as Markdown and with --output as JSON. For now math needs --score-only."""
+    """exact_match: held-out loss and greedy exact match (above); math: each problem's greedy
+    answer and --num-samples sampled answers graded by equivalence
+    (megatron_deft.evaluation.math_grading): greedy accuracy, accuracy (avg@k) and pass@k per
+    data set and overall, as Markdown (last line: overall: accuracy=A n=N) and with
+    --summary-output as JSON. A math record holds the question (--prompt-key, else problem or
+    question) and the reference (--response-key, else answer, final_answer or solution)."""
+    num_samples: int = 0
+    """--task math: sampled answers per problem (k of avg@k and pass@k), drawn with
+    --temperature and --top-p besides the greedy one; 0: the greedy answer only."""
+    temperature: float = 1.0
+    """--task math: sampling temperature (> 0; the DEFT paper's runs use 1)."""
+    top_p: float = 1.0
+    """--task math: nucleus sampling, in (0, 1] (1: the whole vocabulary)."""
+    seed: int = 0
+    """--task math: sampling seed; each (problem, sample) draws from its own generator seeded
+    from this, the problem's index and the sample's number, so results do not depend on the
+    batch size or the number of ranks."""
     score_only: Optional[str] = None
     """With --task math: grade this predictions file, without loading a model. JSONL (or
     .parquet), one problem per record: the generated text in "prediction" (or a list of the k
@@ -89,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-deft-eval",
         description=(
-            "Held-out loss and greedy exact-match of a megatron-deft checkpoint; "
-            "--task math --score-only grades a predictions file without a model."
+            "Held-out loss and greedy exact-match of a megatron-deft checkpoint; --task math: "
+            "math answers (greedy and sampled) graded by equivalence; --task math --score-only "
+            "grades a predictions file without a model."
         ),
     )
     add_config_flags(parser, EvalConfig)
@@ -99,10 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(config: EvalConfig) -> None:
     """Raise ConfigError (one line) on the first bad setting."""
-    if config.task == "math" and config.score_only is None:
+    if config.num_samples and config.task != "math":
         raise ConfigError(
-            "--task math grades a predictions file given with --score-only (generating the "
-            "answers with the checkpoint is not implemented yet)"
+            "--num-samples is the number of sampled answers per problem (--task math); to "
+            "evaluate only the first N records use --limit N"
         )
     if config.score_only is not None:
         if config.task != "math":
@@ -113,7 +132,10 @@ def validate(config: EvalConfig) -> None:
         (config.pipeline_model_parallel_size >= 1, "--pipeline-model-parallel-size must be >= 1"),
         (config.device in ("cpu", "cuda"), f"--device {config.device!r}: use cpu or cuda"),
         (config.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (config.limit >= 0, "--limit must be >= 0"),
         (config.num_samples >= 0, "--num-samples must be >= 0"),
+        (config.temperature > 0, "--temperature must be > 0"),
+        (0 < config.top_p <= 1, "--top-p must be in (0, 1]"),
         (config.micro_batch_size >= 1, "--micro-batch-size must be >= 1"),
         (bool(config.data_paths()), "--eval-data is required (a file or a comma list)"),
         (bool(config.load_paths()), "--load is required (a checkpoint directory or a comma list)"),

@@ -6,7 +6,9 @@ the trainer's own code (:func:`megatron_deft.training.setup.initialize_distribut
 :func:`megatron_deft.training.checkpointing.load_model_weights` (resharded to this TP/PP).
 Layout: world = TP x PP x DP; every pipeline stage runs the same batches (the last stage's
 results are broadcast to the others, :mod:`megatron_deft.evaluation.pipeline`); DP ranks take
-interleaved shares of the samples and their results are reduced / gathered at the end.
+interleaved shares of the samples and their results are reduced / gathered at the end. With
+``--task math`` each checkpoint answers the problems instead
+(:mod:`megatron_deft.evaluation.math_answers`) and its report is graded and printed.
 """
 
 import dataclasses
@@ -25,8 +27,9 @@ from megatron_deft.data.chat_format import (
     last_reply_span,
     tokenize_conversation,
 )
+from megatron_deft.evaluation import math_answers, math_grading
 from megatron_deft.evaluation.arguments import EvalConfig
-from megatron_deft.evaluation.generation import greedy_generate
+from megatron_deft.evaluation.generation import generate
 from megatron_deft.evaluation.scoring import all_reduce_sums, empty_sums, score_batch, summarize
 from megatron_deft.models.layout import padded_vocab_size
 from megatron_deft.objectives import parse_objective
@@ -110,16 +113,21 @@ class EvalItem(NamedTuple):
 
 
 def eval_item(
-    index: int, sample, tokenizer, answer_pattern: Optional[re.Pattern] = None
+    index: int,
+    sample,
+    tokenizer,
+    answer_pattern: Optional[re.Pattern] = None,
+    prompt_format: Optional[str] = None,
 ) -> EvalItem:
-    """The :class:`EvalItem` of one sample; with ``answer_pattern``, its expected reply must hold
-    an answer (:func:`extract_answer`)."""
+    """The :class:`EvalItem` of one sample (written in ``prompt_format``, --prompt-format, if
+    given); with ``answer_pattern``, its expected reply must hold an answer
+    (:func:`extract_answer`)."""
     if sample.messages[-1][0] != "assistant":
         raise ConfigError(
             f"{sample.location}: the last message must be the assistant's reference answer"
         )
     try:
-        ids, flags = tokenize_conversation(sample.messages, tokenizer)
+        ids, flags = tokenize_conversation(sample.messages, tokenizer, prompt_format)
         start, end = last_reply_span(flags)
     except ChatTemplateError as error:
         raise ConfigError(f"{sample.location}: {error}") from None
@@ -134,12 +142,12 @@ def eval_item(
 
 def _split(samples: list, config: EvalConfig, tokenizer, answer_pattern) -> list:
     """:func:`eval_item` of this DP rank's samples."""
-    if config.num_samples:
-        samples = samples[: config.num_samples]
+    if config.limit:
+        samples = samples[: config.limit]
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     return [
-        eval_item(index, samples[index], tokenizer, answer_pattern)
+        eval_item(index, samples[index], tokenizer, answer_pattern, config.records.prompt_format)
         for index in range(dp_rank, len(samples), dp_size)
     ]
 
@@ -193,7 +201,7 @@ def evaluate_file(
             tp_group,
         )
         stop_ids = {tokenizer.eos_id} | {item.expected[-1] for item in batch}
-        generated = greedy_generate(
+        generated = generate(
             model,
             [item.prompt for item in batch],
             stop_ids,
@@ -270,6 +278,15 @@ def _evaluate_root(job: dict, model, tokenizer, config: EvalConfig, is_rank0: bo
         if not config.no_verify_checkpoint:
             checkpointing.verify_checksums(directory)
         checkpointing.load_model_weights(directory, [model])
+        where = {"load": job["root"], "iteration": iteration}
+        if config.task == "math":
+            report, records = _evaluate_math(model, tokenizer, config, job["vocab_size"])
+            summaries.append({**where, **report})
+            predictions += [{**where, **record} for record in records]
+            if is_rank0:
+                text = math_grading.report_text(report)
+                print(f"{job['root']} iteration {iteration}:\n{text}", flush=True)
+            continue
         for path in config.data_paths():
             summary, preds = evaluate_file(
                 model, tokenizer, path, config, job["objective"], job["vocab_size"]
@@ -281,6 +298,18 @@ def _evaluate_root(job: dict, model, tokenizer, config: EvalConfig, is_rank0: bo
             if is_rank0:
                 print(json.dumps(summaries[-1]), flush=True)
     return summaries, predictions
+
+
+def _evaluate_math(model, tokenizer, config: EvalConfig, vocab_size: int) -> tuple:
+    """(report, predictions records) of the math problems of every --eval-data file."""
+    problems = [
+        problem
+        for file, path in enumerate(config.data_paths())
+        for problem in math_answers.read_problems(path, file, config.records, config.limit)
+    ]
+    records = math_answers.answer_problems(model, tokenizer, problems, config, vocab_size)
+    report = math_grading.grade_records(enumerate(records), "model answers")
+    return report, records
 
 
 def _tokenizer(config: EvalConfig):

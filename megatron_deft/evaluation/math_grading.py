@@ -19,8 +19,10 @@ With k samples per problem, c of them correct:
 
 Predictions file (:func:`score_predictions`; JSONL, or Parquet by the ``.parquet`` suffix): one
 record per problem with ``prediction`` (the generated text, or a list of the k sampled texts),
-``answer`` (the reference: a final answer or a solution with a box) and optionally ``dataset``
-(the data set's name; default: the file's name without its extension).
+``answer`` (the reference: a final answer or a solution with a box), optionally ``dataset``
+(the data set's name; default: the file's name without its extension) and optionally
+``greedy`` (the greedy answer's text: the report then adds the greedy accuracy). Other keys are
+ignored, so ``megatron-deft-eval --task math --output`` files are graded as they are.
 """
 
 import json
@@ -112,21 +114,27 @@ class GradedProblem:
     """Per sample: its answer is equivalent to the reference."""
     answered: List[bool]
     """Per sample: an answer was found in it."""
+    greedy: Optional[bool] = None
+    """The greedy answer is equivalent to the reference (None: no greedy answer given)."""
 
 
-def grade_problem(dataset: str, reference: str, replies: Sequence[str]) -> GradedProblem:
+def grade_problem(
+    dataset: str, reference: str, replies: Sequence[str], greedy: Optional[str] = None
+) -> GradedProblem:
     gold = parse_reference(reference)
     parsed = [parse_reply(reply) for reply in replies]
     correct = [is_equivalent(gold, reply) for reply in parsed]
-    return GradedProblem(dataset, correct, [bool(reply) for reply in parsed])
+    right = None if greedy is None else is_equivalent(gold, parse_reply(greedy))
+    return GradedProblem(dataset, correct, [bool(reply) for reply in parsed], right)
 
 
 def summarize(problems: Sequence[GradedProblem]) -> Dict:
     """Per-problem means, as a report: k is the fewest samples of any of the set's problems.
 
     Returns ``{"datasets": {name: stats}, "overall": stats}`` where stats are ``n`` (problems),
-    ``k``, ``accuracy`` (avg@k), ``pass_at_k``, ``answered`` (share of samples with an answer);
-    ``overall`` adds ``macro_accuracy``, the mean of the data sets' accuracies."""
+    ``k``, ``accuracy`` (avg@k), ``pass_at_k``, ``answered`` (share of samples with an answer)
+    and, when every problem has a greedy answer, ``greedy_accuracy``; ``overall`` adds
+    ``macro_accuracy``, the mean of the data sets' accuracies."""
     names = sorted({problem.dataset for problem in problems})
     datasets = {name: _stats([p for p in problems if p.dataset == name]) for name in names}
     overall = _stats(problems)
@@ -137,13 +145,16 @@ def summarize(problems: Sequence[GradedProblem]) -> Dict:
 def _stats(problems: Sequence[GradedProblem]) -> Dict:
     k = min(len(problem.correct) for problem in problems)
     samples = [answered for problem in problems for answered in problem.answered]
-    return {
+    stats = {
         "n": len(problems),
         "k": k,
         "accuracy": _mean([_mean(problem.correct) for problem in problems]),
         "pass_at_k": _mean([pass_at_k(len(p.correct), sum(p.correct), k) for p in problems]),
         "answered": _mean(samples),
     }
+    if all(problem.greedy is not None for problem in problems):
+        stats["greedy_accuracy"] = _mean([problem.greedy for problem in problems])
+    return stats
 
 
 def _mean(values: Sequence) -> float:
@@ -151,20 +162,32 @@ def _mean(values: Sequence) -> float:
 
 
 def report_markdown(report: Dict) -> str:
-    """The report as a Markdown table: one row per data set, then the overall row."""
+    """The report as a Markdown table: one row per data set, then the overall row (a greedy
+    accuracy column when the report has one)."""
+    greedy = "greedy_accuracy" in report["overall"]
     lines = [
-        "| data set | problems | k | accuracy (avg@k) | pass@k | answered |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| data set | problems | k | accuracy (avg@k) | pass@k | answered |"
+        + (" greedy accuracy |" if greedy else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|" if greedy else ""),
     ]
     rows = [*report["datasets"].items(), ("overall", report["overall"])]
     for name, stats in rows:
         lines.append(
             f"| {name} | {stats['n']} | {stats['k']} | {stats['accuracy']:.4f} | "
             f"{stats['pass_at_k']:.4f} | {stats['answered']:.4f} |"
+            + (f" {stats['greedy_accuracy']:.4f} |" if greedy else "")
         )
     macro = report["overall"]["macro_accuracy"]
     lines.append(f"\nmean accuracy over the data sets: {macro:.4f}")
     return "\n".join(lines)
+
+
+def report_text(report: Dict) -> str:
+    """What the command prints: the Markdown table, then ``overall: accuracy=<A> n=<N>`` (A,
+    the overall avg@k, as a fraction) as the last line."""
+    overall = report["overall"]
+    tail = f"overall: accuracy={overall['accuracy']:.4f} n={overall['n']}"
+    return f"{report_markdown(report)}\n{tail}"
 
 
 def save_report(report: Dict, path: str) -> None:
@@ -185,10 +208,16 @@ def score_predictions(path: str) -> Dict:
     """
     if not os.path.isfile(path):
         raise DataError(path, None, "file does not exist", reason="missing_file")
+    return grade_records(_records(path), path)
+
+
+def grade_records(records: Iterable[Tuple[int, Dict]], path: str) -> Dict:
+    """:func:`summarize`'s report of ``(number, record)`` predictions records read from
+    ``path`` (which names the bad ones, and the data set of records without one)."""
     default_name = os.path.splitext(os.path.basename(path))[0]
     problems = [
         grade_problem(*_prediction_fields(record, path, number, default_name))
-        for number, record in _records(path)
+        for number, record in records
     ]
     if not problems:
         raise DataError(path, None, "contains no predictions", reason="empty_file")
@@ -205,8 +234,8 @@ def _records(path: str) -> Iterable:
 
 def _prediction_fields(
     record: Dict, path: str, number: int, default_name: str
-) -> Tuple[str, str, List[str]]:
-    """``(dataset, reference, replies)`` of one record, checked."""
+) -> Tuple[str, str, List[str], Optional[str]]:
+    """``(dataset, reference, replies, greedy)`` of one record, checked."""
     replies, answer = record.get("prediction"), record.get("answer")
     if isinstance(replies, str):
         replies = [replies]
@@ -220,4 +249,7 @@ def _prediction_fields(
     dataset = record.get("dataset")
     if dataset is not None and not isinstance(dataset, str):
         raise DataError(path, number, f"'dataset' must be a string, got {dataset!r}")
-    return dataset or default_name, answer, replies
+    greedy = record.get("greedy")
+    if greedy is not None and not isinstance(greedy, str):
+        raise DataError(path, number, f"'greedy' must be a string, got {greedy!r}")
+    return dataset or default_name, answer, replies, greedy

@@ -13,11 +13,11 @@ from megatron_deft.evaluation.arguments import build_parser as eval_parser
 from megatron_deft.training.arguments import build_parser as train_parser
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TOOLS = ("convert_checkpoint", "make_synthetic_sft", "plot_gate_dynamics")
+TOOLS = ("convert_checkpoint", "make_recipe", "make_synthetic_sft", "plot_gate_dynamics")
 TOOLS += ("preprocess_sft_data", "train_tokenizer")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_]*(?:-[a-z0-9_]+)*")
 # Flags of other programs that the docstrings show, and the placeholder "--flag".
-NOT_OURS = {"--flag", "--nproc_per_node"}
+NOT_OURS = {"--flag", "--nproc_per_node", "--standalone"}
 
 
 class _Parsed(Exception):
@@ -74,7 +74,8 @@ def test_every_quoted_flag_exists_in_some_parser(monkeypatch):
     assert not unknown, f"flags named in messages/docs that no parser accepts: {unknown}"
 
 
-SHARED = ("--data-format", "--prompt-key", "--response-key", "--skip-bad-samples")
+SHARED = ("--data-format", "--prompt-key", "--response-key", "--prompt-format")
+SHARED += ("--skip-bad-samples",)
 SHARED += ("--tokenizer-type", "--tokenizer-model")
 
 

@@ -9,7 +9,7 @@ import torch
 from megatron_deft.data.jsonl import Sample
 from megatron_deft.data.tokenizer import build_tokenizer
 from megatron_deft.evaluation.evaluator import eval_item, is_exact_match
-from megatron_deft.evaluation.generation import greedy_generate
+from megatron_deft.evaluation.generation import generate
 from tests.unit.data.helpers import save_hf_tokenizer
 
 QWEN3_LIKE = (
@@ -64,7 +64,7 @@ class TeacherModel(torch.nn.Module):
 
     def __init__(self, script, vocab, junk):
         super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))  # greedy_generate reads the device
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # generate reads the device
         self.script, self.vocab, self.junk = script, vocab, junk
 
     def forward(
@@ -84,12 +84,10 @@ def test_generation_stops_at_the_end_of_turn_token_and_matches(tokenizer, item):
     junk = tokenizer.encode(" apples")[-1]
     model = TeacherModel(prompt + expected, tokenizer.vocab_size, junk)
     stop_ids = {tokenizer.eos_id, expected[-1]}
-    (generated,) = greedy_generate(
-        model, [prompt], stop_ids, tokenizer.pad_id, 40, tokenizer.vocab_size
-    )
+    (generated,) = generate(model, [prompt], stop_ids, tokenizer.pad_id, 40, tokenizer.vocab_size)
     assert generated == expected and is_exact_match(tokenizer, generated, expected)
     # Stopping at EOS only (the former behaviour) runs past the reply: never an exact match.
-    (runaway,) = greedy_generate(
+    (runaway,) = generate(
         model, [prompt], {tokenizer.eos_id}, tokenizer.pad_id, 40, tokenizer.vocab_size
     )
     assert len(runaway) == 40 and runaway[: len(expected)] == expected

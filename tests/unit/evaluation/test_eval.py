@@ -20,6 +20,7 @@ import os
 import pytest
 
 from megatron_deft.data import build_tokenizer, last_reply_span, tokenize_conversation
+from megatron_deft.evaluation import math_grading
 from tests.unit.data.helpers import load_train_tokenizer_tool, write_jsonl
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "forced_model_eval.py")
@@ -81,7 +82,8 @@ def forced(torchrun, tmp_path_factory):
     assert len(last) == 1, "every prompt must end in the same template token"
     ids = (last.pop(), tokenizer.encode(x)[0], tokenizer.encode(y)[0])
     assert len(set(ids)) == 3 and tokenizer.eos_id not in ids
-    results = torchrun(WORKER, 2, tmp, model_path, data, *ids)
+    math_data = _math_files(tmp, prompts)
+    results = torchrun(WORKER, 2, tmp, model_path, data, *ids, math_data)
     return dict(
         results=results,
         tokenizer=tokenizer,
@@ -92,6 +94,15 @@ def forced(torchrun, tmp_path_factory):
         forced_text=x + y,
         first_text=x,
     )
+
+
+def _math_files(tmp, prompts) -> str:
+    """Two math sets: alpha.jsonl (problem/answer) and beta/test.jsonl (question/final_answer,
+    named by its folder)."""
+    (tmp / "beta").mkdir()
+    alpha = write_jsonl(tmp / "alpha.jsonl", [{"problem": p, "answer": "2"} for p in prompts[:3]])
+    beta = [{"question": p, "final_answer": ["7"]} for p in prompts[3:]]
+    return f"{alpha},{write_jsonl(tmp / 'beta' / 'test.jsonl', beta)}"
 
 
 def _hand_nll(forced) -> float:
@@ -204,3 +215,31 @@ def test_pipeline_parallel_evaluation_equals_pp1(torchrun, tmp_path):
     assert damaged["verified"].startswith(f"--load {damaged['file']}")
     assert "checksum mismatch" in damaged["verified"]
     assert damaged["unverified"] is None
+
+
+def _math_records(forced, tag):
+    with open(forced["tmp"] / f"{tag}.jsonl") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_math_task_samples_reproducibly_and_regrades_with_score_only(forced):
+    """--task math on the forced model: the greedy answer is the forced reply; the 3 samples
+    (temperature 4, top-p 0.9) are the same at TP=1 x DP=2 and TP=2 (each problem's samples
+    have their own seeds, and both TP ranks draw alike), differ with another seed, and the
+    predictions file, graded by --score-only, gives the run's report."""
+    tp1, tp2 = _math_records(forced, "math_tp1"), _math_records(forced, "math_tp2")
+    assert [(r["dataset"], r["answer"]) for r in tp1] == [("alpha", "2")] * 3 + [("beta", "7")] * 2
+    assert tp1 == tp2  # the same records at either layout
+    assert all(r["greedy"] == forced["forced_text"] for r in tp1)
+    samples = [text for r in tp1 for text in r["prediction"]]
+    assert len(samples) == 15 and len(set(samples)) > 3  # sampled, not greedy
+    other = [text for r in _math_records(forced, "math_tp2_seed1") for text in r["prediction"]]
+    assert other != samples
+    (report,) = forced["results"]["math_tp2"]
+    regraded = math_grading.score_predictions(str(forced["tmp"] / "math_tp2.jsonl"))
+    assert {key: report[key] for key in ("datasets", "overall")} == regraded
+    assert {name: (s["n"], s["k"]) for name, s in regraded["datasets"].items()} == {
+        "alpha": (3, 3),
+        "beta": (2, 3),
+    }
+    assert "greedy_accuracy" in regraded["overall"]

@@ -50,7 +50,14 @@ def test_score_only_reports_without_a_model(predictions, tmp_path, capsys, monke
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--task", "math"], "--task math grades a predictions file given with --score-only"),
+        (["--task", "math"], "--eval-data is required"),  # a model run, or --score-only
+        (
+            ["--num-samples", "4", "--eval-data", "x.jsonl", "--load", "c"],
+            "--num-samples is the number of sampled answers per problem (--task math); to "
+            "evaluate only the first N records use --limit N",
+        ),
+        (["--task", "math", "--temperature", "0"], "--temperature must be > 0"),
+        (["--task", "math", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (["--score-only", "p.jsonl"], "--score-only grades math answers: add --task math"),
         (["--eval-data", "x.jsonl", "--tokenizer-model", "t"], "--load is required"),
         (["--load", "ckpt", "--tokenizer-model", "t"], "--eval-data is required"),

@@ -11,12 +11,17 @@ ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ROOT / "examples"
 SCRIPTS = ("train_single_node.sh", "train_multi_node.sh", "train_slurm.sbatch")
 PRESETS = (
+    "deepseek-math-7b",
     "llama3-70b",
     "llama3-8b",
     "llama3.1-8b",
+    "llama3.2-3b",
     "mixtral-8x7b",
     "qwen2.5-0.5b",
+    "qwen2.5-1.5b",
     "qwen2.5-7b",
+    "qwen2.5-math-1.5b",
+    "qwen2.5-math-7b",
     "qwen3-235b-a22b",
     "qwen3-30b-a3b",
     "qwen3-4b",

@@ -83,6 +83,7 @@ EXPECTED_FLAGS = [
     "--pack-sequences",
     "--pipeline-model-parallel-size",
     "--pretrained-checkpoint",
+    "--prompt-format",
     "--prompt-key",
     "--qk-layernorm",
     "--response-key",

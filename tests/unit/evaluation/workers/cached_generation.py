@@ -1,4 +1,4 @@
-"""Worker (2 ranks): greedy_generate (KV cache) against greedy decoding by recomputation.
+"""Worker (2 ranks): generate (greedy, KV cache) against greedy decoding by recomputation.
 
 A random 4-layer GPT (GQA, RoPE, SwiGLU) at TP=1 (DP=2) and TP=2 continues prompts of three
 lengths. The reference recomputes the whole sequence for every new token, gathers the full
@@ -13,7 +13,7 @@ import torch.distributed as dist  # noqa: E402
 from common import config_for, write_results  # noqa: E402  (tests/unit/training/workers)
 from megatron.core import parallel_state  # noqa: E402
 
-from megatron_deft.evaluation.generation import causal_forward, greedy_generate  # noqa: E402
+from megatron_deft.evaluation.generation import causal_forward, generate  # noqa: E402
 from megatron_deft.models.gpt import build_gpt_chunks  # noqa: E402
 from megatron_deft.models.layout import padded_vocab_size  # noqa: E402
 from megatron_deft.training import setup  # noqa: E402
@@ -44,7 +44,7 @@ def main(out_dir):
         with torch.no_grad():
             tp_group = parallel_state.get_tensor_model_parallel_group()
             results[f"tp{tp}"] = {
-                "cached": greedy_generate(model, PROMPTS, set(), PAD, NEW_TOKENS, VOCAB),
+                "cached": generate(model, PROMPTS, set(), PAD, NEW_TOKENS, VOCAB),
                 "recomputed": [recomputed(model, prompt, tp_group) for prompt in PROMPTS],
             }
         setup.destroy_distributed(keep_process_group=True)

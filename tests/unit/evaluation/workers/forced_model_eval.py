@@ -1,8 +1,10 @@
 """Worker (2 ranks): save a checkpoint of a GPT forced to a known bigram map, then evaluate it
 with megatron-deft-eval at TP=1 (DP=2) and TP=2.
 
-argv: out_dir, tokenizer model, eval JSONL, last-prompt id L, X, Y. The weights make the model
-predict next(L) = X, next(X) = Y and EOS after every other token (see the test's docstring).
+argv: out_dir, tokenizer model, eval JSONL, last-prompt id L, X, Y, math files (comma list).
+The weights make the model predict next(L) = X, next(X) = Y and EOS after every other token
+(see the test's docstring). The math files are answered with --task math, greedy and sampled:
+at TP=1 (DP=2) and TP=2 with seed 0, and at TP=2 with seed 1.
 """
 
 import os
@@ -66,7 +68,7 @@ def save_forced_checkpoint(out_dir, tokenizer, successor) -> str:
 
 
 def main():
-    out_dir, tokenizer_model, data, last, x, y = sys.argv[1:7]
+    out_dir, tokenizer_model, data, last, x, y, math_data = sys.argv[1:8]
     tokenizer = build_tokenizer("SentencePieceTokenizer", tokenizer_model)
     successor = {int(last): int(x), int(x): int(y)}
     save = save_forced_checkpoint(out_dir, tokenizer, successor)
@@ -101,6 +103,22 @@ def main():
         ),
         keep_process_group=True,
     )
+    for tag, tp, seed in (("math_tp1", 1, 0), ("math_tp2", 2, 0), ("math_tp2_seed1", 2, 1)):
+        settings = dict(common, eval_data=math_data)
+        results[tag] = evaluate(
+            EvalConfig(
+                task="math",
+                tensor_model_parallel_size=tp,
+                max_new_tokens=6,
+                num_samples=3,
+                temperature=4.0,
+                top_p=0.9,
+                seed=seed,
+                output=os.path.join(out_dir, f"{tag}.jsonl"),
+                **settings,
+            ),
+            keep_process_group=True,
+        )
     write_results(out_dir, results)
 
 
