@@ -191,10 +191,9 @@ def run_variant(args, variant: str) -> dict:
 
     config = config_from_args(trainer_argv(args, variant), world_size=1)
     trainer = Trainer(config)
+    # megatron-ce: built with --unfused-output-loss, so GPTModel forms the logits and, given
+    # labels, applies its own cross entropy
     megatron_ce = variant.partition("+")[0] == MEGATRON_CE
-    if megatron_ce:  # GPTModel forms the logits and applies its own cross entropy
-        for chunk in trainer.model:
-            chunk.module.fused_output_loss = False
     one_step = megatron_ce_step if megatron_ce else trainer_step
     padded_vocab = trainer.padded_vocab
     try:
