@@ -166,6 +166,7 @@ def step_commands(args, json_path: str) -> dict:
     """{step: command}, the shapes chosen by --device / --tiny."""
     python, device = sys.executable, args.device
     pytest = [python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"]
+    pytest += ["-p", "no:warnings"]  # the report keeps results, not import notices
     pytest += ["--continue-on-collection-errors", "-rfEs"]
     bench = [python, "benchmarks/train_bench.py", "--device", device, "--json", json_path]
     loss = [python, "benchmarks/loss_bench.py", "--device", device, "--tp", "1"]
