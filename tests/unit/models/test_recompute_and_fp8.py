@@ -134,3 +134,21 @@ def test_fp8_refuses_a_model_built_without_transformer_engine_modules():
         check_fp8_layers(fp8, _chunk(torch.nn.Linear))
     check_fp8_layers(fp8, _chunk(_TELinear))
     check_fp8_layers(types.SimpleNamespace(fp8=None), _chunk(torch.nn.Linear))
+
+
+def test_a_setting_refuted_by_the_built_model_stops_the_run_with_one_line(monkeypatch, caplog):
+    """check_fp8_layers raises while the Trainer builds the model (e.g. packed rows on the local
+    spec): the entry point logs that one line and exits 1, as for a damaged checkpoint."""
+    from megatron_deft import train
+    from megatron_deft.config import ConfigError
+    from megatron_deft.training import trainer
+
+    message = "--fp8-format needs the Transformer Engine layer spec, but this run builds ..."
+
+    class Refused:
+        def __init__(self, config):
+            raise ConfigError(message)
+
+    monkeypatch.setattr(trainer, "Trainer", Refused)
+    assert train.main(BASE) == 1
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [message]
