@@ -411,6 +411,8 @@ def test_yaml_config_with_dashes_or_underscores_and_flag_override(tmp_path):
         ("overlong: wrap", "--overlong 'wrap' is not one of truncate, drop"),
         ("tokenizer_type: GPT2BPETokenizer", "--tokenizer-type 'GPT2BPETokenizer' is not one of"),
         ("prompt-key: q\nresponse-key: q", "--prompt-key and --response-key are both 'q'"),
+        ("recompute-granularity: some", "--recompute-granularity 'some' is not one of full"),
+        ("fp8-recipe: custom", "--fp8-recipe 'custom' is not one of delayed, tensorwise"),
     ],
 )
 def test_yaml_values_pass_the_sections_own_checks(tmp_path, capsys, yaml_text, message):
