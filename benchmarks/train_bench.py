@@ -6,9 +6,10 @@ first variant measured in the same run.
     python benchmarks/train_bench.py --device cuda --model 1b --seq-length 4096 \\
         --variants deft deft+selective deft+full nll megatron-ce   # tools/gpu_selfcheck.py
 
-A variant is ``OBJECTIVE[+RECOMPUTE]``: an --sft-objective (or ``megatron-ce``: the same model
-called with labels, so megatron-core's GPTModel forms the logits and applies its
-``vocab_parallel_cross_entropy``; the trainer has no such objective) and a RECOMPUTE entry
+A variant is ``OBJECTIVE[+RECOMPUTE]``: an --sft-objective (or ``megatron-ce``: the trainer's
+forward with --unfused-output-loss, its logits given to megatron-core's
+``vocab_parallel_cross_entropy``, as GPTModel does when called with labels; the trainer has no
+such objective) and a RECOMPUTE entry
 (selective; full: uniform, 1 layer per group; full-block: the first half of the layers). Every
 variant builds a fresh single-process trainer on --mock-data (SFT-shaped random samples of 2 to
 seq-length tokens, packed with --pack-sequences) with the same seed and batches.
@@ -124,27 +125,39 @@ def peak_flops(device: str):
     return max(matches) if matches else None
 
 
+class _Remembering:
+    """An iterator that keeps the item it handed out last."""
+
+    def __init__(self, items):
+        self.items, self.last = iter(items), None
+
+    def __next__(self):
+        self.last = next(self.items)
+        return self.last
+
+
 def megatron_ce_step(trainer) -> None:
-    """One step with megatron-core's own loss: GPTModel(..., labels) -> its
-    vocab_parallel_cross_entropy per token, masked sum over the loss tokens (the trainer's
+    """One step with megatron-core's own loss: the trainer's forward (built unfused, so the last
+    stage returns logits [b, s, V/tp]) and megatron-core's vocab_parallel_cross_entropy on them
+    (what GPTModel applies when given labels), summed over the loss tokens (the trainer's
     per-token normalisation), then the optimizer."""
+    from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_deft.training import step
+
     def forward_step(data_iterator, model):
-        device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in next(data_iterator).items() if torch.is_tensor(v)}
-        loss = model(
-            input_ids=batch["tokens"],
-            position_ids=batch["position_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"].clamp(min=0),
-        )  # [b, s] fp32
+        logits, _ = step.forward_step(
+            trainer.config, trainer.objective, 0, trainer.vocab_size, data_iterator, model
+        )
+        batch = data_iterator.last
+        labels, mask = (batch[key].to(logits.device) for key in ("labels", "loss_mask"))
 
         def loss_func(output):
-            mask = batch["loss_mask"].float()
-            return (output * mask).sum(), mask.sum().to(torch.int), {}
+            loss = tensor_parallel.vocab_parallel_cross_entropy(output, labels.clamp(min=0))
+            return (loss * mask).sum(), mask.sum().to(torch.int), {}
 
-        return loss, loss_func
+        return logits, loss_func
 
     microbatches = trainer.train_loader.next_global_batch().microbatches
     for chunk in trainer.model:
@@ -152,7 +165,7 @@ def megatron_ce_step(trainer) -> None:
     trainer.optimizer.zero_grad()
     get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(microbatches),
+        data_iterator=_Remembering(microbatches),
         model=trainer.model[0],
         num_microbatches=len(microbatches),
         seq_length=trainer.config.model.seq_length,
@@ -191,8 +204,6 @@ def run_variant(args, variant: str) -> dict:
 
     config = config_from_args(trainer_argv(args, variant), world_size=1)
     trainer = Trainer(config)
-    # megatron-ce: built with --unfused-output-loss, so GPTModel forms the logits and, given
-    # labels, applies its own cross entropy
     megatron_ce = variant.partition("+")[0] == MEGATRON_CE
     one_step = megatron_ce_step if megatron_ce else trainer_step
     padded_vocab = trainer.padded_vocab
