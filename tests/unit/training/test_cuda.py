@@ -2,12 +2,14 @@
 training steps in fp32 and bf16 from the same init and batches, and bf16 + FP8 when Transformer
 Engine is importable. One torchrun launch of workers/cuda_steps.py."""
 
+import importlib.util
 import math
 import os
 
 import pytest
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "cuda_steps.py")
+HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 
 pytestmark = pytest.mark.cuda
 
@@ -29,6 +31,12 @@ def test_training_runs_on_the_gpu_through_nccl(results):
         assert all(record["updated"] for record in run["history"]), case
     assert results["fp32"]["param_dtype"] == "torch.float32"
     assert results["bf16"]["param_dtype"] == "torch.bfloat16"
+
+
+def test_transformer_engine_spec_is_used_where_te_is_importable(results):
+    """Unpacked rows on CUDA: the TE layer spec when TE imports, the local spec otherwise."""
+    te_modules = results["bf16"]["te_linears"]
+    assert te_modules > 0 if HAVE_TE else te_modules == 0
 
 
 def test_bf16_steps_follow_the_fp32_steps(results):
