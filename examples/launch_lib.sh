@@ -28,6 +28,8 @@
 #   PRETRAINED_CHECKPOINT  --pretrained-checkpoint: weights to start from (e.g. converted from
 #                    Hugging Face by tools/convert_checkpoint.py); LOAD still resumes a restart [none]
 #   QKV_BIAS         1 adds --add-qkv-bias                                        [DEFAULT_QKV_BIAS]
+#   RECOMPUTE        activation recomputation: none, selective (core attention), or full
+#                    (every layer, uniform groups of 1)                         [DEFAULT_RECOMPUTE]
 #   TORCHRUN         the launcher executable                                         [torchrun]
 #   DRY_RUN          1: print the resolved command and exit 0 instead of running it  [0]
 
@@ -71,6 +73,7 @@ deft_shared_run_defaults() {
     DEFAULT_TRAIN_ITERS=1000
     DEFAULT_TOKENIZER_TYPE=HuggingFaceTokenizer  # TOKENIZER_MODEL: the checkpoint's HF folder
     DEFAULT_MOCK_DATA=0
+    DEFAULT_RECOMPUTE=none  # the activations of models up to ~10B fit at s = 4096
 }
 
 deft_load_preset() {
@@ -129,6 +132,9 @@ deft_resolve_knobs() {
     TOKENIZER_MODEL=${TOKENIZER_MODEL:-}
     TOKENIZER_TYPE=${TOKENIZER_TYPE:-$DEFAULT_TOKENIZER_TYPE}
     QKV_BIAS=${QKV_BIAS:-$DEFAULT_QKV_BIAS}
+    RECOMPUTE=${RECOMPUTE:-$DEFAULT_RECOMPUTE}
+    [[ $RECOMPUTE == none || $RECOMPUTE == selective || $RECOMPUTE == full ]] ||
+        deft_die "RECOMPUTE must be none, selective or full, got '$RECOMPUTE'"
     TORCHRUN=${TORCHRUN:-torchrun}
 }
 
@@ -164,6 +170,11 @@ deft_resolve() {
     TRAIN_CMD=(-m megatron_deft.train "${MODEL_ARGS[@]}")
     if [[ $QKV_BIAS == 1 ]]; then TRAIN_CMD+=(--add-qkv-bias); fi
     if [[ $SEQUENCE_PARALLEL == 1 ]]; then TRAIN_CMD+=(--sequence-parallel); fi
+    case $RECOMPUTE in  # Megatron-LM's flags (selective = its --recompute-activations)
+        selective) TRAIN_CMD+=(--recompute-granularity selective) ;;
+        full) TRAIN_CMD+=(--recompute-granularity full --recompute-method uniform
+                          --recompute-num-layers 1) ;;
+    esac
     TRAIN_CMD+=(
         --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
         --seq-length "$SEQ_LENGTH"

@@ -81,6 +81,9 @@ BOUNDS = {
     "moe_router_topk_scaling_factor": _above(0),
     "moe_aux_loss_coeff": _at_least(0),
     "moe_z_loss_coeff": _at_least(0),
+    "recompute_num_layers": _at_least(1),
+    "num_layers_at_start_in_bf16": _at_least(0),
+    "num_layers_at_end_in_bf16": _at_least(0),
 }
 """field -> (predicate, what it requires): the range of every numeric setting (None, an unset
 optional, always passes). Checks involving several sections are in training/arguments.py."""
@@ -332,6 +335,116 @@ class MoEConfig(_Checked):
                 raise ConfigError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
 
 
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+@dataclass
+class RecomputeConfig(_Checked):
+    """Activation recomputation (megatron-core's, Megatron-LM's flags): the forward of the chosen
+    part of each layer is run again in the backward instead of keeping its activations. Losses
+    and gradients are those of a run without it (dropout included: the RNG state is replayed)."""
+
+    recompute_granularity: Optional[str] = _choice(None, RECOMPUTE_GRANULARITIES)
+    """full: keep only the input of each recomputed transformer layer (or group of layers);
+    selective: keep everything but the core attention (softmax(q k^T) v and its [s, s] scores),
+    recomputed in every layer, which is where most activation memory goes for unfused
+    attention at long sequences, for a small cost in FLOPs (default: no recompute)."""
+    recompute_method: Optional[str] = _choice(None, RECOMPUTE_METHODS)
+    """full only: uniform: the layers of each pipeline stage (model chunk, with virtual stages)
+    in groups of --recompute-num-layers, each group's input kept and the group recomputed;
+    block: only the first --recompute-num-layers layers of each stage are recomputed, the others
+    keep their activations (use the memory left after the weights)."""
+    recompute_num_layers: Optional[int] = None
+    """full only: layers per recomputed group (uniform) or recomputed layers per pipeline stage
+    (block); at most the layers of one stage."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        granularity, method = self.recompute_granularity, self.recompute_method
+        for flag, value, allowed in (
+            ("--recompute-granularity", granularity, RECOMPUTE_GRANULARITIES),
+            ("--recompute-method", method, RECOMPUTE_METHODS),
+        ):
+            if value is not None and value not in allowed:  # YAML bypasses argparse's choices
+                raise ConfigError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+        if granularity == "full":
+            if method is None:
+                raise ConfigError("--recompute-granularity full needs --recompute-method")
+            if self.recompute_num_layers is None:
+                raise ConfigError("--recompute-granularity full needs --recompute-num-layers")
+            return
+        given = [
+            flag
+            for flag, value in (
+                ("--recompute-method", method),
+                ("--recompute-num-layers", self.recompute_num_layers),
+            )
+            if value is not None
+        ]
+        if given and granularity == "selective":
+            raise ConfigError(
+                f"--recompute-granularity selective takes no {' or '.join(given)} (it "
+                "recomputes the core attention of every layer)"
+            )
+        if given:
+            raise ConfigError(f"{' and '.join(given)} needs --recompute-granularity full")
+
+
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+
+
+@dataclass
+class FP8Config(_Checked):
+    """FP8 GEMMs in the transformer layers through Transformer Engine (CUDA only; megatron-core's
+    TransformerConfig fields fp8, fp8_recipe, fp8_param, first_last_layers_bf16). The embedding,
+    the output layer and the objective are never in FP8: megatron-core enters FP8 autocast
+    around the transformer layers only, the output layer is its plain ColumnParallelLinear (or
+    our fused output layer + loss), in bf16 with the loss computed in fp32."""
+
+    fp8_format: Optional[str] = _choice(None, FP8_FORMATS)
+    """FP8 GEMMs in the linear layers of every transformer layer: e4m3 for all tensors, or hybrid
+    (e4m3 forward, e5m2 for the gradients of the outputs). Needs --device cuda and Transformer
+    Engine (default: no FP8)."""
+    fp8_recipe: str = _choice("delayed", FP8_RECIPES)
+    """How FP8 scales are chosen: delayed (per tensor, from the amax history of earlier
+    steps), tensorwise (per tensor, current amax), blockwise (per 128-element block; Hopper) or
+    mxfp8 (per 32 elements, MX format; Blackwell)."""
+    fp8_param_gather: bool = False
+    """Keep the layers' weights in FP8 (Transformer Engine's fp8_model_init, megatron-core's
+    fp8_param) and all-gather them in FP8 in the distributed optimizer: half the weight
+    memory and gather traffic of bf16. Needs --fp8-format and --use-distributed-optimizer."""
+    first_last_layers_bf16: bool = False
+    """Keep the first --num-layers-at-start-in-bf16 and last --num-layers-at-end-in-bf16
+    transformer layers out of FP8 (not with --fp8-recipe delayed: megatron-core refuses it)."""
+    num_layers_at_start_in_bf16: int = 1
+    """--first-last-layers-bf16: transformer layers at the start kept in bf16."""
+    num_layers_at_end_in_bf16: int = 1
+    """--first-last-layers-bf16: transformer layers at the end kept in bf16."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        for flag, value, allowed in (
+            ("--fp8-format", self.fp8_format or "e4m3", FP8_FORMATS),
+            ("--fp8-recipe", self.fp8_recipe, FP8_RECIPES),
+        ):
+            if value not in allowed:  # YAML bypasses argparse's choices
+                raise ConfigError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+        if self.fp8_format is None:
+            for flag, given in (
+                ("--fp8-param-gather", self.fp8_param_gather),
+                ("--first-last-layers-bf16", self.first_last_layers_bf16),
+            ):
+                if given:
+                    raise ConfigError(f"{flag} needs --fp8-format")
+        if self.first_last_layers_bf16 and self.fp8_recipe == "delayed":
+            raise ConfigError(
+                "--first-last-layers-bf16 does not work with --fp8-recipe delayed (one amax "
+                "history for all layers); use tensorwise, blockwise or mxfp8"
+            )
+
+
 @dataclass
 class OptimizerConfig(_Checked):
     """AdamW with warmup + decay of the learning rate."""
@@ -454,6 +567,10 @@ class Config:
     """Parallel layout."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture of experts (off unless --num-experts)."""
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    """Activation recomputation."""
+    fp8: FP8Config = field(default_factory=FP8Config)
+    """FP8 through Transformer Engine."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """Optimizer and learning-rate schedule."""
     training: TrainingConfig = field(default_factory=TrainingConfig)

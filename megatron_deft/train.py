@@ -53,6 +53,7 @@ def main(argv=None) -> int:
         return _exit_stopped(before_process_group=True)
     _configure_logging()
 
+    from megatron_deft.config import ConfigError
     from megatron_deft.data import DataError
     from megatron_deft.training.trainer import Trainer, TrainingStopped
 
@@ -60,7 +61,9 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(config)
         trainer.train()
-    except (TrainingStopped, CheckpointError, DataError) as error:
+    # ConfigError here: a setting only the built model can refute (--fp8-format on layers
+    # without Transformer Engine)
+    except (TrainingStopped, CheckpointError, DataError, ConfigError) as error:
         logging.getLogger("megatron_deft").error(str(error))
         stopped = True
     finally:

@@ -32,6 +32,8 @@ def run_torchrun(script: str, nproc: int, out_dir, *args, timeout: int = 300) ->
     """Run the worker `script` (a path) on `nproc` ranks; returns the results.json it wrote to
     out_dir. A failing rank fails the calling test with the workers' output."""
     path = os.pathsep.join([REPO_ROOT, WORKER_HELPERS, os.path.dirname(os.path.abspath(script))])
+    if os.environ.get("PYTHONPATH"):  # e.g. the GPU self-check's folder of installed wheels
+        path += os.pathsep + os.environ["PYTHONPATH"]
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
     command = [
         sys.executable,

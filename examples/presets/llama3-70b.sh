@@ -19,3 +19,6 @@ DEFAULT_QKV_BIAS=0
 # TP 8 x PP 4 = 32 GPUs (4 nodes of 8): ~2.2B parameters per GPU before DP sharding.
 DEFAULT_TP=8
 DEFAULT_PP=4
+# Selective recomputation (Megatron-LM's --recompute-activations, its advice for large models):
+# the core attention's activations are recomputed, not kept, for a few % more FLOPs.
+DEFAULT_RECOMPUTE=selective

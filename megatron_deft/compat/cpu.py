@@ -32,6 +32,11 @@ What :func:`enable` changes, and nothing else:
    device-to-host copy of the split sizes returns numpy for host tensors too, as gloo's
    ``all_to_all_single`` needs lists, not tensors (``_patch_moe_host_copies``).
 
+5. The RNG tracker's warning "CPU RNG state changed within GPU RNG context" is filtered out: on
+   CPU the tracker's "CUDA" generator (2.) is the CPU generator, so every dropout inside
+   ``fork()`` (attention dropout, and again when activation recomputation replays it) changes
+   it by design (``_quiet_rng_fork_warning``).
+
 The real ``torch`` module and all other modules stay untouched. Two CPU choices are plain
 config, not patches (``megatron_deft.models.gpt.transformer_config``): fused kernels off, and
 ``batch_p2p_comm=False`` because gloo pairs a batched send-to-prev/send-to-next (interleaved
@@ -41,6 +46,7 @@ schedule, PP=2) with the wrong receive buffers.
 import contextlib
 import functools
 import importlib
+import logging
 import types
 
 import torch
@@ -288,6 +294,13 @@ def _patch_moe_host_copies():
     token_dispatcher.maybe_move_tensor_to_cpu = to_host  # imported by name there
 
 
+def _quiet_rng_fork_warning():
+    """Drops the tracker's CPU-RNG-changed warning (item 5 of the module docstring)."""
+    logging.getLogger("megatron.core.tensor_parallel.random").addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+    )
+
+
 def enable() -> None:
     """Apply the CPU fixes to megatron-core. Idempotent; call before building the model."""
     global _enabled
@@ -299,6 +312,7 @@ def enable() -> None:
     _patch_rng_state_accessors()
     _patch_tensor_method_call_sites()
     _patch_moe_host_copies()
+    _quiet_rng_fork_warning()
     _enabled = True
 
 

@@ -20,7 +20,13 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from megatron_deft.config import Config, ConfigError, config_from_dict
+from megatron_deft.config import (
+    Config,
+    ConfigError,
+    FP8Config,
+    RecomputeConfig,
+    config_from_dict,
+)
 from megatron_deft.data import build_tokenizer, read_samples
 from megatron_deft.data.chat_format import (
     ChatTemplateError,
@@ -72,6 +78,9 @@ def run_config(saved: dict, evaluation: EvalConfig, root: str) -> Config:
     config.training.device = evaluation.device
     config.training.bf16 = config.training.bf16 and evaluation.device == "cuda"
     config.checkpoint.load = root  # skips the random init: the weights get loaded
+    # Training-time trade-offs: evaluation needs no backward to recompute for, and runs its
+    # GEMMs in the checkpoint's bf16/fp32 on any device (FP8 would need TE on CUDA).
+    config.recompute, config.fp8 = RecomputeConfig(), FP8Config()
     return config
 
 

@@ -32,6 +32,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron_deft.config import Config, moe_layer_pattern
 from megatron_deft.models.init import init_weights_layout_invariant
 from megatron_deft.models.layout import virtual_pipeline_size
+from megatron_deft.models.recompute_and_fp8 import check_fp8_layers, fp8_kwargs, recompute_kwargs
 from megatron_deft.objectives.linear_vocab_parallel import OutputLayerInput
 
 try:  # optional GPU dependency
@@ -111,6 +112,8 @@ def transformer_config(config: Config) -> TransformerConfig:
         # The unbatched path sends the two directions over different groups.
         batch_p2p_comm=not on_cpu,
         **moe_kwargs(config),
+        **recompute_kwargs(config),
+        **fp8_kwargs(config),
     )
 
 
@@ -254,6 +257,7 @@ def build_gpt_chunks(config: Config, vocab_size: int, initialize: bool = True) -
             rope_scaling_factor=config.model.rope_scaling_factor,
             vp_stage=stage,
         )
+        check_fp8_layers(tf_config, chunk)
         chunk.to(torch.device(config.training.device))
         chunks.append(chunk)
     if initialize and config.checkpoint.load is None:  # a loaded checkpoint overwrites them

@@ -24,6 +24,7 @@ from megatron_deft.config import (
     moe_layer_pattern,
 )
 from megatron_deft.conventions import TRACKER  # light: checkpointing imports megatron-core
+from megatron_deft.models import recompute_and_fp8
 from megatron_deft.models.architecture import (
     adopt_architecture,
     adopt_moe_architecture,
@@ -337,6 +338,7 @@ def validate(config: Config, world_size: int) -> None:
     """Raise ConfigError (one line) on the first inconsistent setting."""
     _validate_layout(config, world_size)
     _validate_moe(config, world_size)
+    recompute_and_fp8.validate(config)
     _validate_run(config)
 
 

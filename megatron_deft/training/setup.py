@@ -90,6 +90,7 @@ def build_model(config: Config, padded_vocab: int) -> list:
         overlap_grad_reduce=par.overlap_grad_reduce,
         overlap_param_gather=par.overlap_param_gather,
         use_distributed_optimizer=par.use_distributed_optimizer,
+        fp8_param_gather=config.fp8.fp8_param_gather,  # all-gather the FP8 weights as FP8
         # Per-token loss: grads are summed over DP, then scaled by 1/global tokens.
         average_in_collective=False,
     )

@@ -14,10 +14,15 @@ from megatron_deft.training.arguments import build_parser as train_parser
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TOOLS = ("convert_checkpoint", "make_recipe", "make_synthetic_sft", "plot_gate_dynamics")
-TOOLS += ("preprocess_sft_data", "train_tokenizer")
+TOOLS += ("preprocess_sft_data", "train_tokenizer", "gpu_selfcheck")
+# Scripts outside tools/ whose flags the tools name (the GPU self-check runs the benchmarks).
+SCRIPTS = ("benchmarks/train_bench.py", "benchmarks/loss_bench.py")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_]*(?:-[a-z0-9_]+)*")
-# Flags of other programs that the docstrings show, and the placeholder "--flag".
+# Flags of other programs that the docstrings show, and the placeholder "--flag": torchrun's,
+# pip's, pytest's and nvidia-smi's (the GPU self-check runs them).
 NOT_OURS = {"--flag", "--nproc_per_node", "--standalone"}
+NOT_OURS |= {"--no-index", "--no-deps", "--no-compile", "--no-cache-dir", "--target"}
+NOT_OURS |= {"--continue-on-collection-errors", "--query-gpu", "--format"}
 
 
 class _Parsed(Exception):
@@ -36,8 +41,10 @@ def _options(parser: argparse.ArgumentParser) -> set:
 
 
 def _tool_parser(name: str, monkeypatch) -> argparse.ArgumentParser:
-    """The parser a tool's main() builds, caught at its parse_args call (nothing runs)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
+    """The parser a tool's main() builds (``name``: in tools/, or a path from the repository
+    root), caught at its parse_args call (nothing runs)."""
+    path = ROOT / name if name.endswith(".py") else ROOT / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_tool", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
@@ -66,7 +73,7 @@ def _quoted_flags() -> dict:
 
 def test_every_quoted_flag_exists_in_some_parser(monkeypatch):
     known = _options(train_parser()) | _options(eval_parser()) | NOT_OURS
-    for name in TOOLS:
+    for name in TOOLS + SCRIPTS:
         known |= _options(_tool_parser(name, monkeypatch))
     quoted = _quoted_flags()
     assert len(quoted) > 50  # the scan sees the messages (it would pass vacuously otherwise)

@@ -178,6 +178,18 @@ def test_kv_cache_generation_equals_recomputing_every_step(torchrun, tmp_path):
     assert results["tp1"]["cached"] == results["tp2"]["cached"]
 
 
+@pytest.mark.cuda
+def test_kv_cache_generation_equals_recomputation_on_the_gpu(torchrun, tmp_path):
+    """The same comparison on one GPU (fp32; the Transformer Engine spec where TE is
+    importable): the cached decode's kernels see one new token at a time."""
+    worker = os.path.join(os.path.dirname(__file__), "workers", "cached_generation.py")
+    results = torchrun(worker, 1, tmp_path, "cuda")
+    cached, recomputed = results["tp1"]["cached"], results["tp1"]["recomputed"]
+    assert cached == recomputed
+    assert all(len(reply) == 10 for reply in cached)
+    assert len({token for reply in cached for token in reply}) > 5
+
+
 def test_pipeline_parallel_evaluation_equals_pp1(torchrun, tmp_path):
     """One checkpoint of a random 4-layer GPT with tied embeddings (the last stage's output
     layer is the first stage's embedding), evaluated with the DEFT objective at PP=1 and PP=2

@@ -128,6 +128,22 @@ def test_evaluation_relays_out_a_sequence_parallel_pipeline_run():
     assert config.model.qk_layernorm and config.checkpoint.load == "/ckpt"
 
 
+def test_evaluation_drops_recomputation_and_fp8_of_the_training_run():
+    """A checkpoint trained with recomputation and FP8 (on GPUs with TE) is evaluated without
+    them: on CPU its local-spec model would otherwise be refused for --fp8-format."""
+    import dataclasses
+
+    from megatron_deft.config import Config, FP8Config, RecomputeConfig
+    from megatron_deft.evaluation.arguments import EvalConfig
+    from megatron_deft.evaluation.evaluator import run_config
+
+    trained = Config()
+    trained.recompute = RecomputeConfig("full", "block", 1)
+    trained.fp8 = FP8Config(fp8_format="hybrid", fp8_param_gather=True)
+    config = run_config(dataclasses.asdict(trained), EvalConfig(device="cpu"), "/ckpt")
+    assert config.recompute == RecomputeConfig() and config.fp8 == FP8Config()
+
+
 def test_padded_vocab_of_trained_converted_and_older_checkpoints():
     """A converted HF checkpoint records only the model config and its architecture (no parallel
     section): the architecture's padded vocab is used. Older trained checkpoints without an

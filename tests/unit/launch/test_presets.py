@@ -252,11 +252,16 @@ SHARED_RUN_DEFAULTS = {
     "--train-iters": "1000",
     "--tokenizer-type": "HuggingFaceTokenizer",
     "--mock-data": None,
+    "--recompute-granularity": None,
 }
 PRESET_RUN_OVERRIDES = {
     "llama3-8b": {"--tensor-model-parallel-size": "2"},
     "llama3.1-8b": {"--tensor-model-parallel-size": "2"},
-    "llama3-70b": {"--tensor-model-parallel-size": "8", "--pipeline-model-parallel-size": "4"},
+    "llama3-70b": {
+        "--tensor-model-parallel-size": "8",
+        "--pipeline-model-parallel-size": "4",
+        "--recompute-granularity": "selective",
+    },
     "qwen2.5-7b": {"--tensor-model-parallel-size": "2"},
     "qwen3-8b": {"--tensor-model-parallel-size": "2"},
     "qwen3-4b": {},
@@ -297,6 +302,7 @@ RUN_DEFAULT_VARIABLES = {
     "--train-iters": "TRAIN_ITERS",
     "--tokenizer-type": "TOKENIZER_TYPE",
     "--mock-data": "MOCK_DATA",
+    "--recompute-granularity": "RECOMPUTE",
 }
 
 
@@ -481,6 +487,27 @@ def test_sequence_parallel_knob_must_be_a_switch():
     assert "SEQUENCE_PARALLEL must be 0 or 1, got 'yes'" in result.stderr
 
 
+FULL_RECOMPUTE = {
+    "--recompute-granularity": "full",
+    "--recompute-method": "uniform",
+    "--recompute-num-layers": "1",
+}
+
+
+@pytest.mark.parametrize(
+    "recompute, expected",
+    [
+        ("none", {}),
+        ("selective", {"--recompute-granularity": "selective"}),
+        ("full", FULL_RECOMPUTE),
+    ],
+)
+def test_recompute_knob_gives_megatron_lm_flags(recompute, expected):
+    _, flags = split_torchrun(dry_run("train_single_node.sh", {"RECOMPUTE": recompute}))
+    values = last_values(flags)
+    assert {flag: values[flag] for flag in flags if flag.startswith("--recompute")} == expected
+
+
 def test_tiny_preset_defaults_to_one_cpu_process_on_mock_data():
     argv = dry_run("train_single_node.sh", {})
     options, flags = split_torchrun(argv)
@@ -526,6 +553,7 @@ def test_preset_name_cannot_be_a_path():
         ({"DEVICE": "tpu"}, "DEVICE must be cpu or cuda"),
         ({"TP": "0"}, "TP must be a positive integer"),
         ({"PP": "two"}, "PP must be a positive integer"),
+        ({"RECOMPUTE": "all"}, "RECOMPUTE must be none, selective or full, got 'all'"),
     ],
 )
 def test_bad_knob_fails_with_one_line(env, message):

@@ -7,7 +7,8 @@ full logits), which must match the fused reference too.
 
 Three torchrun launches (1, 2 and 4 ranks) train 3 iterations per case; the reference is the
 single-process (1,1,1) run. fp32 on CPU: only the summation order differs between layouts, so
-we compare at 1e-5 relative, not bitwise.
+we compare at 1e-5 relative, not bitwise. The same launches run activation recomputation (full
+uniform / block, selective) against the same layout without it: bitwise equal.
 """
 
 import glob
@@ -87,8 +88,69 @@ def _reference_of(case: str) -> str:
     return f"{REFERENCE}-{objective}-plain" + ("-qknorm" if variant == ["qknorm"] else "")
 
 
+# Activation recomputation (workers/parallel_invariance.py RECOMPUTE_CASES): {layout: variants
+# compared with the layout's run without recomputation}; all of them with dropout.
+RECOMPUTE_RUNS = {
+    "tp1pp1dp1": ("full-uniform", "full-block", "selective"),
+    "tp1pp2dp1": ("full-block",),
+}
+MICRO_BATCHES = 4  # global batch 8 / micro-batch 2 at DP 1
+
+
+def _recompute_cases():
+    for layout, variants in RECOMPUTE_RUNS.items():
+        for variant in ("none", *variants):
+            yield f"{layout}-recompute-{variant}"
+            yield f"{layout}-recompute-{variant}-forwards"
+
+
 def test_every_case_ran(runs):
-    assert sorted(_all_results(runs)) == sorted(_cases())
+    assert sorted(_all_results(runs)) == sorted([*_cases(), *_recompute_cases()])
+
+
+@pytest.mark.parametrize(
+    "case", [f"{layout}-recompute-{v}" for layout, vs in RECOMPUTE_RUNS.items() for v in vs]
+)
+def test_recompute_gives_the_losses_and_gradients_of_the_run_without(runs, case):
+    """Bitwise: recomputation re-runs the same operations on the same inputs, dropout masks
+    included (the RNG state is saved with the kept input and replayed)."""
+    results = _all_results(runs)
+    reference = case.rsplit("-recompute-", 1)[0] + "-recompute-none"
+    assert results[case] == results[reference]
+    for tag in ("-grads", ""):  # the last backward's gradients, then the trained weights
+        got, want = _weights(runs, case + tag), _weights(runs, reference + tag)
+        assert sorted(got) == sorted(want)
+        for name, tensor in want.items():
+            assert torch.equal(got[name], tensor), f"{case}{tag} {name}"
+
+
+def test_recompute_reruns_what_its_flags_name(runs):
+    """Forwards per layer and of its core attention over the 3 iterations: m = micro-batches x
+    iterations without recomputation, 2m for what is recomputed. `block` recomputes the first
+    --recompute-num-layers 1 layer of each stage: layers 1 and 3 at PP=2."""
+    results = _all_results(runs)
+    once, twice, attention = [12, 12], [24, 24], [12, 24]
+    assert MICRO_BATCHES * 3 == 12
+    expected = {
+        "tp1pp1dp1-recompute-none": [once] * 4,
+        "tp1pp1dp1-recompute-full-uniform": [twice] * 4,
+        "tp1pp1dp1-recompute-full-block": [twice, once, once, once],
+        "tp1pp1dp1-recompute-selective": [attention] * 4,
+        "tp1pp2dp1-recompute-none": [once] * 4,
+        "tp1pp2dp1-recompute-full-block": [twice, once, twice, once],
+    }
+    for case, counts in expected.items():
+        assert results[f"{case}-forwards"] == counts, case
+
+
+def test_recompute_runs_use_dropout_and_train(runs):
+    """Guards the bitwise comparison: dropout changed the losses (so its masks had to be
+    replayed) and the gradients are not zero."""
+    results = _all_results(runs)
+    with_dropout, without = results["tp1pp1dp1-recompute-none"], results[f"{REFERENCE}-deft-plain"]
+    assert abs(with_dropout[0]["loss"] - without[0]["loss"]) > 1e-4
+    grads = _weights(runs, "tp1pp1dp1-recompute-none-grads")
+    assert max(g.abs().max().item() for g in grads.values()) > 1e-4
 
 
 @pytest.mark.parametrize("case", [c for c in _cases() if c != _reference_of(c)])

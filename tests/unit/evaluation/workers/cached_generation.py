@@ -1,8 +1,12 @@
-"""Worker (2 ranks): generate (greedy, KV cache) against greedy decoding by recomputation.
+"""Worker (2 ranks, or 1 rank with DEVICE cuda): generate (greedy, KV cache) against greedy
+decoding by recomputation.
 
-A random 4-layer GPT (GQA, RoPE, SwiGLU) at TP=1 (DP=2) and TP=2 continues prompts of three
-lengths. The reference recomputes the whole sequence for every new token, gathers the full
-vocab-parallel logits of its last position and takes the argmax over the real vocabulary.
+Usage: torchrun --nproc_per_node N cached_generation.py OUT_DIR [DEVICE]
+
+A random 4-layer GPT (GQA, RoPE, SwiGLU) at TP=1 (DP=2) and TP=2 (on one GPU: TP=1 only)
+continues prompts of three lengths. The reference recomputes the whole sequence for every new
+token, gathers the full vocab-parallel logits of its last position and takes the argmax over the
+real vocabulary.
 Writes {layout: {"cached": [...], "recomputed": [...]}} to OUT_DIR/results.json.
 """
 
@@ -24,8 +28,9 @@ PROMPTS = [[5, 17, 230], [9, 88, 412, 3, 71, 150, 299], [42] * 4 + [7, 301, 455,
 
 def recomputed(model, prompt, tp_group) -> list:
     ids, out = list(prompt), []
+    device = next(model.parameters()).device
     for _ in range(NEW_TOKENS):
-        shard = causal_forward(model, torch.tensor([ids]))[0, -1]  # [V/tp]
+        shard = causal_forward(model, torch.tensor([ids], device=device))[0, -1]  # [V/tp]
         shards = [torch.empty_like(shard) for _ in range(dist.get_world_size(tp_group))]
         dist.all_gather(shards, shard, group=tp_group)
         out.append(int(torch.cat(shards)[:VOCAB].argmax()))
@@ -33,10 +38,11 @@ def recomputed(model, prompt, tp_group) -> list:
     return out
 
 
-def main(out_dir):
+def main(out_dir, device="cpu"):
     results = {}
-    for tp in (1, 2):
-        config = config_for(tp=tp, extra=["--vocab-size", VOCAB, "--init-method-std", 0.2])
+    for tp in (1, 2) if device == "cpu" else (1,):
+        extra = ["--vocab-size", VOCAB, "--init-method-std", 0.2, "--device", device]
+        config = config_for(tp=tp, extra=extra)
         setup.initialize_distributed(config)
         torch.manual_seed(0)
         model = build_gpt_chunks(config, padded_vocab_size(VOCAB, 128, tp))[0]
@@ -52,5 +58,5 @@ def main(out_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
     dist.destroy_process_group()

@@ -75,8 +75,9 @@ def config_for(tp=1, pp=1, extra=()):
     return parse_config(argv, world_size=int(os.environ["WORLD_SIZE"]))
 
 
-def full_weights(model) -> dict:
-    """{layout-independent name: full tensor} of this pipeline stage (TP shards gathered)."""
+def full_weights(model, grads: bool = False) -> dict:
+    """{layout-independent name: full tensor} of this pipeline stage (TP shards gathered); with
+    ``grads`` the gradients of the last backward (megatron DDP's ``main_grad``) instead."""
     from megatron.core import parallel_state
 
     from megatron_deft.models.init import _global_names
@@ -87,7 +88,7 @@ def full_weights(model) -> dict:
     for chunk in model:
         names = _global_names(chunk.module)
         for name, param in chunk.module.named_parameters():
-            tensor = param.detach().clone()
+            tensor = (param.main_grad if grads else param).detach().clone()
             if getattr(param, "tensor_model_parallel", False) and tp > 1:
                 shards = [torch.empty_like(tensor) for _ in range(tp)]
                 dist.all_gather(shards, tensor.contiguous(), group=group)
@@ -100,11 +101,11 @@ def full_weights(model) -> dict:
     return out
 
 
-def save_weights(model, out_dir: str, tag: str) -> None:
-    """Write this stage's full weights once per stage (TP rank 0, DP rank 0)."""
+def save_weights(model, out_dir: str, tag: str, grads: bool = False) -> None:
+    """Write this stage's full weights (or ``grads``) once per stage (TP rank 0, DP rank 0)."""
     from megatron.core import parallel_state
 
-    weights = full_weights(model)
+    weights = full_weights(model, grads)
     first_replica = parallel_state.get_data_parallel_rank() == 0
     if parallel_state.get_tensor_model_parallel_rank() == 0 and first_replica:
         stage = parallel_state.get_pipeline_model_parallel_rank()

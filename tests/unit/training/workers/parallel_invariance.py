@@ -15,17 +15,70 @@ from megatron_deft.training.trainer import Trainer
 
 ITERATIONS = 3
 LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2), (1, 1)], 4: [(2, 2)]}
+# Activation recomputation against the same run without it, with dropout (whose RNG state the
+# recomputation must replay), single process (4 layers) and PP=2 (2 layers per stage, where
+# `block` counts its layers per stage).
+FULL = ["--recompute-granularity", "full", "--recompute-method"]
+RECOMPUTE = {
+    "none": [],
+    "full-uniform": [*FULL, "uniform", "--recompute-num-layers", 2],
+    "full-block": [*FULL, "block", "--recompute-num-layers", 1],
+    "selective": ["--recompute-granularity", "selective"],
+}
+RECOMPUTE_CASES = {
+    1: ((1, 1), ("none", "full-uniform", "full-block", "selective")),
+    2: ((1, 2), ("none", "full-block")),
+}
+DROPOUT = ["--hidden-dropout", 0.1, "--attention-dropout", 0.1]
 
 
-def run_case(out_dir, results, name, tp, pp, extra, save_init=False):
+def run_case(out_dir, results, name, tp, pp, extra, save_init=False, save_grads=False):
     trainer = Trainer(config_for(tp, pp, extra))
     if save_init:
         save_weights(trainer.model, out_dir, f"{name}-init")
+    counts = count_forwards(trainer.model) if save_grads else None
     history = train_recording(trainer)
+    if save_grads:  # the last backward's gradients, and which forwards ran how often
+        save_weights(trainer.model, out_dir, f"{name}-grads", grads=True)
+        results[f"{name}-forwards"] = gathered_counts(counts)
     finish_param_sync(trainer.model, trainer.config)  # overlap-param-gather defers the last one
     save_weights(trainer.model, out_dir, name)
     results[name] = history
     trainer.close(keep_process_group=True)
+
+
+def count_forwards(model) -> dict:
+    """{global layer number: [forwards of the layer, of its core attention]}, counted from now
+    on by forward pre-hooks: a recomputed part runs twice per micro-batch."""
+    counts = {}
+    for chunk in model:
+        for layer in chunk.module.decoder.layers:
+            number = layer.layer_number
+            counts[number] = [0, 0]
+            for index, module in enumerate((layer, layer.self_attention.core_attention)):
+                module.register_forward_pre_hook(
+                    lambda *_, n=number, i=index: counts[n].__setitem__(i, counts[n][i] + 1)
+                )
+    return counts
+
+
+def gathered_counts(counts: dict) -> list:
+    """The forward counts of every pipeline stage, as [[layer, core attention], ...]."""
+    import torch.distributed as dist
+
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, counts)
+    merged = {number: value for stage in everyone for number, value in stage.items()}
+    return [merged[number] for number in sorted(merged)]
+
+
+def run_recompute_cases(out_dir, results, world):
+    (tp, pp), variants = RECOMPUTE_CASES[world]
+    for variant in variants:
+        extra = ["--sft-objective", "deft", "--train-iters", ITERATIONS, *DROPOUT]
+        extra += RECOMPUTE[variant]
+        name = f"tp{tp}pp{pp}dp{world // (tp * pp)}-recompute-{variant}"
+        run_case(out_dir, results, name, tp, pp, extra, save_grads=True)
 
 
 def main(out_dir):
@@ -106,6 +159,8 @@ def main(out_dir):
         # the objective on the full logits, against the (fused output layer) reference
         unfused = ["--sft-objective", "deft", "--train-iters", ITERATIONS, "--unfused-output-loss"]
         run_case(out_dir, results, "tp2pp1dp1-deft-plain-unfused", 2, 1, unfused)
+    if world in RECOMPUTE_CASES:
+        run_recompute_cases(out_dir, results, world)
     write_results(out_dir, results)
 
 
