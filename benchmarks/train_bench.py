@@ -5,8 +5,11 @@ first variant measured in the same run.
     python benchmarks/train_bench.py        # CPU: recomputation's peak memory, small model
     python benchmarks/train_bench.py --device cuda --model 1b --seq-length 4096 \\
         --variants deft deft+selective deft+full nll megatron-ce   # tools/gpu_selfcheck.py
+    python benchmarks/train_bench.py --seq-length 256 --variants dense-active:deft moe-small:deft
+        # mixture of experts vs the dense model of the same active parameters
 
-A variant is ``OBJECTIVE[+RECOMPUTE]``: an --sft-objective (or ``megatron-ce``: the trainer's
+A variant is ``[MODEL:]OBJECTIVE[+RECOMPUTE]``: a MODELS entry (default --model), an
+--sft-objective (or ``megatron-ce``: the trainer's
 forward with --unfused-output-loss, its logits given to megatron-core's
 ``vocab_parallel_cross_entropy``, as GPTModel does when called with labels; the trainer has no
 such objective) and a RECOMPUTE entry
@@ -15,7 +18,8 @@ variant builds a fresh single-process trainer on --mock-data (SFT-shaped random 
 seq-length tokens, packed with --pack-sequences) with the same seed and batches.
 
 Tokens/s counts every position of the rows (micro-batches x rows x seq-length per step).
-MFU = model FLOPs per token (:func:`model_flops_per_token`, recomputation not counted) x
+MFU = model FLOPs per token (:func:`model_flops_per_token`: a token's active experts,
+recomputation not counted) x
 tokens/s / the device's peak dense bf16 FLOP/s (PEAK_BF16_FLOPS; GPU only). Peak memory: on CUDA
 the allocator's high-water mark over the timed steps (weights, grads and optimizer state
 included); on CPU the peak allocated above the level before one step (activations and
@@ -34,6 +38,7 @@ import time
 
 import torch
 
+from megatron_deft.config import moe_layer_pattern
 from megatron_deft.utils.memory import peak_extra_bytes
 
 MODELS = {
@@ -43,6 +48,19 @@ MODELS = {
     # Llama 3.2 1B's shape: 1.24e9 parameters (tied embeddings), GQA 32 / 8 heads of 64.
     "1b": "--num-layers 16 --hidden-size 2048 --ffn-hidden-size 8192 --num-attention-heads 32 "
     "--num-query-groups 8 --vocab-size 128256 --rotary-base 500000",
+    # Mixture of experts (CPU): 8 experts of SwiGLU inner 256, top-2 (512 active per token) ...
+    "moe-small": "--num-layers 4 --hidden-size 256 --ffn-hidden-size 512 --num-attention-heads 8 "
+    "--num-query-groups 4 --vocab-size 4096 --num-experts 8 --moe-router-topk 2 "
+    "--moe-ffn-hidden-size 256 --moe-aux-loss-coeff 1e-2",
+    # ... and the dense model of the same active parameters (SwiGLU inner 512).
+    "dense-active": "--num-layers 4 --hidden-size 256 --ffn-hidden-size 512 "
+    "--num-attention-heads 8 --num-query-groups 4 --vocab-size 4096",
+    # Qwen3-30B-A3B's layer (128 experts of 768, top-8, q/k norm, head 128) x 6 layers, for one
+    # GPU (its 48 layers need a multi-GPU expert-parallel layout).
+    "qwen3-moe-6l": "--num-layers 6 --hidden-size 2048 --ffn-hidden-size 6144 "
+    "--num-attention-heads 32 --num-query-groups 4 --kv-channels 128 --qk-layernorm "
+    "--vocab-size 151936 --rotary-base 1000000 --num-experts 128 --moe-router-topk 8 "
+    "--moe-ffn-hidden-size 768 --moe-aux-loss-coeff 1e-3 --moe-token-dispatcher-type alltoall",
 }
 RECOMPUTE = {
     "": lambda layers: [],
@@ -78,7 +96,9 @@ def parse_args(argv=None):
     parser.add_argument("--json", help="also write the results to this file (list of dicts)")
     args = parser.parse_args(argv)
     for variant in args.variants:
-        objective, _, recompute = variant.partition("+")
+        model, _, recompute = split_variant(variant, args.model)
+        if model not in MODELS:
+            parser.error(f"{variant}: model {model!r} is not one of {sorted(MODELS)}")
         if recompute not in RECOMPUTE:
             parser.error(f"{variant}: recompute {recompute!r} is not one of {sorted(RECOMPUTE)}")
     profiled = args.device == "cpu"  # one more step, for the memory only
@@ -87,10 +107,17 @@ def parse_args(argv=None):
     return args
 
 
+def split_variant(variant: str, default_model: str) -> tuple:
+    """``[MODEL:]OBJECTIVE[+RECOMPUTE]`` -> (model, objective, recompute)."""
+    model, _, rest = variant.rpartition(":")
+    objective, _, recompute = rest.partition("+")
+    return model or default_model, objective, recompute
+
+
 def trainer_argv(args, variant: str) -> list:
     """The trainer flags of one variant."""
-    objective, _, recompute = variant.partition("+")
-    model = MODELS[args.model].split()
+    model_name, objective, recompute = split_variant(variant, args.model)
+    model = MODELS[model_name].split()
     layers = int(model[model.index("--num-layers") + 1])
     argv = model + [
         "--device", args.device, "--mock-data", "--seq-length", str(args.seq_length),
@@ -105,15 +132,25 @@ def trainer_argv(args, variant: str) -> list:
     return argv + RECOMPUTE[recompute](layers)
 
 
-def model_flops_per_token(model, seq_length: int, vocab: int) -> float:
+def model_flops_per_token(model, seq_length: int, vocab: int, moe=None) -> float:
     """Training FLOPs per token (3 x forward: the backward is two matmuls per forward one) of a
     Llama-style model: per layer the q/k/v, output and SwiGLU projections, and causal attention
-    over the row (scores and values: 2 x 2 x s / 2 x heads x d), plus the output layer."""
+    over the row (scores and values: 2 x 2 x s / 2 x heads x d), plus the output layer. With
+    experts (``moe``: a MoEConfig) a MoE layer counts what one token runs: the router [E, h],
+    its top-k experts' SwiGLU and the shared expert's."""
     h, d = model.hidden_size, model.head_size
     q, kv = model.num_attention_heads * d, model.resolved().num_query_groups * d
-    ffn = model.resolved().ffn_hidden_size
-    layer = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * ffn + 2 * seq_length * q
-    return 3 * (model.num_layers * layer + 2 * h * vocab)
+    attention = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * seq_length * q
+    mlp = [2 * 3 * h * model.resolved().ffn_hidden_size]  # [dense, MoE]
+    if moe is not None and moe.num_experts is not None:
+        expert = moe.moe_ffn_hidden_size or model.resolved().ffn_hidden_size
+        active = moe.moe_router_topk * expert + (moe.moe_shared_expert_intermediate_size or 0)
+        mlp.append(2 * h * moe.num_experts + 2 * 3 * h * active)
+        pattern = moe_layer_pattern(moe.moe_layer_freq, model.num_layers)
+    else:
+        pattern = [0] * model.num_layers
+    layers = sum(attention + mlp[is_moe] for is_moe in pattern)
+    return 3 * (layers + 2 * h * vocab)
 
 
 def peak_flops(device: str):
@@ -231,7 +268,7 @@ def run_variant(args, variant: str) -> dict:
     if args.device == "cuda":
         torch.cuda.empty_cache()
     tokens = args.global_batch_size * args.seq_length * timed
-    flops = model_flops_per_token(config.model, args.seq_length, padded_vocab)
+    flops = model_flops_per_token(config.model, args.seq_length, padded_vocab, config.moe)
     peak_device = peak_flops(args.device)
     return {
         "variant": variant,

@@ -7,7 +7,7 @@ import importlib.util
 import pathlib
 import sys
 
-from megatron_deft.config import ModelConfig
+from megatron_deft.config import ModelConfig, MoEConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -55,6 +55,28 @@ def test_model_flops_of_the_1b_shape_match_llama_3_2_1b_published_parameters():
     matmul_weights = 1_235_814_400 - vocab * 2048 - 33 * 2048
     expected = 6 * (matmul_weights + vocab * 2048) + 3 * 16 * 2 * seq * 2048
     assert train_bench.model_flops_per_token(model, seq, vocab) == expected
+
+
+def test_model_flops_of_qwen3_30b_a3b_count_its_published_active_parameters():
+    """Qwen3-30B-A3B activates 3.3B parameters per token (its model card), embeddings included:
+    48 layers of attention (32 query heads and 4 KV groups of 128 on h 2048), router [128, h]
+    and 8 experts of SwiGLU 768, plus the untied embedding and output layer (151936 x 2048).
+    FLOPs / 6 minus the attention-score term, plus the embedding lookup, is that count; a
+    dense count (every expert, or the ffn_hidden_size MLP) would be ~30B or ~4.5B."""
+    h, vocab, seq, layers = 2048, 151936, 4096, 48
+    model = ModelConfig(
+        num_layers=layers,
+        hidden_size=h,
+        ffn_hidden_size=6144,
+        num_attention_heads=32,
+        num_query_groups=4,
+        kv_channels=128,
+    )
+    moe = MoEConfig(num_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768)
+    flops = train_bench.model_flops_per_token(model, seq, vocab, moe)
+    attention_scores = 3 * layers * 2 * seq * 32 * 128
+    active = (flops - attention_scores) / 6 + vocab * h
+    assert abs(active / 3.3e9 - 1) < 0.02, active
 
 
 def test_report_holds_the_versions_and_every_step():
