@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from common import config_for, full_weights, logits_of, write_results
 
+from megatron_deft.data.batch import as_stream, is_thd
 from megatron_deft.training import checkpointing, step
 from megatron_deft.training.trainer import Trainer, TrainingStopped
 
@@ -49,11 +50,9 @@ def per_token_normalisation(result: dict) -> None:
         chunk.zero_grad_buffer()
     whole = {
         key: torch.cat([mb[key] for mb in microbatches])
-        for key in ("tokens", "position_ids", "attention_mask", "labels")
+        for key in ("tokens", "position_ids", "labels")
     }
-    logits = logits_of(
-        model[0].module, whole["tokens"], whole["position_ids"], whole["attention_mask"]
-    )
+    logits = logits_of(model[0].module, whole["tokens"], whole["position_ids"], None)  # causal
     # The padding ids of the output layer (vocab 500 padded to 512) are outside the softmax.
     assert logits.shape[-1] > trainer.vocab_size == 500
     logits = logits[..., : trainer.vocab_size]
@@ -176,8 +175,10 @@ def non_finite_handling(result: dict, out_dir: str) -> None:
     result["tensorboard_dir"] = tensorboard
 
 
-def _token_losses(model, tokens, position_ids, attention_mask, labels) -> torch.Tensor:
-    logits = logits_of(model, tokens, position_ids, attention_mask)  # [b, s, V]
+def _token_losses(model, labels, **inputs) -> torch.Tensor:
+    """Per-token cross entropy [n] of the targets ``labels`` ([b, s], -100: none) for the
+    model's logits [b, s, V] on ``inputs`` (GPTModel keywords)."""
+    logits = logits_of(model, **inputs)
     losses = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
         labels.reshape(-1),
@@ -187,66 +188,104 @@ def _token_losses(model, tokens, position_ids, attention_mask, labels) -> torch.
     return losses[labels.reshape(-1) != -100]
 
 
+PACKED = ["--pack-sequences", "--micro-batch-size", 2, "--global-batch-size", 4]
+PACKED += ["--seq-length", 64]
+
+
+def _packed_trainer(backend: str):
+    return Trainer(config_for(1, 1, PACKED + ["--attention-backend", backend]))
+
+
 def packing_matches_separate_samples(result: dict) -> None:
-    """A packed row (block-diagonal mask, restarting positions) gives every token the loss the
-    model gives it when its sample runs alone; the plain causal mask would not."""
+    """A packed micro-batch of 2 rows, run as one THD stream (the trainer's model_inputs:
+    PackedSeqParams, positions restarting per sample), gives every token the loss the model
+    gives it when its sample runs alone (causal, no mask); one segment over the whole stream
+    (samples seeing each other) would not."""
     from megatron_deft.data import unpack_batch
 
-    trainer = Trainer(
-        config_for(
-            1,
-            1,
-            [
-                "--pack-sequences",
-                "--micro-batch-size",
-                1,
-                "--global-batch-size",
-                4,
-                "--seq-length",
-                64,
-            ],
-        )
-    )
+    trainer = _packed_trainer("sdpa")
     model = trainer.model[0].module
     batch = next(
         mb
         for mb in trainer.train_loader.next_global_batch().microbatches
         if mb["segment_ids"].max() >= 2
     )
+    stream = as_stream(batch)
     with torch.no_grad():
-        packed = _token_losses(
-            model, batch["tokens"], batch["position_ids"], batch["attention_mask"], batch["labels"]
-        )
-        causal_only = torch.ones(64, 64, dtype=torch.bool).triu(1)[None, None]
-        leaky = _token_losses(
-            model, batch["tokens"], batch["position_ids"], causal_only, batch["labels"]
-        )
+        packed = _token_losses(model, stream["labels"], **step.model_inputs(stream))
+        whole = torch.tensor([0, stream["tokens"].numel()], dtype=torch.int32)
+        one_segment = step.model_inputs(dict(stream, cu_seqlens=whole, max_seqlen=int(whole[1])))
+        leaky = _token_losses(model, stream["labels"], **one_segment)
         alone = []
-        for sample in unpack_batch(batch)[0]:
-            n = len(sample["tokens"])
-            alone.append(
-                _token_losses(
-                    model,
-                    sample["tokens"][None],
-                    torch.arange(n)[None],
-                    torch.ones(n, n, dtype=torch.bool).triu(1)[None, None],
-                    sample["labels"][None],
+        for row in unpack_batch(batch):
+            for sample in row:
+                n = len(sample["tokens"])
+                inputs = dict(input_ids=sample["tokens"][None], position_ids=torch.arange(n)[None])
+                alone.append(
+                    _token_losses(model, sample["labels"][None], **inputs, attention_mask=None)
                 )
-            )
         alone = torch.cat(alone)
     result.update(
-        segments=int(batch["segment_ids"].max()) + 1,
+        thd=is_thd(batch) and "attention_mask" not in batch,
+        segments=int(batch["cu_seqlens"].numel() - 1),
         loss_tokens=int(packed.numel()),
         max_abs_difference=(packed - alone).abs().max().item(),
-        causal_only_difference=(leaky - alone).abs().max().item(),
+        one_segment_difference=(leaky - alone).abs().max().item(),
     )
     trainer.close(keep_process_group=True)
 
 
+def _forward_and_grads(trainer):
+    """(logits [b*s, V] of the first micro-batch, step metrics, main grads) of one forward +
+    backward of the trainer's first global batch through the schedule."""
+    model, batch = trainer.model, trainer.train_loader.next_global_batch()
+    first = batch.microbatches[0]
+    with torch.no_grad():
+        inputs = step.model_inputs(as_stream(first) if is_thd(first) else first)
+        logits = logits_of(model[0].module, **inputs)
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    metrics = step.run_microbatches(
+        model, batch.microbatches, trainer.config, trainer.objective, trainer.vocab_size, False
+    )
+    return logits.reshape(-1, logits.shape[-1]), first, metrics, _main_grads(model)
+
+
+def thd_matches_dense_mask(result: dict) -> None:
+    """The same packed global batch through THD (sdpa) and through megatron-core's unfused
+    attention on the dense [b, 1, s, s] mask (same seed: same weights): logits on every sample
+    token, the loss and every gradient agree to fp32 rounding."""
+    runs = {}
+    for backend in ("sdpa", "unfused"):
+        trainer = _packed_trainer(backend)
+        runs[backend] = _forward_and_grads(trainer)
+        trainer.close(keep_process_group=True)
+    (thd_logits, thd_batch, thd_metrics, thd_grads) = runs["sdpa"]
+    (dense_logits, dense_batch, dense_metrics, dense_grads) = runs["unfused"]
+    real = thd_batch["segment_ids"].reshape(-1) >= 0  # padding runs attend differently
+    result.update(
+        thd_batch=is_thd(thd_batch),
+        dense_batch="attention_mask" in dense_batch,
+        same_rows=torch.equal(thd_batch["tokens"], dense_batch["tokens"]),
+        max_logit_difference=(thd_logits[real] - dense_logits[real]).abs().max().item(),
+        logit_scale=dense_logits[real].abs().max().item(),
+        loss=(thd_metrics["loss"], dense_metrics["loss"]),
+        max_grad_relative_error=max(
+            (
+                (thd_grads[k] - dense_grads[k]).abs().max()
+                / dense_grads[k].abs().max().clamp_min(1e-30)
+            ).item()
+            for k in dense_grads
+        ),
+        grads_nonzero=min(g.abs().max().item() for g in dense_grads.values()) > 0,
+    )
+
+
 def main(out_dir):
-    results = {"normalisation": {}, "non_finite": {}, "packing": {}}
+    results = {"normalisation": {}, "non_finite": {}, "packing": {}, "thd_vs_dense": {}}
     per_token_normalisation(results["normalisation"])
     packing_matches_separate_samples(results["packing"])
+    thd_matches_dense_mask(results["thd_vs_dense"])
     non_finite_handling(results["non_finite"], out_dir)
     write_results(out_dir, results)
 
