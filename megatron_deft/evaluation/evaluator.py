@@ -64,6 +64,9 @@ def run_config(saved: dict, evaluation: EvalConfig, root: str) -> Config:
     par.distributed_timeout_minutes = evaluation.distributed_timeout_minutes
     config.training.device = evaluation.device
     config.training.bf16 = config.training.bf16 and evaluation.device == "cuda"
+    # The attention kernel is not part of the weights: this machine's own (a run trained with
+    # --attention-backend te is scored on a CPU too).
+    config.model.attention_backend = "auto"
     config.checkpoint.load = root  # skips the random init: the weights get loaded
     return config
 

@@ -14,8 +14,8 @@ megatron-core's ``SelfAttention`` hands its ``core_attention`` (after RoPE, per 
   key). Returns [sq, b, np * d].
 
 Grouped-query attention (ng < np) shares each key/value head among np / ng query heads
-(``enable_gqa``). ``sdpa`` runs the segments one by one, so memory grows with sum_i len_i^2 at
-most (CPU's flash kernel: linear in len_i), never with t^2. ``flex`` runs the whole stream in
+(``enable_gqa``). ``sdpa`` runs the segments one by one, so memory grows with sum_i len_i^2
+(the scores of each sample, kept for backward), never with t^2. ``flex`` runs the whole stream in
 one compiled kernel with a block-sparse document-causal mask (CUDA; memory linear in t).
 """
 
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -53,14 +54,24 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_thd(query, key, value, cu_seqlens, scale: float) -> torch.Tensor:
-    """[t, np, d] x [t, ng, d] -> [t, np, d]: the stream through FlexAttention (CUDA)."""
+_last_block_mask = [None, None]  # [cu_seqlens, its BlockMask]: every layer sees the same tensor
+
+
+def document_block_mask(cu_seqlens: torch.Tensor, total: int):
+    """FlexAttention's block-sparse form of :func:`document_causal` for a stream of ``total``
+    tokens; built once per micro-batch (the layers share one ``cu_seqlens`` tensor)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    total = query.shape[0]
-    mask = create_block_mask(
-        document_causal(document_ids(cu_seqlens, total)), None, None, total, total, query.device
-    )
+    if _last_block_mask[0] is not cu_seqlens:
+        mask_mod = document_causal(document_ids(cu_seqlens, total))
+        mask = create_block_mask(mask_mod, None, None, total, total, cu_seqlens.device)
+        _last_block_mask[:] = cu_seqlens, mask  # holding the tensor keeps its identity unique
+    return _last_block_mask[1]
+
+
+def flex_thd(query, key, value, cu_seqlens, scale: float) -> torch.Tensor:
+    """[t, np, d] x [t, ng, d] -> [t, np, d]: the stream through FlexAttention (CUDA)."""
+    mask = document_block_mask(cu_seqlens, query.shape[0])
     q, k, v = (x.transpose(0, 1)[None] for x in (query, key, value))  # [1, heads, t, d]
     out = _compiled_flex()(
         q, k, v, block_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
@@ -103,6 +114,16 @@ def sdpa_bshd(query, key, value, attention_mask, causal: bool, scale, dropout) -
     return out.permute(2, 0, 1, 3)
 
 
+def _sdpa_kernels(device: torch.device):
+    """CPU: SDPA's math kernel. Its result for a head does not depend on how many heads the
+    call holds (CPU's flash kernel blocks them differently by their number, so TP layouts
+    would differ in rounding); its memory is still per sample (sum_i len_i^2). CUDA: SDPA's
+    own choice (flash / memory-efficient)."""
+    if device.type == "cpu":
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
+
+
 class PackedCoreAttention(MegatronModule):
     """Drop-in ``core_attention`` for megatron-core's local spec (module docstring);
     ``kernel``: "sdpa" or "flex" (for THD streams; BSHD rows always take SDPA)."""
@@ -139,7 +160,7 @@ class PackedCoreAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("PackedCoreAttention takes no attention bias")
         dropout = self.dropout if self.training else 0.0
-        with self._dropout_rng(dropout):
+        with self._dropout_rng(dropout), _sdpa_kernels(query.device):
             if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
                 out = self._thd(query, key, value, packed_seq_params.cu_seqlens_q, dropout)
             else:

@@ -145,7 +145,7 @@ def test_sdpa_bshd_honours_a_dense_mask():
 
 def test_thd_attention_memory_at_2048_is_per_sample_not_dense():
     """Forward + backward of a 2048-token stream of 4 samples: our peak stays within two
-    fp32 score blocks per sample (sum len_i^2, 18 MiB here) plus a few q-sized tensors, the
+    fp32 score blocks per sample (sum len_i^2, 18 MiB here) plus a few q-sized tensors; the
     dense [np, s, s] path (megatron-core's unfused math: scores, masked softmax, probabilities
     kept for backward) allocates several s^2 blocks (64 MiB each)."""
     heads, groups, d, lengths = 4, 2, 32, [700, 600, 500, 248]
@@ -156,7 +156,8 @@ def test_thd_attention_memory_at_2048_is_per_sample_not_dense():
     scale = 1 / math.sqrt(d)
 
     def thd():
-        sdpa_thd(q, k, v, _cu(lengths), scale, dropout=0.0).sum().backward()
+        with core_attention._sdpa_kernels(q.device):  # the kernel the module runs on CPU
+            sdpa_thd(q, k, v, _cu(lengths), scale, dropout=0.0).sum().backward()
 
     masked = ~_segment_mask(lengths)
 

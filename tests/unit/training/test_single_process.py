@@ -44,11 +44,16 @@ def test_thd_matches_the_dense_mask_path_in_logits_loss_and_gradients(results):
     """--attention-backend sdpa (THD) vs unfused (megatron-core on the [b, 1, s, s] mask) on
     the same packed global batch and weights: fp32 rounding apart."""
     thd = results["thd_vs_dense"]
+    assert thd["backend"] == "sdpa" and thd["same_parameters"]
     assert thd["thd_batch"] and thd["dense_batch"] and thd["same_rows"]
     assert thd["max_logit_difference"] <= 1e-5 * thd["logit_scale"]
     thd_loss, dense_loss = thd["loss"]
     assert abs(thd_loss - dense_loss) <= 1e-6 * dense_loss
     assert thd["grads_nonzero"] and thd["max_grad_relative_error"] < 1e-5
+    # Said once per process: sdpa by the first trainer of the worker, then unfused here.
+    assert thd["attention_log"] == [
+        "attention: unfused: megatron-core unfused attention on a dense [b, 1, s, s] mask"
+    ]
 
 
 def test_non_finite_iteration_is_skipped_without_touching_weights_or_schedule(results):

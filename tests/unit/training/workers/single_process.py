@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from common import config_for, full_weights, logits_of, write_results
 
 from megatron_deft.data.batch import as_stream, is_thd
+from megatron_deft.models import attention_backend
 from megatron_deft.training import checkpointing, step
 from megatron_deft.training.trainer import Trainer, TrainingStopped
 
@@ -192,10 +193,6 @@ PACKED = ["--pack-sequences", "--micro-batch-size", 2, "--global-batch-size", 4]
 PACKED += ["--seq-length", 64]
 
 
-def _packed_trainer(backend: str):
-    return Trainer(config_for(1, 1, PACKED + ["--attention-backend", backend]))
-
-
 def packing_matches_separate_samples(result: dict) -> None:
     """A packed micro-batch of 2 rows, run as one THD stream (the trainer's model_inputs:
     PackedSeqParams, positions restarting per sample), gives every token the loss the model
@@ -203,7 +200,7 @@ def packing_matches_separate_samples(result: dict) -> None:
     (samples seeing each other) would not."""
     from megatron_deft.data import unpack_batch
 
-    trainer = _packed_trainer("sdpa")
+    trainer = Trainer(config_for(1, 1, PACKED + ["--attention-backend", "sdpa"]))
     model = trainer.model[0].module
     batch = next(
         mb
@@ -236,48 +233,72 @@ def packing_matches_separate_samples(result: dict) -> None:
 
 
 def _forward_and_grads(trainer):
-    """(logits [b*s, V] of the first micro-batch, step metrics, main grads) of one forward +
-    backward of the trainer's first global batch through the schedule."""
+    """(logits [b*s, V] of the first micro-batch, that micro-batch, step metrics, main grads)
+    of one forward + backward of the trainer's first global batch through the schedule."""
     model, batch = trainer.model, trainer.train_loader.next_global_batch()
     first = batch.microbatches[0]
+    on_device = step._to_device(first, next(model[0].parameters()).device)
     with torch.no_grad():
-        inputs = step.model_inputs(as_stream(first) if is_thd(first) else first)
-        logits = logits_of(model[0].module, **inputs)
+        inputs = step.model_inputs(as_stream(on_device) if is_thd(on_device) else on_device)
+        logits = logits_of(model[0].module, **inputs).float()
     for chunk in model:
         chunk.zero_grad_buffer()
     metrics = step.run_microbatches(
         model, batch.microbatches, trainer.config, trainer.objective, trainer.vocab_size, False
     )
-    return logits.reshape(-1, logits.shape[-1]), first, metrics, _main_grads(model)
+    grads = {_local_spec_name(k): g for k, g in _main_grads(model).items()}
+    return logits.reshape(-1, logits.shape[-1]).cpu(), first, metrics, grads
 
 
-def thd_matches_dense_mask(result: dict) -> None:
-    """The same packed global batch through THD (sdpa) and through megatron-core's unfused
-    attention on the dense [b, 1, s, s] mask (same seed: same weights): logits on every sample
-    token, the loss and every gradient agree to fp32 rounding."""
-    runs = {}
-    for backend in ("sdpa", "unfused"):
-        trainer = _packed_trainer(backend)
-        runs[backend] = _forward_and_grads(trainer)
+# The TE layer spec fuses each norm into the next linear layer: its weight's name in the local
+# spec (the unfused run), by suffix. Both start at 1; the matrices share names (and init).
+_TE_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def _local_spec_name(name: str) -> str:
+    for te, local in _TE_NORMS.items():
+        if name.endswith(te):
+            return name[: -len(te)] + local
+    return name
+
+
+def thd_matches_dense_mask(result: dict, backend: str = "sdpa", extra=()) -> None:
+    """The same packed global batch through THD (``backend``) and through megatron-core's
+    unfused attention on the dense [b, 1, s, s] mask (same seed: same weights): logits on every
+    sample token, the loss and every gradient (``extra``: flags of both runs)."""
+    runs, lines = {}, []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("megatron_deft").addHandler(handler)
+    logging.getLogger("megatron_deft").setLevel(logging.INFO)
+    for name in (backend, "unfused"):
+        trainer = Trainer(config_for(1, 1, PACKED + ["--attention-backend", name, *extra]))
+        runs[name] = (attention_backend.backend_of(trainer.config), *_forward_and_grads(trainer))
         trainer.close(keep_process_group=True)
-    (thd_logits, thd_batch, thd_metrics, thd_grads) = runs["sdpa"]
-    (dense_logits, dense_batch, dense_metrics, dense_grads) = runs["unfused"]
+    logging.getLogger("megatron_deft").removeHandler(handler)
+    result["attention_log"] = [line for line in lines if line.startswith("attention:")]
+    (ran, thd_logits, thd_batch, thd_metrics, thd_grads) = runs[backend]
+    (_, dense_logits, dense_batch, dense_metrics, dense_grads) = runs["unfused"]
     real = thd_batch["segment_ids"].reshape(-1) >= 0  # padding runs attend differently
+    shared = sorted(set(thd_grads) & set(dense_grads))
+    pairs = [(thd_grads[k].double().flatten(), dense_grads[k].double().flatten()) for k in shared]
     result.update(
+        backend=ran,
         thd_batch=is_thd(thd_batch),
         dense_batch="attention_mask" in dense_batch,
         same_rows=torch.equal(thd_batch["tokens"], dense_batch["tokens"]),
+        same_parameters=sorted(thd_grads) == sorted(dense_grads),
         max_logit_difference=(thd_logits[real] - dense_logits[real]).abs().max().item(),
         logit_scale=dense_logits[real].abs().max().item(),
         loss=(thd_metrics["loss"], dense_metrics["loss"]),
         max_grad_relative_error=max(
-            (
-                (thd_grads[k] - dense_grads[k]).abs().max()
-                / dense_grads[k].abs().max().clamp_min(1e-30)
-            ).item()
-            for k in dense_grads
+            ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in pairs
         ),
-        grads_nonzero=min(g.abs().max().item() for g in dense_grads.values()) > 0,
+        min_grad_cosine=min(F.cosine_similarity(a, b, 0).item() for a, b in pairs),
+        grads_nonzero=min(b.abs().max().item() for _, b in pairs) > 0,
     )
 
 
