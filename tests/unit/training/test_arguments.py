@@ -17,6 +17,7 @@ EXPECTED_FLAGS = [
     "--adam-beta2",
     "--adam-eps",
     "--add-qkv-bias",
+    "--attention-backend",
     "--attention-dropout",
     "--bf16",
     "--clip-grad",
