@@ -110,6 +110,14 @@ class _Checked:
                 raise ConfigError(f"{flag_of(item.name)} must be {requirement}, got {value}")
 
 
+def _choice(default, choices):
+    """A field whose allowed values the generated flag enforces (``metadata['choices']``)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+ATTENTION_BACKENDS = ("auto", "te", "flex", "sdpa", "unfused")
+
+
 @dataclass
 class ModelConfig(_Checked):
     """Llama/Qwen-style GPT: RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases (except
@@ -161,6 +169,12 @@ class ModelConfig(_Checked):
     """Dropout on the residual branches."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
+    attention_backend: str = _choice("auto", ATTENTION_BACKENDS)
+    """Core attention: te (Transformer Engine's fused attention, CUDA), flex (FlexAttention,
+    CUDA without TE), sdpa (scaled_dot_product_attention; CPU) or unfused (megatron-core's local
+    attention on a dense [b, 1, s, s] mask, for comparison). auto: te, else flex on CUDA, sdpa
+    on CPU. Packed rows reach te, flex and sdpa as one THD stream (README, "Sequence
+    packing")."""
 
     @property
     def head_size(self) -> int:
@@ -209,11 +223,6 @@ MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 MOE_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
 MOE_DISPATCHERS = ("alltoall", "allgather")
 MOE_ROUTER_DTYPES = ("fp32", "fp64")
-
-
-def _choice(default, choices):
-    """A field whose allowed values the generated flag enforces (``metadata['choices']``)."""
-    return field(default=default, metadata={"choices": choices})
 
 
 def _layer_freq(freq: str):

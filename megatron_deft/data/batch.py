@@ -16,7 +16,15 @@ Micro-batch (CPU tensors, ``b`` rows of ``s`` tokens; Megatron conventions):
 - packed only: ``cu_seqlens`` int32 [n+1], cumulative segment lengths over the ``b*s`` flattened
   tokens (each sample, and each row's padding run, is a segment) and ``max_seqlen`` (int), i.e.
   ``PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-  max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)``.
+  max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)`` (the padded variants are the same
+  tensor: no sample is padded inside its segment).
+
+THD: a packed micro-batch without the dense mask (:func:`is_thd`) reaches the model as ONE
+stream, its ``b`` rows concatenated (:func:`as_stream`, Megatron-LM's layout): every [b, s]
+tensor becomes [1, b*s], which ``cu_seqlens`` already indexes. Labels, loss mask and token
+classes move with their tokens, so the per-token losses, their sum and count are unchanged. The
+stream length b*s is a multiple of TP under sequence parallelism because s is (checked at
+startup), so no extra padding is needed.
 """
 
 from typing import Dict, List, Sequence
@@ -37,6 +45,17 @@ def collate_rows(
     if packed:
         batch["cu_seqlens"], batch["max_seqlen"] = cu_seqlens_from_segments(batch["segment_ids"])
     return batch
+
+
+def is_thd(batch: Dict[str, torch.Tensor]) -> bool:
+    """A packed micro-batch (``cu_seqlens``) built without the dense mask runs as THD."""
+    return "cu_seqlens" in batch and "attention_mask" not in batch
+
+
+def as_stream(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The THD view of a micro-batch: every [b, s] tensor of ``ROW_KEYS`` as [1, b*s] (rows
+    concatenated in order); ``cu_seqlens`` and ``max_seqlen`` unchanged."""
+    return {key: value.reshape(1, -1) if key in ROW_KEYS else value for key, value in batch.items()}
 
 
 def attention_mask_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,8 @@ def build_sft_data(
         seed: seed of the row shuffle; epoch ``e`` uses the permutation drawn from ``(seed, e)``.
         global_batch_size: rows per optimizer step over all DP ranks (``G``).
         micro_batch_size: rows per forward pass (``b``); ``G % (b * dp_size) == 0``.
-        with_attention_mask: False skips the ``[b, 1, s, s]`` mask (THD/cu_seqlens GPU runs).
+        with_attention_mask: False skips the ``[b, 1, s, s]`` mask (every attention backend
+            but ``unfused``: THD/cu_seqlens for packed rows, causal otherwise).
     """
     if seq_length < 2:
         raise ValueError(f"--seq-length must be >= 2 (one input and one target), got {seq_length}")

@@ -10,7 +10,8 @@ Row layout for samples ``k_1..k_m`` of lengths ``n_1..n_m`` (sum ``<= s``), then
 - ``labels``      : inside a sample ``labels[t] = ids[t+1]`` if token ``t+1`` is a response token
   (or its EOS), else -100; -100 at each sample's last token and on padding, so no target crosses
   a sample boundary
-- ``position_ids``: ``0..n_i-1`` per sample; 0 on padding (each pad token is its own segment)
+- ``position_ids``: ``0..n_i-1`` per sample; 0 on padding (the dense mask lets a pad token see
+  itself only; THD's ``cu_seqlens`` make a row's padding run one segment: no loss either way)
 - ``segment_ids`` : ``i - 1`` on sample ``k_i`` (0-based within the row), -1 on padding
 - ``token_class`` : the class id of sample ``k_i`` (``samples.classes``) on its tokens, -1 on
   padding and unlabeled samples

@@ -77,6 +77,9 @@ def run_config(saved: dict, evaluation: EvalConfig, root: str) -> Config:
     config.moe.moe_grouped_gemm = config.moe.moe_grouped_gemm and evaluation.device == "cuda"
     config.training.device = evaluation.device
     config.training.bf16 = config.training.bf16 and evaluation.device == "cuda"
+    # The attention kernel is not part of the weights: this machine's own (a run trained with
+    # --attention-backend te is scored on a CPU too).
+    config.model.attention_backend = "auto"
     config.checkpoint.load = root  # skips the random init: the weights get loaded
     # Training-time trade-offs: evaluation needs no backward to recompute for, and runs its
     # GEMMs in the checkpoint's bf16/fp32 on any device (FP8 would need TE on CUDA).

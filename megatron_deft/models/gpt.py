@@ -1,8 +1,9 @@
 """Llama/Qwen-style GPT on megatron-core: RMSNorm, SwiGLU, RoPE, GQA, no biases but optional q/k/v,
 optional per-head q/k RMSNorm (Qwen3) and a head size other than hidden / heads.
 
-The model is megatron-core's ``GPTModel`` with the Transformer Engine layer spec when TE is
-importable on CUDA, the local (pure PyTorch) spec otherwise. It is always called without labels;
+The model is megatron-core's ``GPTModel`` with the Transformer Engine layer spec for
+``--attention-backend te``, the local (pure PyTorch) spec with our core attention otherwise
+(:mod:`megatron_deft.models.attention_backend`). It is always called without labels;
 the loss is ours (objectives). The last stage hands back either vocab-parallel logits
 [b, s, V/tp] or, with ``fused_output_loss`` (:class:`SFTGPTModel`), the final-norm hidden states
 and the output weight, which the loss takes to the logits chunk by chunk itself.
@@ -14,6 +15,8 @@ megatron-core's ``MoELayer`` (``TopKRouter``, the allgather/alltoall token dispa
 Weight init is layout-invariant (see :mod:`megatron_deft.models.init`): the same seed gives the
 same full weights for every TP/PP/VP (and EP) layout.
 """
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -30,17 +33,14 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_deft.config import Config, moe_layer_pattern
+from megatron_deft.models import attention_backend
+from megatron_deft.models.core_attention import PackedCoreAttention
 from megatron_deft.models.init import init_weights_layout_invariant
 from megatron_deft.models.layout import virtual_pipeline_size
 from megatron_deft.models.recompute_and_fp8 import check_fp8_layers, fp8_kwargs, recompute_kwargs
 from megatron_deft.objectives.linear_vocab_parallel import OutputLayerInput
 
-try:  # optional GPU dependency
-    import transformer_engine  # noqa: F401
-
-    HAVE_TE = True
-except ImportError:  # CPU machines and plain-PyTorch GPU installs
-    HAVE_TE = False
+logger = logging.getLogger(__name__)
 
 
 class SFTGPTModel(GPTModel):
@@ -169,9 +169,10 @@ class LocalRMSNorm:
         return norm
 
 
-def _local_layer_spec(qk_layernorm: bool, num_experts=None, grouped_gemm: bool = False):
+def _local_layer_spec(qk_layernorm: bool, backend: str, num_experts=None, grouped_gemm=False):
     """megatron-core's local layer spec (dense MLP, or MoELayer with its router, dispatcher
-    and experts) with LocalRMSNorm for every norm."""
+    and experts) with LocalRMSNorm for every norm and our core attention for ``backend``
+    (sdpa / flex), or megatron-core's own on the dense mask (unfused)."""
     spec = get_gpt_layer_local_spec(
         num_experts=num_experts,
         moe_grouped_gemm=grouped_gemm,
@@ -184,38 +185,48 @@ def _local_layer_spec(qk_layernorm: bool, num_experts=None, grouped_gemm: bool =
         head_norm = ModuleSpec(module=LocalRMSNorm, params={"on_hidden": False})
         layer.self_attention.submodules.q_layernorm = head_norm
         layer.self_attention.submodules.k_layernorm = head_norm
-    # The trainer always passes an explicit [b, 1, s, s] mask (block-diagonal when packing);
-    # "arbitrary" makes every softmax path honour it instead of assuming plain causal.
-    layer.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    if backend == "unfused":
+        # The trainer passes an explicit [b, 1, s, s] mask (block-diagonal when packing);
+        # "arbitrary" makes every softmax path honour it instead of assuming plain causal.
+        layer.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    else:
+        layer.self_attention.submodules.core_attention = ModuleSpec(
+            module=PackedCoreAttention, params={"kernel": backend}
+        )
     return spec
 
 
-def decoder_spec(config: Config, tf_config: TransformerConfig, vp_stage=None):
-    """The decoder of one model chunk: the TE layer spec when TE is importable on CUDA (its
-    norms handle sequence parallelism), otherwise megatron-core's local layer spec with
-    LocalRMSNorm everywhere, final norm included. With experts, the layers --moe-layer-freq
-    marks get the MoE spec (megatron-core's ``get_gpt_decoder_block_spec`` on TE).
+def _te_spec(tf_config: TransformerConfig, qk_layernorm: bool, vp_stage):
+    """The TE layer spec (its norms handle sequence parallelism; its attention takes THD)."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
 
-    Packed rows need the block-diagonal [b, 1, s, s] mask; the TE spec's causal attention
-    ignores it (THD / cu_seqlens is not wired yet), so packing uses the local spec.
-    """
-    qk_layernorm = config.model.qk_layernorm
-    if HAVE_TE and config.training.device == "cuda" and not config.data.pack_sequences:
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_decoder_block_spec,
-            get_gpt_layer_with_transformer_engine_spec,
+    if tf_config.num_moe_experts is not None:
+        return get_gpt_decoder_block_spec(
+            tf_config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage
         )
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
 
-        if tf_config.num_moe_experts is not None:
-            return get_gpt_decoder_block_spec(
-                tf_config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage
-            )
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    dense = _local_layer_spec(qk_layernorm)
+
+def decoder_spec(config: Config, tf_config: TransformerConfig, vp_stage=None):
+    """The decoder of one model chunk for the run's attention backend
+    (:mod:`megatron_deft.models.attention_backend`): the TE layer spec for ``te``, otherwise
+    megatron-core's local layer spec with LocalRMSNorm everywhere, final norm included. With
+    experts, the layers --moe-layer-freq marks get the MoE spec (megatron-core's
+    ``get_gpt_decoder_block_spec`` on TE)."""
+    qk_layernorm = config.model.qk_layernorm
+    backend = attention_backend.backend_of(config)
+    if backend == "te":
+        return _te_spec(tf_config, qk_layernorm, vp_stage)
+    dense = _local_layer_spec(qk_layernorm, backend)
     layers = get_num_layers_to_build(tf_config, vp_stage=vp_stage)
     if tf_config.num_moe_experts is None:
         return TransformerBlockSubmodules(layer_specs=[dense] * layers, layer_norm=LocalRMSNorm)
-    moe = _local_layer_spec(qk_layernorm, tf_config.num_moe_experts, tf_config.moe_grouped_gemm)
+    moe = _local_layer_spec(
+        qk_layernorm, backend, tf_config.num_moe_experts, tf_config.moe_grouped_gemm
+    )
     offset = get_transformer_layer_offset(tf_config, vp_stage=vp_stage)
     pattern = tf_config.moe_layer_freq[offset : offset + layers]
     return TransformerBlockSubmodules(
@@ -235,6 +246,7 @@ def build_gpt_chunks(config: Config, vocab_size: int, initialize: bool = True) -
     """
     tf_config = transformer_config(config)
     tf_config.perform_initialization = initialize
+    _log_backend(config)
     vp_size = tf_config.virtual_pipeline_model_parallel_size or 1
     untied = config.model.untie_embeddings_and_output_weights
     chunks = []
@@ -264,3 +276,17 @@ def build_gpt_chunks(config: Config, vocab_size: int, initialize: bool = True) -
         for chunk in chunks:
             init_weights_layout_invariant(chunk, tf_config, seed=config.training.seed)
     return chunks
+
+
+_logged = set()
+
+
+def _log_backend(config: Config) -> None:
+    """Says once per process (on global rank 0) which attention runs."""
+    backend = attention_backend.backend_of(config)
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if rank0 and backend not in _logged:
+        _logged.add(backend)
+        requested = config.model.attention_backend
+        chosen = f" (--attention-backend {requested})" if requested != backend else ""
+        logger.info(f"attention: {backend}{chosen}: {attention_backend.DESCRIPTIONS[backend]}")

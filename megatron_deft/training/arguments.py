@@ -31,6 +31,7 @@ from megatron_deft.models.architecture import (
     architecture_mismatch,
     architecture_of,
 )
+from megatron_deft.models.attention_backend import backend_of
 from megatron_deft.models.layout import padded_vocab_size
 
 CHOICES = {
@@ -225,6 +226,7 @@ def _validate_run(config: Config) -> None:
         config.checkpoint,
     )
     _require(not (train.bf16 and train.device == "cpu"), "--bf16 needs --device cuda")
+    backend_of(config)  # ConfigError: an --attention-backend this machine cannot run
     _require(
         not par.overlap_param_gather or par.use_distributed_optimizer,
         "--overlap-param-gather needs --use-distributed-optimizer",

@@ -15,6 +15,7 @@ from megatron_deft.data import DataError
 from megatron_deft.data.loader import SFTDataLoader
 from megatron_deft.data.packing import plan_rows
 from megatron_deft.data.sft_dataset import TokenizedSamples
+from megatron_deft.models.attention_backend import backend_of
 
 SYNTHETIC_TRAIN_SAMPLES = 512
 SYNTHETIC_VALID_SAMPLES = 32
@@ -47,6 +48,12 @@ def synthetic_samples(vocab_size: int, seq_length: int, num_samples: int, seed: 
     )
 
 
+def needs_dense_mask(config: Config) -> bool:
+    """Only megatron-core's unfused attention reads the [b, 1, s, s] mask; every other backend
+    takes packed rows as THD (cu_seqlens) and plain rows as causal."""
+    return backend_of(config) == "unfused"
+
+
 def _synthetic_loader(config: Config, num_samples: int, seed: int, dp_rank: int, dp_size: int):
     seq_length = config.model.seq_length
     samples = synthetic_samples(config.model.vocab_size, seq_length, num_samples, seed)
@@ -62,6 +69,7 @@ def _synthetic_loader(config: Config, num_samples: int, seed: int, dp_rank: int,
         dp_size=dp_size,
         seed=seed,
         packed=config.data.pack_sequences,
+        with_attention_mask=needs_dense_mask(config),
     )
 
 
@@ -79,6 +87,7 @@ def _file_loaders(config: Config, dp_rank: int, dp_size: int):
             micro_batch_size=config.training.micro_batch_size,
             dp_rank=dp_rank,
             dp_size=dp_size,
+            with_attention_mask=needs_dense_mask(config),
         ),
         use_cache=bool(config.data.data_cache_dir),
     )

@@ -28,8 +28,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import clip_grads
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_deft.data.batch import as_stream, is_thd
 from megatron_deft.objectives.linear_vocab_parallel import loss_of_output
 from megatron_deft.objectives.token_stats import STAT_NAMES
 from megatron_deft.training import moe_metrics
@@ -86,15 +88,35 @@ def loss_func(labels, loss_mask, token_class, objective, num_classes, vocab_size
     return loss_sum, num_tokens, {"report": torch.cat([report, histograms.reshape(-1)])}
 
 
+def model_inputs(batch: dict) -> dict:
+    """GPTModel keyword inputs of a micro-batch: a THD stream ([1, t] ids, ``as_stream``) with
+    megatron-core's ``PackedSeqParams``, or rows [b, s] with the dense mask when the batch has
+    one (``--attention-backend unfused``), else with none (causal)."""
+    inputs = dict(input_ids=batch["tokens"], position_ids=batch["position_ids"])
+    if not is_thd(batch):
+        return dict(inputs, attention_mask=batch.get("attention_mask"))
+    cu_seqlens, longest = batch["cu_seqlens"], batch["max_seqlen"]
+    packed = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        cu_seqlens_q_padded=cu_seqlens,
+        cu_seqlens_kv_padded=cu_seqlens,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+    )
+    return dict(inputs, attention_mask=None, packed_seq_params=packed)
+
+
 def forward_step(config, objective, num_classes, vocab_size, data_iterator, model):
     """megatron-core forward_step_func: run one micro-batch through this model chunk."""
     device = next(model.parameters()).device
     batch = _to_device(next(data_iterator), device)
-    output = model(
-        input_ids=batch["tokens"],
-        position_ids=batch["position_ids"],
-        attention_mask=batch["attention_mask"],
-    )  # last stage: OutputLayerInput or logits [b, s, V/tp]; other stages: hidden [s, b, h]
+    if is_thd(batch):
+        batch = as_stream(batch)  # [1, b*s]: the labels follow their tokens
+    # last stage: OutputLayerInput or logits [b, s, V/tp]; other stages: hidden [s, b, h]
+    # (THD: b = 1, s = the stream length)
+    output = model(**model_inputs(batch))
     return output, partial(
         loss_func,
         batch["labels"],
@@ -152,13 +174,17 @@ def run_microbatches(
     forward_backward = get_forward_backward_func()
     # Each model chunk (virtual stage) walks the same micro-batches.
     iterators = [iter(microbatches) for _ in model]
+    # The hidden states passed between pipeline stages: [s, b, h], or [b*s, 1, h] for THD.
+    rows, length = microbatches[0]["tokens"].shape
+    if is_thd(microbatches[0]):
+        rows, length = 1, rows * length
     outputs = forward_backward(
         forward_step_func=partial(forward_step, config, objective, num_classes, vocab_size),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(microbatches),
-        seq_length=config.model.seq_length,
-        micro_batch_size=config.training.micro_batch_size,
+        seq_length=length,
+        micro_batch_size=rows,
         forward_only=forward_only,
     )
     device = next(model[0].parameters()).device

@@ -19,9 +19,7 @@ def full_logits(trainer) -> torch.Tensor:
     dist.broadcast_object_list(shared, src=0)
     batch = shared[0]
     with torch.no_grad():
-        shard = logits_of(
-            trainer.model[0].module, batch["tokens"], batch["position_ids"], batch["attention_mask"]
-        )
+        shard = logits_of(trainer.model[0].module, batch["tokens"], batch["position_ids"], None)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     shards = [torch.empty_like(shard) for _ in range(tp)]
     dist.all_gather(shards, shard, group=parallel_state.get_tensor_model_parallel_group())

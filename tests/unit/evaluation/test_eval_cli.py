@@ -144,6 +144,21 @@ def test_evaluation_drops_recomputation_and_fp8_of_the_training_run():
     assert config.recompute == RecomputeConfig() and config.fp8 == FP8Config()
 
 
+def test_evaluation_picks_its_own_attention_backend():
+    """A run trained with --attention-backend te (on GPUs) is scored on a CPU with sdpa."""
+    import dataclasses
+
+    from megatron_deft.config import Config
+    from megatron_deft.evaluation.arguments import EvalConfig
+    from megatron_deft.evaluation.evaluator import run_config
+    from megatron_deft.models.attention_backend import backend_of
+
+    trained = Config()
+    trained.model.attention_backend = "te"
+    config = run_config(dataclasses.asdict(trained), EvalConfig(device="cpu"), "/ckpt")
+    assert backend_of(config) == "sdpa"
+
+
 def test_padded_vocab_of_trained_converted_and_older_checkpoints():
     """A converted HF checkpoint records only the model config and its architecture (no parallel
     section): the architecture's padded vocab is used. Older trained checkpoints without an

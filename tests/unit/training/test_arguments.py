@@ -18,6 +18,7 @@ EXPECTED_FLAGS = [
     "--adam-beta2",
     "--adam-eps",
     "--add-qkv-bias",
+    "--attention-backend",
     "--attention-dropout",
     "--bf16",
     "--clip-grad",

@@ -44,7 +44,7 @@ def test_mock_loaders_follow_the_batch_interface_and_split_over_dp():
     assert local == batches[0].num_loss_tokens
     mb = batches[0].microbatches[0]
     assert mb["tokens"].shape == (2, 16) and mb["tokens"].dtype == torch.int64
-    assert mb["attention_mask"].shape == (2, 1, 16, 16) and mb["attention_mask"].dtype == torch.bool
+    assert "attention_mask" not in mb  # causal sdpa: only --attention-backend unfused needs it
     assert torch.equal(mb["loss_mask"] == 1, mb["labels"] != -100)
     assert shares[0][1] is not None  # a validation split exists
 

@@ -1,9 +1,10 @@
 """The same global batches and seed give the same losses, grad norms and final weights for every
 (TP, PP, DP) layout: deft and nll with the plain and the distributed optimizer, cayley (mean p
 over the micro-batch) and eaft (top-k gathered over TP) with the plain one; 1F1B and interleaved,
-sequence parallelism, and Qwen3-style attention (q/k RMSNorm, head size 24 != 64 / 4). Every run
-uses the output layer fused with the objective except the `unfused` case (the objective on the
-full logits), which must match the fused reference too.
+sequence parallelism, Qwen3-style attention (q/k RMSNorm, head size 24 != 64 / 4), and packed
+rows run as THD streams (against the packed single-process run; TP 2 with sequence parallelism,
+PP 2). Every run uses the output layer fused with the objective except the `unfused` case (the
+objective on the full logits), which must match the fused reference too.
 
 Three torchrun launches (1, 2 and 4 ranks) train 3 iterations per case; the reference is the
 single-process (1,1,1) run. fp32 on CPU: only the summation order differs between layouts, so
@@ -80,12 +81,17 @@ def _cases():
         yield f"{layout}-deft-plain-qknorm"
     for layout in ("tp2pp1dp1", "tp2pp2dp1"):
         yield f"{layout}-deft-plain-sp"
+    yield "tp1pp1dp1-deft-plain-packed"
+    yield "tp1pp2dp1-deft-plain-packed"
+    for layout in ("tp2pp1dp1", "tp2pp2dp1"):
+        yield f"{layout}-deft-plain-packed-sp"
 
 
 def _reference_of(case: str) -> str:
     """The single-process run of the same objective and model (--qk-layernorm is another)."""
     _, objective, _, *variant = case.split("-")
-    return f"{REFERENCE}-{objective}-plain" + ("-qknorm" if variant == ["qknorm"] else "")
+    own_model = {"qknorm": "-qknorm", "packed": "-packed"}  # a model / rows of their own
+    return f"{REFERENCE}-{objective}-plain" + own_model.get(variant[0] if variant else "", "")
 
 
 # Activation recomputation (workers/parallel_invariance.py RECOMPUTE_CASES): {layout: variants

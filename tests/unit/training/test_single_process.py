@@ -32,11 +32,28 @@ def test_uneven_micro_batches_give_the_single_batch_loss_and_gradient(results):
 
 
 def test_packed_row_gives_each_sample_its_standalone_loss(results):
+    """Two packed rows as one THD stream (no dense mask) vs every sample alone."""
     packing = results["packing"]
-    assert packing["segments"] >= 3 and packing["loss_tokens"] > 10
+    assert packing["thd"] and packing["segments"] >= 4 and packing["loss_tokens"] > 10
     assert packing["max_abs_difference"] < 1e-5
-    # Without the block-diagonal mask samples would see each other: the check can fail.
-    assert packing["causal_only_difference"] > 1e-3
+    # With one segment over the stream samples would see each other: the check can fail.
+    assert packing["one_segment_difference"] > 1e-3
+
+
+def test_thd_matches_the_dense_mask_path_in_logits_loss_and_gradients(results):
+    """--attention-backend sdpa (THD) vs unfused (megatron-core on the [b, 1, s, s] mask) on
+    the same packed global batch and weights: fp32 rounding apart."""
+    thd = results["thd_vs_dense"]
+    assert thd["backend"] == "sdpa" and thd["same_parameters"]
+    assert thd["thd_batch"] and thd["dense_batch"] and thd["same_rows"]
+    assert thd["max_logit_difference"] <= 1e-5 * thd["logit_scale"]
+    thd_loss, dense_loss = thd["loss"]
+    assert abs(thd_loss - dense_loss) <= 1e-6 * dense_loss
+    assert thd["grads_nonzero"] and thd["max_grad_relative_error"] < 1e-5
+    # Said once per process: sdpa by the first trainer of the worker, then unfused here.
+    assert thd["attention_log"] == [
+        "attention: unfused: megatron-core unfused attention on a dense [b, 1, s, s] mask"
+    ]
 
 
 def test_non_finite_iteration_is_skipped_without_touching_weights_or_schedule(results):

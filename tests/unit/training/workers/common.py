@@ -53,12 +53,12 @@ TINY_MODEL = [
 ]
 
 
-def logits_of(module, *inputs) -> torch.Tensor:
+def logits_of(module, *inputs, **keywords) -> torch.Tensor:
     """[b, s, V/tp] logits of one of a trainer's model chunks (``module``: unwrapped from DDP):
     its last stage otherwise hands the fused output-layer loss its hidden states."""
     fused, module.fused_output_loss = module.fused_output_loss, False
     try:
-        return module(*inputs)
+        return module(*inputs, **keywords)
     finally:
         module.fused_output_loss = fused
 

@@ -30,6 +30,7 @@ RECOMPUTE_CASES = {
     2: ((1, 2), ("none", "full-block")),
 }
 DROPOUT = ["--hidden-dropout", 0.1, "--attention-dropout", 0.1]
+PACKED_LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2)], 4: [(2, 2)]}  # DP 2 adds nothing to THD
 
 
 def run_case(out_dir, results, name, tp, pp, extra, save_init=False, save_grads=False):
@@ -120,6 +121,14 @@ def main(out_dir):
     run_case(
         out_dir, results, f"tp{tp}pp{pp}dp{world // (tp * pp)}-deft-plain-qknorm", tp, pp, qk_norm
     )
+    # Packed rows as one THD stream per micro-batch (PackedSeqParams, our sdpa attention),
+    # with sequence parallelism where TP > 1 (the stream, not the rows, is split over TP).
+    packed = ["--sft-objective", "deft", "--train-iters", ITERATIONS, "--pack-sequences"]
+    for tp, pp in PACKED_LAYOUTS[world]:
+        sp = ["--sequence-parallel"] if tp > 1 else []
+        name = f"tp{tp}pp{pp}dp{world // (tp * pp)}-deft-plain-packed" + ("-sp" if sp else "")
+        run_case(out_dir, results, name, tp, pp, packed + sp)
+    tp, pp = LAYOUTS[world][0]
     if tp > 1:  # sequence parallelism: the same model, its activations split differently
         sequence_parallel = [
             "--sft-objective",

@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from common import config_for, full_weights, logits_of, write_results
 
+from megatron_deft.data.batch import as_stream, is_thd
+from megatron_deft.models import attention_backend
 from megatron_deft.training import checkpointing, step
 from megatron_deft.training.trainer import Trainer, TrainingStopped
 
@@ -49,11 +51,9 @@ def per_token_normalisation(result: dict) -> None:
         chunk.zero_grad_buffer()
     whole = {
         key: torch.cat([mb[key] for mb in microbatches])
-        for key in ("tokens", "position_ids", "attention_mask", "labels")
+        for key in ("tokens", "position_ids", "labels")
     }
-    logits = logits_of(
-        model[0].module, whole["tokens"], whole["position_ids"], whole["attention_mask"]
-    )
+    logits = logits_of(model[0].module, whole["tokens"], whole["position_ids"], None)  # causal
     # The padding ids of the output layer (vocab 500 padded to 512) are outside the softmax.
     assert logits.shape[-1] > trainer.vocab_size == 500
     logits = logits[..., : trainer.vocab_size]
@@ -176,8 +176,10 @@ def non_finite_handling(result: dict, out_dir: str) -> None:
     result["tensorboard_dir"] = tensorboard
 
 
-def _token_losses(model, tokens, position_ids, attention_mask, labels) -> torch.Tensor:
-    logits = logits_of(model, tokens, position_ids, attention_mask)  # [b, s, V]
+def _token_losses(model, labels, **inputs) -> torch.Tensor:
+    """Per-token cross entropy [n] of the targets ``labels`` ([b, s], -100: none) for the
+    model's logits [b, s, V] on ``inputs`` (GPTModel keywords)."""
+    logits = logits_of(model, **inputs)
     losses = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
         labels.reshape(-1),
@@ -187,66 +189,124 @@ def _token_losses(model, tokens, position_ids, attention_mask, labels) -> torch.
     return losses[labels.reshape(-1) != -100]
 
 
+PACKED = ["--pack-sequences", "--micro-batch-size", 2, "--global-batch-size", 4]
+PACKED += ["--seq-length", 64]
+
+
 def packing_matches_separate_samples(result: dict) -> None:
-    """A packed row (block-diagonal mask, restarting positions) gives every token the loss the
-    model gives it when its sample runs alone; the plain causal mask would not."""
+    """A packed micro-batch of 2 rows, run as one THD stream (the trainer's model_inputs:
+    PackedSeqParams, positions restarting per sample), gives every token the loss the model
+    gives it when its sample runs alone (causal, no mask); one segment over the whole stream
+    (samples seeing each other) would not."""
     from megatron_deft.data import unpack_batch
 
-    trainer = Trainer(
-        config_for(
-            1,
-            1,
-            [
-                "--pack-sequences",
-                "--micro-batch-size",
-                1,
-                "--global-batch-size",
-                4,
-                "--seq-length",
-                64,
-            ],
-        )
-    )
+    trainer = Trainer(config_for(1, 1, PACKED + ["--attention-backend", "sdpa"]))
     model = trainer.model[0].module
     batch = next(
         mb
         for mb in trainer.train_loader.next_global_batch().microbatches
         if mb["segment_ids"].max() >= 2
     )
+    stream = as_stream(batch)
     with torch.no_grad():
-        packed = _token_losses(
-            model, batch["tokens"], batch["position_ids"], batch["attention_mask"], batch["labels"]
-        )
-        causal_only = torch.ones(64, 64, dtype=torch.bool).triu(1)[None, None]
-        leaky = _token_losses(
-            model, batch["tokens"], batch["position_ids"], causal_only, batch["labels"]
-        )
+        packed = _token_losses(model, stream["labels"], **step.model_inputs(stream))
+        whole = torch.tensor([0, stream["tokens"].numel()], dtype=torch.int32)
+        one_segment = step.model_inputs(dict(stream, cu_seqlens=whole, max_seqlen=int(whole[1])))
+        leaky = _token_losses(model, stream["labels"], **one_segment)
         alone = []
-        for sample in unpack_batch(batch)[0]:
-            n = len(sample["tokens"])
-            alone.append(
-                _token_losses(
-                    model,
-                    sample["tokens"][None],
-                    torch.arange(n)[None],
-                    torch.ones(n, n, dtype=torch.bool).triu(1)[None, None],
-                    sample["labels"][None],
+        for row in unpack_batch(batch):
+            for sample in row:
+                n = len(sample["tokens"])
+                inputs = dict(input_ids=sample["tokens"][None], position_ids=torch.arange(n)[None])
+                alone.append(
+                    _token_losses(model, sample["labels"][None], **inputs, attention_mask=None)
                 )
-            )
         alone = torch.cat(alone)
     result.update(
-        segments=int(batch["segment_ids"].max()) + 1,
+        thd=is_thd(batch) and "attention_mask" not in batch,
+        segments=int(batch["cu_seqlens"].numel() - 1),
         loss_tokens=int(packed.numel()),
         max_abs_difference=(packed - alone).abs().max().item(),
-        causal_only_difference=(leaky - alone).abs().max().item(),
+        one_segment_difference=(leaky - alone).abs().max().item(),
     )
     trainer.close(keep_process_group=True)
 
 
+def _forward_and_grads(trainer):
+    """(logits [b*s, V] of the first micro-batch, that micro-batch, step metrics, main grads)
+    of one forward + backward of the trainer's first global batch through the schedule."""
+    model, batch = trainer.model, trainer.train_loader.next_global_batch()
+    first = batch.microbatches[0]
+    on_device = step._to_device(first, next(model[0].parameters()).device)
+    with torch.no_grad():
+        inputs = step.model_inputs(as_stream(on_device) if is_thd(on_device) else on_device)
+        logits = logits_of(model[0].module, **inputs).float()
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    metrics = step.run_microbatches(
+        model, batch.microbatches, trainer.config, trainer.objective, trainer.vocab_size, False
+    )
+    grads = {_local_spec_name(k): g for k, g in _main_grads(model).items()}
+    return logits.reshape(-1, logits.shape[-1]).cpu(), first, metrics, grads
+
+
+# The TE layer spec fuses each norm into the next linear layer: its weight's name in the local
+# spec (the unfused run), by suffix. Both start at 1; the matrices share names (and init).
+_TE_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def _local_spec_name(name: str) -> str:
+    for te, local in _TE_NORMS.items():
+        if name.endswith(te):
+            return name[: -len(te)] + local
+    return name
+
+
+def thd_matches_dense_mask(result: dict, backend: str = "sdpa", extra=()) -> None:
+    """The same packed global batch through THD (``backend``) and through megatron-core's
+    unfused attention on the dense [b, 1, s, s] mask (same seed: same weights): logits on every
+    sample token, the loss and every gradient (``extra``: flags of both runs)."""
+    runs, lines = {}, []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("megatron_deft").addHandler(handler)
+    logging.getLogger("megatron_deft").setLevel(logging.INFO)
+    for name in (backend, "unfused"):
+        trainer = Trainer(config_for(1, 1, PACKED + ["--attention-backend", name, *extra]))
+        runs[name] = (attention_backend.backend_of(trainer.config), *_forward_and_grads(trainer))
+        trainer.close(keep_process_group=True)
+    logging.getLogger("megatron_deft").removeHandler(handler)
+    result["attention_log"] = [line for line in lines if line.startswith("attention:")]
+    (ran, thd_logits, thd_batch, thd_metrics, thd_grads) = runs[backend]
+    (_, dense_logits, dense_batch, dense_metrics, dense_grads) = runs["unfused"]
+    real = thd_batch["segment_ids"].reshape(-1) >= 0  # padding runs attend differently
+    shared = sorted(set(thd_grads) & set(dense_grads))
+    pairs = [(thd_grads[k].double().flatten(), dense_grads[k].double().flatten()) for k in shared]
+    result.update(
+        backend=ran,
+        thd_batch=is_thd(thd_batch),
+        dense_batch="attention_mask" in dense_batch,
+        same_rows=torch.equal(thd_batch["tokens"], dense_batch["tokens"]),
+        same_parameters=sorted(thd_grads) == sorted(dense_grads),
+        max_logit_difference=(thd_logits[real] - dense_logits[real]).abs().max().item(),
+        logit_scale=dense_logits[real].abs().max().item(),
+        loss=(thd_metrics["loss"], dense_metrics["loss"]),
+        max_grad_relative_error=max(
+            ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in pairs
+        ),
+        min_grad_cosine=min(F.cosine_similarity(a, b, 0).item() for a, b in pairs),
+        grads_nonzero=min(b.abs().max().item() for _, b in pairs) > 0,
+    )
+
+
 def main(out_dir):
-    results = {"normalisation": {}, "non_finite": {}, "packing": {}}
+    results = {"normalisation": {}, "non_finite": {}, "packing": {}, "thd_vs_dense": {}}
     per_token_normalisation(results["normalisation"])
     packing_matches_separate_samples(results["packing"])
+    thd_matches_dense_mask(results["thd_vs_dense"])
     non_finite_handling(results["non_finite"], out_dir)
     write_results(out_dir, results)
 

@@ -1,0 +1,65 @@
+"""Which core attention runs (``--attention-backend``), decided once from the flag, the device
+and whether Transformer Engine is importable.
+
+========  =====================================================  ======================  ==========
+backend   attention kernel                                       packed rows             where
+========  =====================================================  ======================  ==========
+te        Transformer Engine's fused attention (flash / cuDNN),  THD (cu_seqlens)        CUDA + TE
+          TE layer spec
+flex      ``flex_attention``, document-causal block mask         THD                     CUDA
+sdpa      causal ``scaled_dot_product_attention`` per sample     THD                     anywhere
+unfused   megatron-core's local attention, [b, 1, s, s] mask     dense block mask        anywhere
+========  =====================================================  ======================  ==========
+
+``auto`` picks te > flex (CUDA without TE) > sdpa (CPU). An explicit choice the machine cannot
+run is a :class:`ConfigError` (one line at startup), never a silent fall back.
+"""
+
+from megatron_deft.conventions import ConfigError
+
+try:  # optional GPU dependency
+    import transformer_engine  # noqa: F401
+
+    HAVE_TE = True
+except ImportError:  # CPU machines and plain-PyTorch GPU installs
+    HAVE_TE = False
+
+DESCRIPTIONS = {
+    "te": "Transformer Engine fused attention (THD for packed rows)",
+    "flex": "FlexAttention, document-causal block mask (THD for packed rows)",
+    "sdpa": "causal scaled_dot_product_attention per packed sample (THD for packed rows)",
+    "unfused": "megatron-core unfused attention on a dense [b, 1, s, s] mask",
+}
+"""backend -> what runs (the startup log line)."""
+
+
+def _impossible(backend: str, device: str, have_te: bool, attention_dropout: float):
+    """Why ``backend`` cannot run here (None if it can)."""
+    if backend == "te" and not (device == "cuda" and have_te):
+        return "needs --device cuda with Transformer Engine installed"
+    if backend == "flex" and device != "cuda":
+        return "needs --device cuda (FlexAttention has no CPU backward)"
+    if backend == "flex" and attention_dropout > 0:
+        return "has no attention dropout; use --attention-dropout 0 or another backend"
+    return None
+
+
+def resolve(requested: str, device: str, have_te: bool = HAVE_TE, attention_dropout=0.0) -> str:
+    """The backend that runs for ``--attention-backend requested`` (ConfigError if it cannot)."""
+    if requested == "auto":
+        requested = "te" if device == "cuda" and have_te else "flex" if device == "cuda" else "sdpa"
+        if requested == "flex" and attention_dropout > 0:
+            requested = "sdpa"  # the only dropout-capable kernel of ours
+    why = _impossible(requested, device, have_te, attention_dropout)
+    if why is not None:
+        raise ConfigError(f"--attention-backend {requested} {why}")
+    return requested
+
+
+def backend_of(config) -> str:
+    """The backend a run's config resolves to (see :func:`resolve`)."""
+    return resolve(
+        config.model.attention_backend,
+        config.training.device,
+        attention_dropout=config.model.attention_dropout,
+    )
