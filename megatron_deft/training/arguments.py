@@ -342,6 +342,23 @@ def validate(config: Config, world_size: int) -> None:
     _validate_moe(config, world_size)
     recompute_and_fp8.validate(config)
     _validate_run(config)
+    _validate_te_only(config)
+
+
+def _validate_te_only(config: Config) -> None:
+    """Features only the TE layer spec builds: the local spec (any other --attention-backend)
+    would run without them (FP8) or build megatron-core's legacy GroupedMLP."""
+    if backend_of(config) == "te":
+        return
+    for flag, given in (
+        ("--fp8-format", config.fp8.fp8_format is not None),
+        ("--moe-grouped-gemm", config.moe.moe_grouped_gemm),
+    ):
+        _require(
+            not given,
+            f"{flag} needs --attention-backend te (or auto with Transformer Engine on CUDA): only "
+            f"the TE layer spec has it, not --attention-backend {config.model.attention_backend}",
+        )
 
 
 def _resolve_pretrained_checkpoint(config: Config) -> None:

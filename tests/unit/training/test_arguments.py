@@ -365,6 +365,26 @@ def test_inconsistent_settings_stop_with_one_line(capsys, argv, world, message):
     assert message in err
 
 
+@pytest.mark.parametrize(
+    "flags", [["--fp8-format", "hybrid"], ["--num-experts", "4", "--moe-grouped-gemm"]]
+)
+def test_te_only_features_need_the_te_layer_spec(monkeypatch, capsys, flags):
+    """On CUDA with TE importable (pretended here), FP8 and grouped-GEMM experts with another
+    attention backend (the local spec, which would drop FP8 or build the legacy GroupedMLP)."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "transformer_engine" else real_find_spec(name, *a),
+    )
+    argv = BASE + ["--device", "cuda", "--attention-backend", "sdpa", *flags]
+    with pytest.raises(SystemExit):
+        parse_config(argv, world_size=1)
+    err = capsys.readouterr().err
+    assert f"{flags[-1 if flags[-1].startswith('--') else 0]} needs --attention-backend te" in err
+    assert err.count("\n") == 1
+
+
 def test_training_data_is_required(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--device", "cpu"], world_size=1)
