@@ -37,6 +37,7 @@ from megatron_deft.evaluation import math_answers, math_grading
 from megatron_deft.evaluation.arguments import EvalConfig
 from megatron_deft.evaluation.generation import generate
 from megatron_deft.evaluation.scoring import all_reduce_sums, empty_sums, score_batch, summarize
+from megatron_deft.models.attention_backend import backend_of
 from megatron_deft.models.layout import padded_vocab_size
 from megatron_deft.objectives import parse_objective
 from megatron_deft.training import checkpointing, setup
@@ -74,12 +75,13 @@ def run_config(saved: dict, evaluation: EvalConfig, root: str) -> Config:
     # Experts: all E on every rank (EP 1, expert TP = TP), whatever EP the run trained with.
     config.moe.expert_model_parallel_size = 1
     config.moe.expert_tensor_parallel_size = None
-    config.moe.moe_grouped_gemm = config.moe.moe_grouped_gemm and evaluation.device == "cuda"
     config.training.device = evaluation.device
     config.training.bf16 = config.training.bf16 and evaluation.device == "cuda"
     # The attention kernel is not part of the weights: this machine's own (a run trained with
-    # --attention-backend te is scored on a CPU too).
+    # --attention-backend te is scored on a CPU too). Nor is the expert GEMM: grouped (TE's
+    # TEGroupedMLP) only where the TE layer spec runs, SequentialMLP elsewhere.
     config.model.attention_backend = "auto"
+    config.moe.moe_grouped_gemm = config.moe.moe_grouped_gemm and backend_of(config) == "te"
     config.checkpoint.load = root  # skips the random init: the weights get loaded
     # Training-time trade-offs: evaluation needs no backward to recompute for, and runs its
     # GEMMs in the checkpoint's bf16/fp32 on any device (FP8 would need TE on CUDA).

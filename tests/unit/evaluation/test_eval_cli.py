@@ -262,3 +262,21 @@ def test_pipeline_size_must_divide_the_checkpoints_layers(monkeypatch):
         evaluator._prepare(config, "/ckpt", [5], tokenizer)
     job = evaluator._prepare(EvalConfig(pipeline_model_parallel_size=3), "/ckpt", [5], tokenizer)
     assert job["run"].parallel.pipeline_model_parallel_size == 3
+
+
+def test_evaluation_runs_grouped_gemm_experts_only_with_the_te_layer_spec():
+    """A run trained with --moe-grouped-gemm (TE on GPUs) is evaluated on a GPU without TE with
+    SequentialMLP experts (the same checkpoint keys), not megatron-core's legacy GroupedMLP."""
+    import dataclasses
+    import importlib.util
+
+    from megatron_deft.config import Config
+    from megatron_deft.evaluation.arguments import EvalConfig
+    from megatron_deft.evaluation.evaluator import run_config
+
+    trained = Config()
+    trained.moe.num_experts, trained.moe.moe_grouped_gemm = 4, True
+    config = run_config(dataclasses.asdict(trained), EvalConfig(device="cuda"), "/ckpt")
+    assert config.moe.moe_grouped_gemm == (
+        importlib.util.find_spec("transformer_engine") is not None
+    )
