@@ -13,7 +13,7 @@ import time
 import pytest
 
 from benchmarks.objectives_regimes import tasks
-from benchmarks.objectives_regimes.config import OBJECTIVES, preset
+from benchmarks.objectives_regimes.config import preset
 from benchmarks.objectives_regimes.results import curve, over_seeds, trajectories
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
@@ -395,7 +395,7 @@ def test_smoke_report_has_a_row_of_numbers_per_objective(smoke_run):
     report = (smoke_run / "report.md").read_text()
     table = report.split("## Variant `mix`")[1].split("\n\n")[1].splitlines()
     rows = {line.split("|")[1].strip(): line for line in table[2:]}
-    assert sorted(rows) == sorted(OBJECTIVES)
+    assert sorted(rows) == sorted(preset("smoke").objectives)
     for objective, line in rows.items():
         cells = [c.strip() for c in line.split("|")[2:-1]]
         assert len(cells) == 4
@@ -410,7 +410,7 @@ def test_smoke_report_has_a_row_of_numbers_per_objective(smoke_run):
 def test_smoke_results_cover_every_checkpoint_file_and_objective(smoke_run):
     results = json.loads((smoke_run / "results.json").read_text())
     config = preset("smoke")
-    assert sorted(results["runs"]) == sorted(f"mix/{o}/1" for o in OBJECTIVES)
+    assert sorted(results["runs"]) == sorted(f"mix/{o}/1" for o in config.objectives)
     expected_steps = list(
         range(config.save_interval, config.phase2_iters + 1, config.save_interval)
     )
@@ -455,7 +455,7 @@ def test_smoke_training_logs_per_token_class(smoke_run):
     from tools.gate_dynamics_logs import read_run
 
     config = preset("smoke")
-    for objective in OBJECTIVES:
+    for objective in config.objectives:
         run = read_run(str(smoke_run / "tensorboard" / f"mix-{objective}-s1"))
         assert sorted(run["classes"]) == ["b", "clean_a", "noisy_a"]
         steps = run["scalars"]["gate"][0]

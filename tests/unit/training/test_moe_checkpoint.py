@@ -1,6 +1,6 @@
 """MoE checkpoints (EP=2, distributed optimizer, experts sharded over EP): exact resume, and the
-recorded MoE architecture refuses other MoE flags in one line. One torchrun launch (2 ranks) of
-workers/moe_checkpoint.py."""
+recorded MoE architecture refuses other MoE flags in one line (and fills those not given). One
+torchrun launch (2 ranks) of workers/moe_checkpoint.py."""
 
 import os
 
@@ -32,6 +32,7 @@ def test_resumed_moe_run_reproduces_the_uninterrupted_run(results):
 def test_other_moe_flags_stop_with_one_line_naming_the_flag(results):
     for key, message in (
         ("topk_mismatch", "--moe-router-topk: the checkpoint has 2, this run has 1"),
-        ("dense_mismatch", "--num-experts: the checkpoint has 4, this run has None"),
+        ("experts_mismatch", "--num-experts: the checkpoint has 4, this run has 8"),
     ):
         assert message in results[key] and results[key].count("\n") == 1, results[key]
+    assert results["experts_adopted"] == ""  # no MoE flag given: the checkpoint's are adopted

@@ -1,7 +1,8 @@
 """torchrun worker (2 ranks): a MoE run at EP=2 (distributed optimizer, router losses on) saved
 at iteration 2 and resumed from there reproduces the uninterrupted 4-iteration run (as its
 TensorBoard log shows: loss, grad norm and the router losses, which also checks they are
-logged); loading that checkpoint with other MoE flags stops with one line.
+logged); loading that checkpoint with other MoE flags stops with one line, without any it
+adopts the checkpoint's.
 """
 
 import contextlib
@@ -64,7 +65,8 @@ def main(out_dir):
     load = ["--load", ckpt, "--finetune"]
     result["topk_mismatch"] = mismatch(MOE + ["--moe-router-topk", 1] + load)
     dense = ["--num-layers", 2, "--hidden-size", 32, "--ffn-hidden-size", 64]
-    result["dense_mismatch"] = mismatch(dense + load)
+    result["experts_mismatch"] = mismatch(dense + ["--num-experts", 8] + load)
+    result["experts_adopted"] = mismatch(dense + load)  # no MoE flag: the checkpoint's experts
     write_results(out_dir, result)
 
 
