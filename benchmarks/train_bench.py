@@ -212,23 +212,6 @@ def megatron_ce_step(trainer) -> None:
     trainer.optimizer.step()
 
 
-def trainer_step(trainer) -> None:
-    """One step of the trainer's own loop (step.train_step, as Trainer.train runs it)."""
-    from megatron_deft.training import step
-
-    batch = trainer.train_loader.next_global_batch()
-    step.train_step(
-        trainer.model,
-        trainer.optimizer,
-        trainer.scheduler,
-        batch.microbatches,
-        trainer.config,
-        trainer.objective,
-        trainer.vocab_size,
-        num_classes=len(trainer.class_names),
-    )
-
-
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -242,7 +225,7 @@ def run_variant(args, variant: str) -> dict:
     config = config_from_args(trainer_argv(args, variant), world_size=1)
     trainer = Trainer(config)
     megatron_ce = variant.partition("+")[0] == MEGATRON_CE
-    one_step = megatron_ce_step if megatron_ce else trainer_step
+    one_step = megatron_ce_step if megatron_ce else Trainer.train_step  # the trainer's own step
     padded_vocab = trainer.padded_vocab
     try:
         for _ in range(args.warmup):

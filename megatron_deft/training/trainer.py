@@ -98,9 +98,12 @@ class Trainer:
         if ckpt.save and not (ckpt.save_interval and self.iteration % ckpt.save_interval == 0):
             self.save()
 
-    def _train_one(self) -> None:
+    def train_step(self) -> dict:
+        """One optimizer step on the next global batch (:func:`step.train_step` with this run's
+        model, data and objective; MoE runs add the router losses and expert load); its metrics.
+        No iteration count, logging, validation or checkpointing: :meth:`train` adds those."""
         batch = self.train_loader.next_global_batch()
-        metrics = step.train_step(
+        return step.train_step(
             self.model,
             self.optimizer,
             self.scheduler,
@@ -111,6 +114,9 @@ class Trainer:
             num_classes=len(self.class_names),
             expert_load=self.expert_load,
         )
+
+    def _train_one(self) -> None:
+        metrics = self.train_step()
         self.iteration += 1
         if metrics["updated"]:
             self.consecutive_skips = 0

@@ -132,28 +132,11 @@ def history_summary(history: list) -> list:
 
 
 def train_recording(trainer, summarize=history_summary) -> list:
-    """Trains ``trainer`` for its --train-iters through ``step.train_step`` (the step its loop
+    """Trains ``trainer`` for its --train-iters through ``Trainer.train_step`` (the step its loop
     runs) and returns every iteration's metrics at full precision (history_summary's keys): the
     layout tests compare the step's numbers, which TensorBoard's float32 would round. No
     validation, checkpointing or logging. ``summarize`` turns the metrics into the result."""
-    from megatron_deft.training import step
-
-    history = []
-    for _ in range(trainer.config.training.train_iters):
-        batch = trainer.train_loader.next_global_batch()
-        history.append(
-            step.train_step(
-                trainer.model,
-                trainer.optimizer,
-                trainer.scheduler,
-                batch.microbatches,
-                trainer.config,
-                trainer.objective,
-                trainer.vocab_size,
-                num_classes=len(trainer.class_names),
-                expert_load=trainer.expert_load,  # MoE: router losses and expert load
-            )
-        )
+    history = [trainer.train_step() for _ in range(trainer.config.training.train_iters)]
     return summarize(history)
 
 
