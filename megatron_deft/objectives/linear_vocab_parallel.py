@@ -2,8 +2,9 @@
 
 ``linear_vocab_parallel_loss(hidden, weight, target, ...)`` returns what
 ``vocab_parallel_loss(hidden @ weight.T, target, ...)`` returns, without a [tokens, V/tp] tensor.
-Only the tokens that carry loss (``valid``) are computed; they are taken in chunks of
-``chunk_size`` tokens, each chunk's logits [C, V/tp] formed, reduced and dropped.
+Only the tokens that carry loss (``valid``) are computed; they are taken in chunks of C tokens
+(``chunk_tokens``: up to 512 tokens or 32M logits, whichever is more), each chunk's logits
+[C, V/tp] formed in a buffer every chunk reuses, reduced and dropped.
 
 Forward, per chunk, on this rank's vocab shard (real columns only, padding ids excluded):
 
@@ -62,19 +63,57 @@ class OutputLayerInput(NamedTuple):
     """This rank's output-layer weight [V/tp, h] (the word embedding when tied)."""
 
 
-CHUNK_ELEMENTS = 1 << 24
-"""Default chunk: about this many logits (64 MiB in fp32) per chunk, at least one token."""
+CHUNK_ELEMENTS = 1 << 25
+"""Default chunk: at most about this many logits (128 MiB in fp32) per chunk, ..."""
+MIN_CHUNK_TOKENS = 512
+"""... but at least this many tokens: the chunk's matmul [C, h] x [h, V/tp] runs below full speed
+with fewer rows (2-core CPU, V/tp = 128256, h = 1024: 130-row chunks took 1.7x the time per token
+of 512-row ones)."""
 
 
-def _chunk_partials(h, weight, local_target, owns_target, real, k, dtype):
-    """One chunk's local reductions over its real columns: [C, 4] = [m_r, t_r, S1_r, S2_r], and
-    the local top-k. A rank without real columns has m_r = -inf, zeros elsewhere."""
-    logits = (h @ weight.t()).to(dtype)  # [C, V/tp]: the chunk's logits buffer
+def chunk_tokens(tokens: int, vocab_local: int) -> int:
+    """Default tokens per chunk: the fewest chunks of at most max(MIN_CHUNK_TOKENS, CHUNK_ELEMENTS /
+    (V/tp)) tokens, made equal (600 tokens at V/tp = 128256: two chunks of 300, not 512 + 88)."""
+    cap = max(MIN_CHUNK_TOKENS, CHUNK_ELEMENTS // vocab_local)
+    chunks = max(1, -(-tokens // cap))
+    return max(1, -(-tokens // chunks))
+
+
+class _ChunkBuffers(NamedTuple):
+    """The two [C, V/tp] buffers every chunk reuses (a fresh logits-chunk allocation per chunk
+    costs page faults: ~7% of the chunk's matmul on CPU)."""
+
+    matmul: torch.Tensor
+    """The matmul's output in the input dtype (also the bf16 copy of d logits in backward)."""
+    work: Optional[torch.Tensor]
+    """Its copy in the compute dtype (fp32), None when the input dtype is already that."""
+
+    @classmethod
+    def allocate(cls, rows, weight, dtype):
+        shape, device = (rows, weight.shape[0]), weight.device
+        matmul = torch.empty(shape, dtype=weight.dtype, device=device)
+        work = None if weight.dtype == dtype else torch.empty(shape, dtype=dtype, device=device)
+        return cls(matmul, work)
+
+    def logits(self, h, weight):
+        """The chunk's logits h @ W^T [C, V/tp] in the compute dtype, in these buffers."""
+        logits = torch.mm(h, weight.t(), out=self.matmul[: h.shape[0]])
+        return logits if self.work is None else self.work[: h.shape[0]].copy_(logits)
+
+    def in_input_dtype(self, grad):
+        """d logits [C, V/tp] in the input dtype, for the matmul giving d hidden."""
+        return grad if self.work is None else self.matmul[: grad.shape[0]].copy_(grad)
+
+
+def _chunk_partials(logits, local_target, owns_target, real, k, dtype):
+    """One chunk's local reductions over its real columns of `logits` [C, V/tp] (overwritten):
+    [C, 4] = [m_r, t_r, S1_r, S2_r], and the local top-k. A rank without real columns has
+    m_r = -inf, zeros elsewhere."""
     top = local_topk(logits, real, k, dtype) if k else None  # [C, min(k, V/tp)] on every rank
     logits = logits[:, :real]
     row_max = local_max(logits, real, dtype)
     if real == 0:
-        zeros = torch.zeros((h.shape[0], 3), dtype=dtype, device=h.device)
+        zeros = torch.zeros((logits.shape[0], 3), dtype=dtype, device=logits.device)
         return torch.cat([row_max.unsqueeze(-1), zeros], -1), top
     target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)  # read before exp
     shifted = torch.where(owns_target, target_logit - row_max, 0.0)
@@ -83,10 +122,9 @@ def _chunk_partials(h, weight, local_target, owns_target, real, k, dtype):
     return torch.stack([row_max, shifted, exp.sum(-1), sum_exp_sq], -1), top
 
 
-def _logits_grad(h, weight, row_max, scale, onehot, local_target, real, dtype):
-    """dz [C, V/tp] of one chunk in `dtype`: exp(z - m) * scale, minus onehot at the target,
-    0 on the padding ids; the recomputed logits buffer becomes the gradient in place."""
-    grad = (h @ weight.t()).to(dtype)
+def _logits_grad(grad, row_max, scale, onehot, local_target, real):
+    """dz [C, V/tp], written over the chunk's recomputed logits `grad`: exp(z - m) * scale, minus
+    onehot at the target, 0 on the padding ids."""
     grad[:, :real].sub_(row_max.unsqueeze(-1)).exp_().mul_(scale.unsqueeze(-1))
     grad[:, real:] = 0
     return grad.scatter_add_(-1, local_target.unsqueeze(-1), -onehot.unsqueeze(-1))
@@ -98,7 +136,7 @@ class _LinearVocabParallelObjective(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, target, valid, objective, vocab_size, group, mean_group, chunk
+        ctx, hidden, weight, target, valid, objective, vocab_size, group, mean_group, chunk_size
     ):
         world, rank = group_size_rank(group)
         real = real_columns(weight.shape[0], rank, vocab_size)
@@ -107,10 +145,11 @@ class _LinearVocabParallelObjective(torch.autograd.Function):
         h = hidden.index_select(0, rows)
         local_target, owns = target_columns(target[rows], valid[rows], rank, weight.shape[0])
         k = objective.topk
+        chunk = max(1, min(chunk_size or chunk_tokens(len(rows), weight.shape[0]), len(rows)))
+        buffers = _ChunkBuffers.allocate(chunk, weight, dtype)
         pieces = [
             _chunk_partials(
-                h[i : i + chunk],
-                weight,
+                buffers.logits(h[i : i + chunk], weight),
                 local_target[i : i + chunk],
                 owns[i : i + chunk],
                 real,
@@ -119,6 +158,7 @@ class _LinearVocabParallelObjective(torch.autograd.Function):
             )
             for i in range(0, len(rows), chunk)
         ]
+        del buffers
         if pieces:
             local = torch.cat([piece for piece, _ in pieces])
             tops = torch.cat([top for _, top in pieces]) if k else None
@@ -163,19 +203,18 @@ class _LinearVocabParallelObjective(torch.autograd.Function):
         grad_h = torch.zeros_like(h)
         # d W accumulates over chunks in the compute dtype (fp32), cast once at the end.
         grad_w = torch.zeros_like(weight, dtype=ctx.dtype) if ctx.needs_input_grad[1] else None
+        buffers = _ChunkBuffers.allocate(ctx.chunk, weight, ctx.dtype)
         for i in range(0, len(rows), ctx.chunk):
             part = slice(i, i + ctx.chunk)
             dz = _logits_grad(
-                h[part],
-                weight,
+                buffers.logits(h[part], weight),
                 row_max[part],
                 scale[part],
                 onehot[part],
                 local_target[part],
                 ctx.real,
-                ctx.dtype,
             )
-            grad_h[part] = dz.to(h.dtype) @ weight
+            torch.mm(buffers.in_input_dtype(dz), weight, out=grad_h[part])
             if grad_w is not None:
                 grad_w.addmm_(dz.t(), h[part].to(ctx.dtype))
         grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_h)
@@ -221,7 +260,7 @@ def linear_vocab_parallel_loss(
         objective, loss_mask, group, vocab_size, mean_group: as for ``vocab_parallel_loss``.
         sequence_parallel: `hidden` is sequence-parallel (all-gathered forward, reduce-scattered
             backward, as megatron-core's output layer does).
-        chunk_size: tokens per chunk (default: about CHUNK_ELEMENTS logits per chunk).
+        chunk_size: tokens per chunk (default: ``chunk_tokens``).
 
     Returns:
         (loss [s, b] fp32, stats): exactly ``vocab_parallel_loss``'s outputs for the logits
@@ -252,9 +291,8 @@ def linear_vocab_parallel_loss(
         vocab_size,
         shapes,
     )
-    chunk = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    if chunk < 1:
-        raise ValueError(f"linear_vocab_parallel_loss: chunk_size must be >= 1, got {chunk}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"linear_vocab_parallel_loss: chunk_size must be >= 1, got {chunk_size}")
     loss, stats = _LinearVocabParallelObjective.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
@@ -264,7 +302,7 @@ def linear_vocab_parallel_loss(
         vocab_size,
         group,
         mean_group,
-        chunk,
+        chunk_size,
     )
     return loss.reshape(target.shape), stats_dict(stats, objective, valid)
 

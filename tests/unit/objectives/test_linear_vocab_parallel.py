@@ -6,6 +6,11 @@ import pytest
 import torch
 
 from megatron_deft.objectives import linear_vocab_parallel_loss, vocab_parallel_loss
+from megatron_deft.objectives.linear_vocab_parallel import (
+    CHUNK_ELEMENTS,
+    MIN_CHUNK_TOKENS,
+    chunk_tokens,
+)
 from megatron_deft.utils.memory import peak_extra_bytes
 from tests.unit.objectives.reference import reference
 from tests.unit.objectives.test_vocab_parallel_loss import OBJECTIVES, THRESHOLDS
@@ -108,6 +113,37 @@ def test_fp32_equals_the_unfused_path(objective):
     assert torch.equal(pairs.pop("valid")[0], ref_stats["valid"])
     for what, (ours, ref) in pairs.items():
         assert_close(ours, ref, 1e-6, 1e-6 * ref.abs().max().item(), what)
+
+
+@pytest.mark.parametrize(
+    "tokens, vocab_local", [(8192, 128256), (8001, 128256), (600, 128256), (4096, 16032), (9, 50)]
+)
+def test_default_chunks_are_the_fewest_and_even(tokens, vocab_local):
+    cap = max(MIN_CHUNK_TOKENS, CHUNK_ELEMENTS // vocab_local)
+    chunk = chunk_tokens(tokens, vocab_local)
+    chunks = -(-tokens // chunk)
+    assert chunk <= cap and chunks == -(-tokens // cap)
+    assert tokens - (chunks - 1) * chunk > chunk - chunks  # the last chunk is nearly as large
+
+
+def test_default_chunking_equals_the_unfused_path():
+    """1100 tokens x 33000 ids: two default chunks of 550 through the reused chunk buffers."""
+    g = torch.Generator().manual_seed(8)
+    hidden = torch.randn(1100, 1, 8, generator=g)
+    weight = torch.randn(33000, 8, generator=g)
+    target = torch.randint(0, 33000, (1100, 1), generator=g)
+    assert chunk_tokens(1100, 33000) == 550
+    grads = []
+    for loss_of in (
+        lambda h, w: linear_vocab_parallel_loss(h, w, target, "deft")[0],
+        lambda h, w: vocab_parallel_loss(h @ w.t(), target, "deft")[0],
+    ):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss = loss_of(h, w)
+        loss.sum().backward()
+        grads.append((loss, h.grad, w.grad))
+    for what, ours, ref in zip(("loss", "d hidden", "d weight"), *grads):
+        assert_close(ours, ref, 1e-5, 1e-6 * ref.abs().max().item(), what)
 
 
 @pytest.mark.parametrize("objective", ["nll", "deft", "cayley", "eaft"])
