@@ -80,7 +80,7 @@ def test_lr_schedule_knobs_reach_the_trainer_and_parse():
 
     env = {"LR_DECAY_STYLE": "WSD", "LR_WSD_DECAY_ITERS": "30", "TRAIN_ITERS": "200"}
     _, flags = split_torchrun(dry_run("train_single_node.sh", env))
-    config = parse_config(flags[2:], world_size=1)  # after "-m megatron_deft.train"
+    config = parse_config(flags, world_size=1)
     assert config.optimizer.lr_decay_style == "WSD"
     assert config.optimizer.lr_wsd_decay_iters == 30 and config.training.train_iters == 200
     _, flags = split_torchrun(dry_run("train_single_node.sh", {}))

@@ -9,6 +9,7 @@ from megatron_deft.objectives import linear_vocab_parallel_loss, vocab_parallel_
 from megatron_deft.objectives.linear_vocab_parallel import (
     CHUNK_ELEMENTS,
     MIN_CHUNK_TOKENS,
+    backward_tile,
     chunk_tokens,
 )
 from megatron_deft.utils.memory import peak_extra_bytes
@@ -76,6 +77,19 @@ def test_matches_the_float64_reference(objective, chunk_size, dtype, rtol, atol)
     assert set(stats) == set(ref_stats)
     for name, value in ref_stats.items():
         assert_close(stats[name], value, rtol, atol, name)
+
+
+@pytest.mark.parametrize("objective", ["deft", "eaft:k=3", "cayley"])
+def test_more_tokens_than_ids_recompute_in_token_chunks(objective):
+    """19 valid tokens over 11 ids: the backward tiles are token chunks over every id (d weight
+    accumulates across them) instead of column blocks over every token."""
+    hidden, weight, target, mask = make_inputs(seed=9, vocab=11)
+    assert backward_tile(19, 11, 4 * 11) == (4, 11) and backward_tile(19, 37, 4 * 37) == (19, 7)
+    loss, stats, d_hidden, d_weight = fused(hidden, weight, target, objective, mask, chunk_size=4)
+    ref_loss, ref_stats, ref_dh, ref_dw = float64_reference(hidden, weight, target, objective, mask)
+    assert_close(loss, ref_loss, 1e-10, 1e-12, "loss")
+    assert_close(d_hidden, ref_dh, 1e-10, 1e-12, "d hidden")
+    assert_close(d_weight, ref_dw, 1e-10, 1e-12, "d weight")
 
 
 @pytest.mark.parametrize("objective", ["nll", "deft", "eaft:k=3"])

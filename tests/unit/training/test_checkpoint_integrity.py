@@ -9,6 +9,8 @@ import zlib
 
 import pytest
 
+from megatron_deft.training import checkpointing, checksums
+from megatron_deft.training.checkpointing import CheckpointError
 from tests.unit.training.train_cli import lines_with, run_train
 
 pytestmark = pytest.mark.integration  # launches training processes
@@ -82,22 +84,37 @@ def test_manifest_lists_every_file_with_its_size_and_crc32(saved):
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
-def test_damaged_checkpoint_is_one_line_naming_the_file(saved, tmp_path, damage):
+def test_every_damage_is_found_and_named(saved, tmp_path, damage):
+    """The verification the entry point runs before loading (in process, each kind of damage):
+    exactly one problem, naming the damaged file and why; a damaged common.pt also stops the
+    common-state read that precedes the sharded load."""
     apply, reason = DAMAGES[damage]
     root, path = _damaged_copy(saved, tmp_path, apply)
+    directory = str(root / "iter_0000002")
+    [problem] = checksums.verify_files(directory, checksums.read_manifest(directory))
+    assert problem.startswith(f"{path}: ") and reason in problem
+    if damage == "garbage_common":
+        with pytest.raises(CheckpointError, match=f"{path}: checksum mismatch"):
+            checkpointing.read_common_state(directory)
+        with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+            checkpointing.read_common_state(directory, verify=False)
+
+
+def test_damaged_checkpoint_is_one_line_naming_the_file(saved, tmp_path):
+    """Through the entry point: one line, exit 1, no fresh start."""
+    root, path = _damaged_copy(saved, tmp_path, _flip_shard_bytes)
     done = run_train(LOAD + ["--train-iters", 4, "--load", root])
     assert done.returncode == 1, done.output[-3000:]
     assert "Traceback" not in done.output
     [line] = lines_with(done.output, str(path))
-    assert reason in line
+    assert "checksum mismatch" in line
     assert not lines_with(done.output, "iteration      1/")  # no fresh start
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing", "garbage_common"])
-def test_unverified_load_of_a_damaged_checkpoint_is_still_one_line(saved, tmp_path, damage):
-    """--no-verify-checkpoint: megatron-core's own read fails; one line naming the checkpoint
-    instead of its traceback."""
-    root, _ = _damaged_copy(saved, tmp_path, DAMAGES[damage][0])
+def test_unverified_load_of_a_damaged_checkpoint_is_still_one_line(saved, tmp_path):
+    """--no-verify-checkpoint and a missing shard: megatron-core's own read fails; one line naming
+    the checkpoint instead of its traceback."""
+    root, _ = _damaged_copy(saved, tmp_path, _remove_shard)
     done = run_train(LOAD + ["--train-iters", 4, "--load", root, "--no-verify-checkpoint"])
     assert done.returncode == 1, done.output[-3000:]
     assert "Traceback" not in done.output
