@@ -9,6 +9,8 @@ shapes and tensor-parallel size, printed as ratios against megatron-core measure
     python benchmarks/loss_bench.py          # 4096 tokens x 32000 vocab, TP 1 and 2, CPU
     python benchmarks/loss_bench.py --device cuda --tokens 16384 --vocab 128256 --tp 1 2 4 8
     python benchmarks/loss_bench.py --output-layer   # 8192 tokens, h 1024, V 128256 (Llama 3)
+    python benchmarks/loss_bench.py --output-layer --device cuda --dtype bf16 --tp 1 \
+        --fused-kernels triton torch   # the fused path with its Triton and its PyTorch chunk loop
 
 With ``--output-layer`` at TP 1, cut-cross-entropy (``pip install cut-cross-entropy``, which needs
 triton) is added as a peer baseline for NLL when it is importable.
@@ -77,6 +79,13 @@ def parse_args(argv=None):
         default=["deft"],
         help="--output-layer: objectives also run on the full logits (unfused)",
     )
+    parser.add_argument(
+        "--fused-kernels",
+        nargs="+",
+        choices=["torch", "triton"],
+        help="--output-layer: the fused path's chunk kernels, a row each (default: the device's "
+        "default, Triton on CUDA)",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args(argv)
     defaults = OUTPUT_LAYER_DEFAULTS if args.output_layer else LOSS_DEFAULTS
@@ -110,18 +119,18 @@ def _loss_candidates(objectives, group):
     return candidates
 
 
-def _output_layer_candidates(objectives, unfused_objectives, group, hidden_size, vocab):
+def _output_layer_candidates(args, group, device):
     """Output layer + loss from hidden [N, 1, h] and weight [V/tp, h]: {name: fn(h, w, target)}."""
     from megatron.core import tensor_parallel
     from megatron.core.model_parallel_config import ModelParallelConfig
 
     from megatron_deft.objectives import linear_vocab_parallel_loss, vocab_parallel_loss
-    from megatron_deft.objectives.linear_vocab_parallel import chunk_tokens
+    from megatron_deft.objectives.linear_vocab_parallel import chunk_tokens, default_kernel
 
     world = dist.get_world_size(group)
     layer = tensor_parallel.ColumnParallelLinear(
-        hidden_size,
-        vocab,
+        args.hidden,
+        args.vocab,
         config=ModelParallelConfig(tensor_model_parallel_size=world),
         init_method=None,
         bias=False,
@@ -150,17 +159,21 @@ def _output_layer_candidates(objectives, unfused_objectives, group, hidden_size,
             layer(h, weight=w)[0], y, objective, group=group, inplace=True
         )[0]
 
-    def fused(objective):
-        return lambda h, w, y: linear_vocab_parallel_loss(h, w, y, objective, group=group)[0]
+    def fused(objective, kernel):
+        return lambda h, w, y: linear_vocab_parallel_loss(
+            h, w, y, objective, group=group, kernel=kernel
+        )[0]
 
     candidates = {
         "megatron ColumnParallelLinear + vocab_parallel_cross_entropy": megatron,
         "floor: megatron + the chunked logits matmul once more": floor,
     }
-    for objective in unfused_objectives:
+    for objective in args.unfused_objectives:
         candidates[f"{objective} unfused (linear + vocab_parallel_loss)"] = unfused(objective)
-    for objective in objectives:
-        candidates[f"{objective} fused (linear_vocab_parallel_loss)"] = fused(objective)
+    probe = torch.empty(0, device=device, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+    for kernel in args.fused_kernels or [default_kernel(probe)]:
+        for objective in args.objectives:
+            candidates[f"{objective} fused ({kernel} kernels)"] = fused(objective, kernel)
     return candidates | _peer_candidates(world)
 
 
@@ -222,9 +235,7 @@ def _worker(rank, world, args, init_file, out_file):
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     masters, target = _inputs(args, rank, world, device, dtype)
     if args.output_layer:
-        candidates = _output_layer_candidates(
-            args.objectives, args.unfused_objectives, group, args.hidden, args.vocab
-        )
+        candidates = _output_layer_candidates(args, group, device)
     else:
         candidates = _loss_candidates(args.objectives, group)
 

@@ -18,6 +18,10 @@ import pytest
 import torch
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+if not torch.cuda.is_available():
+    # Triton kernels (where triton is installed) run in its interpreter on CPU tensors. Set before
+    # any test module imports triton: triton.language's own jit functions are built at import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Worker scripts import their helpers (common.py) from here.
 WORKER_HELPERS = os.path.join(os.path.dirname(__file__), "unit", "training", "workers")
 

@@ -18,7 +18,8 @@ finished steps' results):
    (5 warm-up) per variant: deft, deft with selective and with full recomputation, nll, and
    megatron-core's own cross entropy: tokens/s, MFU, peak memory.
 4. benchmarks/loss_bench.py on the GPU: the objectives against megatron-core's cross entropy,
-   and the fused output layer + loss.
+   and the fused output layer + loss with its Triton and its PyTorch chunk loop (and
+   cut-cross-entropy's kernel as the NLL peer when its wheel is among the wheels).
 
 The report (Markdown, the format of docs/gpu.md) names the device, the driver and the versions
 of Python, torch, CUDA, triton, megatron-core and Transformer Engine.
@@ -41,7 +42,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_VARIANTS = ["deft", "deft+selective", "deft+full", "nll", "megatron-ce"]
 # (step name, share of the budget): the 1B benchmark gets the most.
-SHARES = {"pytest -m cuda": 0.3, "train_bench": 0.5, "loss_bench": 0.2}
+SHARES = {"pytest -m cuda": 0.25, "train_bench": 0.45, "loss_bench": 0.3}
 
 
 def parse_args(argv=None):
@@ -177,7 +178,7 @@ def step_commands(args, json_path: str) -> dict:
         bench += "--model 1b --seq-length 4096 --global-batch-size 4 --iters 30 --warmup 5".split()
         loss_runs = [
             loss + "--dtype bf16 --tokens 16384 --vocab 128256".split(),
-            loss + "--dtype bf16 --output-layer".split(),
+            loss + "--dtype bf16 --output-layer --fused-kernels triton torch".split(),
         ]
     bench += ["--variants", *(BENCH_VARIANTS[:2] if args.tiny else BENCH_VARIANTS)]
     return {"pytest -m cuda": [pytest], "train_bench": [bench], "loss_bench": loss_runs}

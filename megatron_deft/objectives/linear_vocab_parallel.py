@@ -24,15 +24,22 @@ of as many logits as a forward chunk (``backward_tile``: column blocks [N, V'] o
 N <= V/tp, else token chunks [C, V/tp]) and turns each into its gradient in place,
 
     dz = g * gate * (softmax(z) - onehot(y)),   softmax(z) = exp(z - m) / S1 (0 on padding),
-    d h += dz @ W_tile,   d W_tile += dz^T @ h  (fp32 accumulation),
+    d h += dz @ W_tile,   d W_tile += dz^T @ h  (fp32 sums across tiles),
 
 with no collective: ``d hidden`` is this rank's share; the output layer's own collective sums it
 over the TP ranks (the all-reduce of ColumnParallelLinear's input, or its reduce-scatter under
 sequence parallelism), applied here by megatron-core's region mappings. Four matmuls instead of
 the unfused three (the logits are recomputed once).
+
+The work on each chunk's logits is one of ``CHUNK_KERNELS``: PyTorch ops on an fp32 copy (any
+device), or, on CUDA when triton is importable, the Triton kernels of ``chunk_triton``, which read
+the matmul's output once in its own dtype (bf16: no fp32 copy; d logits in bf16, as megatron-core's
+output layer gets them).
 """
 
-from typing import NamedTuple, Optional, Union
+import importlib
+import importlib.util
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -113,7 +120,7 @@ class _ChunkBuffers(NamedTuple):
         return buffer[: rows * columns].view(rows, columns)
 
     def logits(self, h, weight):
-        """h @ W^T [C, V'] in the compute dtype (h [C, h], W [V', h]), in these buffers."""
+        """h @ W^T [C, V'] (h [C, h], W [V', h]) in these buffers, in the work dtype."""
         shape = (h.shape[0], weight.shape[0])
         logits = torch.mm(h, weight.t(), out=self._view(self.matmul, *shape))
         return logits if self.work is None else self._view(self.work, *shape).copy_(logits)
@@ -125,16 +132,29 @@ class _ChunkBuffers(NamedTuple):
         return self._view(self.matmul, *grad.shape).copy_(grad)
 
 
+def _no_real_columns(rows, dtype, device):
+    """The partials [rows, 4] of a rank whose shard holds only padding ids: m_r = -inf, 0 else."""
+    partials = torch.zeros((rows, 4), dtype=dtype, device=device)
+    return partials.index_fill_(1, torch.tensor([0], device=device), float("-inf"))
+
+
+def _block_target(local_target, onehot, first, columns):
+    """(the target's column in the block [first, first + columns) of the shard, -1 where it is
+    not in it; onehot there, 0 elsewhere)."""
+    column = local_target - first
+    inside = (column >= 0) & (column < columns)
+    return torch.where(inside, column, -1), torch.where(inside, onehot, 0.0)
+
+
 def _chunk_partials(logits, local_target, owns_target, real, k, dtype):
-    """One chunk's local reductions over its real columns of `logits` [C, V/tp] (overwritten):
-    [C, 4] = [m_r, t_r, S1_r, S2_r], and the local top-k. A rank without real columns has
-    m_r = -inf, zeros elsewhere."""
+    """One chunk's local reductions over its real columns of `logits` [C, V/tp] (fp32;
+    overwritten): [C, 4] = [m_r, t_r, S1_r, S2_r], and the local top-k. A rank without real
+    columns has m_r = -inf, zeros elsewhere."""
     top = local_topk(logits, real, k, dtype) if k else None  # [C, min(k, V/tp)] on every rank
+    if real == 0:
+        return _no_real_columns(logits.shape[0], dtype, logits.device), top
     logits = logits[:, :real]
     row_max = local_max(logits, real, dtype)
-    if real == 0:
-        zeros = torch.zeros((logits.shape[0], 3), dtype=dtype, device=logits.device)
-        return torch.cat([row_max.unsqueeze(-1), zeros], -1), top
     target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)  # read before exp
     shifted = torch.where(owns_target, target_logit - row_max, 0.0)
     exp = logits.sub_(row_max.unsqueeze(-1)).exp_()  # in place: no second chunk-sized buffer
@@ -149,10 +169,52 @@ def _logits_grad(grad, row_max, scale, onehot, local_target, real, first):
     real = min(max(real - first, 0), grad.shape[1])
     grad[:, :real].sub_(row_max.unsqueeze(-1)).exp_().mul_(scale.unsqueeze(-1))
     grad[:, real:] = 0
-    column = local_target - first
-    inside = (column >= 0) & (column < grad.shape[1])
-    column, onehot = torch.where(inside, column, 0), torch.where(inside, onehot, 0.0)
-    return grad.scatter_add_(-1, column.unsqueeze(-1), -onehot.unsqueeze(-1))
+    column, onehot = _block_target(local_target, onehot, first, grad.shape[1])
+    return grad.scatter_add_(-1, column.clamp(min=0).unsqueeze(-1), -onehot.unsqueeze(-1))
+
+
+def _triton_partials(logits, local_target, owns_target, real, k, dtype):
+    """``_chunk_partials`` by the Triton kernel, on `logits` in the matmul's dtype (kept)."""
+    top = local_topk(logits, real, k, dtype) if k else None
+    if real == 0:
+        return _no_real_columns(logits.shape[0], dtype, logits.device), top
+    chunk_triton = importlib.import_module("megatron_deft.objectives.chunk_triton")
+    return chunk_triton.chunk_partials(logits, local_target, owns_target, real), top
+
+
+def _triton_logits_grad(grad, row_max, scale, onehot, local_target, real, first):
+    """``_logits_grad`` by the Triton kernel, d logits in the matmul's dtype."""
+    column, onehot = _block_target(local_target, onehot, first, grad.shape[1])
+    real = min(max(real - first, 0), grad.shape[1])
+    chunk_triton = importlib.import_module("megatron_deft.objectives.chunk_triton")
+    return chunk_triton.logits_grad_(grad, row_max, scale, onehot, column, real)
+
+
+class ChunkKernels(NamedTuple):
+    """One implementation of the chunk loop's work on a chunk's logits [C, V']."""
+
+    partials: Callable
+    """(logits, local_target, owns, real, k, dtype) -> ([C, 4] = [m_r, t_r, S1_r, S2_r] in
+    `dtype`, the local top-k or None); may overwrite the logits."""
+    logits_grad: Callable
+    """(logits, row_max, scale, onehot, local_target, real, first) -> d logits, over them."""
+    fp32_work: bool
+    """Whether the matmul's output is first copied to the compute dtype (fp32 for bf16 / fp16);
+    else the kernels read it in its own dtype and d logits comes back in it."""
+
+
+CHUNK_KERNELS = {
+    "torch": ChunkKernels(_chunk_partials, _logits_grad, fp32_work=True),
+    "triton": ChunkKernels(_triton_partials, _triton_logits_grad, fp32_work=False),
+}
+"""The chunk loop's implementations: PyTorch ops (any device), or the Triton kernels of
+``chunk_triton`` (CUDA by default; CPU under ``TRITON_INTERPRET=1``)."""
+
+
+def default_kernel(hidden: torch.Tensor) -> str:
+    """'triton' for CUDA tensors in fp32 / bf16 / fp16 when triton is importable, else 'torch'."""
+    usable = hidden.is_cuda and hidden.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return "triton" if usable and importlib.util.find_spec("triton") else "torch"
 
 
 def _add_matmul(out, a, b):
@@ -169,19 +231,31 @@ class _LinearVocabParallelObjective(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, target, valid, objective, vocab_size, group, mean_group, chunk_size
+        ctx,
+        hidden,
+        weight,
+        target,
+        valid,
+        objective,
+        vocab_size,
+        group,
+        mean_group,
+        chunk_size,
+        kernel,
     ):
         world, rank = group_size_rank(group)
         real = real_columns(weight.shape[0], rank, vocab_size)
         dtype = compute_dtype_of(hidden.dtype)
+        kernels = CHUNK_KERNELS[kernel]
+        work_dtype = dtype if kernels.fp32_work else weight.dtype  # of the chunk's logits
         rows = valid.nonzero().squeeze(-1)  # only tokens with loss are computed
         h = hidden.index_select(0, rows)
         local_target, owns = target_columns(target[rows], valid[rows], rank, weight.shape[0])
         k = objective.topk
         chunk = max(1, min(chunk_size or chunk_tokens(len(rows), weight.shape[0]), len(rows)))
-        buffers = _ChunkBuffers.allocate(chunk * weight.shape[0], weight, dtype)
+        buffers = _ChunkBuffers.allocate(chunk * weight.shape[0], weight, work_dtype)
         pieces = [
-            _chunk_partials(
+            kernels.partials(
                 buffers.logits(h[i : i + chunk], weight),
                 local_target[i : i + chunk],
                 owns[i : i + chunk],
@@ -222,6 +296,7 @@ class _LinearVocabParallelObjective(torch.autograd.Function):
             hidden, weight, rows, global_max, gate_over_sum, gate, local_target, owns
         )
         ctx.real, ctx.elements, ctx.dtype = real, chunk * weight.shape[0], dtype
+        ctx.kernels, ctx.work_dtype = kernels, work_dtype
         full_loss = loss.new_zeros(target.shape).index_copy_(0, rows, loss)
         full_stats = stats.new_zeros((*target.shape, stats.shape[-1])).index_copy_(0, rows, stats)
         ctx.mark_non_differentiable(full_stats)
@@ -233,15 +308,18 @@ class _LinearVocabParallelObjective(torch.autograd.Function):
         g = grad_loss.index_select(0, rows).to(ctx.dtype)
         scale, onehot = gate_over_sum * g, torch.where(owns, gate * g, 0.0)
         h = hidden.index_select(0, rows)
-        h_compute = h.to(ctx.dtype)  # d W accumulates in the compute dtype (fp32), cast at the end
+        h_work = h.to(ctx.work_dtype)  # d W's other factor, in d logits' dtype
         grad_h = torch.zeros_like(h, dtype=ctx.dtype)
-        grad_w = torch.zeros_like(weight, dtype=ctx.dtype) if ctx.needs_input_grad[1] else None
         tile_rows, tile_columns = backward_tile(len(rows), weight.shape[0], ctx.elements)
-        buffers = _ChunkBuffers.allocate(tile_rows * tile_columns, weight, ctx.dtype)
+        # d W sums over token chunks in the compute dtype; over column blocks each block of it is
+        # one matmul over every token, written straight in the weight's dtype
+        w_dtype = ctx.dtype if tile_rows < len(rows) else weight.dtype
+        grad_w = torch.zeros_like(weight, dtype=w_dtype) if ctx.needs_input_grad[1] else None
+        buffers = _ChunkBuffers.allocate(tile_rows * tile_columns, weight, ctx.work_dtype)
         for i in range(0, len(rows), tile_rows):
             for j in range(0, weight.shape[0], tile_columns):
                 part, block = slice(i, i + tile_rows), weight[j : j + tile_columns]
-                dz = _logits_grad(
+                dz = ctx.kernels.logits_grad(
                     buffers.logits(h[part], block),
                     row_max[part],
                     scale[part],
@@ -252,10 +330,10 @@ class _LinearVocabParallelObjective(torch.autograd.Function):
                 )
                 _add_matmul(grad_h[part], buffers.in_input_dtype(dz), block)
                 if grad_w is not None:
-                    grad_w[j : j + tile_columns].addmm_(dz.t(), h_compute[part])
+                    _add_matmul(grad_w[j : j + tile_columns], dz.t(), h_work[part])
         grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_h.to(hidden.dtype))
         grad_weight = grad_w.to(weight.dtype) if grad_w is not None else None
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def _enter_output_layer(hidden, group, sequence_parallel: bool):
@@ -283,6 +361,7 @@ def linear_vocab_parallel_loss(
     mean_group: Optional[dist.ProcessGroup] = None,
     sequence_parallel: bool = False,
     chunk_size: Optional[int] = None,
+    kernel: Optional[str] = None,
 ) -> tuple[torch.Tensor, dict]:
     """Per-token SFT objective of the output layer ``hidden @ weight.T``, never materialising
     the logits. Not reduced: the caller sums / counts.
@@ -297,6 +376,8 @@ def linear_vocab_parallel_loss(
         sequence_parallel: `hidden` is sequence-parallel (all-gathered forward, reduce-scattered
             backward, as megatron-core's output layer does).
         chunk_size: tokens per chunk (default: ``chunk_tokens``).
+        kernel: the chunk loop's implementation, a key of ``CHUNK_KERNELS`` ("torch" or
+            "triton"; default: ``default_kernel``, Triton for CUDA tensors).
 
     Returns:
         (loss [s, b] fp32, stats): exactly ``vocab_parallel_loss``'s outputs for the logits
@@ -329,6 +410,12 @@ def linear_vocab_parallel_loss(
     )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"linear_vocab_parallel_loss: chunk_size must be >= 1, got {chunk_size}")
+    kernel = kernel or default_kernel(hidden)
+    if kernel not in CHUNK_KERNELS:
+        raise ValueError(
+            f"linear_vocab_parallel_loss: kernel must be one of {sorted(CHUNK_KERNELS)}, "
+            f"got {kernel!r}"
+        )
     loss, stats = _LinearVocabParallelObjective.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
@@ -339,6 +426,7 @@ def linear_vocab_parallel_loss(
         group,
         mean_group,
         chunk_size,
+        kernel,
     )
     return loss.reshape(target.shape), stats_dict(stats, objective, valid)
 
