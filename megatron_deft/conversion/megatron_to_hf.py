@@ -100,8 +100,8 @@ def _load_full_model(directory: str, model: ModelConfig, moe: MoEConfig, padded:
 
 
 def _write_weights(chunk, maps: list, model: ModelConfig, out_dir: str, max_shard_bytes, dtype):
-    """All HF tensors in ``dtype`` (megatron keeps e.g. norm weights in fp32 in a bf16 model;
-    HF checkpoints have one dtype); returns the files written."""
+    """All HF tensors in ``dtype`` (the Megatron checkpoint's may be of another, or of several:
+    HF checkpoints have one); returns the files written."""
     params = dict(chunk.named_parameters())
     writer = ShardWriter(out_dir, max_shard_bytes)
     for weight in maps:

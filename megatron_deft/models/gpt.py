@@ -32,6 +32,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from megatron_deft.compat import megatron_fixes
 from megatron_deft.config import Config, moe_layer_pattern
 from megatron_deft.models import attention_backend
 from megatron_deft.models.core_attention import PackedCoreAttention
@@ -101,7 +102,7 @@ def transformer_config(config: Config) -> TransformerConfig:
         calculate_per_token_loss=True,
         # Fused kernels are CUDA-only (or torch.compile'd, costing seconds on CPU).
         bias_activation_fusion=not on_cpu,
-        masked_softmax_fusion=not on_cpu,
+        masked_softmax_fusion=not on_cpu and megatron_fixes.masked_softmax_kernel_importable(),
         bias_dropout_fusion=not on_cpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
@@ -234,6 +235,17 @@ def decoder_spec(config: Config, tf_config: TransformerConfig, vp_stage=None):
     )
 
 
+def cast_parameters(chunk: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every plain floating parameter in ``dtype`` (bf16 with --bf16), as Megatron-LM's
+    Float16Module casts the whole model: megatron-core's own layers take ``params_dtype``, but the
+    local spec's norms (torch.nn.RMSNorm / LayerNorm) are built in fp32, and an fp32 norm weight
+    on bf16 activations also keeps torch from its fused rms_norm. Tensor subclasses (Transformer
+    Engine's FP8 weights) and buffers (rotary frequencies) are left as they are."""
+    for param in chunk.parameters():
+        if type(param.data) is torch.Tensor and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def build_gpt_chunks(config: Config, vocab_size: int, initialize: bool = True) -> list:
     """This rank's model chunks (one per virtual stage) on the device, weights initialised
     layout-invariantly unless --load will overwrite them.
@@ -271,6 +283,7 @@ def build_gpt_chunks(config: Config, vocab_size: int, initialize: bool = True) -
         )
         check_fp8_layers(tf_config, chunk)
         chunk.to(torch.device(config.training.device))
+        cast_parameters(chunk, tf_config.params_dtype)
         chunks.append(chunk)
     if initialize and config.checkpoint.load is None:  # a loaded checkpoint overwrites them
         for chunk in chunks:

@@ -21,6 +21,11 @@ def test_auto_with_attention_dropout_avoids_flex():
     assert resolve("auto", "cuda", False, attention_dropout=0.1) == "sdpa"
 
 
+def test_auto_with_a_head_size_under_16_avoids_flex():
+    assert resolve("auto", "cuda", False, head_size=8) == "sdpa"
+    assert resolve("auto", "cuda", False, head_size=16) == "flex"
+
+
 @pytest.mark.parametrize(
     "requested, device, have_te, dropout, message",
     [
@@ -28,11 +33,12 @@ def test_auto_with_attention_dropout_avoids_flex():
         ("te", "cuda", False, 0.0, "--attention-backend te needs --device cuda with Transformer"),
         ("flex", "cpu", False, 0.0, "--attention-backend flex needs --device cuda"),
         ("flex", "cuda", False, 0.1, "--attention-backend flex has no attention dropout"),
+        ("flex", "cuda", False, 0.0, "--attention-backend flex needs a head size of at least 16"),
     ],
 )
 def test_impossible_choice_is_one_line(requested, device, have_te, dropout, message):
     with pytest.raises(ConfigError, match=message):
-        resolve(requested, device, have_te, dropout)
+        resolve(requested, device, have_te, dropout, head_size=8 if dropout == 0 else 64)
 
 
 @pytest.mark.parametrize("explicit", ["sdpa", "unfused"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from megatron_deft.models import core_attention
+from megatron_deft.models.attention_backend import FLEX_MIN_HEAD_SIZE
 from megatron_deft.models.core_attention import (
     document_causal,
     document_ids,
@@ -46,9 +47,9 @@ def _reference(q, k, v, allowed) -> torch.Tensor:
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
 
-def _qkv(t, seed=0, requires_grad=False):
+def _qkv(t, seed=0, requires_grad=False, head_size=D):
     g = torch.Generator().manual_seed(seed)
-    shapes = [(t, HEADS, D), (t, GROUPS, D), (t, GROUPS, D)]
+    shapes = [(t, HEADS, head_size), (t, GROUPS, head_size), (t, GROUPS, head_size)]
     return [torch.randn(*shape, generator=g).requires_grad_(requires_grad) for shape in shapes]
 
 
@@ -97,11 +98,13 @@ def test_flex_thd_forward_on_cpu_matches_the_reference(monkeypatch):
 @pytest.mark.cuda
 def test_flex_thd_compiled_on_cuda_matches_sdpa_thd_forward_and_backward():
     lengths = [300, 17, 500, 207]  # 1024 tokens, uneven samples
-    q, k, v = (x.cuda().detach().requires_grad_(True) for x in _qkv(sum(lengths), seed=3))
+    d = FLEX_MIN_HEAD_SIZE  # the compiled kernel's smallest
+    qkv = _qkv(sum(lengths), seed=3, head_size=d)
+    q, k, v = (x.cuda().detach().requires_grad_(True) for x in qkv)
     cu = _cu(lengths).cuda()
-    flex = flex_thd(q, k, v, cu, 1 / math.sqrt(D))
+    flex = flex_thd(q, k, v, cu, 1 / math.sqrt(d))
     grads = torch.autograd.grad(flex.square().sum(), (q, k, v))
-    sdpa = sdpa_thd(q, k, v, cu, 1 / math.sqrt(D), dropout=0.0)
+    sdpa = sdpa_thd(q, k, v, cu, 1 / math.sqrt(d), dropout=0.0)
     expected = torch.autograd.grad(sdpa.square().sum(), (q, k, v))
     torch.testing.assert_close(flex, sdpa, rtol=1e-4, atol=1e-4)
     for got, want in zip(grads, expected):

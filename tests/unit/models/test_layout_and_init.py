@@ -126,3 +126,22 @@ def test_grouped_gemm_experts_start_from_the_sequential_experts_weights(monkeypa
     fc1 = torch.cat([fcs[0].flatten() for fcs in grouped])
     fc2 = torch.cat([fcs[1].flatten() for fcs in grouped])
     assert abs(fc1.std() / 0.02 - 1) < 0.1 and abs(fc2.std() / 0.01 - 1) < 0.1
+
+
+def test_cast_parameters_casts_the_fp32_norms_and_keeps_buffers():
+    """--bf16, as Megatron-LM's Float16Module: a norm the local spec builds in fp32 becomes bf16,
+    the same Parameter object with its tensor-parallel attributes; buffers keep their dtype."""
+    from megatron_deft.models.gpt import cast_parameters
+
+    model = torch.nn.Module()
+    model.norm = torch.nn.RMSNorm(8)
+    model.linear = torch.nn.Linear(8, 4, bias=False, dtype=torch.bfloat16)
+    model.register_buffer("inv_freq", torch.linspace(0, 1, 4))
+    norm = model.norm.weight
+    norm.sequence_parallel = True
+    cast_parameters(model, torch.bfloat16)
+    assert model.norm.weight is norm and norm.sequence_parallel
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.inv_freq.dtype == torch.float32
+    out = model.linear(model.norm(torch.randn(2, 8, dtype=torch.bfloat16)))
+    assert out.dtype == torch.bfloat16
