@@ -8,8 +8,8 @@ fp32 registers:
 
 - ``chunk_partials``: per row of the chunk, over its `real` columns (padding ids excluded),
 
-      m_r = max_v z_v,   S1_r = sum_v e^(z_v - m_r),   S2_r = sum_v e^(2 (z_v - m_r)),
-      t_r = z_y - m_r (0 where this rank does not own the target),
+      m = max_v z_v,   S1 = sum_v e^(z_v - m),   S2 = sum_v e^(2 (z_v - m)),
+      z_y (0 where the target is not among these columns),
 
   as an online reduction: each lane keeps (m, s1, s2) and folds a logit z in with one
   exponential, x = e^(-|z - m|): z > m gives (z, s1 x + 1, s2 x^2 + 1), else (m, s1 + x,
@@ -64,9 +64,8 @@ def _partials_kernel(
     sum_exp = tl.sum(s1 * rescale, axis=0)
     sum_exp_sq = tl.sum(s2 * rescale * rescale, axis=0)
     target = tl.load(base + tl.load(column + row)).to(tl.float32)
-    shifted = tl.where(tl.load(owns + row) != 0, target - row_max, 0.0)
     tl.store(out + row * 4, row_max)
-    tl.store(out + row * 4 + 1, shifted)
+    tl.store(out + row * 4 + 1, tl.where(tl.load(owns + row) != 0, target, 0.0))
     tl.store(out + row * 4 + 2, sum_exp)
     tl.store(out + row * 4 + 3, sum_exp_sq)
 
@@ -86,16 +85,15 @@ def _grad_kernel(
     tl.store(pointers, grad.to(logits.dtype.element_ty), mask=inside)
 
 
-def chunk_partials(logits, local_target, owns, real):
-    """[C, 4] fp32 = [m_r, t_r, S1_r, S2_r] of `logits` [C, V'] (row-contiguous, any float dtype)
-    over its first `real` >= 1 columns; `local_target` [C] the target's column (valid where
-    `owns` [C])."""
+def chunk_partials(logits, column, owns, real):
+    """[C, 4] fp32 = [m, z_y, S1, S2] of `logits` [C, V'] (row-contiguous, any float dtype) over
+    its first `real` >= 1 columns; `column` [C] the target's column (read where `owns` [C])."""
     assert logits.stride(-1) == 1, "chunk_partials: rows must be contiguous"
     out = torch.empty((logits.shape[0], 4), dtype=torch.float32, device=logits.device)
     if logits.shape[0]:
-        local_target, owns = local_target.contiguous(), owns.contiguous()
+        column, owns = column.contiguous(), owns.contiguous()
         _partials_kernel[(logits.shape[0],)](
-            logits, logits.stride(0), local_target, owns, out, real, BLOCK=PARTIALS_BLOCK
+            logits, logits.stride(0), column, owns, out, real, BLOCK=PARTIALS_BLOCK
         )
     return out
 

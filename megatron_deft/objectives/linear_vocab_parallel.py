@@ -2,26 +2,27 @@
 
 ``linear_vocab_parallel_loss(hidden, weight, target, ...)`` returns what
 ``vocab_parallel_loss(hidden @ weight.T, target, ...)`` returns, without a [tokens, V/tp] tensor.
-Only the tokens that carry loss (``valid``) are computed; they are taken in chunks of C tokens
-(``chunk_tokens``: up to 512 tokens or 32M logits, whichever is more), each chunk's logits
-[C, V/tp] formed in a buffer every chunk reuses, reduced and dropped.
+Only the tokens that carry loss (``valid``, N of them) are computed. The logits are formed in
+tiles of as many logits as C tokens have (``chunk_tokens``: C up to 512 tokens or 32M logits,
+whichever is more), in one buffer every tile reuses: column blocks [N, V'] of the shard when
+N <= V/tp, else token chunks [C, V/tp] (``logit_tiles``).
 
-Forward, per chunk, on this rank's vocab shard (real columns only, padding ids excluded):
+Forward, per tile, on this rank's vocab shard (real columns only, padding ids excluded):
 
-    z   = h_c @ W^T                         [C, V/tp]  (the input dtype's matmul, then fp32)
-    m_r = max_v z_v                         local max
-    S1_r = sum_v exp(z_v - m_r),  S2_r = sum_v exp(2 (z_v - m_r)),  t_r = z_y - m_r (owner only)
-    (eaft: the local top-k of z)
+    z   = h_tile @ W_tile^T                    (the input dtype's matmul)
+    m_b = max_v z_v,   S1_b = sum_v exp(z_v - m_b),   S2_b = sum_v exp(2 (z_v - m_b)),
+    z_y (where the target is in the tile),  (eaft: the tile's top-k of z)
 
-then, for the whole call, the same two collectives as ``vocab_parallel_loss``: the global max m
-(a MAX all-reduce of m_r; eaft: the all-gather of the local top-k, whose first column is m) and
-one SUM all-reduce of the rescaled [t_r + m_r - m, S1_r e^(m_r - m), S2_r e^(2 (m_r - m))]. The
-objective (``terms_from_partials``, shared with the unfused path) gives loss, gate and stats.
+merged into each token's running [m_r, z_y, S1_r, S2_r] over the shard exactly as shards are
+merged over TP ranks (the larger max, the sums rescaled to it; top-k of the two top-k's). Then,
+for the whole call, the same two collectives as ``vocab_parallel_loss``: the global max m (a MAX
+all-reduce of m_r; eaft: the all-gather of the local top-k, whose first column is m) and one SUM
+all-reduce of [z_y - m (owner only), S1_r e^(m_r - m), S2_r e^(2 (m_r - m))]. The objective
+(``terms_from_partials``, shared with the unfused path) gives loss, gate and stats.
 
 Saved for backward: the inputs (hidden, weight) and per-token vectors [N_valid]: m, gate / S1,
-gate, the target's local column and an owns-target mask. Backward recomputes the logits in tiles
-of as many logits as a forward chunk (``backward_tile``: column blocks [N, V'] of the shard when
-N <= V/tp, else token chunks [C, V/tp]) and turns each into its gradient in place,
+gate, the target's local column and an owns-target mask. Backward recomputes the logits in the
+same tiles and turns each into its gradient in place,
 
     dz = g * gate * (softmax(z) - onehot(y)),   softmax(z) = exp(z - m) / S1 (0 on padding),
     d h += dz @ W_tile,   d W_tile += dz^T @ h  (fp32 sums across tiles),
@@ -31,7 +32,7 @@ over the TP ranks (the all-reduce of ColumnParallelLinear's input, or its reduce
 sequence parallelism), applied here by megatron-core's region mappings. Four matmuls instead of
 the unfused three (the logits are recomputed once).
 
-The work on each chunk's logits is one of ``CHUNK_KERNELS``: PyTorch ops on an fp32 copy (any
+The work on each tile's logits is one of ``CHUNK_KERNELS``: PyTorch ops on an fp32 copy (any
 device), or, on CUDA when triton is importable, the Triton kernels of ``chunk_triton``, which read
 the matmul's output once in its own dtype (bf16: no fp32 copy; d logits in bf16, as megatron-core's
 output layer gets them).
@@ -87,14 +88,15 @@ def chunk_tokens(tokens: int, vocab_local: int) -> int:
     return max(1, -(-tokens // chunks))
 
 
-def backward_tile(tokens: int, vocab_local: int, elements: int) -> tuple[int, int]:
-    """(rows, columns) of the backward's tiles of about `elements` logits. With no more tokens than
-    local ids, column blocks over every token: each block's d W rows are written once and only
-    d hidden [N, h] accumulates across blocks; otherwise token chunks over every id, d hidden
-    written once and d W [V/tp, h] accumulating. Token chunks alone made the [C, V/tp] x [V/tp, h]
-    matmul for d hidden slow (small C, huge V/tp): at N = 4096, V/tp = 128256, h = 1024 on CPU the
-    fused call took 52 s with them, 43 s with column blocks (three plain matmuls + cross entropy:
-    36 s)."""
+def logit_tiles(tokens: int, vocab_local: int, elements: int) -> tuple[int, int]:
+    """(rows, columns) of the tiles of about `elements` logits that the forward and the backward
+    form. With no more tokens than local ids, column blocks over every token: the forward merges
+    each block's partials into the running ones (as across TP ranks), the backward writes each
+    block's d W rows once and accumulates only d hidden [N, h]; otherwise token chunks over every
+    id (d hidden written once, d W [V/tp, h] accumulating). Token chunks alone made the
+    [C, V/tp] x [V/tp, h] matmul for d hidden slow (small C, huge V/tp): at N = 4096,
+    V/tp = 128256, h = 1024 on CPU the fused call took 52 s with them, 43 s with column blocks in
+    the backward (three plain matmuls + cross entropy: 36 s)."""
     if tokens <= vocab_local:
         return max(1, tokens), max(1, elements // max(tokens, 1))
     return max(1, elements // vocab_local), vocab_local
@@ -132,34 +134,75 @@ class _ChunkBuffers(NamedTuple):
         return self._view(self.matmul, *grad.shape).copy_(grad)
 
 
-def _no_real_columns(rows, dtype, device):
-    """The partials [rows, 4] of a rank whose shard holds only padding ids: m_r = -inf, 0 else."""
-    partials = torch.zeros((rows, 4), dtype=dtype, device=device)
-    return partials.index_fill_(1, torch.tensor([0], device=device), float("-inf"))
-
-
-def _block_target(local_target, onehot, first, columns):
+def _block_target(local_target, first, columns):
     """(the target's column in the block [first, first + columns) of the shard, -1 where it is
-    not in it; onehot there, 0 elsewhere)."""
+    not in it; whether it is)."""
     column = local_target - first
     inside = (column >= 0) & (column < columns)
-    return torch.where(inside, column, -1), torch.where(inside, onehot, 0.0)
+    return torch.where(inside, column, -1), inside
 
 
-def _chunk_partials(logits, local_target, owns_target, real, k, dtype):
-    """One chunk's local reductions over its real columns of `logits` [C, V/tp] (fp32;
-    overwritten): [C, 4] = [m_r, t_r, S1_r, S2_r], and the local top-k. A rank without real
-    columns has m_r = -inf, zeros elsewhere."""
-    top = local_topk(logits, real, k, dtype) if k else None  # [C, min(k, V/tp)] on every rank
-    if real == 0:
-        return _no_real_columns(logits.shape[0], dtype, logits.device), top
+def _chunk_partials(logits, column, owns, real, k, dtype):
+    """A tile's reductions over its first `real` >= 1 columns of `logits` [C, V'] (fp32;
+    overwritten): [C, 4] = [m, z_y (0 where not `owns`), S1, S2] (S relative to m), and the top-k
+    [C, min(k, V')] (None without k)."""
+    top = local_topk(logits, real, k, dtype) if k else None
     logits = logits[:, :real]
     row_max = local_max(logits, real, dtype)
-    target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)  # read before exp
-    shifted = torch.where(owns_target, target_logit - row_max, 0.0)
+    target = torch.where(owns, logits.gather(-1, column.unsqueeze(-1)).squeeze(-1), 0.0)
     exp = logits.sub_(row_max.unsqueeze(-1)).exp_()  # in place: no second chunk-sized buffer
     sum_exp_sq = torch.linalg.vector_norm(exp, dim=-1).square()  # no exp * exp temporary
-    return torch.stack([row_max, shifted, exp.sum(-1), sum_exp_sq], -1), top
+    return torch.stack([row_max, target, exp.sum(-1), sum_exp_sq], -1), top
+
+
+def _merge_partials(a, b):
+    """[n, 4] partials [m, z_y, S1, S2] of two disjoint column ranges -> those of both: the
+    larger max, the sums rescaled to it (a range with no real column has m = -inf, S = 0), z_y
+    from the range that holds the target (the other's is 0)."""
+    row_max = torch.maximum(a[:, 0], b[:, 0])
+    shift = torch.where(row_max > float("-inf"), row_max, 0.0)  # no -inf - -inf
+    rescale_a, rescale_b = torch.exp(a[:, 0] - shift), torch.exp(b[:, 0] - shift)
+    return torch.stack(
+        [
+            row_max,
+            a[:, 1] + b[:, 1],
+            a[:, 2] * rescale_a + b[:, 2] * rescale_b,
+            a[:, 3] * rescale_a.square() + b[:, 3] * rescale_b.square(),
+        ],
+        -1,
+    )
+
+
+def _local_partials(kernels, buffers, tiles, h, weight, local_target, owns, real, k, dtype):
+    """This rank's [N, 4] = [m_r, z_y (0 where not owned), S1_r, S2_r] over its real columns
+    (m_r = -inf, S = 0 without any) and its top-min(k, V/tp) [N, .] (-inf filled; None without
+    k), from tiles of logits (``logit_tiles``) in `buffers`: each tile's partials merged into
+    its rows' running ones; columns that are all padding are never formed."""
+    tile_rows, tile_columns = tiles
+    local = torch.zeros((h.shape[0], 4), dtype=dtype, device=h.device)
+    local[:, 0] = float("-inf")
+    top = None
+    if k:
+        shape = (h.shape[0], min(k, weight.shape[0]))
+        top = torch.full(shape, float("-inf"), dtype=dtype, device=h.device)
+    for i in range(0, h.shape[0], tile_rows):
+        part = slice(i, i + tile_rows)
+        for j in range(0, real, tile_columns):
+            block = weight[j : j + tile_columns]
+            column, inside = _block_target(local_target[part], j, block.shape[0])
+            partials, block_top = kernels.partials(
+                buffers.logits(h[part], block),
+                column.clamp(min=0),
+                owns[part] & inside,
+                min(real - j, block.shape[0]),
+                k,
+                dtype,
+            )
+            local[part] = _merge_partials(local[part], partials)
+            if k:
+                merged = torch.cat([top[part], block_top], -1)
+                top[part] = merged.topk(top.shape[1], dim=-1).values
+    return local, top
 
 
 def _logits_grad(grad, row_max, scale, onehot, local_target, real, first):
@@ -169,22 +212,22 @@ def _logits_grad(grad, row_max, scale, onehot, local_target, real, first):
     real = min(max(real - first, 0), grad.shape[1])
     grad[:, :real].sub_(row_max.unsqueeze(-1)).exp_().mul_(scale.unsqueeze(-1))
     grad[:, real:] = 0
-    column, onehot = _block_target(local_target, onehot, first, grad.shape[1])
+    column, inside = _block_target(local_target, first, grad.shape[1])
+    onehot = torch.where(inside, onehot, 0.0)
     return grad.scatter_add_(-1, column.clamp(min=0).unsqueeze(-1), -onehot.unsqueeze(-1))
 
 
-def _triton_partials(logits, local_target, owns_target, real, k, dtype):
+def _triton_partials(logits, column, owns, real, k, dtype):
     """``_chunk_partials`` by the Triton kernel, on `logits` in the matmul's dtype (kept)."""
     top = local_topk(logits, real, k, dtype) if k else None
-    if real == 0:
-        return _no_real_columns(logits.shape[0], dtype, logits.device), top
     chunk_triton = importlib.import_module("megatron_deft.objectives.chunk_triton")
-    return chunk_triton.chunk_partials(logits, local_target, owns_target, real), top
+    return chunk_triton.chunk_partials(logits, column, owns, real), top
 
 
 def _triton_logits_grad(grad, row_max, scale, onehot, local_target, real, first):
     """``_logits_grad`` by the Triton kernel, d logits in the matmul's dtype."""
-    column, onehot = _block_target(local_target, onehot, first, grad.shape[1])
+    column, inside = _block_target(local_target, first, grad.shape[1])
+    onehot = torch.where(inside, onehot, 0.0)
     real = min(max(real - first, 0), grad.shape[1])
     chunk_triton = importlib.import_module("megatron_deft.objectives.chunk_triton")
     return chunk_triton.logits_grad_(grad, row_max, scale, onehot, column, real)
@@ -194,8 +237,8 @@ class ChunkKernels(NamedTuple):
     """One implementation of the chunk loop's work on a chunk's logits [C, V']."""
 
     partials: Callable
-    """(logits, local_target, owns, real, k, dtype) -> ([C, 4] = [m_r, t_r, S1_r, S2_r] in
-    `dtype`, the local top-k or None); may overwrite the logits."""
+    """(logits, column, owns, real >= 1, k, dtype) -> ([C, 4] = [m, z_y, S1, S2] in `dtype`, the
+    top-k or None), see ``_chunk_partials``; may overwrite the logits."""
     logits_grad: Callable
     """(logits, row_max, scale, onehot, local_target, real, first) -> d logits, over them."""
     fp32_work: bool
@@ -253,26 +296,20 @@ class _LinearVocabParallelObjective(torch.autograd.Function):
         local_target, owns = target_columns(target[rows], valid[rows], rank, weight.shape[0])
         k = objective.topk
         chunk = max(1, min(chunk_size or chunk_tokens(len(rows), weight.shape[0]), len(rows)))
-        buffers = _ChunkBuffers.allocate(chunk * weight.shape[0], weight, work_dtype)
-        pieces = [
-            kernels.partials(
-                buffers.logits(h[i : i + chunk], weight),
-                local_target[i : i + chunk],
-                owns[i : i + chunk],
-                real,
-                k,
-                dtype,
-            )
-            for i in range(0, len(rows), chunk)
-        ]
-        del buffers
-        if pieces:
-            local = torch.cat([piece for piece, _ in pieces])
-            tops = torch.cat([top for _, top in pieces]) if k else None
-        else:  # no token with loss (the same on every TP rank: the targets are replicated)
-            local = h.new_zeros((0, 4), dtype=dtype)
-            tops = h.new_zeros((0, min(k, weight.shape[0])), dtype=dtype)
-        row_max, shifted, sum_exp, sum_exp_sq = local.unbind(-1)
+        elements = chunk * weight.shape[0]
+        local, tops = _local_partials(
+            kernels,
+            _ChunkBuffers.allocate(elements, weight, work_dtype),
+            logit_tiles(len(rows), weight.shape[0], elements),
+            h,
+            weight,
+            local_target,
+            owns,
+            real,
+            k,
+            dtype,
+        )
+        row_max, target_logit, sum_exp, sum_exp_sq = local.unbind(-1)
         top = None
         if k:
             top = gather_topk(tops, k, vocab_size, group)
@@ -282,7 +319,7 @@ class _LinearVocabParallelObjective(torch.autograd.Function):
         rescale = torch.exp(row_max - global_max)  # 0 where this rank has no real column
         partials = torch.stack(
             [
-                torch.where(owns, shifted + row_max - global_max, 0.0),
+                torch.where(owns, target_logit - global_max, 0.0),
                 sum_exp * rescale,
                 sum_exp_sq * rescale.square(),
             ],
@@ -295,7 +332,7 @@ class _LinearVocabParallelObjective(torch.autograd.Function):
         ctx.save_for_backward(
             hidden, weight, rows, global_max, gate_over_sum, gate, local_target, owns
         )
-        ctx.real, ctx.elements, ctx.dtype = real, chunk * weight.shape[0], dtype
+        ctx.real, ctx.elements, ctx.dtype = real, elements, dtype
         ctx.kernels, ctx.work_dtype = kernels, work_dtype
         full_loss = loss.new_zeros(target.shape).index_copy_(0, rows, loss)
         full_stats = stats.new_zeros((*target.shape, stats.shape[-1])).index_copy_(0, rows, stats)
@@ -310,7 +347,7 @@ class _LinearVocabParallelObjective(torch.autograd.Function):
         h = hidden.index_select(0, rows)
         h_work = h.to(ctx.work_dtype)  # d W's other factor, in d logits' dtype
         grad_h = torch.zeros_like(h, dtype=ctx.dtype)
-        tile_rows, tile_columns = backward_tile(len(rows), weight.shape[0], ctx.elements)
+        tile_rows, tile_columns = logit_tiles(len(rows), weight.shape[0], ctx.elements)
         # d W sums over token chunks in the compute dtype; over column blocks each block of it is
         # one matmul over every token, written straight in the weight's dtype
         w_dtype = ctx.dtype if tile_rows < len(rows) else weight.dtype

@@ -9,8 +9,8 @@ from megatron_deft.objectives import linear_vocab_parallel_loss, vocab_parallel_
 from megatron_deft.objectives.linear_vocab_parallel import (
     CHUNK_ELEMENTS,
     MIN_CHUNK_TOKENS,
-    backward_tile,
     chunk_tokens,
+    logit_tiles,
 )
 from megatron_deft.utils.memory import peak_extra_bytes
 from tests.unit.objectives.reference import reference
@@ -84,7 +84,7 @@ def test_more_tokens_than_ids_recompute_in_token_chunks(objective):
     """19 valid tokens over 11 ids: the backward tiles are token chunks over every id (d weight
     accumulates across them) instead of column blocks over every token."""
     hidden, weight, target, mask = make_inputs(seed=9, vocab=11)
-    assert backward_tile(19, 11, 4 * 11) == (4, 11) and backward_tile(19, 37, 4 * 37) == (19, 7)
+    assert logit_tiles(19, 11, 4 * 11) == (4, 11) and logit_tiles(19, 37, 4 * 37) == (19, 7)
     loss, stats, d_hidden, d_weight = fused(hidden, weight, target, objective, mask, chunk_size=4)
     ref_loss, ref_stats, ref_dh, ref_dw = float64_reference(hidden, weight, target, objective, mask)
     assert_close(loss, ref_loss, 1e-10, 1e-12, "loss")
