@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_deft.objectives.linear_vocab_parallel import CHUNK_KERNELS
 from megatron_deft.utils.memory import peak_extra_bytes
 
 LOSS_DEFAULTS = {
@@ -82,7 +83,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--fused-kernels",
         nargs="+",
-        choices=["torch", "triton"],
+        choices=sorted(CHUNK_KERNELS),
         help="--output-layer: the fused path's chunk kernels, a row each (default: the device's "
         "default, Triton on CUDA)",
     )
@@ -119,8 +120,9 @@ def _loss_candidates(objectives, group):
     return candidates
 
 
-def _output_layer_candidates(args, group, device):
-    """Output layer + loss from hidden [N, 1, h] and weight [V/tp, h]: {name: fn(h, w, target)}."""
+def _output_layer_candidates(args, group, hidden):
+    """Output layer + loss from hidden [N, 1, h] and weight [V/tp, h]: {name: fn(h, w, target)}
+    (`hidden`: the inputs' device and dtype, which choose the fused path's default kernels)."""
     from megatron.core import tensor_parallel
     from megatron.core.model_parallel_config import ModelParallelConfig
 
@@ -170,8 +172,7 @@ def _output_layer_candidates(args, group, device):
     }
     for objective in args.unfused_objectives:
         candidates[f"{objective} unfused (linear + vocab_parallel_loss)"] = unfused(objective)
-    probe = torch.empty(0, device=device, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
-    for kernel in args.fused_kernels or [default_kernel(probe)]:
+    for kernel in args.fused_kernels or [default_kernel(hidden)]:
         for objective in args.objectives:
             candidates[f"{objective} fused ({kernel} kernels)"] = fused(objective, kernel)
     return candidates | _peer_candidates(world)
@@ -235,7 +236,7 @@ def _worker(rank, world, args, init_file, out_file):
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     masters, target = _inputs(args, rank, world, device, dtype)
     if args.output_layer:
-        candidates = _output_layer_candidates(args, group, device)
+        candidates = _output_layer_candidates(args, group, masters[0])
     else:
         candidates = _loss_candidates(args.objectives, group)
 

@@ -205,32 +205,29 @@ def _local_partials(kernels, buffers, tiles, h, weight, local_target, owns, real
     return local, top
 
 
-def _logits_grad(grad, row_max, scale, onehot, local_target, real, first):
-    """dz [C, V'] of the shard's columns [first, first + V'), written over their recomputed logits
-    `grad`: exp(z - m) * scale, minus onehot at the target (when it is one of these columns), 0 on
-    the padding ids (columns from `real` on)."""
-    real = min(max(real - first, 0), grad.shape[1])
+def _logits_grad(grad, row_max, scale, onehot, column, real):
+    """dz [C, V'] of a tile, written over its recomputed logits `grad` (fp32): exp(z - m) * scale,
+    minus onehot at the target's `column` (-1: not in this tile), 0 on the padding ids (the
+    tile's columns from `real` on)."""
     grad[:, :real].sub_(row_max.unsqueeze(-1)).exp_().mul_(scale.unsqueeze(-1))
     grad[:, real:] = 0
-    column, inside = _block_target(local_target, first, grad.shape[1])
-    onehot = torch.where(inside, onehot, 0.0)
     return grad.scatter_add_(-1, column.clamp(min=0).unsqueeze(-1), -onehot.unsqueeze(-1))
+
+
+def _chunk_triton():
+    """The Triton kernels' module, imported on first use (triton is a GPU-side dependency)."""
+    return importlib.import_module("megatron_deft.objectives.chunk_triton")
 
 
 def _triton_partials(logits, column, owns, real, k, dtype):
     """``_chunk_partials`` by the Triton kernel, on `logits` in the matmul's dtype (kept)."""
     top = local_topk(logits, real, k, dtype) if k else None
-    chunk_triton = importlib.import_module("megatron_deft.objectives.chunk_triton")
-    return chunk_triton.chunk_partials(logits, column, owns, real), top
+    return _chunk_triton().chunk_partials(logits, column, owns, real), top
 
 
-def _triton_logits_grad(grad, row_max, scale, onehot, local_target, real, first):
+def _triton_logits_grad(grad, row_max, scale, onehot, column, real):
     """``_logits_grad`` by the Triton kernel, d logits in the matmul's dtype."""
-    column, inside = _block_target(local_target, first, grad.shape[1])
-    onehot = torch.where(inside, onehot, 0.0)
-    real = min(max(real - first, 0), grad.shape[1])
-    chunk_triton = importlib.import_module("megatron_deft.objectives.chunk_triton")
-    return chunk_triton.logits_grad_(grad, row_max, scale, onehot, column, real)
+    return _chunk_triton().logits_grad_(grad, row_max, scale, onehot, column, real)
 
 
 class ChunkKernels(NamedTuple):
@@ -240,7 +237,8 @@ class ChunkKernels(NamedTuple):
     """(logits, column, owns, real >= 1, k, dtype) -> ([C, 4] = [m, z_y, S1, S2] in `dtype`, the
     top-k or None), see ``_chunk_partials``; may overwrite the logits."""
     logits_grad: Callable
-    """(logits, row_max, scale, onehot, local_target, real, first) -> d logits, over them."""
+    """(logits, row_max, scale, onehot, column, real >= 1) -> d logits, over them; see
+    ``_logits_grad``."""
     fp32_work: bool
     """Whether the matmul's output is first copied to the compute dtype (fp32 for bf16 / fp16);
     else the kernels read it in its own dtype and d logits comes back in it."""
@@ -354,16 +352,16 @@ class _LinearVocabParallelObjective(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=w_dtype) if ctx.needs_input_grad[1] else None
         buffers = _ChunkBuffers.allocate(tile_rows * tile_columns, weight, ctx.work_dtype)
         for i in range(0, len(rows), tile_rows):
-            for j in range(0, weight.shape[0], tile_columns):
+            for j in range(0, ctx.real, tile_columns):  # all-padding columns: no gradient
                 part, block = slice(i, i + tile_rows), weight[j : j + tile_columns]
+                column, inside = _block_target(local_target[part], j, block.shape[0])
                 dz = ctx.kernels.logits_grad(
                     buffers.logits(h[part], block),
                     row_max[part],
                     scale[part],
-                    onehot[part],
-                    local_target[part],
-                    ctx.real,
-                    j,
+                    torch.where(inside, onehot[part], 0.0),
+                    column,
+                    min(ctx.real - j, block.shape[0]),
                 )
                 _add_matmul(grad_h[part], buffers.in_input_dtype(dz), block)
                 if grad_w is not None:

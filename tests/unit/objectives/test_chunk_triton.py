@@ -24,9 +24,8 @@ from tests.unit.objectives.test_linear_vocab_parallel import (  # noqa: E402
     make_inputs,
 )
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:invalid value:RuntimeWarning"
-)  # interpreter: -inf - -inf in masked lanes
+# the interpreter warns of -inf - -inf in masked lanes (whose results the kernels never use)
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 ROWS, COLUMNS, REAL = 6, 2600, 2500  # three column steps of 1024, the last partial; 100 padding
 
 
