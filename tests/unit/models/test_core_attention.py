@@ -74,6 +74,29 @@ def test_sdpa_thd_is_causal_attention_inside_each_segment_forward_and_backward()
     assert (leaky - ours).abs().max() > 1e-2
 
 
+def test_sdpa_thd_attention_dropout_is_random_unbiased_and_stays_in_its_segment():
+    """dropout 0.5: a seed fixes the draw, other seeds differ; the mean over 400 draws is the
+    dropout-free output (kept weights are scaled by 1 / (1 - p)); changing the last segment's
+    values leaves the other segments' outputs as they were under the same seed."""
+    q, k, v = _qkv(sum(LENGTHS), seed=4)
+    cu, scale = _cu(LENGTHS), 1 / math.sqrt(D)
+
+    def dropped(seed, values=v):
+        torch.manual_seed(seed)
+        return sdpa_thd(q, k, values, cu, scale, dropout=0.5)
+
+    plain = sdpa_thd(q, k, v, cu, scale, dropout=0.0)
+    assert torch.equal(dropped(0), dropped(0)) and not torch.allclose(dropped(0), dropped(1))
+    assert (dropped(0) - plain).abs().max() > 0.1
+    mean = torch.stack([dropped(seed) for seed in range(400)]).mean(0)
+    assert (mean - plain).abs().max() < 0.25 and (mean - plain).abs().mean() < 0.04
+    other = v.clone()
+    other[-LENGTHS[-1] :] += 1.0
+    kept = slice(0, sum(LENGTHS) - LENGTHS[-1])
+    assert torch.equal(dropped(3, other)[kept], dropped(3)[kept])
+    assert not torch.allclose(dropped(3, other)[-1], dropped(3)[-1])
+
+
 def test_document_causal_mask_mod_is_the_segment_mask():
     total = sum(LENGTHS)
     documents = document_ids(_cu(LENGTHS), total)
