@@ -42,9 +42,9 @@ def _partials_kernel(
     owns,
     out,
     real,
-    BLOCK: tl.constexpr,  # real >= 1
+    BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)  # one row of the tile; its first real >= 1 columns
     base = logits + row * row_stride
     lanes = tl.arange(0, BLOCK)
     m = tl.full((BLOCK,), float("-inf"), tl.float32)

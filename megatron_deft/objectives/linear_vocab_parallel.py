@@ -142,17 +142,15 @@ def _block_target(local_target, first, columns):
     return torch.where(inside, column, -1), inside
 
 
-def _chunk_partials(logits, column, owns, real, k, dtype):
+def _chunk_partials(logits, column, owns, real, dtype):
     """A tile's reductions over its first `real` >= 1 columns of `logits` [C, V'] (fp32;
-    overwritten): [C, 4] = [m, z_y (0 where not `owns`), S1, S2] (S relative to m), and the top-k
-    [C, min(k, V')] (None without k)."""
-    top = local_topk(logits, real, k, dtype) if k else None
+    overwritten): [C, 4] = [m, z_y (0 where not `owns`), S1, S2] (S relative to m)."""
     logits = logits[:, :real]
     row_max = local_max(logits, real, dtype)
     target = torch.where(owns, logits.gather(-1, column.unsqueeze(-1)).squeeze(-1), 0.0)
     exp = logits.sub_(row_max.unsqueeze(-1)).exp_()  # in place: no second chunk-sized buffer
     sum_exp_sq = torch.linalg.vector_norm(exp, dim=-1).square()  # no exp * exp temporary
-    return torch.stack([row_max, target, exp.sum(-1), sum_exp_sq], -1), top
+    return torch.stack([row_max, target, exp.sum(-1), sum_exp_sq], -1)
 
 
 def _merge_partials(a, b):
@@ -190,18 +188,14 @@ def _local_partials(kernels, buffers, tiles, h, weight, local_target, owns, real
         for j in range(0, real, tile_columns):
             block = weight[j : j + tile_columns]
             column, inside = _block_target(local_target[part], j, block.shape[0])
-            partials, block_top = kernels.partials(
-                buffers.logits(h[part], block),
-                column.clamp(min=0),
-                owns[part] & inside,
-                min(real - j, block.shape[0]),
-                k,
-                dtype,
+            logits, block_real = buffers.logits(h[part], block), min(real - j, block.shape[0])
+            if k:  # before the partials, which may overwrite the logits
+                merged = torch.cat([top[part], local_topk(logits, block_real, k, dtype)], -1)
+                top[part] = merged.topk(top.shape[1], dim=-1).values
+            partials = kernels.partials(
+                logits, column.clamp(min=0), owns[part] & inside, block_real, dtype
             )
             local[part] = _merge_partials(local[part], partials)
-            if k:
-                merged = torch.cat([top[part], block_top], -1)
-                top[part] = merged.topk(top.shape[1], dim=-1).values
     return local, top
 
 
@@ -219,10 +213,10 @@ def _chunk_triton():
     return importlib.import_module("megatron_deft.objectives.chunk_triton")
 
 
-def _triton_partials(logits, column, owns, real, k, dtype):
-    """``_chunk_partials`` by the Triton kernel, on `logits` in the matmul's dtype (kept)."""
-    top = local_topk(logits, real, k, dtype) if k else None
-    return _chunk_triton().chunk_partials(logits, column, owns, real), top
+def _triton_partials(logits, column, owns, real, dtype):
+    """``_chunk_partials`` by the Triton kernel, on `logits` in the matmul's dtype (kept); fp32,
+    the compute dtype of every input dtype it is chosen for."""
+    return _chunk_triton().chunk_partials(logits, column, owns, real)
 
 
 def _triton_logits_grad(grad, row_max, scale, onehot, column, real):
@@ -234,8 +228,8 @@ class ChunkKernels(NamedTuple):
     """One implementation of the chunk loop's work on a chunk's logits [C, V']."""
 
     partials: Callable
-    """(logits, column, owns, real >= 1, k, dtype) -> ([C, 4] = [m, z_y, S1, S2] in `dtype`, the
-    top-k or None), see ``_chunk_partials``; may overwrite the logits."""
+    """(logits, column, owns, real >= 1, dtype) -> [C, 4] = [m, z_y, S1, S2] in `dtype`, see
+    ``_chunk_partials``; may overwrite the logits."""
     logits_grad: Callable
     """(logits, row_max, scale, onehot, column, real >= 1) -> d logits, over them; see
     ``_logits_grad``."""
@@ -295,10 +289,11 @@ class _LinearVocabParallelObjective(torch.autograd.Function):
         k = objective.topk
         chunk = max(1, min(chunk_size or chunk_tokens(len(rows), weight.shape[0]), len(rows)))
         elements = chunk * weight.shape[0]
+        tiles = logit_tiles(len(rows), weight.shape[0], elements)
         local, tops = _local_partials(
             kernels,
             _ChunkBuffers.allocate(elements, weight, work_dtype),
-            logit_tiles(len(rows), weight.shape[0], elements),
+            tiles,
             h,
             weight,
             local_target,
@@ -330,7 +325,7 @@ class _LinearVocabParallelObjective(torch.autograd.Function):
         ctx.save_for_backward(
             hidden, weight, rows, global_max, gate_over_sum, gate, local_target, owns
         )
-        ctx.real, ctx.elements, ctx.dtype = real, elements, dtype
+        ctx.real, ctx.tiles, ctx.dtype = real, tiles, dtype
         ctx.kernels, ctx.work_dtype = kernels, work_dtype
         full_loss = loss.new_zeros(target.shape).index_copy_(0, rows, loss)
         full_stats = stats.new_zeros((*target.shape, stats.shape[-1])).index_copy_(0, rows, stats)
@@ -345,7 +340,7 @@ class _LinearVocabParallelObjective(torch.autograd.Function):
         h = hidden.index_select(0, rows)
         h_work = h.to(ctx.work_dtype)  # d W's other factor, in d logits' dtype
         grad_h = torch.zeros_like(h, dtype=ctx.dtype)
-        tile_rows, tile_columns = logit_tiles(len(rows), weight.shape[0], ctx.elements)
+        tile_rows, tile_columns = ctx.tiles
         # d W sums over token chunks in the compute dtype; over column blocks each block of it is
         # one matmul over every token, written straight in the weight's dtype
         w_dtype = ctx.dtype if tile_rows < len(rows) else weight.dtype
